@@ -1,0 +1,59 @@
+"""`lfm-ray`: the command line. Each subcommand lives in `lfm_ray/commands/<name>.py`.
+
+`main(argv)` takes a list so tests call it directly; it returns the exit status. Errors a
+user can cause (`LfmError`) print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lfm_ray import __version__
+from lfm_ray.errors import LfmError
+
+# Subcommand name -> module under lfm_ray.commands with `register(subparsers)`.
+COMMANDS = ("data", "train", "study", "report", "bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad flags already; keep its message to one line plus usage."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lfm-ray",
+        description="Studies of Local Feature Mixup for long-tailed CLIP fine-tuning on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"lfm-ray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lfm_ray.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"lfm_ray.commands.{name}":
+                raise
+            continue  # a subcommand not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except LfmError as exc:
+        print(f"lfm-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lfm-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

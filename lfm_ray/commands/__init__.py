@@ -1,0 +1,1 @@
+"""Subcommands of `lfm-ray`, one module each with `register(subparsers)`."""

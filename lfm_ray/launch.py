@@ -1,0 +1,225 @@
+"""Build and run one Ray Train `TorchTrainer` for a RunConfig.
+
+`lfm-ray train` calls `fit_run`; each study trial calls `make_trainer` inside its Tune
+function trainable. Both share the resource arithmetic and the start-up settings that make
+a trial cheap on a laptop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ray.train import UserCallback
+
+from lfm_ray.config import RunConfig
+from lfm_ray.errors import LfmError
+
+# Ray Train's controller polls its workers at this interval (default 2 s); every report and
+# the end of a run wait for a poll, so a short interval takes seconds off every trial.
+FAST_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def apply_fast_start_env() -> None:
+    """Set Ray's polling intervals before Ray starts; a user's own setting wins."""
+    for key, value in FAST_POLL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start a local instance; once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    apply_fast_start_env()
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    except ConnectionError as exc:
+        raise LfmError(f"no Ray cluster answers at address {address!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - Ray raises assorted types for a bad address
+        if address:
+            raise LfmError(f"could not connect to a Ray cluster at {address!r}: {exc}") from None
+        raise
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Fail before training when the cluster cannot hold one run of this config."""
+    import ray
+
+    total = ray.cluster_resources()
+    rt = cfg.runtime
+    need_gpus = rt.num_workers * rt.gpus_per_worker
+    have_gpus = float(total.get("GPU", 0.0))
+    if need_gpus > have_gpus + 1e-9:
+        raise LfmError(
+            f"runtime.gpus_per_worker={rt.gpus_per_worker} × num_workers={rt.num_workers} asks "
+            f"for {need_gpus:g} GPUs, but the Ray cluster has {have_gpus:g}"
+        )
+    need_cpus = max(1, rt.num_workers) * rt.cpus_per_worker
+    have_cpus = float(total.get("CPU", 0.0))
+    if need_cpus > have_cpus + 1e-9:
+        raise LfmError(
+            f"runtime.cpus_per_worker={rt.cpus_per_worker} × num_workers={rt.num_workers} asks "
+            f"for {need_cpus:g} CPUs, but the Ray cluster has {have_cpus:g}"
+        )
+
+
+def scaling_config(cfg: RunConfig):
+    from ray.train import ScalingConfig
+
+    rt = cfg.runtime
+    resources = {"CPU": rt.cpus_per_worker}
+    if rt.gpus_per_worker > 0:
+        resources["GPU"] = rt.gpus_per_worker
+    return ScalingConfig(
+        num_workers=rt.num_workers,
+        use_gpu=rt.gpus_per_worker > 0,
+        resources_per_worker=resources if rt.num_workers > 0 else None,
+    )
+
+
+def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
+                 callbacks: Iterable[Any] = (), extra: dict[str, Any] | None = None,
+                 max_failures: int = 0):
+    """A TorchTrainer running `train_loop_per_worker` for `cfg` (gloo on CPU, NCCL on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lfm_ray.train import train_loop_per_worker
+
+    backend = "nccl" if cfg.runtime.gpus_per_worker >= 1 else "gloo"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), **(extra or {})},
+        scaling_config=scaling_config(cfg),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RayRunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+class HistoryCallback(UserCallback):
+    """Collects rank 0's report of every epoch and prints one progress line per epoch."""
+
+    def __init__(self, total_epochs: int, stream=None):
+        self.rows: list[dict[str, Any]] = []
+        self.total = total_epochs
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+
+    def after_report(self, run_context, metrics, checkpoint):
+        row = dict(metrics[0])
+        self.rows.append(row)
+        nan = float("nan")
+        print(
+            f"[{time.perf_counter() - self.start:6.1f}s] epoch {row.get('epoch')}/{self.total} "
+            f"(stage {row.get('stage')}): loss {row.get('train_loss', nan):.4f}  "
+            f"acc many {row.get('acc_many', nan):.3f} medium {row.get('acc_medium', nan):.3f} "
+            f"few {row.get('acc_few', nan):.3f} all {row.get('acc_all', nan):.3f}",
+            file=self.stream, flush=True,
+        )
+
+
+def unwrap_training_error(exc: BaseException) -> BaseException:
+    """The user's own error inside Ray's wrappers (so an LfmError prints as one line)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, LfmError):
+            return exc
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(exc, attr, None)
+            if isinstance(inner, dict) and inner:
+                exc = next(iter(inner.values()))
+                break
+        else:
+            nxt = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+            if nxt is None:
+                break
+            exc = nxt
+    return exc
+
+
+def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None) -> dict[str, Any]:
+    """Run one training on Ray and write config.json, history.csv and metrics.json to `output`."""
+    cfg.validate()
+    out = Path(output).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
+    init_ray(address)
+    check_resources(cfg)
+    (out / "config.json").write_text(cfg.to_json())
+    total = 1 if cfg.runtime.zero_shot else cfg.stage1.epochs + cfg.stage2.epochs
+    history = HistoryCallback(total)
+    trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), callbacks=[history])
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - surface the worker's own error
+        inner = unwrap_training_error(exc)
+        if isinstance(inner, LfmError):
+            raise inner from None
+        raise
+    write_history(out / "history.csv", history.rows)
+    final = final_result(result.checkpoint, history.rows)
+    write_json_atomic(out / "metrics.json", final)
+    return final
+
+
+def final_result(checkpoint, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final metrics with per-class accuracy, read from the last checkpoint."""
+    from lfm_ray.train import RESULT_FILE
+
+    final: dict[str, Any] = dict(rows[-1]) if rows else {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            path = Path(d) / RESULT_FILE
+            if path.is_file():
+                final.update(json.loads(path.read_text()))
+    return final
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys and not isinstance(row[k], (list, dict))]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,91 @@
+"""RunConfig: JSON round trip, dotted overrides, presets, validation messages."""
+
+import json
+
+import pytest
+
+from lfm_ray.config import PRESETS, RunConfig, preset
+from lfm_ray.errors import LfmError
+
+
+def test_json_round_trip_keeps_every_field():
+    cfg = RunConfig().override({"stage1.lr": 3e-4, "mix.method": "mixup", "loss.name": "mms"})
+    again = RunConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+    assert again.stage1.lr == 3e-4 and again.mix.method == "mixup"
+
+
+def test_mix_shorthands_set_both_stages():
+    cfg = RunConfig().override({"mix.tau": 0.25, "mix.alpha": 1.5})
+    assert (cfg.stage1.tau, cfg.stage2.tau) == (0.25, 0.25)
+    assert (cfg.stage1.alpha, cfg.stage2.alpha) == (1.5, 1.5)
+    assert cfg.get("mix.tau") == 0.25
+
+
+def test_strings_from_the_command_line_are_coerced():
+    cfg = RunConfig().override({"stage1.epochs": "3", "stage2.lr": "1e-2",
+                                "runtime.zero_shot": "true", "data.imbalance_factor": "none"})
+    assert cfg.stage1.epochs == 3 and cfg.stage2.lr == 0.01
+    assert cfg.runtime.zero_shot is True and cfg.data.imbalance_factor is None
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("stage1.alpha", -0.1, "stage1.alpha"),
+    ("stage2.tau", 0.0, "stage2.tau"),
+    ("stage1.beta", 0.0, "stage1.beta"),
+    ("stage1.lr", 0.0, "stage1.lr"),
+    ("stage2.epochs", -1, "stage2.epochs"),
+    ("data.imbalance_factor", 0.5, "data.imbalance_factor"),
+])
+def test_bad_values_name_the_field(field, value, needle):
+    cfg = RunConfig().override({field: value})
+    with pytest.raises(LfmError, match=needle):
+        cfg.validate()
+
+
+def test_unknown_field_lists_known_ones():
+    with pytest.raises(LfmError, match="unknown config field 'stage1.lrr'.*stage1.lr"):
+        RunConfig().override({"stage1.lrr": 1})
+
+
+def test_non_numeric_value_is_one_clear_error():
+    with pytest.raises(LfmError, match="stage1.lr='fast'"):
+        RunConfig().override({"stage1.lr": "fast"})
+
+
+def test_fractional_gpus_need_one_worker():
+    cfg = RunConfig().override({"runtime.num_workers": 2, "runtime.gpus_per_worker": 0.5})
+    with pytest.raises(LfmError, match="fractional GPUs"):
+        cfg.validate()
+
+
+def test_presets_match_table_6():
+    places = preset("places-lt")
+    assert (places.stage1.alpha, places.stage2.alpha) == (1.25, 1.5)
+    assert places.stage1.tau == places.stage2.tau == 1.0
+    assert places.runtime.batch_size == 96 and places.model.name == "ViT-B-16"
+    c100 = preset("cifar100-lt")
+    assert (c100.stage1.epochs, c100.stage1.lr, c100.stage1.min_lr) == (50, 1e-6, 1e-9)
+    assert (c100.stage2.epochs, c100.stage2.lr, c100.stage2.min_lr) == (10, 1e-2, 1e-5)
+    assert set(PRESETS) == {"cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt"}
+    with pytest.raises(LfmError, match="unknown preset"):
+        preset("mnist")
+
+
+def test_logit_scale_defaults_follow_the_loss():
+    assert RunConfig().override({"loss.name": "ldam"}).logit_scale == 30.0
+    assert RunConfig().override({"loss.name": "mms"}).logit_scale == 100.0
+    assert RunConfig().override({"loss.name": "mms", "model.logit_scale": 5}).logit_scale == 5.0
+
+
+def test_yaml_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("stage1:\n  epochs: 4\nmix:\n  method: remix\n")
+    cfg = RunConfig.from_file(path)
+    assert cfg.stage1.epochs == 4 and cfg.mix.method == "remix"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(LfmError, match="mapping"):
+        RunConfig.from_file(bad)
+    with pytest.raises(LfmError, match="does not exist"):
+        RunConfig.from_file(tmp_path / "missing.json")

@@ -118,6 +118,9 @@ class Study:
     metric: str = "acc_all"              # what "best" means, and what ASHA and Optuna use
     mode: str = "max"
     objectives: list[str] = field(default_factory=list)  # >1: multi-objective Optuna
+    # Named bundles of settings swept as one parameter, "method" (e.g. "LFM + MMS" ->
+    # {"loss.name": "mms", "mix.method": "lfm"}): the rows of the paper's comparison tables.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     scheduler: str = "none"              # none | asha (on the global epoch)
     sampler: str = "tpe"                 # Optuna sampler
     optuna_storage: str | None = None    # e.g. sqlite:///results/optuna.db for optuna-dashboard
@@ -144,9 +147,24 @@ class Study:
             names.append("runtime.seed")
         return list(dict.fromkeys(names))
 
+    def config_for(self, params: dict[str, Any]) -> RunConfig:
+        """The RunConfig of one trial: base, then the trial's method bundle, then its values."""
+        return config_for(self.base.to_dict(), self.variants, params)
+
     def total_epochs(self, params: dict[str, Any] | None = None) -> int:
-        cfg = self.base.copy().override(params or {})
+        cfg = self.config_for(params or {})
         return cfg.stage1.epochs + cfg.stage2.epochs
+
+
+METHOD = "method"  # the grid parameter that picks a named bundle from Study.variants
+
+
+def config_for(base: dict[str, Any], variants: dict[str, dict[str, Any]],
+               params: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig.from_dict(base)
+    if METHOD in params:
+        cfg.override(variants[params[METHOD]])
+    return cfg.override({k: v for k, v in params.items() if k != METHOD})
 
 
 def _join(root: str, name: str) -> str:
@@ -183,6 +201,11 @@ def validate(study: Study) -> None:
         if not study.grid:
             raise LfmError("the grid is empty; give at least one parameter with values")
         for name, values in study.grid.items():
+            if name == METHOD:
+                missing = [v for v in values if v not in study.variants]
+                if missing:
+                    raise unknown_name("method", missing[0], list(study.variants))
+                continue
             if name not in fields:
                 raise unknown_name("study parameter", name, sorted(fields))
             if not isinstance(values, (list, tuple)) or len(values) == 0:
@@ -201,7 +224,7 @@ def validate(study: Study) -> None:
                     raise unknown_name(f"condition of {name}", key, sorted(fields))
     # Every value a trial could get must make a valid config with known names.
     for params in _corner_points(study):
-        cfg = study.base.copy().override(params).validate()
+        cfg = study.config_for(params).validate()
         _check_names(cfg)
     _check_writable(study.storage_path, "storage path")
     _check_writable(study.results_dir, "results directory")
@@ -256,7 +279,7 @@ def trial_driver(config: dict[str, Any]) -> None:
 
     from lfm_ray.launch import unwrap_training_error
 
-    cfg = RunConfig.from_dict(config["base"]).override(config["params"])
+    cfg = config_for(config["base"], config.get("variants") or {}, config["params"])
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = make_trainer(
         cfg, name=f"train_{trial_id}", storage_path=config["train_storage"],
@@ -353,6 +376,7 @@ def _param_space(study: Study) -> dict[str, Any]:
         "base": study.base.to_dict(),
         "train_storage": _join(study.storage_path, f"{study.name}_train"),
         "max_failures": study.max_failures,
+        "variants": study.variants,
     }
     if study.search == "grid":
         params = {k: tune.grid_search(list(v)) for k, v in study.grid.items()}
@@ -382,12 +406,12 @@ def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
     rt = study.base.runtime
     for t in trials:
         params = dict((t.config or {}).get("params") or {})
-        cfg = study.base.copy().override(params)
+        cfg = study.config_for(params)
         last = dict(t.last_result or {})
         row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status,
                                "error": _error_message(t)}
         for name in study.swept:
-            row[name] = params.get(name, cfg.get(name))
+            row[name] = params.get(name) if name == METHOD else params.get(name, cfg.get(name))
         for name in ALWAYS_COLUMNS:
             row.setdefault(name, cfg.get(name))
         for key in FINAL_METRICS:
@@ -397,7 +421,8 @@ def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
         row["train_time_s"] = last.get("train_time_total_s")
         row["gpu_hours"] = (wall or 0.0) * max(1, rt.num_workers) * rt.gpus_per_worker / 3600
         epochs = cfg.stage1.epochs + cfg.stage2.epochs
-        row["stopped_early"] = bool(t.status == "TERMINATED" and last.get("epoch") is not None
+        row["stopped_early"] = bool(t.status == "TERMINATED" and not cfg.runtime.zero_shot
+                                    and last.get("epoch") is not None
                                     and int(last["epoch"]) < epochs)
         row["checkpoint_path"] = last.get("checkpoint_path")
         rows.append(row)
@@ -478,7 +503,7 @@ def study_meta(study: Study) -> dict[str, Any]:
         "name": study.name, "command": study.command, "search": study.search,
         "swept": study.swept, "grid": study.grid,
         "space": {k: dataclasses.asdict(v) for k, v in study.space.items()},
-        "seeds": study.seeds, "num_samples": study.num_samples,
+        "variants": study.variants, "seeds": study.seeds, "num_samples": study.num_samples,
         "metric": study.metric, "mode": study.mode, "objectives": study.objectives,
         "scheduler": study.scheduler, "sampler": study.sampler,
         "optuna_storage": study.optuna_storage, "storage_path": study.storage_path,
@@ -515,7 +540,7 @@ def load_study_spec(results_dir: str, name: str) -> Study:
         grid=meta.get("grid") or {},
         space={k: Dim(**{**v, "choices": tuple(v.get("choices") or ())})
                for k, v in (meta.get("space") or {}).items()},
-        seeds=meta["seeds"], num_samples=meta["num_samples"], metric=meta["metric"],
+        variants=meta.get("variants") or {}, seeds=meta["seeds"], num_samples=meta["num_samples"], metric=meta["metric"],
         mode=meta["mode"], objectives=meta.get("objectives") or [],
         scheduler=meta["scheduler"], sampler=meta.get("sampler", "tpe"),
         optuna_storage=meta.get("optuna_storage"), storage_path=meta["storage_path"],

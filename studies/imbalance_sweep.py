@@ -1,0 +1,35 @@
+"""Imbalance factors (paper Table 2): γ ∈ {10, 50, 100} × {CE, LFM + CE, LFM + MMS}.
+
+On digits-lt the largest class has about 130 training images, so γ = 100 leaves the rarest
+classes one image each: the same shape of tail as CIFAR-100-LT at γ = 100, much smaller.
+    python studies/imbalance_sweep.py
+    python studies/imbalance_sweep.py --dataset cifar100-lt --data-root /data ...
+"""
+
+import sys
+
+from lfm_ray.commands.study_flags import parse_seeds, run_script
+from lfm_ray.config import RunConfig
+from lfm_ray.study import Study
+
+METHODS = {
+    "CE": {"loss.name": "ce", "mix.method": "none"},
+    "LFM + CE": {"loss.name": "ce", "mix.method": "lfm"},
+    "LFM + MMS": {"loss.name": "mms", "mix.method": "lfm"},
+}
+
+
+def build(args, overrides) -> Study:
+    factors = [10, 100] if args.smoke else [10, 50, 100]
+    methods = ["CE", "LFM + CE"] if args.smoke else list(METHODS)
+    return Study(name=args.name, base=RunConfig().override(overrides),
+                 grid={"data.imbalance_factor": factors, "method": methods},
+                 variants=METHODS, seeds=parse_seeds(args.seeds, [0]))
+
+
+def main(argv=None) -> int:
+    return run_script(build, "imbalance_sweep", __doc__, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -411,7 +411,7 @@ def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
         row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status,
                                "error": _error_message(t)}
         for name in study.swept:
-            row[name] = params.get(name) if name == METHOD else params.get(name, cfg.get(name))
+            row[name] = params.get(name)  # absent: a conditional dimension this trial lacks
         for name in ALWAYS_COLUMNS:
             row.setdefault(name, cfg.get(name))
         for key in FINAL_METRICS:
@@ -425,6 +425,7 @@ def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
                                     and last.get("epoch") is not None
                                     and int(last["epoch"]) < epochs)
         row["checkpoint_path"] = last.get("checkpoint_path")
+        row["node_id"] = last.get("node_id")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -552,7 +553,7 @@ def load_study_spec(results_dir: str, name: str) -> Study:
 # ---- running ------------------------------------------------------------------------------
 def _prepare_node_data(study: Study) -> None:
     """Build the data cache once on this node, and fail early on missing data or weights."""
-    from lfm_ray.data import load_arrays
+    from lfm_ray.data import load_arrays, options_for
     from lfm_ray.model import build_clip
 
     names = {study.base.data.name}
@@ -561,12 +562,9 @@ def _prepare_node_data(study: Study) -> None:
     for name in sorted(names):
         cfg = study.base.copy().override({"data.name": name})
         _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
-        options: dict[str, Any] = {"seed": cfg.data.seed}
         factors = study.grid.get("data.imbalance_factor") if study.search == "grid" else None
         for factor in factors or [cfg.data.imbalance_factor]:
-            opts = dict(options)
-            if factor is not None:
-                opts["imbalance_factor"] = factor
+            opts = options_for(name, seed=cfg.data.seed, imbalance_factor=factor)
             load_arrays(name, root=cfg.data.root, image_size=int(spec.size),
                         cache_dir=cfg.data.cache_dir, **opts)
 

@@ -82,7 +82,7 @@ class Run:
     """Data on the device, the classifier, text features and shot groups for one worker."""
 
     def __init__(self, cfg: RunConfig, info: WorkerInfo):
-        from lfm_ray.data import load_arrays, shot_groups
+        from lfm_ray.data import load_arrays, options_for, shot_groups
         from lfm_ray.model import LFMClassifier, build_clip, text_features
 
         self.cfg, self.info = cfg, info
@@ -92,9 +92,7 @@ class Run:
         clip, self.spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir,
                                      info.device)
         data = cfg.data
-        options: dict[str, Any] = {"seed": data.seed}
-        if data.imbalance_factor is not None:
-            options["imbalance_factor"] = data.imbalance_factor
+        options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
         arrays = load_arrays(data.name, root=data.root, image_size=int(self.spec.size),
                              cache_dir=data.cache_dir, **options)
         self.class_names = list(arrays.class_names)
@@ -292,6 +290,13 @@ def _trainable(run: Run, stage: Stage) -> torch.nn.Module:
     return module
 
 
+def _node_id() -> str:
+    """The Ray node this worker runs on (shows where a study's trials landed)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 # ---- checkpoints --------------------------------------------------------------------------
 def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
                result: dict[str, Any]) -> None:
@@ -410,7 +415,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"epoch": epoch, "stage": stage.number, "train_loss": loss,
                        **{k: result[k] for k in METRIC_KEYS[3:]},
                        "lr": sched.get_last_lr()[0], "train_time_s": train_time,
-                       "train_time_total_s": train_time_total}
+                       "train_time_total_s": train_time_total, "node_id": _node_id()}
 
             def write(path: Path, _epoch=epoch, _result=result, _stage=stage, _m=metrics) -> None:
                 save_state(path, run, _stage, _epoch, opt, sched, {**_m, **_result})

@@ -1,0 +1,73 @@
+"""Long-tailed data sets: a registry by name, class counts and shot groups, the node cache.
+
+    build_dataset("digits-lt")                     # embedded, no files needed
+    build_dataset("cifar100-lt", root="/data", imbalance_factor=100)
+    build_dataset("imagenet-lt", root="/data/imagenet")
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from lfm_ray.data.base import ImageList, LongTailDataset
+from lfm_ray.data.cache import ArraySet, load_arrays
+from lfm_ray.data.cifar import build_cifar_lt
+from lfm_ray.data.counts import long_tail_counts, shot_groups
+from lfm_ray.data.digits import build_digits_lt
+from lfm_ray.data.folder import build_folder
+from lfm_ray.data.split_files import build_split_set
+from lfm_ray.errors import LfmError, unknown_name
+
+
+def _cifar(name: str) -> Callable[..., LongTailDataset]:
+    def build(root=None, imbalance_factor: float = 100.0, seed: int = 0, download: bool = False):
+        return build_cifar_lt(name, root, imbalance_factor=imbalance_factor, seed=seed,
+                              download=download)
+    return build
+
+
+def _split_set(name: str) -> Callable[..., LongTailDataset]:
+    def build(root=None):
+        return build_split_set(name, root)
+    return build
+
+
+DATASETS: dict[str, Callable[..., LongTailDataset]] = {
+    "digits-lt": build_digits_lt,
+    "cifar10-lt": _cifar("cifar10-lt"),
+    "cifar100-lt": _cifar("cifar100-lt"),
+    "imagenet-lt": _split_set("imagenet-lt"),
+    "places-lt": _split_set("places-lt"),
+    "folder": build_folder,
+}
+
+
+def build_dataset(name: str, root=None, **options: Any) -> LongTailDataset:
+    """The data set `name` (see DATASETS); options are the builder's keyword arguments."""
+    if name not in DATASETS:
+        raise unknown_name("data set", name, list(DATASETS))
+    builder = DATASETS[name]
+    accepted = [p for p in inspect.signature(builder).parameters if p != "root"]
+    for key, value in options.items():
+        if key not in accepted:
+            raise LfmError(f"data set {name!r} takes no option {key!r}; "
+                           f"accepted: {', '.join(accepted) or 'none'}")
+        if key == "imbalance_factor" and value is not None and float(value) < 1:
+            raise LfmError(f"imbalance_factor={value} is not valid; expected a number >= 1")
+    options = {k: v for k, v in options.items() if v is not None}
+    return builder(root=root, **options)
+
+
+def options_for(name: str, **candidates: Any) -> dict[str, Any]:
+    """The candidates (seed, imbalance_factor, ...) that data set `name` takes, None dropped."""
+    if name not in DATASETS:
+        raise unknown_name("data set", name, list(DATASETS))
+    accepted = inspect.signature(DATASETS[name]).parameters
+    return {k: v for k, v in candidates.items() if k in accepted and v is not None}
+
+
+__all__ = [
+    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "load_arrays",
+    "long_tail_counts", "options_for", "shot_groups",
+]

@@ -1,0 +1,127 @@
+"""The node-local decode-once cache: each split as a uint8 .npy, memory-mapped by every trial.
+
+The first trial on a node builds the cache under a file lock and renames it into place; every
+later trial (and every epoch) maps the same files, so the operating system keeps one copy of
+the images in memory however many trials run on the node.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lfm_ray.data.base import ImageList
+from lfm_ray.errors import LfmError
+
+DEFAULT_CACHE = Path(os.environ.get("LFM_RAY_CACHE", Path.home() / ".cache" / "lfm-ray")) / "arrays"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ArraySet:
+    """Like LongTailDataset, with every split a uint8 (N, S, S, 3) memory map."""
+
+    name: str
+    class_names: list[str]
+    class_counts: list[int]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str):
+        if name == "val" and self.val_images is None:
+            raise LfmError(f"{self.name} has no validation split; use 'test'")
+        if name not in SPLITS:
+            raise LfmError(f"split {name!r} is not valid; expected 'train', 'val' or 'test'")
+        return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+
+
+def cache_key(name: str, root: Any, image_size: int | None, options: dict[str, Any]) -> str:
+    root_text = str(Path(root).expanduser().resolve()) if root is not None else ""
+    blob = json.dumps([name, root_text, image_size, sorted(options.items())], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _decode(images: ImageList, size: int, label: str) -> np.ndarray:
+    """Decode and bicubic-resize every image once; prints progress every ~10%."""
+    from PIL import Image
+
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    step = max(1, len(images) // 10)
+    for i, path in enumerate(images.paths):
+        with Image.open(path) as im:
+            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+        if len(images) >= 1000 and (i + 1) % step == 0:
+            print(f"  caching {label}: {i + 1}/{len(images)} images", flush=True)
+    return out
+
+
+def load_arrays(name: str, root=None, image_size: int | None = None, cache_dir=None,
+                **options: Any) -> ArraySet:
+    """The data set as memory-mapped uint8 arrays, built once per node."""
+    from lfm_ray.data import build_dataset
+
+    base = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
+    key = cache_key(name, root, image_size, options)
+    target = base / f"{name}-{key}"
+    if not (target / "meta.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        with (base / f".{name}-{key}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait
+            if not (target / "meta.json").is_file():
+                _build(build_dataset(name, root, **options), target, image_size)
+    return _open(target)
+
+
+def _build(ds, target: Path, image_size: int | None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        splits = []
+        for split in SPLITS:
+            try:
+                images, labels = ds.split(split)
+            except LfmError:
+                continue  # no validation split
+            if isinstance(images, ImageList):
+                if image_size is None:
+                    raise LfmError(f"{ds.name} decodes images lazily; give image_size "
+                                   "(the model's input size) to cache it")
+                images = _decode(images, image_size, f"{ds.name} {split}")
+            np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+            np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+            splits.append(split)
+        meta = {"name": ds.name, "class_names": ds.class_names,
+                "class_counts": ds.class_counts, "splits": splits}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open(target: Path) -> ArraySet:
+    meta = json.loads((target / "meta.json").read_text())
+    arrays: dict[str, Any] = {}
+    for split in meta["splits"]:
+        arrays[f"{split}_images"] = np.load(target / f"{split}_images.npy", mmap_mode="r")
+        arrays[f"{split}_labels"] = np.load(target / f"{split}_labels.npy")
+    return ArraySet(name=meta["name"], class_names=meta["class_names"],
+                    class_counts=meta["class_counts"], **arrays)

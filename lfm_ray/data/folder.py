@@ -1,0 +1,58 @@
+"""folder: a user's own data in ImageFolder layout (root/train/<class>/*, root/test/<class>/*,
+optional root/val/). Class names come from the folder names, `_` and `-` read as spaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lfm_ray.data.base import ImageList, LongTailDataset, readable
+from lfm_ray.data.counts import long_tail_counts, long_tail_subset
+from lfm_ray.errors import LfmError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _scan(split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    paths, labels = [], []
+    for k, cls in enumerate(classes):
+        folder = split_dir / cls
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(str(f))
+                labels.append(k)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def build_folder(root=None, imbalance_factor: float | None = None, seed: int = 0) -> LongTailDataset:
+    if root is None:
+        raise LfmError("folder needs a data root (--data-root) with train/ and test/ inside")
+    root_path = Path(root).expanduser()
+    for split in ("train", "test"):
+        if not (root_path / split).is_dir():
+            raise LfmError(f"folder: missing {root_path / split}; expected root/train/<class>/* "
+                           "and root/test/<class>/* (ImageFolder layout)")
+    classes = sorted(d.name for d in (root_path / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise LfmError(f"folder: {root_path / 'train'} has no class folders")
+    train_paths, train_labels = _scan(root_path / "train", classes)
+    if imbalance_factor is not None:
+        per_class = np.bincount(train_labels, minlength=len(classes))
+        counts = long_tail_counts(len(classes), imbalance_factor, int(per_class.min()))
+        keep = long_tail_subset(train_labels, counts, seed)
+        train_paths = [train_paths[i] for i in keep]
+        train_labels = train_labels[keep]
+    test_paths, test_labels = _scan(root_path / "test", classes)
+    if not test_paths:
+        raise LfmError(f"folder: {root_path / 'test'} has no images of the training classes")
+    val = _scan(root_path / "val", classes) if (root_path / "val").is_dir() else None
+    return LongTailDataset(
+        name="folder", class_names=[readable(c) for c in classes],
+        train_images=ImageList(train_paths), train_labels=train_labels,
+        test_images=ImageList(test_paths), test_labels=test_labels,
+        val_images=ImageList(val[0]) if val and val[0] else None,
+        val_labels=val[1] if val and val[0] else None,
+    )

@@ -1,0 +1,151 @@
+"""Study engine: checks before trials start, grid and Optuna smoke studies on the real engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lfm_ray.config import RunConfig
+from lfm_ray.errors import LfmError
+from lfm_ray.study import Dim, Study, best_configs, parse_dim, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))
+
+
+def smoke_base(tmp_path) -> RunConfig:
+    return RunConfig().override({
+        "stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 2,
+        "runtime.batch_size": 16, "data.cache_dir": str(tmp_path / "cache"),
+    })
+
+
+def study_in(tmp_path, **kw) -> Study:
+    kw.setdefault("base", smoke_base(tmp_path))
+    return Study(storage_path=str(tmp_path / "ray"), results_dir=str(tmp_path / "results"), **kw)
+
+
+# ---- checks before any trial ----------------------------------------------------------------
+def test_unknown_parameter_is_named(tmp_path):
+    with pytest.raises(LfmError, match="unknown study parameter 'mix.temperature'"):
+        validate(study_in(tmp_path, name="s", grid={"mix.temperature": [1.0]}))
+
+
+def test_empty_grid_and_empty_values(tmp_path):
+    with pytest.raises(LfmError, match="grid is empty"):
+        validate(study_in(tmp_path, name="s", grid={}))
+    with pytest.raises(LfmError, match="'mix.tau' has no values"):
+        validate(study_in(tmp_path, name="s", grid={"mix.tau": []}))
+
+
+def test_bad_grid_value_fails_before_trials(tmp_path):
+    with pytest.raises(LfmError, match="stage1.tau"):
+        validate(study_in(tmp_path, name="s", grid={"mix.tau": [0.05, 0.0]}))
+    with pytest.raises(LfmError, match="unknown loss 'hinge'"):
+        validate(study_in(tmp_path, name="s", grid={"loss.name": ["ce", "hinge"]}))
+
+
+def test_unwritable_storage_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    study = Study(name="s", base=smoke_base(tmp_path), grid={"mix.tau": [0.05]},
+                  storage_path=str(blocker / "ray"), results_dir=str(tmp_path / "r"))
+    with pytest.raises(LfmError, match="storage path .* cannot be written"):
+        validate(study)
+
+
+def test_unknown_method_and_conditional_space(tmp_path):
+    with pytest.raises(LfmError, match="unknown method 'LFM'"):
+        validate(study_in(tmp_path, name="s", grid={"method": ["LFM"]},
+                          variants={"CE": {"loss.name": "ce"}}))
+    with pytest.raises(LfmError, match="needs low < high"):
+        validate(study_in(tmp_path, name="s", search="optuna",
+                          space={"stage1.lr": Dim.loguniform(1e-2, 1e-4)}))
+
+
+def test_parse_dim_forms():
+    assert parse_dim("loguniform:0.002:31.25") == Dim("loguniform", 0.002, 31.25)
+    assert parse_dim("choice:ce,mms").choices == ("ce", "mms")
+    with pytest.raises(LfmError, match="not valid"):
+        parse_dim("normal:0")
+
+
+def test_best_config_averages_over_seeds(tmp_path):
+    study = study_in(tmp_path, name="s", grid={"mix.tau": [0.01, 0.05]}, seeds=[0, 1])
+    table = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d"], "status": ["TERMINATED"] * 4,
+        "mix.tau": [0.01, 0.01, 0.05, 0.05], "runtime.seed": [0, 1, 0, 1],
+        "acc_all": [0.9, 0.1, 0.6, 0.6], "acc_few": [0.1, 0.2, 0.3, 0.4],
+        "acc_many": [0.5, 0.5, 0.5, 0.5],
+    })
+    best = best_configs(study, table)
+    # τ = 0.01 has the single best trial, but τ = 0.05 the best mean over seeds.
+    assert best["acc_all"]["params"] == {"mix.tau": 0.05}
+    assert best["acc_all"]["value"] == pytest.approx(0.6)
+    assert sorted(best["acc_all"]["trial_ids"]) == ["c", "d"]
+
+
+def test_script_reports_a_bad_seed_list_with_exit_2(tmp_path, capsys):
+    import tau_sweep
+
+    code = tau_sweep.main(["--seeds", "a,b", "--storage-path", str(tmp_path / "ray"),
+                           "--results-dir", str(tmp_path / "results"), "--no-report"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--seeds 'a,b' is not valid" in err and "Traceback" not in err
+
+
+# ---- the real engine (one Ray instance for the module) ----------------------------------------
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from lfm_ray.launch import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_grid_smoke_study_writes_tables(tmp_path, local_ray):
+    import tau_sweep
+
+    code = tau_sweep.main(["--smoke", "--seeds", "0", "--name", "taus",
+                           "--storage-path", str(tmp_path / "ray"),
+                           "--results-dir", str(tmp_path / "results"), "--no-report"])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "results" / "taus" / "trials.csv")
+    assert sorted(table["mix.tau"]) == [0.002, 0.01]
+    assert (table["status"] == "TERMINATED").all()
+    assert (table["epoch"] == 2).all()  # one epoch per stage, on one timeline
+    assert table["acc_all"].between(0, 1).all()
+    best = json.loads((tmp_path / "results" / "taus" / "best.json").read_text())
+    assert best["acc_all"]["params"]["mix.tau"] in (0.002, 0.01)
+    meta = json.loads((tmp_path / "results" / "taus" / "study.json").read_text())
+    assert meta["swept"] == ["mix.tau", "runtime.seed"]
+
+
+def test_optuna_smoke_study_with_conditional_parameters(tmp_path, local_ray):
+    study = study_in(
+        tmp_path, name="opt", search="optuna", num_samples=2, max_concurrent=2,
+        space={"stage1.tau": Dim.loguniform(0.01, 1.0),
+               "loss.name": Dim.choice(["ce", "focal"]),
+               "loss.focal_gamma": Dim.uniform(0.5, 3.0, when={"loss.name": "focal"})},
+        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+    )
+    from lfm_ray.study import run_study
+
+    table = run_study(study)
+    assert len(table) == 2 and (table["status"] == "TERMINATED").all()
+    for _, row in table.iterrows():
+        # Focal's γ exists only in focal trials (define-by-run).
+        if row["loss.name"] != "focal":
+            assert pd.isna(row["loss.focal_gamma"]) or row["loss.focal_gamma"] is None
+    import optuna
+
+    stored = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(stored.trials) == 2

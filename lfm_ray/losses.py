@@ -1,0 +1,145 @@
+"""Every loss, taking soft targets (mixed labels) or hard labels, behind a registry.
+
+`build_loss(name, class_counts, text_features=None, **params)` returns a module whose
+forward is `(logits (B, C), targets) -> scalar`; targets are a LongTensor (B,) of labels or a
+float (B, C) soft target. Hard labels become one-hot, so each loss has one code path.
+Logits are the model's s·cos; the defaults of s per loss live in lfm_ray.config.LOGIT_SCALE.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lfm_ray.errors import LfmError, unknown_name
+
+
+def as_soft(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        return F.one_hot(targets.long(), num_classes).float()
+    return targets.float()
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    return -(soft * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+class CrossEntropy(nn.Module):
+    """−Σ_k t_k log softmax(z)_k, mean over the batch."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(logits, as_soft(targets, logits.shape[1]))
+
+
+class BalancedSoftmax(nn.Module):
+    """Balanced softmax (BalCE): cross-entropy on z_k + log n_k."""
+
+    def __init__(self, class_counts):
+        super().__init__()
+        counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
+        self.register_buffer("log_prior", counts.clamp(min=1).log())
+
+    def forward(self, logits, targets):
+        return soft_cross_entropy(logits.float() + self.log_prior, as_soft(targets, logits.shape[1]))
+
+
+class Focal(nn.Module):
+    """−Σ_k t_k (1 − p_k)^γ log p_k."""
+
+    def __init__(self, gamma: float = 2.0):
+        super().__init__()
+        if gamma < 0:
+            raise LfmError(f"focal gamma={gamma} is not valid; expected a number >= 0")
+        self.gamma = float(gamma)
+
+    def forward(self, logits, targets):
+        soft = as_soft(targets, logits.shape[1])
+        logp = F.log_softmax(logits.float(), dim=1)
+        weight = (1 - logp.exp()).clamp(min=0).pow(self.gamma)
+        return -(soft * weight * logp).sum(dim=1).mean()
+
+
+class LDAM(nn.Module):
+    """Label-distribution-aware margins m_k ∝ n_k^(−1/4), the largest `max_margin`.
+
+    The margin of class k, weighted by its target t_k, is subtracted in cosine units
+    (scale·t_k·m_k on the logits, the model's s being `scale` by default); then soft CE.
+    For a hard label this is the original LDAM: z_y − scale·m_y.
+    """
+
+    def __init__(self, class_counts, max_margin: float = 0.5, scale: float = 30.0):
+        super().__init__()
+        if max_margin <= 0 or scale <= 0:
+            raise LfmError("ldam max_margin and scale must be > 0")
+        counts = torch.as_tensor(list(class_counts), dtype=torch.float64).clamp(min=1)
+        m = counts.pow(-0.25)
+        self.register_buffer("margins", (m * (max_margin / m.max())).float())
+        self.scale = float(scale)
+
+    def forward(self, logits, targets):
+        soft = as_soft(targets, logits.shape[1])
+        shifted = logits.float() - self.scale * soft * self.margins
+        return soft_cross_entropy(shifted, soft)
+
+
+class MarginMetricSoftmax(nn.Module):
+    """MMS: for target c the non-target logits get + margin·(1 − cos(f_T[c], f_T[k])) / T.
+
+    Logits are cos/T (s = 1/T = 100 by default). A soft target is the expectation
+    Σ_c t_c L_c over its classes with t_c > 0, computed only for those classes.
+    """
+
+    def __init__(self, text_features: torch.Tensor, margin: float = 0.3, temperature: float = 0.01):
+        super().__init__()
+        if text_features is None:
+            raise LfmError("mms needs the class text features")
+        if temperature <= 0:
+            raise LfmError(f"mms temperature={temperature} is not valid; expected > 0")
+        f = F.normalize(text_features.detach().float(), dim=-1)
+        margins = margin * (1 - f @ f.t()) / temperature
+        margins.fill_diagonal_(0.0)
+        self.register_buffer("margins", margins)
+
+    def forward(self, logits, targets):
+        logits = logits.float()
+        B, C = logits.shape
+        soft = as_soft(targets, C)
+        k = int((soft > 0).sum(dim=1).max())
+        weights, classes = soft.topk(k, dim=1)                      # (B, k)
+        adjusted = logits.unsqueeze(1) + self.margins[classes]      # (B, k, C)
+        logp = F.log_softmax(adjusted, dim=2).gather(2, classes.unsqueeze(2)).squeeze(2)
+        return -(weights * logp).sum(dim=1).mean()
+
+
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "ce": lambda class_counts, text_features: CrossEntropy(),
+    "balce": lambda class_counts, text_features: BalancedSoftmax(class_counts),
+    "focal": lambda class_counts, text_features, gamma=2.0: Focal(gamma),
+    "ldam": lambda class_counts, text_features, max_margin=0.5, scale=30.0:
+        LDAM(class_counts, max_margin, scale),
+    "mms": lambda class_counts, text_features, margin=0.3, temperature=0.01:
+        MarginMetricSoftmax(text_features, margin, temperature),
+}
+
+
+def build_loss(name: str, class_counts, text_features: torch.Tensor | None = None,
+               **params: Any) -> nn.Module:
+    """The loss `name` (see LOSSES); params are its own (gamma; max_margin, scale; margin,
+    temperature)."""
+    if name not in LOSSES:
+        raise unknown_name("loss", name, list(LOSSES))
+    builder = LOSSES[name]
+    accepted = [p for p in inspect.signature(builder).parameters
+                if p not in ("class_counts", "text_features")]
+    for key in params:
+        if key not in accepted:
+            raise LfmError(f"loss {name!r} takes no parameter {key!r}; "
+                           f"accepted: {', '.join(accepted) or 'none'}")
+    module = builder(class_counts, text_features, **params)
+    if text_features is not None:
+        module = module.to(text_features.device)
+    return module

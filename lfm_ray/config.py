@@ -43,8 +43,8 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    epochs: int = 2                    # passes over the training set
-    lr: float = 1e-3                   # Adam learning rate at the start of the stage
+    epochs: int = 20                   # passes over the training set
+    lr: float = 2e-3                   # Adam learning rate at the start of the stage
     min_lr: float = 1e-5               # cosine annealing ends here
     alpha: float = 1.0                 # label-shift strength α (paper Eq. 2), >= 0
     tau: float = 0.05                  # local-sampling temperature τ (paper Eq. 1), > 0
@@ -106,7 +106,7 @@ STAGE_SHORTHANDS = ("alpha", "tau", "beta")
 
 
 def _default_stage2() -> StageConfig:
-    return StageConfig(epochs=2, lr=1e-2, min_lr=1e-4)
+    return StageConfig(epochs=5, lr=1e-2, min_lr=1e-4)
 
 
 @dataclass

@@ -16,14 +16,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ray.train import UserCallback
-
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
 
 # Ray Train's controller polls its workers at this interval (default 2 s); every report and
 # the end of a run wait for a poll, so a short interval takes seconds off every trial.
-FAST_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+FAST_POLL_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Worker prints go to the driver once (the print patch would log them a second time).
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 def apply_fast_start_env() -> None:
@@ -115,28 +117,6 @@ def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
     )
 
 
-class HistoryCallback(UserCallback):
-    """Collects rank 0's report of every epoch and prints one progress line per epoch."""
-
-    def __init__(self, total_epochs: int, stream=None):
-        self.rows: list[dict[str, Any]] = []
-        self.total = total_epochs
-        self.stream = stream or sys.stdout
-        self.start = time.perf_counter()
-
-    def after_report(self, run_context, metrics, checkpoint):
-        row = dict(metrics[0])
-        self.rows.append(row)
-        nan = float("nan")
-        print(
-            f"[{time.perf_counter() - self.start:6.1f}s] epoch {row.get('epoch')}/{self.total} "
-            f"(stage {row.get('stage')}): loss {row.get('train_loss', nan):.4f}  "
-            f"acc many {row.get('acc_many', nan):.3f} medium {row.get('acc_medium', nan):.3f} "
-            f"few {row.get('acc_few', nan):.3f} all {row.get('acc_all', nan):.3f}",
-            file=self.stream, flush=True,
-        )
-
-
 def unwrap_training_error(exc: BaseException) -> BaseException:
     """The user's own error inside Ray's wrappers (so an LfmError prints as one line)."""
     seen = set()
@@ -168,9 +148,9 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     init_ray(address)
     check_resources(cfg)
     (out / "config.json").write_text(cfg.to_json())
-    total = 1 if cfg.runtime.zero_shot else cfg.stage1.epochs + cfg.stage2.epochs
-    history = HistoryCallback(total)
-    trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), callbacks=[history])
+    # Re-running with the same output resumes from the run's last checkpoint (Ray Train
+    # finds it under the same storage path and name).
+    trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"))
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's own error
@@ -178,23 +158,23 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         if isinstance(inner, LfmError):
             raise inner from None
         raise
-    write_history(out / "history.csv", history.rows)
-    final = final_result(result.checkpoint, history.rows)
+    final, rows = final_result(result.checkpoint)
+    write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
 
 
-def final_result(checkpoint, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final metrics with per-class accuracy, read from the last checkpoint."""
-    from lfm_ray.train import RESULT_FILE
+def final_result(checkpoint) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(final metrics with per-class accuracy, every epoch's metrics) from the last checkpoint."""
+    from lfm_ray.train import HISTORY_FILE, RESULT_FILE
 
-    final: dict[str, Any] = dict(rows[-1]) if rows else {}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            path = Path(d) / RESULT_FILE
-            if path.is_file():
-                final.update(json.loads(path.read_text()))
-    return final
+    if checkpoint is None:
+        raise LfmError("the run reported no checkpoint; nothing to write")
+    with checkpoint.as_directory() as d:
+        final = json.loads((Path(d) / RESULT_FILE).read_text())
+        hist = Path(d) / HISTORY_FILE
+        rows = json.loads(hist.read_text()) if hist.is_file() else [final]
+    return final, rows
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -203,7 +183,7 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
         keys += [k for k in row if k not in keys and not isinstance(row[k], (list, dict))]
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")  # no lists
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)

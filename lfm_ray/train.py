@@ -35,6 +35,7 @@ METRIC_KEYS = ("epoch", "stage", "train_loss", "acc_many", "acc_medium", "acc_fe
 GROUPS = ("many", "medium", "few")
 STATE_FILE = "state.pt"      # model, optimiser and scheduler state at the end of an epoch
 RESULT_FILE = "result.json"  # that epoch's metrics and per-class accuracy
+HISTORY_FILE = "history.json"  # every epoch's metrics so far, one dict per epoch
 
 
 # ---- workers ------------------------------------------------------------------------------
@@ -290,6 +291,12 @@ def _trainable(run: Run, stage: Stage) -> torch.nn.Module:
     return module
 
 
+def progress_line(m: dict[str, Any], total: int) -> str:
+    return (f"epoch {m['epoch']}/{total} (stage {m['stage']}): loss {m['train_loss']:.4f}  "
+            f"acc many {m['acc_many']:.3f} medium {m['acc_medium']:.3f} few {m['acc_few']:.3f} "
+            f"all {m['acc_all']:.3f}  [{m['train_time_s']:.1f}s]")
+
+
 def _node_id() -> str:
     """The Ray node this worker runs on (shows where a study's trials landed)."""
     import ray
@@ -299,7 +306,7 @@ def _node_id() -> str:
 
 # ---- checkpoints --------------------------------------------------------------------------
 def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
-               result: dict[str, Any]) -> None:
+               result: dict[str, Any], history: list[dict[str, Any]]) -> None:
     state = {
         "epoch": epoch,
         "stage": stage.number,
@@ -309,9 +316,11 @@ def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
         "scheduler": sched.state_dict(),
         "config": run.cfg.to_dict(),
         "train_time_total_s": result.get("train_time_total_s", 0.0),
+        "history": history,
     }
     torch.save(state, path / STATE_FILE)
     (path / RESULT_FILE).write_text(json.dumps(result))
+    (path / HISTORY_FILE).write_text(json.dumps(history))
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[str, Any]:
@@ -376,10 +385,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.runtime.zero_shot:
         result = run.evaluate()
         metrics = {"epoch": 0, "stage": 0, "train_loss": float("nan"),
-                   **{k: result[k] for k in METRIC_KEYS[3:]}}
+                   **{k: result[k] for k in METRIC_KEYS[3:]},
+                   "train_time_s": 0.0, "train_time_total_s": 0.0, "node_id": _node_id()}
 
         def write_zero_shot(path: Path) -> None:
             (path / RESULT_FILE).write_text(json.dumps({**metrics, **result}))
+            (path / HISTORY_FILE).write_text(json.dumps([metrics]))
 
         _report(metrics, write_zero_shot, info, keep_dir)
         return
@@ -388,13 +399,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          **cfg.loss.params())
     state = _resume_state(config, info.device)
     done, train_time_total = 0, 0.0
+    history: list[dict[str, Any]] = []
     if state is not None:
         run.model.visual.load_state_dict(state["visual"])
         run.model.proj.load_state_dict(state["proj"])
         done = int(state["epoch"])
         train_time_total = float(state.get("train_time_total_s", 0.0))
+        history = list(state.get("history", []))
     stop_after = config.get("stop_after_epoch")
     steps, per_worker = steps_per_epoch(len(run.train_images), cfg, info.world_size)
+    last_epoch = cfg.stage1.epochs + cfg.stage2.epochs
     for stage in stage_plan(cfg):
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
@@ -417,8 +431,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        "lr": sched.get_last_lr()[0], "train_time_s": train_time,
                        "train_time_total_s": train_time_total, "node_id": _node_id()}
 
+            history.append(metrics)
+            if info.rank == 0:
+                print(progress_line(metrics, last_epoch), flush=True)
+
             def write(path: Path, _epoch=epoch, _result=result, _stage=stage, _m=metrics) -> None:
-                save_state(path, run, _stage, _epoch, opt, sched, {**_m, **_result})
+                save_state(path, run, _stage, _epoch, opt, sched, {**_m, **_result}, history)
 
             _report(metrics, write, info, keep_dir)
             done = epoch

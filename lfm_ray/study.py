@@ -325,12 +325,29 @@ def _search_alg(study: Study):
         storage = optuna.storages.RDBStorage(study.optuna_storage) \
             if "://" in study.optuna_storage else None
     objectives = study.objectives if len(study.objectives) > 1 else None
-    space = study.space
+    return OptunaSearch(
+        space=DefineByRun(study.space, study.base.to_dict()),
+        metric=objectives or study.metric,
+        mode=[study.mode] * len(objectives) if objectives else study.mode,
+        sampler=samplers[study.sampler](),
+        study_name=study.name,
+        storage=storage,
+    )
 
-    def define_by_run(trial) -> None:
+
+class DefineByRun:
+    """Optuna's define-by-run space: a conditional dimension is suggested only in trials
+    whose earlier choices (or the base config) meet its `when`. A class, not a closure, so
+    Tune can save it with the experiment state."""
+
+    def __init__(self, space: dict[str, Dim], base: dict[str, Any]):
+        self.space, self.base = space, base
+
+    def __call__(self, trial) -> None:
+        base = RunConfig.from_dict(self.base)
         chosen: dict[str, Any] = {}
-        for name, dim in space.items():
-            if dim.when and any(chosen.get(k, study.base.get(k)) != v for k, v in dim.when.items()):
+        for name, dim in self.space.items():
+            if dim.when and any(chosen.get(k, base.get(k)) != v for k, v in dim.when.items()):
                 continue
             key = "params/" + name
             if dim.kind == "loguniform":
@@ -342,15 +359,6 @@ def _search_alg(study: Study):
             else:
                 chosen[name] = trial.suggest_categorical(key, list(dim.choices))
         return None
-
-    return OptunaSearch(
-        space=define_by_run,
-        metric=objectives or study.metric,
-        mode=[study.mode] * len(objectives) if objectives else study.mode,
-        sampler=samplers[study.sampler](),
-        study_name=study.name,
-        storage=storage,
-    )
 
 
 def _random_space(study: Study) -> dict[str, Any]:
@@ -593,7 +601,9 @@ def run_study(study: Study) -> pd.DataFrame:
         write_json_atomic(meta_path, study_meta(study))
 
     concurrency = _concurrency(study)
-    trainable = tune.with_resources(trial_driver, {"cpu": 0})
+    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs;
+    # it asks for a token of memory so that it holds no CPU a worker needs.
+    trainable = tune.with_resources(trial_driver, {"cpu": 0, "memory": 1024})
     run_config = tune.RunConfig(
         name=study.name,
         storage_path=study.storage_path if "://" in study.storage_path

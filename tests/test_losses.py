@@ -1,0 +1,122 @@
+"""Each loss against a direct computation, for hard labels and soft (mixed) targets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lfm_ray.errors import LfmError
+from lfm_ray.losses import LOSSES, build_loss
+
+COUNTS = [100, 30, 10, 3]
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g) * 3
+    hard = torch.tensor([0, 1, 2, 3, 1])
+    soft = torch.zeros(5, 4)
+    soft[torch.arange(5), hard] = 0.7
+    soft[torch.arange(5), torch.tensor([1, 2, 3, 0, 1])] += 0.3
+    return logits, hard, soft
+
+
+def log_softmax_row(z):
+    m = max(z)
+    return [v - (m + math.log(sum(math.exp(w - m) for w in z))) for v in z]
+
+
+def direct_soft_ce(logits, soft):
+    total = 0.0
+    for z, t in zip(logits.tolist(), soft.tolist()):
+        lp = log_softmax_row(z)
+        total += -sum(ti * li for ti, li in zip(t, lp))
+    return total / len(logits)
+
+
+def one_hot(hard, C=4):
+    return torch.nn.functional.one_hot(hard, C).float()
+
+
+def test_ce_soft_and_hard(batch):
+    logits, hard, soft = batch
+    loss = build_loss("ce", COUNTS)
+    assert loss(logits, soft).item() == pytest.approx(direct_soft_ce(logits, soft), rel=1e-5)
+    assert loss(logits, hard).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, hard).item(), rel=1e-5)
+
+
+def test_balanced_softmax_is_ce_on_logits_plus_log_counts(batch):
+    logits, hard, soft = batch
+    shifted = logits + torch.log(torch.tensor(COUNTS, dtype=torch.float32))
+    loss = build_loss("balce", COUNTS)
+    assert loss(logits, soft).item() == pytest.approx(direct_soft_ce(shifted, soft), rel=1e-5)
+    assert loss(logits, hard).item() == pytest.approx(direct_soft_ce(shifted, one_hot(hard)), rel=1e-5)
+
+
+def test_focal_direct_and_gamma_zero_is_ce(batch):
+    logits, hard, soft = batch
+    gamma = 2.0
+    total = 0.0
+    for z, t in zip(logits.tolist(), soft.tolist()):
+        lp = log_softmax_row(z)
+        total += -sum(ti * (1 - math.exp(li)) ** gamma * li for ti, li in zip(t, lp))
+    loss = build_loss("focal", COUNTS, gamma=gamma)
+    assert loss(logits, soft).item() == pytest.approx(total / 5, rel=1e-5)
+    assert build_loss("focal", COUNTS, gamma=0.0)(logits, hard).item() == pytest.approx(
+        build_loss("ce", COUNTS)(logits, hard).item(), rel=1e-6)
+
+
+def test_ldam_hard_is_the_textbook_ldam_and_soft_weights_the_margin(batch):
+    logits, hard, soft = batch
+    m = np.array(COUNTS, dtype=np.float64) ** -0.25
+    m = m * (0.5 / m.max())
+    scale = 30.0
+    loss = build_loss("ldam", COUNTS, max_margin=0.5, scale=scale)
+    # Textbook LDAM: subtract scale·m_y from the true class's logit, then CE.
+    textbook = logits.clone()
+    textbook[torch.arange(5), hard] -= scale * torch.tensor(m, dtype=torch.float32)[hard]
+    assert loss(logits, hard).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(textbook, hard).item(), rel=1e-5)
+    shifted = logits - scale * soft * torch.tensor(m, dtype=torch.float32)
+    assert loss(logits, soft).item() == pytest.approx(direct_soft_ce(shifted, soft), rel=1e-5)
+
+
+def test_mms_soft_is_the_expectation_over_target_classes(batch):
+    logits, hard, soft = batch
+    g = torch.Generator().manual_seed(1)
+    f = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    margin, temperature = 0.3, 0.01
+    loss = build_loss("mms", COUNTS, text_features=f, margin=margin, temperature=temperature)
+    cos = (f @ f.t()).tolist()
+
+    def direct_hard(z, c):
+        adj = [z[k] + (margin * (1 - cos[c][k]) / temperature if k != c else 0.0) for k in range(4)]
+        return -log_softmax_row(adj)[c]
+
+    want_soft = np.mean([sum(t[c] * direct_hard(z, c) for c in range(4) if t[c] > 0)
+                         for z, t in zip(logits.tolist(), soft.tolist())])
+    want_hard = np.mean([direct_hard(z, c) for z, c in zip(logits.tolist(), hard.tolist())])
+    assert loss(logits, soft).item() == pytest.approx(want_soft, rel=1e-5)
+    assert loss(logits, hard).item() == pytest.approx(want_hard, rel=1e-5)
+    with pytest.raises(LfmError, match="text features"):
+        build_loss("mms", COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_hard_label_equals_its_one_hot(batch, name):
+    logits, hard, _ = batch
+    f = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    loss = build_loss(name, COUNTS, text_features=f)
+    assert loss(logits, hard).item() == pytest.approx(loss(logits, one_hot(hard)).item(), rel=1e-6)
+
+
+def test_unknown_loss_and_parameter():
+    with pytest.raises(LfmError, match="unknown loss 'hinge'; known: balce, ce, focal, ldam, mms"):
+        build_loss("hinge", COUNTS)
+    with pytest.raises(LfmError, match="loss 'ce' takes no parameter 'gamma'"):
+        build_loss("ce", COUNTS, gamma=2.0)

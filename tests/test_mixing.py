@@ -1,0 +1,205 @@
+"""Mixing formulas against direct computations; the alias sampler against P by a chi-square test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from lfm_ray.errors import LfmError
+from lfm_ray.mixing import (
+    PairSampler, alias_tables, build_mixer, cut_box, label_shift, local_sampling_matrix,
+    remix_label, sample_beta, sample_classes_multinomial,
+)
+
+
+def text(C=6, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(C, d, generator=g), dim=1)
+
+
+def test_label_shift_against_the_formula_and_clamp_edges():
+    # λ_y = clamp(λ_x − α (n_i − n_j)/(n_i + n_j), 0, 1)
+    assert float(label_shift(0.7, 100, 100, 1.0)) == pytest.approx(0.7)
+    assert float(label_shift(0.7, 300, 100, 1.0)) == pytest.approx(0.7 - 0.5)
+    assert float(label_shift(0.3, 900, 100, 1.0)) == 0.0          # clamped at 0
+    assert float(label_shift(0.9, 10, 90, 1.0)) == 1.0            # clamped at 1
+    assert float(label_shift(0.42, 900, 1, 0.0)) == pytest.approx(0.42)  # α = 0: plain mixup
+    got = label_shift(torch.tensor([0.2, 0.8]), torch.tensor([50, 5]), torch.tensor([5, 50]), 0.5)
+    want = [min(max(0.2 - 0.5 * 45 / 55, 0), 1), min(max(0.8 + 0.5 * 45 / 55, 0), 1)]
+    assert got.tolist() == pytest.approx(want)
+
+
+def test_sampling_matrix_against_a_double_loop():
+    f = text()
+    tau = 0.05
+    P = local_sampling_matrix(f, tau)
+    C = f.shape[0]
+    direct = np.zeros((C, C))
+    for i in range(C):
+        logits = [math.exp(float(f[i] @ f[j]) / tau) if j != i else 0.0 for j in range(C)]
+        direct[i] = np.array(logits) / sum(logits)
+    assert np.allclose(P.double().numpy(), direct, atol=1e-6)
+    assert torch.all(P.diagonal() == 0)
+    assert torch.allclose(P.sum(dim=1), torch.ones(C), atol=1e-6)
+    # tiny τ stays finite
+    assert torch.isfinite(local_sampling_matrix(f, 0.002)).all()
+    with pytest.raises(LfmError):
+        local_sampling_matrix(f, 0.0)
+
+
+def test_alias_sampler_matches_P_by_chi_square():
+    f = text(C=8)
+    P = local_sampling_matrix(f, 0.5)
+    labels = torch.arange(8).repeat_interleave(5)
+    sampler = PairSampler(P, labels)
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    for row in (0, 5):
+        classes = sampler.sample_classes(torch.full((n,), row), g)
+        observed = torch.bincount(classes, minlength=8).numpy()
+        assert observed[row] == 0  # the diagonal is never drawn
+        mask = np.arange(8) != row
+        expected = P[row].double().numpy()[mask] * n
+        _, p = stats.chisquare(observed[mask], expected)
+        assert p > 1e-3, (row, observed, expected)
+
+
+def test_alias_tables_never_keep_or_alias_a_zero_class():
+    P = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.1, 0.0, 0.0, 0.9], [1.0, 0.0, 0.0, 0.0],
+                      [0.25, 0.25, 0.5, 0.0]])
+    prob, alias = alias_tables(P)
+    for r in range(4):
+        K = 4
+        # The exact probability of each class under the tables equals P.
+        got = np.zeros(K)
+        for k in range(K):
+            got[k] += prob[r, k] / K
+            got[alias[r, k]] += (1 - prob[r, k]) / K
+        assert np.allclose(got, P[r].numpy(), atol=1e-12)
+
+
+def test_partner_images_are_of_the_drawn_class_and_uniform_within_it():
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, 1, 0])
+    P = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]])
+    sampler = PairSampler(P, labels)
+    g = torch.Generator().manual_seed(0)
+    picks = sampler.sample(torch.zeros(30_000, dtype=torch.long), g)  # row 0 -> class 1
+    assert torch.all(labels[picks] == 1)
+    counts = torch.bincount(picks, minlength=8)[[1, 2, 6]].numpy()
+    _, p = stats.chisquare(counts)
+    assert p > 1e-3
+
+
+def test_same_seed_same_pairs_and_multinomial_reference_agrees_in_law():
+    f = text(C=5)
+    P = local_sampling_matrix(f, 0.3)
+    labels = torch.arange(5).repeat_interleave(4)
+    sampler = PairSampler(P, labels)
+    ys = torch.randint(5, (256,), generator=torch.Generator().manual_seed(3))
+    a = sampler.sample(ys, torch.Generator().manual_seed(7))
+    b = sampler.sample(ys, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    n = 100_000
+    rows = torch.full((n,), 2)
+    fast = torch.bincount(sampler.sample_classes(rows, torch.Generator().manual_seed(1)), minlength=5)
+    plain = torch.bincount(sample_classes_multinomial(P, rows, torch.Generator().manual_seed(2)),
+                           minlength=5)
+    mask = np.arange(5) != 2
+    _, p = stats.chi2_contingency(np.stack([fast.numpy()[mask], plain.numpy()[mask]]))[:2]
+    assert p > 1e-3
+
+
+def test_remix_two_cases_and_the_else_case():
+    kappa, tau_r = 3.0, 0.5
+    n_i = torch.tensor([300.0, 10.0, 100.0, 300.0])
+    n_j = torch.tensor([10.0, 300.0, 100.0, 10.0])
+    # i is the head class and the image is mostly the tail partner: label all partner.
+    assert remix_label(0.3, n_i[:1], n_j[:1], kappa, tau_r).item() == 0.0
+    # i is the tail class and the image is mostly i: label all i.
+    assert remix_label(0.7, n_i[1:2], n_j[1:2], kappa, tau_r).item() == 1.0
+    # balanced pair: plain mixup label
+    assert remix_label(0.3, n_i[2:3], n_j[2:3], kappa, tau_r).item() == pytest.approx(0.3)
+    # head class, image mostly the head: not rectified
+    assert remix_label(0.7, n_i[3:4], n_j[3:4], kappa, tau_r).item() == pytest.approx(0.7)
+
+
+def _mixer(name, counts=(50, 20, 5), **kw):
+    labels = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    return build_mixer(name, class_counts=list(counts), train_labels=labels,
+                       text_features=text(C=len(counts)), alpha=kw.pop("alpha", 1.0),
+                       tau=0.1, beta=0.4, device="cpu", **kw), labels
+
+
+def test_mixup_and_lfm_images_and_targets_follow_the_formulas():
+    g = torch.Generator().manual_seed(0)
+    x_i, x_j = torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 3, 8, 8, generator=g)
+    y_i, y_j = torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 0, 1])
+    for name in ("mixup", "lfm"):
+        mixer, _ = _mixer(name)
+        lam = sample_beta(0.4, torch.Generator().manual_seed(5))
+        x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(5))
+        assert torch.allclose(x, lam * x_i + (1 - lam) * x_j)
+        assert torch.allclose(t.sum(dim=1), torch.ones(4))
+        counts = torch.tensor([50.0, 20.0, 5.0])
+        lam_y = label_shift(lam, counts[y_i], counts[y_j], 1.0) if name == "lfm" \
+            else torch.full((4,), lam)
+        for b in range(4):
+            assert t[b, y_i[b]].item() == pytest.approx(float(lam_y[b]), abs=1e-6)
+
+
+def test_lfm_partners_never_share_the_class():
+    mixer, labels = _mixer("lfm")
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1, 2] * 100)
+    partners = mixer.partners(torch.arange(300), y, g)
+    assert torch.all(labels[partners] != y)
+
+
+def test_cutmix_label_is_the_pasted_area():
+    mixer, _ = _mixer("cutmix")
+    g = torch.Generator().manual_seed(3)
+    x_i, x_j = torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16)
+    x, t = mixer.mix(x_i, torch.tensor([0, 1]), x_j, torch.tensor([1, 2]), g)
+    share_j = x[0, 0].mean().item()  # fraction of pixels from x_j
+    assert t[0, 1].item() == pytest.approx(share_j)
+    assert t[0, 0].item() == pytest.approx(1 - share_j)
+    y0, y1, x0, x1 = cut_box(0.75, 16, 16, torch.Generator().manual_seed(0))
+    assert 0 <= y0 <= y1 <= 16 and 0 <= x0 <= x1 <= 16
+
+
+def test_concutmix_weight_zero_is_cutmix_and_needs_similarity():
+    cut, _ = _mixer("cutmix")
+    con, _ = _mixer("concutmix", concutmix_weight=0.0)
+    x_i, x_j = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    y_i, y_j = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    sim = lambda x: torch.rand(len(x), 3)  # noqa: E731
+    a = cut.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4))
+    b = con.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4), similarity_fn=sim)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])
+    full, _ = _mixer("concutmix", concutmix_weight=1.0)
+    favour_i = lambda x: torch.nn.functional.one_hot(y_i, 3).float()  # noqa: E731
+    _, t = full.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4), similarity_fn=favour_i)
+    assert torch.allclose(t[torch.arange(3), y_i], torch.ones(3), atol=1e-6)
+    with pytest.raises(LfmError, match="similarity"):
+        con.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4))
+
+
+def test_none_passes_through_and_unknown_names_are_listed():
+    mixer, _ = _mixer("none")
+    x = torch.rand(2, 3, 4, 4)
+    assert mixer.partners(torch.arange(2), torch.tensor([0, 1]), torch.Generator()) is None
+    out, t = mixer.mix(x, torch.tensor([0, 2]), None, None, torch.Generator())
+    assert out is x and t.tolist() == [[1, 0, 0], [0, 0, 1]]
+    with pytest.raises(LfmError, match="unknown mixing method 'manifold'.*lfm"):
+        build_mixer("manifold", class_counts=[1, 2])
+
+
+def test_beta_draws_follow_the_distribution():
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_beta(0.2, g) for _ in range(4000)]
+    _, p = stats.kstest(draws, stats.beta(0.2, 0.2).cdf)
+    assert p > 1e-3

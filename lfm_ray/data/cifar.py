@@ -50,7 +50,8 @@ def build_cifar_lt(name: str, root=None, imbalance_factor: float = 100.0, seed: 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10-lt" else torchvision.datasets.CIFAR100
         cls(str(root_path), train=True, download=True)
     if not root_path.is_dir():
-        raise LfmError(f"data root {str(root_path)!r} does not exist")
+        raise LfmError(f"data root {str(root_path)!r} does not exist; create it and unpack "
+                       f"{url} there (giving {folder}/), or pass download=True online")
     needed = [base / f for f in [*train_files, test_file, meta_file]]
     missing = [p for p in needed if not p.is_file()]
     if missing:

@@ -55,6 +55,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         raise
 
 
+def check_names(cfg: RunConfig) -> None:
+    """Unknown data set, loss, mixing method, model or pretrained tag: one error, before Ray."""
+    from lfm_ray.data import DATASETS
+    from lfm_ray.errors import unknown_name
+    from lfm_ray.losses import LOSSES
+    from lfm_ray.mixing import MIXERS
+
+    if cfg.data.name not in DATASETS:
+        raise unknown_name("data set", cfg.data.name, list(DATASETS))
+    if cfg.loss.name not in LOSSES:
+        raise unknown_name("loss", cfg.loss.name, list(LOSSES))
+    if cfg.mix.method not in MIXERS:
+        raise unknown_name("mixing method", cfg.mix.method, list(MIXERS))
+    from lfm_ray.model import check_model_name
+
+    check_model_name(cfg.model.name, cfg.model.pretrained)
+
+
+def prepare_node(cfg: RunConfig) -> None:
+    """Load the model once (fails at once on missing weights) and build this node's data
+    cache (fails at once on missing data), so trials start on a warm cache."""
+    from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.model import build_clip
+
+    _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
+    options = options_for(cfg.data.name, seed=cfg.data.seed,
+                          imbalance_factor=cfg.data.imbalance_factor)
+    load_arrays(cfg.data.name, root=cfg.data.root, image_size=int(spec.size),
+                cache_dir=cfg.data.cache_dir, **options)
+
+
+def is_local(address: str | None) -> bool:
+    """No cluster address: this machine runs the trials and holds their data."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def check_resources(cfg: RunConfig) -> None:
     """Fail before training when the cluster cannot hold one run of this config."""
     import ray
@@ -140,11 +176,14 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
 def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None) -> dict[str, Any]:
     """Run one training on Ray and write config.json, history.csv and metrics.json to `output`."""
     cfg.validate()
+    check_names(cfg)
     out = Path(output).resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
+    if is_local(address):
+        prepare_node(cfg)
     init_ray(address)
     check_resources(cfg)
     (out / "config.json").write_text(cfg.to_json())

@@ -126,25 +126,34 @@ def _quiet_random_init(active: bool):
         root.removeFilter(flt)
 
 
+def check_model_name(name: str, pretrained: str | None = None) -> None:
+    """Unknown architecture or pretrained tag: LfmError listing the known ones."""
+    import open_clip
+
+    register_configs()
+    if name.startswith("hf-hub:") or name.startswith("local-dir:"):
+        return
+    if name not in open_clip.list_models():
+        models = open_clip.list_models()
+        raise LfmError(f"unknown model {name!r}; known: {TINY_MODEL}, ViT-B-32, ViT-B-16, "
+                       f"ViT-L-14, RN50 and {len(models) - 5} more "
+                       "(python -c 'import open_clip; print(open_clip.list_models())')")
+    if pretrained and not os.path.exists(os.path.expanduser(pretrained)):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            shown = ", ".join(tags) if tags else "none (give a weights file)"
+            raise LfmError(f"unknown pretrained tag {pretrained!r} for {name}; known: {shown}")
+
+
 def build_clip(name: str, pretrained: str | None = None, cache_dir: str | None = None,
                device: str | torch.device = "cpu"):
     """(open_clip model, ImageSpec). `pretrained`: a tag ("openai"), a weights file, or None;
     `name` may be an "hf-hub:org/repo" model. The tokenizer is kept as `model.lfm_tokenizer`."""
     import open_clip
 
-    register_configs()
+    check_model_name(name, pretrained)
     is_hub = name.startswith("hf-hub:") or name.startswith("local-dir:")
-    if not is_hub and name not in open_clip.list_models():
-        models = open_clip.list_models()
-        raise LfmError(f"unknown model {name!r}; known: {TINY_MODEL}, ViT-B-32, ViT-B-16, "
-                       f"ViT-L-14, RN50 and {len(models) - 5} more "
-                       "(python -c 'import open_clip; print(open_clip.list_models())')")
     tag = pretrained
-    if tag and not is_hub and not os.path.exists(os.path.expanduser(tag)):
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if tag not in tags:
-            shown = ", ".join(tags) if tags else "none (give a weights file)"
-            raise LfmError(f"unknown pretrained tag {tag!r} for {name}; known: {shown}")
     if tag and not is_hub and not os.path.exists(os.path.expanduser(tag)):
         _check_weights_available(name, tag, cache_dir)
     try:

@@ -27,7 +27,10 @@ import pandas as pd
 
 from lfm_ray.config import RunConfig, known_fields
 from lfm_ray.errors import LfmError, unknown_name
-from lfm_ray.launch import apply_fast_start_env, check_resources, init_ray, make_trainer
+from lfm_ray.launch import (
+    apply_fast_start_env, check_names, check_resources, init_ray, is_local, make_trainer,
+    prepare_node,
+)
 
 FINAL_METRICS = ("epoch", "stage", "train_loss", "acc_many", "acc_medium", "acc_few", "acc_all")
 ALWAYS_COLUMNS = ("data.name", "model.name", "loss.name", "mix.method")
@@ -225,7 +228,7 @@ def validate(study: Study) -> None:
     # Every value a trial could get must make a valid config with known names.
     for params in _corner_points(study):
         cfg = study.config_for(params).validate()
-        _check_names(cfg)
+        check_names(cfg)
     _check_writable(study.storage_path, "storage path")
     _check_writable(study.results_dir, "results directory")
 
@@ -236,19 +239,6 @@ def _corner_points(study: Study) -> list[dict[str, Any]]:
     else:
         points = [{name: v} for name, dim in study.space.items() for v in dim.values_to_check()]
     return [{**p, "runtime.seed": s} for p in points for s in study.seeds[:1]]
-
-
-def _check_names(cfg: RunConfig) -> None:
-    from lfm_ray.data import DATASETS
-    from lfm_ray.losses import LOSSES
-    from lfm_ray.mixing import MIXERS
-
-    if cfg.data.name not in DATASETS:
-        raise unknown_name("data set", cfg.data.name, list(DATASETS))
-    if cfg.loss.name not in LOSSES:
-        raise unknown_name("loss", cfg.loss.name, list(LOSSES))
-    if cfg.mix.method not in MIXERS:
-        raise unknown_name("mixing method", cfg.mix.method, list(MIXERS))
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -560,21 +550,13 @@ def load_study_spec(results_dir: str, name: str) -> Study:
 
 # ---- running ------------------------------------------------------------------------------
 def _prepare_node_data(study: Study) -> None:
-    """Build the data cache once on this node, and fail early on missing data or weights."""
-    from lfm_ray.data import load_arrays, options_for
-    from lfm_ray.model import build_clip
-
-    names = {study.base.data.name}
-    if study.search == "grid" and "data.name" in study.grid:
-        names = set(study.grid["data.name"])
-    for name in sorted(names):
-        cfg = study.base.copy().override({"data.name": name})
-        _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
-        factors = study.grid.get("data.imbalance_factor") if study.search == "grid" else None
-        for factor in factors or [cfg.data.imbalance_factor]:
-            opts = options_for(name, seed=cfg.data.seed, imbalance_factor=factor)
-            load_arrays(name, root=cfg.data.root, image_size=int(spec.size),
-                        cache_dir=cfg.data.cache_dir, **opts)
+    """Every data set and imbalance factor the study uses, cached on this node first."""
+    names = study.grid.get("data.name") if study.search == "grid" else None
+    factors = study.grid.get("data.imbalance_factor") if study.search == "grid" else None
+    for name in names or [study.base.data.name]:
+        for factor in factors or [study.base.data.imbalance_factor]:
+            prepare_node(study.base.copy().override({"data.name": name,
+                                                     "data.imbalance_factor": factor}))
 
 
 def run_study(study: Study) -> pd.DataFrame:
@@ -589,7 +571,7 @@ def run_study(study: Study) -> pd.DataFrame:
     init_ray(study.address)
     probe = study.base.copy()
     check_resources(probe)
-    if study.prepare_data and not study.address and not os.environ.get("RAY_ADDRESS"):
+    if study.prepare_data and is_local(study.address):
         _prepare_node_data(study)
 
     study.result_dir.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,10 @@ class Run:
             if info.device.type == "cuda" else contextlib.nullcontext()
         )
 
+    def class_info(self) -> dict[str, Any]:
+        """Saved beside per-class accuracy, so a report can plot it against training counts."""
+        return {"class_names": self.class_names, "class_counts": self.class_counts}
+
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -389,7 +393,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train_time_s": 0.0, "train_time_total_s": 0.0, "node_id": _node_id()}
 
         def write_zero_shot(path: Path) -> None:
-            (path / RESULT_FILE).write_text(json.dumps({**metrics, **result}))
+            (path / RESULT_FILE).write_text(json.dumps({**metrics, **result, **run.class_info()}))
             (path / HISTORY_FILE).write_text(json.dumps([metrics]))
 
         _report(metrics, write_zero_shot, info, keep_dir)
@@ -436,7 +440,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 print(progress_line(metrics, last_epoch), flush=True)
 
             def write(path: Path, _epoch=epoch, _result=result, _stage=stage, _m=metrics) -> None:
-                save_state(path, run, _stage, _epoch, opt, sched, {**_m, **_result}, history)
+                save_state(path, run, _stage, _epoch, opt, sched,
+                           {**_m, **_result, **run.class_info()}, history)
 
             _report(metrics, write, info, keep_dir)
             done = epoch

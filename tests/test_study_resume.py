@@ -1,0 +1,53 @@
+"""Killing a study's driver loses no finished trial: the same command resumes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
+    command = [sys.executable, str(ROOT / "studies" / "tau_sweep.py"), "--smoke",
+               "--seeds", "0", "--name", "resume", "--max-concurrent", "1", "--no-report",
+               "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
+    table_path = tmp_path / "results" / "resume" / "trials.csv"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    finished = pd.DataFrame()
+    while time.time() < deadline and first.poll() is None:
+        if table_path.is_file():
+            table = pd.read_csv(table_path)
+            finished = table[table["status"] == "TERMINATED"]
+            if len(finished) >= 1:
+                break
+        time.sleep(0.5)
+    assert len(finished) >= 1, "no trial finished before the deadline"
+    assert first.poll() is None, "the study ended before it could be interrupted"
+    time.sleep(1.5)  # let Tune save its experiment state once more
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    time.sleep(2)
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=400)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming study 'resume'" in second.stdout
+    final = pd.read_csv(table_path)
+    assert len(final) == 2 and (final["status"] == "TERMINATED").all()
+    assert sorted(final["mix.tau"].unique()) == [0.002, 0.01]
+    # The trials finished before the kill were kept, not run again: same ids, same results.
+    kept = final.set_index("trial_id").loc[finished["trial_id"]]
+    for _, before in finished.iterrows():
+        after = kept.loc[before["trial_id"]]
+        assert after["acc_all"] == before["acc_all"]
+        assert after["wall_time_s"] == before["wall_time_s"]

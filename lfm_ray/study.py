@@ -133,6 +133,7 @@ class Study:
     max_failures: int = 1                # retries of a crashed trial from its checkpoint
     address: str | None = None           # Ray cluster; None: RAY_ADDRESS or a local instance
     prepare_data: bool = True            # build the node data cache in the driver first
+    callbacks: list[Any] = field(default_factory=list)  # extra ray.tune.Callback objects
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     @property
@@ -591,7 +592,7 @@ def run_study(study: Study) -> pd.DataFrame:
         storage_path=study.storage_path if "://" in study.storage_path
         else str(Path(study.storage_path).resolve()),
         failure_config=tune.FailureConfig(max_failures=study.max_failures),
-        callbacks=[_tables_callback(study)],
+        callbacks=[_tables_callback(study), *study.callbacks],
     )
     if resumed:
         print(f"resuming study {study.name!r} from {study.experiment_path}", flush=True)

@@ -1,0 +1,31 @@
+"""`lfm-ray bench`: speed figures against a reference-style pipeline, measured side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed benchmarks against a reference-style pipeline",
+                       description="Measure each figure beside its baseline in one run; "
+                                   "see lfm_ray/bench.py for what each claims.")
+    p.add_argument("--quick", action="store_true", help="smaller τ study (about 3 minutes on 2 cores)")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--only", help="comma-separated parts: sampler, stage_cost, data_share, "
+                   "trial_overhead, sweep, laptop, gpu")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-suite sizes
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lfm_ray.bench import run_bench, summary
+
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    result = run_bench(quick=args.quick, tiny=args.tiny, only=only)
+    print(summary(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0

@@ -161,7 +161,8 @@ def bench_sweep(root: Path, cache_dir: str, trials: int = 6) -> dict[str, float]
             "sweep_speedup": sequential / concurrent}
 
 
-def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool) -> dict[str, float]:
+def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
+                          tiny: bool = False) -> dict[str, float]:
     """The τ study through Ray against the same trials one after another in this process,
     without Ray (Ray Train's in-process mode runs the same loop)."""
     import sys as _sys
@@ -178,9 +179,10 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool) -> dict[str, 
     class Args:
         name, smoke, seeds = "tau_bench", False, ("0" if quick else None)
 
-    study = tau_sweep.build(Args, {"data.cache_dir": cache_dir})
-    if quick:
-        study.grid = {"mix.tau": tau_sweep.TAUS[:4]}
+    smoke = {"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 2}
+    study = tau_sweep.build(Args, {"data.cache_dir": cache_dir, **(smoke if tiny else {})})
+    if quick or tiny:
+        study.grid = {"mix.tau": tau_sweep.TAUS[:1 if tiny else 4]}
     study.seeds = [0] if quick else study.seeds
     study.storage_path, study.results_dir = str(root / "ray"), str(root / "results")
     start = time.perf_counter()
@@ -368,7 +370,7 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
             "data_share": lambda: bench_data_share(cache),
             "trial_overhead": lambda: bench_trial_overhead(root, cache, trials=1 if tiny else 3),
             "sweep": lambda: bench_sweep(root, cache, trials=2 if tiny else 6),
-            "laptop": lambda: bench_laptop_overhead(root, cache, quick=quick or tiny),
+            "laptop": lambda: bench_laptop_overhead(root, cache, quick=quick, tiny=tiny),
         }
         if torch.cuda.is_available() and not tiny:
             parts["gpu"] = lambda: bench_gpu(10.0 if quick else 30.0)

@@ -118,12 +118,15 @@ def _quiet_random_init(active: bool):
 
     root = logging.getLogger()
     flt = _Filter()
+    level = root.level
     if active:
         root.addFilter(flt)
+    root.setLevel(max(level, logging.WARNING))  # open_clip logs every step of a build at INFO
     try:
         yield
     finally:
         root.removeFilter(flt)
+        root.setLevel(level)
 
 
 def check_model_name(name: str, pretrained: str | None = None) -> None:
@@ -171,7 +174,8 @@ def build_clip(name: str, pretrained: str | None = None, cache_dir: str | None =
         raise LfmError(f"could not load the weights of {name}{'/' + tag if tag else ''}: "
                        f"{reason}; put them into {_hub_cache(cache_dir)} or pass "
                        "--pretrained /path/to/weights") from None
-    model.lfm_tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    with _quiet_random_init(False):
+        model.lfm_tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     model.eval()
     return model, _image_spec(model)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -378,6 +379,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     `resume_from` (a checkpoint directory), `checkpoint_dir` (keep checkpoints there, for
     in-process runs), `stop_after_epoch` (end after that global epoch, for tests of resume).
     """
+    # Ray Train logs every report and checkpoint at INFO; our own progress line says enough.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = RunConfig.from_dict(config["run"]).validate()
     threads = cfg.runtime.threads or max(1, int(cfg.runtime.cpus_per_worker))
     torch.set_num_threads(threads)

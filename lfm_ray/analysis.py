@@ -120,13 +120,14 @@ def read_tune_experiment(path: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 # ---- aggregation ---------------------------------------------------------------------------
-def aggregate(trials: pd.DataFrame, by: list[str], metrics=METRICS) -> pd.DataFrame:
-    """Mean, std, count and a 95% t-interval per configuration (over seeds)."""
+def aggregate(trials: pd.DataFrame, by: list[str], metrics=METRICS, sort: bool = True) -> pd.DataFrame:
+    """Mean, std, count and a 95% t-interval per configuration (over seeds); `sort=False`
+    keeps the order the study declared its settings in."""
     from scipy import stats
 
     done = trials[trials["status"] == DONE] if "status" in trials else trials
     rows = []
-    for key, group in done.groupby(by, dropna=False, sort=True):
+    for key, group in done.groupby(by, dropna=False, sort=sort):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
         for m in metrics:
@@ -208,7 +209,7 @@ def comparison_table(study: StudyData, params: list[str] | None = None) -> pd.Da
     """Rows = methods (the swept settings except the seed), columns many/medium/few/all."""
     _require_finished(study)
     params = params or [p for p in study.swept if p != SEED] or ["model.name"]
-    agg = aggregate(study.finished, params)
+    agg = aggregate(study.finished, params, sort=False)
     table = pd.DataFrame({"method": [_row_label(r, params) for _, r in agg.iterrows()]})
     for g in GROUPS:
         table[f"{g}_mean"] = agg[f"acc_{g}_mean"].to_numpy() * 100
@@ -241,7 +242,8 @@ def comparison_figure(study: StudyData, params: list[str] | None = None) -> go.F
     fig = go.Figure()
     for g in GROUPS:
         fig.add_trace(go.Bar(name=g, x=table["method"], y=table[f"{g}_mean"],
-                             error_y={"type": "data", "array": table[f"{g}_std"]},
+                             error_y={"type": "data", "array": table[f"{g}_std"],
+                                      "visible": bool((table["seeds"] > 1).any())},
                              marker_color=COLORS[g]))
     fig.update_layout(barmode="group", title=f"{study.name}: accuracy per method",
                       yaxis_title="top-1 accuracy (%)", template="plotly_white")

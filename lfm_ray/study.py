@@ -455,10 +455,11 @@ def best_configs(study: Study, table: pd.DataFrame) -> dict[str, Any]:
             means = pd.DataFrame({"mean": [done[metric].mean()], "count": [len(done)]})
         idx = means["mean"].idxmax() if study.mode == "max" else means["mean"].idxmin()
         best = means.loc[idx]
-        params = {k: _plain(best[k]) for k in keys}
+        params = {k: (None if pd.isna(best[k]) else _plain(best[k])) for k in keys}
         match = done
-        for k in keys:
-            match = match[match[k] == best[k]]
+        for k in keys:  # a conditional dimension a trial lacks is NaN on both sides
+            same = (match[k] == best[k]) | (match[k].isna() & pd.isna(best[k]))
+            match = match[same]
         out[metric] = {"mode": study.mode, "value": float(best["mean"]),
                        "seeds": int(best["count"]), "params": params,
                        "trial_ids": list(match["trial_id"])}

@@ -149,3 +149,15 @@ def test_optuna_smoke_study_with_conditional_parameters(tmp_path, local_ray):
 
     stored = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(stored.trials) == 2
+
+
+def test_best_config_matches_trials_lacking_a_conditional_dimension(tmp_path):
+    study = study_in(tmp_path, name="s", search="optuna",
+                     space={"loss.name": Dim.choice(["ce", "focal"]),
+                            "loss.focal_gamma": Dim.uniform(0.5, 3, when={"loss.name": "focal"})})
+    table = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED"] * 2,
+                          "loss.name": ["ce", "focal"], "loss.focal_gamma": [None, 2.0],
+                          "acc_all": [0.7, 0.5], "acc_few": [0.1, 0.2], "acc_many": [0.5, 0.5]})
+    best = best_configs(study, table)
+    assert best["acc_all"]["trial_ids"] == ["a"]
+    assert best["acc_all"]["params"] == {"loss.name": "ce", "loss.focal_gamma": None}

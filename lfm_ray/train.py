@@ -222,7 +222,8 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
         model.eval()  # the encoder is frozen in stage 2: no dropout, no statistics updates
     log_every = max(1, steps // 10) if steps >= 50 and info.rank == 0 else 0
     for step in range(steps):
-        pos_i = mine[step * per_worker:(step + 1) * per_worker]  # never empty: see steps_per_epoch
+        start = (step * per_worker) % len(mine)  # wraps only when more steps than one pass
+        pos_i = mine[start:start + per_worker]
         y_i = run.train_labels[pos_i]
         pos_j = mixer.partners(pos_i, y_i, gen)
         x_i = run.build(run.train_images.gather(pos_i), flip=True, generator=gen)

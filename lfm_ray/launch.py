@@ -46,6 +46,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # A laptop is not preempted: skip the per-run preemption watcher actor (one process
         # fewer to start per trial). Clusters keep Ray's default.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if address and address != "auto" and not address.startswith("ray://"):
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -57,6 +59,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         if address:
             raise LfmError(f"could not connect to a Ray cluster at {address!r}: {exc}") from None
         raise
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A host:port with nothing listening fails here at once, not after Ray's retries."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LfmError(f"Ray address {address!r} is not valid; expected HOST:PORT, auto or "
+                       "ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LfmError(f"no Ray cluster answers at address {address!r} "
+                       f"({exc.strerror or exc}); start one with `ray start --head` or "
+                       "leave --address out for a local instance") from None
 
 
 def check_names(cfg: RunConfig) -> None:

@@ -158,3 +158,23 @@ def test_tune_experiment_is_read_with_tunes_reader(tune_experiment):
     assert sorted(study.epochs["epoch"].unique()) == [1, 2, 3]
     figs = study_figures(study)
     assert "learning_curves" in figs
+
+
+def test_tsne_of_a_trained_checkpoint(tmp_path):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lfm_ray.config import RunConfig
+    from lfm_ray.train import train_loop_per_worker
+    from lfm_ray.tsne import write_tsne
+
+    cfg = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 0,
+                                "runtime.max_steps_per_epoch": 2,
+                                "data.cache_dir": str(tmp_path / "cache")})
+    TorchTrainer(train_loop_per_worker,
+                 train_loop_config={"run": cfg.to_dict(), "checkpoint_dir": str(tmp_path / "ck")},
+                 scaling_config=ScalingConfig(num_workers=0)).fit()
+    out = write_tsne(tmp_path / "ck" / "epoch_0001", [0, 9], out=tmp_path / "t.html", per_class=20)
+    page = out.read_text()
+    assert "scatter3d" in page and "zero (n=124 training images)" in page
+    assert main(["report", "--tsne", str(tmp_path / "ck" / "epoch_0001"), "--classes", "0,99"]) == 2

@@ -161,3 +161,29 @@ def test_best_config_matches_trials_lacking_a_conditional_dimension(tmp_path):
     best = best_configs(study, table)
     assert best["acc_all"]["trial_ids"] == ["a"]
     assert best["acc_all"]["params"] == {"loss.name": "ce", "loss.focal_gamma": None}
+
+
+def test_address_with_no_cluster_is_one_clear_error(tmp_path):
+    import time
+
+    from lfm_ray.study import run_study
+
+    study = study_in(tmp_path, name="s", grid={"mix.tau": [0.05]}, address="127.0.0.1:9")
+    start = time.time()
+    with pytest.raises(LfmError, match="no Ray cluster answers at address '127.0.0.1:9'"):
+        run_study(study)
+    assert time.time() - start < 10
+
+
+def test_a_failing_trial_is_marked_failed_while_the_study_goes_on(tmp_path, local_ray):
+    from lfm_ray.analysis import load_study
+    from lfm_ray.study import run_study
+
+    # γ = 1000 leaves the rarest digit no training image: that trial fails inside its worker.
+    study = study_in(tmp_path, name="fails", grid={"data.imbalance_factor": [10, 1000]},
+                     max_failures=0, prepare_data=False)
+    table = run_study(study).set_index("data.imbalance_factor")
+    assert table.loc[10, "status"] == "TERMINATED"
+    assert table.loc[1000, "status"] == "ERROR"
+    assert "no training images" in table.loc[1000, "error"]
+    assert len(load_study(tmp_path / "results" / "fails").failed) == 1

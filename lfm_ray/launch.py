@@ -38,6 +38,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start a local instance; once per process."""
     import ray
 
+    explicit = address or os.environ.get("RAY_ADDRESS")
+    if explicit and explicit != "auto" and not explicit.startswith("ray://"):
+        _check_reachable(explicit)
     if ray.is_initialized():
         return
     apply_fast_start_env()
@@ -46,8 +49,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # A laptop is not preempted: skip the per-run preemption watcher actor (one process
         # fewer to start per trial). Clusters keep Ray's default.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if address and address != "auto" and not address.startswith("ray://"):
-        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

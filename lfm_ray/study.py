@@ -429,14 +429,19 @@ def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _last_line(text: str) -> str:
+    """The line of a traceback that says what went wrong (its last)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "failed"
+
+
 def _error_message(trial: Any) -> str:
     if getattr(trial, "error_text", ""):
         return trial.error_text[:500]
     path = getattr(trial, "error_file", None)
     if trial.status != "ERROR" or not path or not os.path.exists(path):
         return ""
-    lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "failed"
+    return _last_line(Path(path).read_text(errors="replace"))[:500]
 
 
 def best_configs(study: Study, table: pd.DataFrame) -> dict[str, Any]:
@@ -631,7 +636,7 @@ def _table_from_results(study: Study, results) -> pd.DataFrame:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         status = "ERROR" if r.error else "TERMINATED"
         trials.append(_TrialView(trial_id, status, r.config or {}, r.metrics or {},
-                                 str(r.error) if r.error else ""))
+                                 _last_line(str(r.error)) if r.error else ""))
     return trial_rows(study, trials)
 
 

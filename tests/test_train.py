@@ -138,3 +138,26 @@ def test_nan_loss_stops_with_the_epoch_and_keeps_earlier_checkpoints(tmp_path, m
     with pytest.raises(LfmError, match=r"epoch 2 \(stage 2\)"):
         fit_local(cfg, tmp_path / "nan")
     assert (tmp_path / "nan" / "epoch_0001" / STATE_FILE).is_file()
+
+
+def test_pre_resized_cache_gives_the_logits_of_the_batch_resize(tmp_path):
+    """The node cache stores small sets at the model's size; a batch from it must match the
+    plain path (resize each batch in float) to within uint8 rounding."""
+    from lfm_ray.augment import BatchBuilder
+    from lfm_ray.data import build_dataset, load_arrays
+    from lfm_ray.model import build_classifier
+    from lfm_ray.config import ModelConfig
+
+    native = build_dataset("digits-lt").test_images[:64]
+    cached = load_arrays("digits-lt", image_size=32, cache_dir=tmp_path, seed=0).test_images[:64]
+    assert native.shape[1:3] == (8, 8) and cached.shape[1:3] == (32, 32)
+    torch.manual_seed(0)
+    model, spec = build_classifier(ModelConfig(), [str(i) for i in range(10)], 30.0)
+    build = BatchBuilder(spec, torch.device("cpu"))
+    plain = build(torch.from_numpy(np.ascontiguousarray(native)))
+    fast = build(torch.from_numpy(np.ascontiguousarray(cached)))
+    step = 1 / 255 / min(spec.std)
+    assert (plain - fast).abs().max().item() <= 0.5 * step + 1e-6  # uint8 rounding only
+    with torch.no_grad():
+        assert torch.allclose(model(plain), model(fast), atol=0.05)
+        assert torch.equal(model(plain).argmax(1), model(fast).argmax(1))

@@ -22,6 +22,10 @@ import numpy as np
 from lfm_ray.data.base import ImageList
 from lfm_ray.errors import LfmError
 
+# In-memory sets (digits, CIFAR) are stored resized to the model's input size when that copy
+# stays under this size, so batches skip the per-step resize; larger ones (CIFAR at 224 px is
+# 7.5 GB) keep their native size and are resized in batch on the device.
+PRE_RESIZE_BYTES = 2 * 2**30
 DEFAULT_CACHE = Path(os.environ.get("LFM_RAY_CACHE", Path.home() / ".cache" / "lfm-ray")) / "arrays"
 SPLITS = ("train", "val", "test")
 
@@ -103,6 +107,9 @@ def _build(ds, target: Path, image_size: int | None) -> None:
                     raise LfmError(f"{ds.name} decodes images lazily; give image_size "
                                    "(the model's input size) to cache it")
                 images = _decode(images, image_size, f"{ds.name} {split}")
+            elif image_size is not None and images.shape[1:3] != (image_size, image_size) \
+                    and len(images) * image_size * image_size * 3 <= PRE_RESIZE_BYTES:
+                images = resize_uint8(images, image_size)
             np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
             np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
             splits.append(split)
@@ -115,6 +122,21 @@ def _build(ds, target: Path, image_size: int | None) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resize_uint8(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
+    """Bicubic resize of uint8 (N, H, W, 3) exactly as the batch builder does it in float
+    (torch, align_corners=False, clamped), then rounded back to uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk]))
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
+        out[start:start + chunk] = x.mul_(255.0).round_().byte().permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def _open(target: Path) -> ArraySet:

@@ -9,7 +9,7 @@ Logits are the model's s·cos; the defaults of s per loss live in lfm_ray.config
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,12 +19,19 @@ from lfm_ray.errors import LfmError, unknown_name
 
 
 def as_soft(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    """Hard labels (B,) become one-hot (B, C); soft targets (B, C) pass through as float32."""
+    if not targets.is_floating_point():
+        if targets.dim() != 1:
+            raise ValueError(f"hard labels must have shape (B,); got {tuple(targets.shape)}")
         return F.one_hot(targets.long(), num_classes).float()
+    if targets.dim() != 2 or targets.shape[1] != num_classes:
+        raise ValueError(f"soft targets must have shape (B, {num_classes}); "
+                         f"got {tuple(targets.shape)}")
     return targets.float()
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """−Σ_k t_k log softmax(z)_k, mean over the batch (in float32 whatever the autocast)."""
     return -(soft * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
@@ -38,12 +45,14 @@ class CrossEntropy(nn.Module):
 class BalancedSoftmax(nn.Module):
     """Balanced softmax (BalCE): cross-entropy on z_k + log n_k."""
 
-    def __init__(self, class_counts):
+    def __init__(self, class_counts: Sequence[int]):
         super().__init__()
         counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
+        # A class without training images gets log 1 = 0 rather than −inf, which would
+        # make its logit vanish and its loss infinite on a soft target that names it.
         self.register_buffer("log_prior", counts.clamp(min=1).log())
 
-    def forward(self, logits, targets):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return soft_cross_entropy(logits.float() + self.log_prior, as_soft(targets, logits.shape[1]))
 
 
@@ -56,7 +65,7 @@ class Focal(nn.Module):
             raise LfmError(f"focal gamma={gamma} is not valid; expected a number >= 0")
         self.gamma = float(gamma)
 
-    def forward(self, logits, targets):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         soft = as_soft(targets, logits.shape[1])
         logp = F.log_softmax(logits.float(), dim=1)
         weight = (1 - logp.exp()).clamp(min=0).pow(self.gamma)
@@ -71,16 +80,18 @@ class LDAM(nn.Module):
     For a hard label this is the original LDAM: z_y − scale·m_y.
     """
 
-    def __init__(self, class_counts, max_margin: float = 0.5, scale: float = 30.0):
+    def __init__(self, class_counts: Sequence[int], max_margin: float = 0.5,
+                 scale: float = 30.0):
         super().__init__()
-        if max_margin <= 0 or scale <= 0:
-            raise LfmError("ldam max_margin and scale must be > 0")
+        if not (max_margin > 0 and scale > 0):
+            raise LfmError(f"ldam max_margin={max_margin} and scale={scale} are not valid; "
+                           "expected numbers > 0")
         counts = torch.as_tensor(list(class_counts), dtype=torch.float64).clamp(min=1)
         m = counts.pow(-0.25)
         self.register_buffer("margins", (m * (max_margin / m.max())).float())
         self.scale = float(scale)
 
-    def forward(self, logits, targets):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         soft = as_soft(targets, logits.shape[1])
         shifted = logits.float() - self.scale * soft * self.margins
         return soft_cross_entropy(shifted, soft)
@@ -97,18 +108,22 @@ class MarginMetricSoftmax(nn.Module):
         super().__init__()
         if text_features is None:
             raise LfmError("mms needs the class text features")
-        if temperature <= 0:
+        if not temperature > 0:
             raise LfmError(f"mms temperature={temperature} is not valid; expected > 0")
+        if not margin >= 0:
+            raise LfmError(f"mms margin={margin} is not valid; expected >= 0")
         f = F.normalize(text_features.detach().float(), dim=-1)
         margins = margin * (1 - f @ f.t()) / temperature
         margins.fill_diagonal_(0.0)
         self.register_buffer("margins", margins)
 
-    def forward(self, logits, targets):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         B, C = logits.shape
         soft = as_soft(targets, C)
-        k = int((soft > 0).sum(dim=1).max())
+        # Only the classes a row names matter; k = the most any row names (2 for a mixed label),
+        # so the work is B·k·C, never B·C·C. Rows naming fewer pad with zero weights.
+        k = int((soft > 0).sum(dim=1).max()) if B else 0
         weights, classes = soft.topk(k, dim=1)                      # (B, k)
         adjusted = logits.unsqueeze(1) + self.margins[classes]      # (B, k, C)
         logp = F.log_softmax(adjusted, dim=2).gather(2, classes.unsqueeze(2)).squeeze(2)
@@ -126,7 +141,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_loss(name: str, class_counts, text_features: torch.Tensor | None = None,
+def build_loss(name: str, class_counts: Sequence[int], text_features: torch.Tensor | None = None,
                **params: Any) -> nn.Module:
     """The loss `name` (see LOSSES); params are its own (gamma; max_margin, scale; margin,
     temperature)."""

@@ -120,3 +120,70 @@ def test_unknown_loss_and_parameter():
         build_loss("hinge", COUNTS)
     with pytest.raises(LfmError, match="loss 'ce' takes no parameter 'gamma'"):
         build_loss("ce", COUNTS, gamma=2.0)
+
+
+def test_mms_rows_naming_different_numbers_of_classes():
+    # One hard row, one pair, one three-way mix: k = 3, the zero-weight padding adds nothing.
+    g = torch.Generator().manual_seed(2)
+    f = torch.nn.functional.normalize(torch.randn(5, 6, generator=g), dim=1)
+    logits = torch.randn(3, 5, generator=g) * 4
+    soft = torch.tensor([[0, 0, 1, 0, 0], [0.25, 0, 0, 0.75, 0], [0.2, 0.5, 0, 0, 0.3]])
+    loss = build_loss("mms", [5, 4, 3, 2, 1], text_features=f, margin=0.2, temperature=0.05)
+    cos = (f @ f.t()).tolist()
+
+    def direct(z, c):
+        adj = [z[k] + (0.2 * (1 - cos[c][k]) / 0.05 if k != c else 0.0) for k in range(5)]
+        return -log_softmax_row(adj)[c]
+
+    want = np.mean([sum(t[c] * direct(z, c) for c in range(5) if t[c] > 0)
+                    for z, t in zip(logits.tolist(), soft.tolist())])
+    assert loss(logits, soft).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_focal_hard_labels_direct(batch):
+    logits, hard, _ = batch
+    gamma = 1.5
+    want = 0.0
+    for z, y in zip(logits.tolist(), hard.tolist()):
+        lp = log_softmax_row(z)[y]
+        want += -(1 - math.exp(lp)) ** gamma * lp
+    loss = build_loss("focal", COUNTS, gamma=gamma)
+    assert loss(logits, hard).item() == pytest.approx(want / 5, rel=1e-5)
+
+
+def test_ldam_margins_with_another_scale_and_max_margin(batch):
+    logits, hard, soft = batch
+    m = [n ** -0.25 for n in COUNTS]
+    m = [v * 0.3 / max(m) for v in m]
+    assert max(m) == pytest.approx(0.3) and m[-1] == pytest.approx(0.3)  # rarest: largest
+    want = 0.0
+    for z, t in zip(logits.tolist(), soft.tolist()):
+        shifted = [z[k] - 10.0 * t[k] * m[k] for k in range(4)]
+        want += -sum(t[k] * v for k, v in enumerate(log_softmax_row(shifted)))
+    loss = build_loss("ldam", COUNTS, max_margin=0.3, scale=10.0)
+    assert loss(logits, soft).item() == pytest.approx(want / 5, rel=1e-5)
+
+
+def test_bad_values_and_shapes():
+    with pytest.raises(LfmError, match="focal gamma"):
+        build_loss("focal", COUNTS, gamma=-1.0)
+    with pytest.raises(LfmError, match="ldam max_margin"):
+        build_loss("ldam", COUNTS, max_margin=0.0)
+    with pytest.raises(LfmError, match="mms temperature"):
+        build_loss("mms", COUNTS, text_features=torch.eye(4), temperature=0.0)
+    with pytest.raises(LfmError, match="loss 'mms' takes no parameter 'gamma'; "
+                                       "accepted: margin, temperature"):
+        build_loss("mms", COUNTS, text_features=torch.eye(4), gamma=1.0)
+    with pytest.raises(ValueError, match="soft targets must have shape"):
+        build_loss("ce", COUNTS)(torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+def test_losses_are_differentiable_and_finite_under_half_precision_logits(batch):
+    logits, _, soft = batch
+    f = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    for name in sorted(LOSSES):
+        z = (logits * 10).to(torch.bfloat16).requires_grad_()
+        value = build_loss(name, COUNTS, text_features=f)(z, soft)
+        value.backward()
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        assert torch.isfinite(z.grad).all()

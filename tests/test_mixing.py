@@ -11,8 +11,9 @@ from scipy import stats
 
 from lfm_ray.errors import LfmError
 from lfm_ray.mixing import (
-    PairSampler, alias_tables, build_mixer, cut_box, label_shift, local_sampling_matrix,
-    remix_label, sample_beta, sample_classes_multinomial,
+    CONCUTMIX_TEMPERATURE, MIXERS, PairSampler, alias_distribution, alias_tables, build_mixer,
+    cut_box, label_shift, local_sampling_matrix, remix_label, sample_beta,
+    sample_classes_multinomial,
 )
 
 
@@ -27,7 +28,9 @@ def test_label_shift_against_the_formula_and_clamp_edges():
     assert float(label_shift(0.7, 300, 100, 1.0)) == pytest.approx(0.7 - 0.5)
     assert float(label_shift(0.3, 900, 100, 1.0)) == 0.0          # clamped at 0
     assert float(label_shift(0.9, 10, 90, 1.0)) == 1.0            # clamped at 1
-    assert float(label_shift(0.42, 900, 1, 0.0)) == pytest.approx(0.42)  # α = 0: plain mixup
+    assert float(label_shift(0.42, 900, 1, 0.0)) == 0.42          # α = 0: exactly λ_x
+    assert float(label_shift(0.5, 75, 25, 1.0)) == 0.0             # lands on the edge: 0.5 − 0.5
+    assert float(label_shift(0.5, 25, 75, 1.0)) == 1.0
     got = label_shift(torch.tensor([0.2, 0.8]), torch.tensor([50, 5]), torch.tensor([5, 50]), 0.5)
     want = [min(max(0.2 - 0.5 * 45 / 55, 0), 1), min(max(0.8 + 0.5 * 45 / 55, 0), 1)]
     assert got.tolist() == pytest.approx(want)
@@ -45,8 +48,16 @@ def test_sampling_matrix_against_a_double_loop():
     assert np.allclose(P.double().numpy(), direct, atol=1e-6)
     assert torch.all(P.diagonal() == 0)
     assert torch.allclose(P.sum(dim=1), torch.ones(C), atol=1e-6)
-    # tiny τ stays finite
-    assert torch.isfinite(local_sampling_matrix(f, 0.002)).all()
+    # τ = 0.002 (logits up to 500): finite, exact zero diagonal, still the direct formula
+    tiny = local_sampling_matrix(f, 0.002).double()
+    assert torch.isfinite(tiny).all() and torch.all(tiny.diagonal() == 0)
+    assert torch.allclose(tiny.sum(dim=1), torch.ones(C, dtype=torch.float64), atol=1e-6)
+    for i in range(C):
+        s = [float(f[i] @ f[j]) / 0.002 for j in range(C) if j != i]
+        m = max(s)
+        want = [math.exp(v - m) / sum(math.exp(w - m) for w in s) for v in s]
+        got = [float(tiny[i, j]) for j in range(C) if j != i]
+        assert got == pytest.approx(want, abs=1e-6)
     with pytest.raises(LfmError):
         local_sampling_matrix(f, 0.0)
 
@@ -203,3 +214,198 @@ def test_beta_draws_follow_the_distribution():
     draws = [sample_beta(0.2, g) for _ in range(4000)]
     _, p = stats.kstest(draws, stats.beta(0.2, 0.2).cdf)
     assert p > 1e-3
+
+
+def test_pair_distribution_of_a_batch_matches_P_by_chi_square():
+    # Pairs (y_i, j) for first samples drawn like a training batch: the joint law is
+    # p(y_i)·P[y_i, j]; compare every cell with positive probability.
+    C = 6
+    P = local_sampling_matrix(text(C=C, seed=4), 0.2)
+    labels = torch.arange(C).repeat_interleave(3)
+    sampler = PairSampler(P, labels)
+    g = torch.Generator().manual_seed(11)
+    n = 200_000
+    y = torch.randint(C, (n,), generator=g)
+    j = sampler.sample_classes(y, g)
+    observed = torch.bincount(y * C + j, minlength=C * C).double().numpy()
+    expected = (torch.bincount(y, minlength=C).double()[:, None] * P.double()).flatten().numpy()
+    assert observed[expected == 0].sum() == 0  # no pair outside P's support
+    keep = expected > 0
+    expected = expected[keep] * observed[keep].sum() / expected[keep].sum()
+    _, p = stats.chisquare(observed[keep], expected)
+    assert p > 1e-3
+
+
+@pytest.mark.parametrize("tau", [0.002, 0.05, 1.0])
+def test_alias_tables_are_exact_for_softmax_rows_with_underflowed_zeros(tau):
+    P = local_sampling_matrix(text(C=60, d=8, seed=2), tau)
+    prob, alias = alias_tables(P)
+    Pd = P.double() / P.double().sum(dim=1, keepdim=True)
+    assert torch.allclose(alias_distribution(prob, alias), Pd, atol=1e-12, rtol=0)
+    zero = P == 0
+    assert torch.all(prob[zero] == 0)                    # a zero column is never kept ...
+    assert not torch.any(zero.gather(1, alias) & (prob < 1))  # ... nor reached as an alias
+    if tau == 0.002:
+        assert zero.sum() > 60  # the case the guard exists for: many underflowed entries
+
+
+def test_alias_tables_of_random_rows_with_exact_zeros():
+    g = torch.Generator().manual_seed(5)
+    P = torch.rand(40, 33, generator=g, dtype=torch.float64) ** 3
+    P[torch.rand(40, 33, generator=g) < 0.4] = 0.0
+    P[:, 0] += 1e-3  # every row keeps some mass
+    P[3] = 0.0
+    P[3, 7] = 2.5    # one certain class; unnormalised rows are normalised
+    prob, alias = alias_tables(P)
+    want = P / P.sum(dim=1, keepdim=True)
+    assert torch.allclose(alias_distribution(prob, alias), want, atol=1e-12, rtol=0)
+    draws = PairSampler(want[:33], torch.arange(33)).sample_classes(
+        torch.full((5000,), 3), torch.Generator().manual_seed(0))
+    assert torch.all(draws == 7)
+    with pytest.raises(LfmError, match="positive entry"):
+        alias_tables(torch.zeros(2, 3))
+
+
+def test_zero_probability_and_empty_classes_are_never_drawn():
+    P = local_sampling_matrix(text(C=30, d=6, seed=9), 0.002)
+    labels = torch.arange(30).repeat_interleave(2)
+    labels = labels[labels != 4]  # class 4 has no training image
+    sampler = PairSampler(P, labels)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(30, (100_000,), generator=g)
+    y = y[y != 4]
+    j = sampler.sample_classes(y, g)
+    Pd = P.double()
+    assert torch.all(Pd[y, j] > 0) and torch.all(j != y) and torch.all(j != 4)
+    partners = sampler.sample(y, g)
+    assert torch.all(labels[partners] != 4)
+
+
+def test_a_class_with_no_reachable_partner_is_a_clear_error():
+    P = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.5, 0.5, 0.0]])
+    with pytest.raises(LfmError, match="class 0 has no partner"):
+        PairSampler(P, torch.tensor([0, 2]))  # class 0's only partner, 1, has no image
+
+
+def test_plain_path_draws_the_same_law_for_whole_partners():
+    C = 5
+    P = local_sampling_matrix(text(C=C, seed=6), 0.3)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 1])
+    sampler = PairSampler(P, labels)
+    y = torch.full((60_000,), 1)
+    fast = torch.bincount(sampler.sample(y, torch.Generator().manual_seed(1)), minlength=10)
+    plain = torch.bincount(sampler.sample_plain(y, torch.Generator().manual_seed(2)), minlength=10)
+    keep = (fast + plain) > 0
+    assert torch.all(labels[keep.nonzero().squeeze(1)] != 1)
+    table = np.stack([fast.numpy()[keep.numpy()], plain.numpy()[keep.numpy()]])
+    _, p = stats.chi2_contingency(table)[:2]
+    assert p > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_draws_on_the_generator_device_follow_P():
+    P = local_sampling_matrix(text(C=8), 0.5)
+    labels = torch.arange(8).repeat_interleave(5)
+    sampler = PairSampler(P, labels, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n = 200_000
+    classes = sampler.sample_classes(torch.full((n,), 3), g)
+    assert classes.device.type == "cuda"
+    observed = torch.bincount(classes, minlength=8).cpu().numpy()
+    mask = np.arange(8) != 3
+    assert observed[3] == 0
+    _, p = stats.chisquare(observed[mask], P[3].double().numpy()[mask] * n)
+    assert p > 1e-3
+    cpu = sampler.sample(torch.full((100,), 3), torch.Generator().manual_seed(0))
+    assert cpu.device.type == "cpu" and torch.all(labels[cpu] != 3)
+
+
+@pytest.mark.parametrize("name", ["mixup", "remix", "cutmix", "lfm", "concutmix"])
+def test_same_seed_same_partners_images_and_targets(name):
+    mixer, labels = _mixer(name)
+    sim = lambda x: x.mean(dim=(2, 3))  # noqa: E731  (B, 3) pseudo-cosines, deterministic
+    idx = torch.arange(len(labels))[::3]
+    x_all = torch.rand(len(labels), 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        j = mixer.partners(idx, labels[idx], g)
+        x, t = mixer.mix(x_all[idx], labels[idx], x_all[j], labels[j], g, similarity_fn=sim)
+        return j, x, t
+
+    a, b, c = run(3), run(3), run(4)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    j, x, t = a
+    assert t.shape == (len(idx), 3) and t.dtype == torch.float32
+    assert torch.allclose(t.sum(dim=1), torch.ones(len(idx)), atol=1e-6)
+    if name != "lfm":  # a permutation of the batch
+        assert sorted(j.tolist()) == idx.tolist()
+
+
+def test_cutmix_images_follow_the_box_and_label_is_its_area():
+    mixer, _ = _mixer("cutmix")
+    g = torch.Generator().manual_seed(0)
+    x_i, x_j = torch.rand(3, 3, 12, 12, generator=g), torch.rand(3, 3, 12, 12, generator=g)
+    y_i, y_j = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    for seed in range(20):
+        x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(seed))
+        # Replay the draws in their order: λ, then the box centre.
+        replay = torch.Generator().manual_seed(seed)
+        lam = sample_beta(0.4, replay)
+        y0, y1, x0, x1 = cut_box(lam, 12, 12, replay)
+        want = x_i.clone()
+        want[..., y0:y1, x0:x1] = x_j[..., y0:y1, x0:x1]
+        assert torch.equal(x, want)
+        area = (y1 - y0) * (x1 - x0) / 144
+        assert t[torch.arange(3), y_j].tolist() == pytest.approx([area] * 3)
+        assert t[torch.arange(3), y_i].tolist() == pytest.approx([1 - area] * 3)
+
+
+def test_remix_mixer_applies_the_rule_per_sample():
+    mixer, _ = _mixer("remix", counts=(90, 30, 10))
+    g = torch.Generator().manual_seed(0)
+    x_i, x_j = torch.rand(3, 3, 4, 4, generator=g), torch.rand(3, 3, 4, 4, generator=g)
+    y_i, y_j = torch.tensor([0, 2, 0]), torch.tensor([2, 0, 1])
+    x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(8))
+    lam = sample_beta(0.4, torch.Generator().manual_seed(8))
+    assert torch.allclose(x, lam * x_i + (1 - lam) * x_j)
+    counts = torch.tensor([90.0, 30.0, 10.0])
+    want = remix_label(lam, counts[y_i], counts[y_j], 3.0, 0.5)
+    assert t[torch.arange(3), y_i].tolist() == pytest.approx(want.tolist(), abs=1e-6)
+
+
+def test_concutmix_semantic_label_is_the_two_class_softmax():
+    con, _ = _mixer("concutmix", concutmix_weight=0.3)
+    cut, _ = _mixer("cutmix")
+    x_i, x_j = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    y_i, y_j = torch.tensor([0, 1]), torch.tensor([2, 1])
+    cos = torch.tensor([[0.30, 0.10, 0.27], [0.2, 0.25, 0.21]])
+    _, t_area = cut.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(1))
+    _, t = con.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(1),
+                   similarity_fn=lambda x: cos)
+    area = float(t_area[0, 0])
+    e_i, e_j = math.exp(0.30 / CONCUTMIX_TEMPERATURE), math.exp(0.27 / CONCUTMIX_TEMPERATURE)
+    assert float(t[0, 0]) == pytest.approx(0.7 * area + 0.3 * e_i / (e_i + e_j), abs=1e-6)
+    assert float(t[1, 1]) == pytest.approx(1.0)  # one class on both sides
+
+
+def test_mixer_parameters_and_values_are_checked():
+    with pytest.raises(LfmError, match="takes no parameter 'kappa'; accepted: concutmix_weight"):
+        _mixer("remix", kappa=3.0)
+    with pytest.raises(LfmError, match="beta=0"):
+        build_mixer("mixup", class_counts=[1, 2], beta=0)
+    with pytest.raises(LfmError, match="concutmix_weight"):
+        _mixer("concutmix", concutmix_weight=1.5)
+    with pytest.raises(LfmError, match="lfm needs"):
+        build_mixer("lfm", class_counts=[1, 2])
+    assert set(MIXERS) == {"none", "mixup", "remix", "cutmix", "lfm", "concutmix"}
+
+
+def test_beta_draws_with_a_tiny_parameter_stay_in_range():
+    g = torch.Generator().manual_seed(0)
+    draws = np.array([sample_beta(0.01, g) for _ in range(400)])
+    assert np.all((draws >= 0) & (draws <= 1))
+    # Beta(0.01, 0.01) is almost a fair coin on {0, 1}: no mass piles up at 1/2.
+    assert np.mean((draws < 1e-3) | (draws > 1 - 1e-3)) > 0.9
+    assert 0.3 < np.mean(draws > 0.5) < 0.7

@@ -3,18 +3,27 @@
 `build_clip` returns an open_clip model and the `ImageSpec` its own preprocessing config
 gives, so the batch builder never drifts from the model. "tiny" is a small architecture in
 open_clip's own JSON config format (lfm_ray/model_configs/tiny.json), registered with
-open_clip's registry, for tests and the embedded demo (random init, 32 px input).
+open_clip's registry on first use, for tests and the embedded demo (random init, 32 px input).
+
+Weights are looked up cache first, where open_clip caches them (the Hugging Face hub cache,
+or `cache_dir`), so a cluster can pre-stage them and a machine without network never waits on
+hub retries: what is cached is loaded with the hub in offline mode; what is missing is fetched
+only when the hub answers a short probe, and otherwise the error says which file of which hub
+repository to put into which cache directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -23,7 +32,15 @@ import torch.nn.functional as F
 from lfm_ray.errors import LfmError
 
 TINY_MODEL = "tiny"
-_registered = False
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+# A `pretrained` value with one of these endings (or a path separator) is a file, not a tag.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+# Prompts per text-tower call: bounds memory for 1000 classes × several templates.
+TEXT_BATCH = 256
+# Architectures named first when an unknown one is listed (the full list is ~150 names).
+_COMMON_MODELS = (TINY_MODEL, "ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50")
+_LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
 
 
 @dataclass(frozen=True)
@@ -35,93 +52,277 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
+# ---- names -----------------------------------------------------------------------------------
 def register_configs() -> None:
-    """Add lfm-ray's JSON architectures (tiny) to open_clip's registry, once."""
-    global _registered
-    if _registered:
+    """Add lfm-ray's JSON architectures (tiny) to open_clip's registry, once per process."""
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(Path(str(files("lfm_ray").joinpath("model_configs"))))
+
+
+def known_models() -> list[str]:
+    """Every architecture open_clip can build here, lfm-ray's own included."""
+    import open_clip
+
+    register_configs()
+    return list(open_clip.list_models())
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return (os.sep in pretrained or "/" in pretrained or pretrained.startswith(("~", "."))
+            or pretrained.lower().endswith(WEIGHT_SUFFIXES))
+
+
+def _arch(name: str) -> str:
+    # open_clip accepts "ViT-B/32" for "ViT-B-32".
+    return name.replace("/", "-")
+
+
+def check_model_name(name: str, pretrained: str | None = None) -> None:
+    """Unknown architecture, pretrained tag or weights file: LfmError listing what is known.
+
+    Needs no network: it reads open_clip's registries and the file system only.
+    """
+    import open_clip
+
+    register_configs()
+    if name.startswith(HF_HUB_PREFIX):
+        if not name[len(HF_HUB_PREFIX):].strip("/"):
+            raise LfmError(f"model {name!r} names no hub repository; use hf-hub:org/name")
+        if pretrained:
+            # open_clip would silently ignore it; say so instead of loading something else.
+            raise LfmError(f"model {name!r} carries its own weights; leave pretrained empty "
+                           f"(got {pretrained!r})")
         return
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(os.path.expanduser(name[len(LOCAL_DIR_PREFIX):]))
+        if not (folder / "open_clip_config.json").is_file():
+            raise LfmError(f"model {name!r}: {folder / 'open_clip_config.json'} does not exist; "
+                           "a local-dir: model is a folder holding open_clip_config.json and "
+                           "its weights file")
+        if pretrained:
+            raise LfmError(f"model {name!r} carries its own weights; leave pretrained empty "
+                           f"(got {pretrained!r})")
+        return
+    models = open_clip.list_models()
+    arch = _arch(name)
+    if arch not in models:
+        # Case-blind near misses ("vit-b-32", "ViT-B-23"), not every name sharing "ViT-".
+        lower = {m.lower(): m for m in models}
+        close = [lower[m] for m in difflib.get_close_matches(arch.lower(), lower, n=3, cutoff=0.8)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        common = [m for m in _COMMON_MODELS if m in models]
+        raise LfmError(f"unknown model {name!r}; {hint}known: {', '.join(common)} and "
+                       f"{len(models) - len(common)} more (list them with {_LIST_MODELS_HINT}), "
+                       "or an hf-hub:org/name model")
+    if not pretrained:
+        return
+    path = os.path.expanduser(pretrained)
+    if open_clip.is_pretrained_cfg(arch, pretrained):
+        return
+    if os.path.isfile(path):
+        return
+    if _looks_like_path(pretrained):
+        raise LfmError(f"weights file {pretrained!r} for {name} does not exist; give an "
+                       "existing .pt/.pth/.bin/.safetensors file or a pretrained tag")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    shown = ", ".join(tags) if tags else "none (give a weights file path)"
+    raise LfmError(f"unknown pretrained tag {pretrained!r} for {name}; known: {shown}")
+
+
+# ---- where open_clip keeps weights -----------------------------------------------------------
+@dataclass(frozen=True)
+class _HubFiles:
+    """Files of one hub repository a build needs; each entry lists interchangeable names,
+    the one open_clip is configured with first, then the .safetensors twin it prefers when
+    the repository has one."""
+
+    repo: str
+    needed: tuple[tuple[str, ...], ...]
+
+
+def _hub_files(name: str, pretrained: str | None) -> _HubFiles | None:
+    """The hub files open_clip downloads for this model, or None when it downloads none."""
     import open_clip
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import _get_safe_alternatives
 
-    open_clip.add_model_config(Path(str(files("lfm_ray").joinpath("model_configs"))))
-    _registered = True
-
-
-def _image_spec(model: nn.Module) -> ImageSpec:
-    import open_clip
-
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    size = cfg.get("size", 224)
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return ImageSpec(int(size), tuple(float(v) for v in cfg["mean"]),
-                     tuple(float(v) for v in cfg["std"]))
-
-
-def _hub_location(name: str, tag: str) -> tuple[str, str] | None:
-    """(repo id, file name) open_clip downloads for name/tag from the Hugging Face hub."""
-    import open_clip
-
-    hub = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "")
-    if not hub:
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX):].strip("/")
+        return _HubFiles(repo, ((HF_CONFIG_NAME,), (HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME)))
+    if not pretrained or name.startswith(LOCAL_DIR_PREFIX):
         return None
+    cfg = open_clip.get_pretrained_cfg(_arch(name), pretrained)
+    hub = cfg.get("hf_hub", "") if cfg else ""
+    if not hub or "file" in cfg:
+        return None  # a local file, or an old url-only entry open_clip fetches itself
+    # open_clip's convention: "org/repo/file.bin", or "org/repo/" for its default file name.
     repo, filename = os.path.split(hub)
-    return repo, filename or "open_clip_pytorch_model.bin"
+    filename = filename or HF_WEIGHTS_NAME
+    return _HubFiles(repo, ((filename, *_get_safe_alternatives(filename)),))
 
 
 def _hub_cache(cache_dir: str | None) -> str:
-    return cache_dir or os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    from huggingface_hub import constants
+
+    return str(cache_dir or constants.HF_HUB_CACHE)
 
 
-def _is_cached(repo: str, filename: str, cache_dir: str | None) -> bool:
+def _missing(hub: _HubFiles, cache_dir: str | None) -> list[tuple[str, ...]]:
     from huggingface_hub import try_to_load_from_cache
 
-    stem = filename.rsplit(".", 1)[0]
-    names = [filename, "open_clip_model.safetensors", f"{stem}.safetensors"]
-    return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names)
+    return [names for names in hub.needed
+            if not any(isinstance(try_to_load_from_cache(hub.repo, n, cache_dir=cache_dir), str)
+                       for n in names)]
+
+
+def _env_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1", "ON", "YES", "TRUE")
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub (or the proxy in front of it) accepts a connection within timeout_s.
+
+    huggingface_hub retries a failed request for about half a minute; this probe, bounded
+    as a whole (name lookup included, hence the thread), decides in at most timeout_s."""
     import socket
 
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(k)), None)
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
 
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
 
-def _check_weights_available(name: str, tag: str, cache_dir: str | None) -> None:
-    """Fail at once, with where to put the weights, when they are neither cached nor
-    downloadable (instead of a minute of hub retries and a traceback)."""
-    where = _hub_location(name, tag)
-    if where is None or os.environ.get("HF_HUB_OFFLINE") == "0":
-        return
-    repo, filename = where
-    if _is_cached(repo, filename, cache_dir) or _hub_reachable():
-        return
-    cache = _hub_cache(cache_dir)
-    raise LfmError(
-        f"the weights of {name}/{tag} are not cached and the Hugging Face hub cannot be "
-        f"reached; put {filename} of the repository {repo} into {cache} (on a machine with "
-        f"network access: huggingface-cli download {repo} {filename} --cache-dir {cache}), "
-        "or pass --pretrained /path/to/weights"
-    )
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
 
 
 @contextlib.contextmanager
-def _quiet_random_init(active: bool):
-    """Hide open_clip's "initialized randomly" warning when random init is what was asked."""
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode: cached files are served without an etag request.
+
+    The flag is read at call time by huggingface_hub, so flipping the module constant works
+    after import (the environment variable would not)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _not_cached(exc: BaseException) -> bool:
+    """Whether exc (or what caused it) is the hub saying a file is not in the local cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _weights_missing(name: str, pretrained: str | None, hub: _HubFiles,
+                     missing: list[tuple[str, ...]], cache_dir: str | None) -> LfmError:
+    """Where open_clip looks for the weights, and the two ways to put them there."""
+    cache = _hub_cache(cache_dir)
+    wanted = " and ".join(names[0] + (f" (or {' or '.join(names[1:])})" if names[1:] else "")
+                          for names in missing)
+    folder = f"{cache}/models--{hub.repo.replace('/', '--')}/snapshots/<revision>/"
+    what = f"the weights of {name}/{pretrained}" if pretrained else f"the files of the model {name}"
+    get = " ".join(["hf download", hub.repo, *(names[0] for names in missing)])
+    local = ("or pass a local weights file as pretrained (--pretrained /path/to/weights.pt)"
+             if pretrained else "or give a local folder holding them as local-dir:/path")
+    return LfmError(
+        f"{what} are not cached and the Hugging Face hub cannot be reached"
+        f"{' (HF_HUB_OFFLINE is set)' if _env_offline() else ''}; open_clip looks for "
+        f"{wanted} of the hub repository {hub.repo} in the cache {cache} (as {folder}); on a "
+        f"machine with network access run `{get} --cache-dir {cache}` and copy that cache "
+        f"folder here, {local}"
+    )
+
+
+def _fetch(name: str, pretrained: str | None, hub: _HubFiles, cache_dir: str | None) -> None:
+    """Download what the build needs with open_clip's own downloaders, before building.
+
+    Done up front because open_clip, for hf-hub: models, logs a failed weights download
+    and goes on with random weights; here it is an error."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+
+    try:
+        if name.startswith(HF_HUB_PREFIX):
+            from open_clip.constants import HF_CONFIG_NAME
+
+            download_pretrained_from_hf(hub.repo, filename=HF_CONFIG_NAME, cache_dir=cache_dir)
+            download_pretrained_from_hf(hub.repo, cache_dir=cache_dir)
+        else:
+            download_pretrained(open_clip.get_pretrained_cfg(_arch(name), pretrained),
+                                cache_dir=cache_dir)
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one message
+        what = f"{name}/{pretrained}" if pretrained else name
+        raise LfmError(f"could not download the weights of {what} from the hub repository "
+                       f"{hub.repo} into {_hub_cache(cache_dir)}: {_reason(exc)}") from None
+
+
+def _cache_first(build: Callable[[], Any], what: str) -> Any:
+    """build() with the hub offline; if it lacks a file that is not cached, once more online
+    when the hub answers. Other failures are user-facing load errors."""
+    try:
+        with _hub_offline():
+            return build()
+    except LfmError:
+        raise
+    except ImportError as exc:
+        raise LfmError(f"{what} needs a package that is not installed: {_reason(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - open_clip raises plain exceptions
+        if not _not_cached(exc):
+            raise LfmError(f"{what} could not be loaded: {_reason(exc)}") from None
+        if _env_offline() or not _hub_reachable():
+            raise LfmError(f"{what} needs files from the Hugging Face hub that are not in "
+                           f"its cache, and the hub cannot be reached: {_reason(exc)}") from None
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001
+        raise LfmError(f"{what} could not be loaded: {_reason(exc)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_build(random_init: bool) -> Iterator[None]:
+    """open_clip logs every step of a build at INFO, and warns "initialized randomly" even
+    when random init is what was asked; keep both out of a run's output."""
     class _Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "initialized randomly" not in record.getMessage()
+            return not (random_init and "initialized randomly" in record.getMessage())
 
     root = logging.getLogger()
     flt = _Filter()
     level = root.level
-    if active:
-        root.addFilter(flt)
-    root.setLevel(max(level, logging.WARNING))  # open_clip logs every step of a build at INFO
+    root.addFilter(flt)
+    root.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
@@ -129,74 +330,92 @@ def _quiet_random_init(active: bool):
         root.setLevel(level)
 
 
-def check_model_name(name: str, pretrained: str | None = None) -> None:
-    """Unknown architecture or pretrained tag: LfmError listing the known ones."""
+def _image_spec(model: nn.Module, name: str) -> ImageSpec:
     import open_clip
 
-    register_configs()
-    if name.startswith("hf-hub:") or name.startswith("local-dir:"):
-        return
-    if name not in open_clip.list_models():
-        models = open_clip.list_models()
-        raise LfmError(f"unknown model {name!r}; known: {TINY_MODEL}, ViT-B-32, ViT-B-16, "
-                       f"ViT-L-14, RN50 and {len(models) - 5} more "
-                       "(python -c 'import open_clip; print(open_clip.list_models())')")
-    if pretrained and not os.path.exists(os.path.expanduser(pretrained)):
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            shown = ", ".join(tags) if tags else "none (give a weights file)"
-            raise LfmError(f"unknown pretrained tag {pretrained!r} for {name}; known: {shown}")
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise LfmError(f"model {name} takes non-square {tuple(size)} images; lfm-ray "
+                           "feeds square images only")
+        size = size[0]
+    mean, std = cfg["mean"], cfg["std"]
+    return ImageSpec(int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
+# ---- the model -------------------------------------------------------------------------------
 def build_clip(name: str, pretrained: str | None = None, cache_dir: str | None = None,
-               device: str | torch.device = "cpu"):
-    """(open_clip model, ImageSpec). `pretrained`: a tag ("openai"), a weights file, or None;
-    `name` may be an "hf-hub:org/repo" model. The tokenizer is kept as `model.lfm_tokenizer`."""
+               device: str | torch.device = "cpu") -> tuple[nn.Module, ImageSpec]:
+    """(open_clip model in eval mode, ImageSpec from the model's own preprocessing config).
+
+    name: any open_clip architecture ("ViT-B-32", "tiny"), an "hf-hub:org/name" model or a
+    "local-dir:/path" folder. pretrained: an open_clip tag ("openai"), a weights file
+    (.pt/.pth/.bin/.safetensors), or None for random init. cache_dir: open_clip's download
+    cache (None: the Hugging Face hub default). The tokenizer travels with the model as
+    `model.lfm_tokenizer`, so text features always use the model's own tokenizer.
+    """
     import open_clip
 
     check_model_name(name, pretrained)
-    is_hub = name.startswith("hf-hub:") or name.startswith("local-dir:")
-    tag = pretrained
-    if tag and not is_hub and not os.path.exists(os.path.expanduser(tag)):
-        _check_weights_available(name, tag, cache_dir)
-    try:
-        with _quiet_random_init(tag is None):
-            model = open_clip.create_model(
-                name, pretrained=os.path.expanduser(tag) if tag else None,
-                device=device, cache_dir=cache_dir,
-            )
-    except LfmError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - hub and file errors become one message
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        if tag and os.path.exists(os.path.expanduser(tag)):
-            raise LfmError(f"weights file {tag!r} could not be loaded into {name}: {reason}") from None
-        raise LfmError(f"could not load the weights of {name}{'/' + tag if tag else ''}: "
-                       f"{reason}; put them into {_hub_cache(cache_dir)} or pass "
-                       "--pretrained /path/to/weights") from None
-    with _quiet_random_init(False):
-        model.lfm_tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    if pretrained and not open_clip.is_pretrained_cfg(_arch(name), pretrained):
+        pretrained = os.path.expanduser(pretrained)  # a weights file
+    hub = _hub_files(name, pretrained)
+    if hub is not None:
+        missing = _missing(hub, cache_dir)
+        if missing:
+            if _env_offline() or not _hub_reachable():
+                raise _weights_missing(name, pretrained, hub, missing, cache_dir)
+            _fetch(name, pretrained, hub, cache_dir)
+
+    what = f"{name} with weights {pretrained!r}" if pretrained else f"model {name}"
+    with _quiet_build(random_init=not pretrained and hub is None):
+        model = _cache_first(lambda: open_clip.create_model(
+            name, pretrained=pretrained, device=device, cache_dir=cache_dir), what)
+        tokenizer = _cache_first(lambda: open_clip.get_tokenizer(name, cache_dir=cache_dir),
+                                 f"the tokenizer of {name}")
+    model.lfm_tokenizer = tokenizer
     model.eval()
-    return model, _image_spec(model)
+    return model, _image_spec(model, name)
 
 
 @torch.no_grad()
 def text_features(clip_model: nn.Module, class_names: Sequence[str], templates: Sequence[str],
-                  device: str | torch.device = "cpu") -> torch.Tensor:
-    """(C, d) L2-normalised features: per class the normalised mean over the templates
-    (a prompt ensemble) of the normalised text features of `template.format(name)`."""
-    tokenizer = clip_model.lfm_tokenizer
-    device = torch.device(device)
-    per_template = []
+                  device: str | torch.device = "cpu", tokenizer: Callable | None = None
+                  ) -> torch.Tensor:
+    """(C, d) L2-normalised class features on `device`: per class the normalised mean over
+    the templates (a prompt ensemble) of the normalised features of template.format(name).
+
+    The tokenizer is the one build_clip attached to the model unless one is given."""
+    tokenizer = tokenizer or getattr(clip_model, "lfm_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: build the model with build_clip or pass tokenizer=")
+    if not class_names:
+        raise LfmError("no class names to compute text features for")
+    if not templates:
+        raise LfmError("no prompt templates; give at least one, e.g. 'a photo of a {}.'")
     for template in templates:
-        tokens = tokenizer([template.format(n) for n in class_names]).to(device)
-        per_template.append(F.normalize(clip_model.encode_text(tokens).float(), dim=-1))
-    mean = torch.stack(per_template).mean(dim=0)
-    return F.normalize(mean, dim=-1)
+        if "{}" not in template:
+            raise LfmError(f"prompt template {template!r} has no '{{}}' for the class name")
+    # The text tower runs where the model lives; the result moves to `device`.
+    model_device = next(clip_model.parameters()).device
+    was_training = clip_model.training
+    clip_model.eval()
+    total = None
+    for template in templates:
+        prompts = [template.format(n) for n in class_names]
+        parts = [F.normalize(clip_model.encode_text(
+                     tokenizer(prompts[i:i + TEXT_BATCH]).to(model_device)).float(), dim=-1)
+                 for i in range(0, len(prompts), TEXT_BATCH)]
+        feats = torch.cat(parts)
+        total = feats if total is None else total + feats
+    clip_model.train(was_training)
+    return F.normalize(total / len(templates), dim=-1).to(device)
 
 
 class LFMClassifier(nn.Module):
-    """z_k = s · cos(W_I F_I(x), f_T[k]): the image tower, W_I (identity init), text features."""
+    """z_k = s · cos(W_I F_I(x), f_T[k]): the image tower F_I, W_I (d×d, no bias, identity
+    init) and the frozen class text features f_T (a buffer; the text tower is not kept)."""
 
     def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float):
         super().__init__()
@@ -205,14 +424,15 @@ class LFMClassifier(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(d))
-        self.register_buffer("text_features", F.normalize(text_features.float(), dim=-1))
+        self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1))
         self.logit_scale = float(logit_scale)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """F_I(x): the image tower's embedding."""
+        """F_I(x): the image tower's embedding, (B, d)."""
         return self.visual(images)
 
     def head(self, feats: torch.Tensor) -> torch.Tensor:
+        """s · cos(W_I feats, f_T[k]) for every class k: (B, C)."""
         z = F.normalize(self.proj(feats.float()), dim=-1)
         return self.logit_scale * z @ self.text_features.t()
 

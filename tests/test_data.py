@@ -50,6 +50,19 @@ def test_digits_lt_works_with_no_files_and_is_long_tailed():
     assert set(shot_groups(ds.class_counts)) == {"many", "medium", "few"}
 
 
+def test_digits_lt_max_count_is_the_smallest_remaining_class():
+    from sklearn.datasets import load_digits
+
+    smallest = int(np.bincount(load_digits().target).min()) - 50  # 174 - 50 held out
+    ds = build_dataset("digits-lt", imbalance_factor=5)
+    assert ds.class_counts == long_tail_counts(10, 5, smallest)
+    # The images are the bundled ones scaled 0..16 -> 0..255 on three equal channels.
+    assert ds.train_images.max() == 255 and np.array_equal(ds.train_images[..., 0],
+                                                           ds.train_images[..., 2])
+    with pytest.raises(LfmError, match="test_per_class=200 leaves class 0 no training images"):
+        build_dataset("digits-lt", test_per_class=200)
+
+
 def test_digits_lt_is_deterministic_for_a_seed():
     a, b = build_dataset("digits-lt", seed=3), build_dataset("digits-lt", seed=3)
     c = build_dataset("digits-lt", seed=4)
@@ -134,6 +147,41 @@ def test_a_class_left_empty_is_an_error(tmp_path):
         build_dataset("cifar10-lt", tmp_path, imbalance_factor=100)  # 60/100 -> 0
 
 
+def test_cifar_labels_out_of_range_and_no_root(tmp_path):
+    base = write_cifar10(tmp_path)
+    batch = pickle.loads((base / "data_batch_2").read_bytes())
+    batch[b"labels"][0] = 10
+    (base / "data_batch_2").write_bytes(pickle.dumps(batch))
+    with pytest.raises(LfmError, match="labels range over 0..10, but batches.meta names 10"):
+        build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
+    with pytest.raises(LfmError, match="cifar100-lt needs a data root"):
+        build_dataset("cifar100-lt")
+
+
+def test_cifar_download_goes_through_torchvision(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    class FakeCIFAR10:  # stands in for the network: writes the files the archive holds
+        def __init__(self, root, train, download):
+            calls.append((root, download))
+            write_cifar10(__import__("pathlib").Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    ds = build_dataset("cifar10-lt", tmp_path, imbalance_factor=10, download=True)
+    assert calls == [(str(tmp_path), True)] and ds.num_classes == 10
+    build_dataset("cifar10-lt", tmp_path, imbalance_factor=10, download=True)
+    assert len(calls) == 1  # files present: nothing fetched again
+
+    def offline(root, train, download):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(LfmError, match="downloading .*cifar-100-python.tar.gz .*unreachable"):
+        build_dataset("cifar100-lt", tmp_path / "new", download=True)
+
+
 # ---- split files ----------------------------------------------------------------------------
 def write_split_set(root, prefix="ImageNet_LT", classes=1000, bad_line=None):
     """Real layout: split/<wnid>/<file>.JPEG, one line per image. Every class gets at least
@@ -184,6 +232,19 @@ def test_split_set_missing_files(tmp_path):
         build_dataset("imagenet-lt", tmp_path / "nowhere")
 
 
+def test_split_files_in_a_subfolder_of_the_root(tmp_path):
+    write_split_set(tmp_path, prefix="Places_LT", classes=365)
+    (tmp_path / "Places_LT_v2").mkdir()
+    for split in ("train", "val", "test"):
+        (tmp_path / f"Places_LT_{split}.txt").rename(tmp_path / "Places_LT_v2" / f"Places_LT_{split}.txt")
+    ds = build_dataset("places-lt", tmp_path)
+    assert ds.num_classes == 365 and ds.class_names[0] == "airfield"
+    assert ds.test_images.paths[0] == str(tmp_path / "test/n00000000/img_0.JPEG")
+    (tmp_path / "Places_LT_v2" / "Places_LT_test.txt").unlink()
+    with pytest.raises(LfmError, match="missing .*Places_LT_test.txt .*OpenLongTailRecognition"):
+        build_dataset("places-lt", tmp_path)
+
+
 def test_shipped_class_names():
     imagenet, places = class_names("imagenet.txt"), class_names("places.txt")
     assert len(imagenet) == 1000 and len(places) == 365
@@ -212,6 +273,39 @@ def test_folder_layout(tmp_path):
         build_dataset("folder", tmp_path / "empty")
 
 
+def test_folder_made_long_tailed_with_val_split(tmp_path):
+    for split, per_class in (("train", 8), ("val", 1), ("test", 2)):
+        for cls in ("ant", "bee", "cow"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((5, 7, 3), i, dtype=np.uint8)).save(d / f"{i}.png")
+    ds = build_dataset("folder", tmp_path, imbalance_factor=4, seed=0)
+    assert ds.class_counts == long_tail_counts(3, 4, 8) == [8, 4, 2]
+    assert len(ds.val_labels) == 3 and ds.split("val")[0].load(0).shape == (5, 7, 3)
+    again = build_dataset("folder", tmp_path, imbalance_factor=4, seed=0)
+    other = build_dataset("folder", tmp_path, imbalance_factor=4, seed=1)
+    assert again.train_images.paths == ds.train_images.paths
+    assert other.train_images.paths != ds.train_images.paths
+    assert build_dataset("folder", tmp_path).class_counts == [8, 8, 8]  # as is by default
+
+
+def test_folder_bad_input(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / "test" / "sea_loin").mkdir()
+    with pytest.raises(LfmError, match="sea_loin is not a class of .*train"):
+        build_dataset("folder", tmp_path)
+    (tmp_path / "test" / "sea_loin").rmdir()
+    (tmp_path / "train" / "walrus").mkdir()  # a class with no training images
+    with pytest.raises(LfmError, match="class 2 \\('walrus'\\) has no training images"):
+        build_dataset("folder", tmp_path)
+    (tmp_path / "train" / "walrus").rmdir()
+    (tmp_path / "train" / "sea_lion" / "0.png").write_bytes(b"not a png")
+    ds = build_dataset("folder", tmp_path)
+    with pytest.raises(LfmError, match="cannot read image .*0.png"):
+        ds.train_images.load(ds.train_images.paths.index(str(tmp_path / "train/sea_lion/0.png")))
+
+
 # ---- the node cache -------------------------------------------------------------------------
 def test_load_arrays_builds_once_and_memory_maps(tmp_path):
     a = load_arrays("digits-lt", cache_dir=tmp_path, seed=0)
@@ -230,6 +324,54 @@ def test_load_arrays_resizes_lazy_sets_once(tmp_path):
     assert a.train_images.shape == (1006, 16, 16, 3) and a.val_images.shape == (3, 16, 16, 3)
     with pytest.raises(LfmError, match="image_size"):
         load_arrays("imagenet-lt", root=tmp_path / "data", cache_dir=tmp_path / "c2")
+
+
+def test_load_arrays_keys_on_resolved_options(tmp_path):
+    load_arrays("digits-lt", cache_dir=tmp_path)
+    load_arrays("digits-lt", cache_dir=tmp_path, seed=0, imbalance_factor=10)  # the defaults
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 1
+    load_arrays("digits-lt", cache_dir=tmp_path, seed=1)
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+    with pytest.raises(LfmError, match="takes no option 'sed'"):
+        load_arrays("digits-lt", cache_dir=tmp_path / "never", sed=1)
+    assert not (tmp_path / "never").exists()
+
+
+def test_concurrent_load_arrays_build_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import lfm_ray.data as data
+
+    real, builds = data.build_dataset, []
+
+    def slow_build(*args, **kwargs):
+        builds.append(1)
+        time.sleep(0.3)  # both callers arrive while the first one builds
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "build_dataset", slow_build)
+    results = [None, None]
+
+    def trial(i):
+        results[i] = load_arrays("digits-lt", cache_dir=tmp_path, seed=2)
+
+    threads = [threading.Thread(target=trial, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+    assert np.array_equal(results[0].train_labels, results[1].train_labels)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".building-")]
+
+
+def test_a_bad_image_stops_the_cache_build_and_leaves_nothing(tmp_path):
+    write_folder(tmp_path / "data")
+    (tmp_path / "data" / "test" / "red-fox" / "1.png").write_bytes(b"truncated")
+    with pytest.raises(LfmError, match="cannot read image .*red-fox/1.png"):
+        load_arrays("folder", root=tmp_path / "data", image_size=8, cache_dir=tmp_path / "c")
+    assert not [p for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")]
 
 
 def test_nothing_is_written_to_the_data_root(tmp_path):
@@ -262,3 +404,15 @@ def test_data_command_bad_name_is_one_line_exit_2(capsys):
     assert main(["data", "mnist"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown data set 'mnist'" in err and "Traceback" not in err
+
+
+def test_data_command_flags(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    assert main(["data", "cifar10-lt", "--data-root", str(tmp_path), "--imbalance-factor", "10",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "airplane" in out and f"training images {sum(long_tail_counts(10, 10, 60))}" in out
+    assert main(["data", "imagenet-lt", "--root", str(tmp_path), "--seed", "1"]) == 2
+    assert "takes no option 'seed'; accepted: none" in capsys.readouterr().err
+    assert main(["data", "digits-lt", "--imbalance-factor", "0.5"]) == 2
+    assert "imbalance_factor=0.5" in capsys.readouterr().err

@@ -11,17 +11,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="class count table and imbalance statistics of a data set",
                        description="Print a data set's class counts, shot groups and imbalance.")
     p.add_argument("dataset", help="digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, places-lt, folder")
-    p.add_argument("--root", help="data root (not needed for digits-lt)")
+    # --data-root as well, the name train and study use (and error messages give).
+    p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for digits-lt)")
     p.add_argument("--imbalance-factor", type=float, help="n_max / n_min of the training split")
     p.add_argument("--seed", type=int, help="seed of the long-tailed subset")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10-lt/cifar100-lt: fetch the CIFAR files into --root with torchvision")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lfm_ray.data import build_dataset, options_for, shot_groups
+    from lfm_ray.data import build_dataset, shot_groups
 
-    options = options_for(args.dataset, imbalance_factor=args.imbalance_factor, seed=args.seed)
-    ds = build_dataset(args.dataset, args.root, **options)
+    # Only the flags given are passed on: a flag the data set does not take (--seed for
+    # imagenet-lt) is an error naming the options it does take, not silently ignored.
+    given = {"imbalance_factor": args.imbalance_factor, "seed": args.seed,
+             "download": args.download or None}
+    ds = build_dataset(args.dataset, args.root, **{k: v for k, v in given.items() if v is not None})
     print(format_table(ds.class_names, ds.class_counts, np.asarray(ds.test_labels), shot_groups))
     return 0
 

@@ -43,20 +43,30 @@ DATASETS: dict[str, Callable[..., LongTailDataset]] = {
 }
 
 
-def build_dataset(name: str, root=None, **options: Any) -> LongTailDataset:
-    """The data set `name` (see DATASETS); options are the builder's keyword arguments."""
+def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of data set `name`, the given ones checked and the rest at their defaults.
+
+    None means "the default". The node cache keys on this, so `seed=0` and no seed (whose
+    default is 0) share one cache.
+    """
     if name not in DATASETS:
         raise unknown_name("data set", name, list(DATASETS))
-    builder = DATASETS[name]
-    accepted = [p for p in inspect.signature(builder).parameters if p != "root"]
+    params = {k: p for k, p in inspect.signature(DATASETS[name]).parameters.items() if k != "root"}
     for key, value in options.items():
-        if key not in accepted:
+        if key not in params:
             raise LfmError(f"data set {name!r} takes no option {key!r}; "
-                           f"accepted: {', '.join(accepted) or 'none'}")
+                           f"accepted: {', '.join(params) or 'none'}")
         if key == "imbalance_factor" and value is not None and float(value) < 1:
             raise LfmError(f"imbalance_factor={value} is not valid; expected a number >= 1")
-    options = {k: v for k, v in options.items() if v is not None}
-    return builder(root=root, **options)
+    resolved = {k: p.default for k, p in params.items()}
+    resolved.update({k: v for k, v in options.items() if v is not None})
+    return resolved
+
+
+def build_dataset(name: str, root=None, **options: Any) -> LongTailDataset:
+    """The data set `name` (see DATASETS); options are the builder's keyword arguments."""
+    resolved = resolve_options(name, options)  # checks the name first
+    return DATASETS[name](root=root, **resolved)
 
 
 def options_for(name: str, **candidates: Any) -> dict[str, Any]:
@@ -69,5 +79,5 @@ def options_for(name: str, **candidates: Any) -> dict[str, Any]:
 
 __all__ = [
     "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "load_arrays",
-    "long_tail_counts", "options_for", "shot_groups",
+    "long_tail_counts", "options_for", "resolve_options", "shot_groups",
 ]

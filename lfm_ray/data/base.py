@@ -10,6 +10,20 @@ import numpy as np
 from lfm_ray.errors import LfmError
 
 
+def decode_image(path: str, size: int | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of one image file, bicubic-resized to size × size when given."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:  # missing, truncated or not an image
+        raise LfmError(f"cannot read image {path}: {exc}") from None
+
+
 class ImageList:
     """Image files decoded on demand (ImageNet-LT, Places-LT, folders): too big to hold."""
 
@@ -21,10 +35,7 @@ class ImageList:
 
     def load(self, i: int) -> np.ndarray:
         """uint8 (H, W, 3) RGB."""
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return decode_image(self.paths[i])
 
 
 @dataclass

@@ -13,13 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lfm_ray.data.base import ImageList
+from lfm_ray.data.base import ImageList, decode_image
 from lfm_ray.errors import LfmError
 
 # In-memory sets (digits, CIFAR) are stored resized to the model's input size when that copy
@@ -28,6 +29,8 @@ from lfm_ray.errors import LfmError
 PRE_RESIZE_BYTES = 2 * 2**30
 DEFAULT_CACHE = Path(os.environ.get("LFM_RAY_CACHE", Path.home() / ".cache" / "lfm-ray")) / "arrays"
 SPLITS = ("train", "val", "test")
+# Part of every cache key: bump it when what is stored changes, so old caches are not reused.
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -57,30 +60,49 @@ class ArraySet:
 
 
 def cache_key(name: str, root: Any, image_size: int | None, options: dict[str, Any]) -> str:
+    """Hash of what decides the arrays: format, name, resolved root, image size, options.
+
+    The files under the root are not hashed (that would mean reading them): a data set
+    changed in place needs a new cache_dir or its cache folder deleted.
+    """
     root_text = str(Path(root).expanduser().resolve()) if root is not None else ""
-    blob = json.dumps([name, root_text, image_size, sorted(options.items())], default=str)
+    # 10 and 10.0 are one imbalance factor, so they are one cache.
+    same = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in options.items()}
+    blob = json.dumps([CACHE_FORMAT, name, root_text, image_size, sorted(same.items())],
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _decode(images: ImageList, size: int, label: str) -> np.ndarray:
-    """Decode and bicubic-resize every image once; prints progress every ~10%."""
-    from PIL import Image
+def _decode_into(out: np.ndarray, images: ImageList, size: int, label: str) -> None:
+    """Decode and bicubic-resize every image once, on a thread per core (Pillow releases the
+    GIL while it decodes and resizes); prints progress every ~10% for long decodes."""
+    def one(i: int) -> None:
+        out[i] = decode_image(images.paths[i], size)
 
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    step = max(1, len(images) // 10)
-    for i, path in enumerate(images.paths):
-        with Image.open(path) as im:
-            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
-        if len(images) >= 1000 and (i + 1) % step == 0:
-            print(f"  caching {label}: {i + 1}/{len(images)} images", flush=True)
-    return out
+    n = len(images)
+    step = max(1, n // 10)
+    pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
+    try:
+        for done, _ in enumerate(pool.map(one, range(n)), start=1):
+            if n >= 1000 and (done % step == 0 or done == n):
+                print(f"  caching {label}: {done}/{n} images", flush=True)
+    finally:  # a bad image stops the build at once, not after decoding all the rest
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_arrays(name: str, root=None, image_size: int | None = None, cache_dir=None,
                 **options: Any) -> ArraySet:
-    """The data set as memory-mapped uint8 arrays, built once per node."""
-    from lfm_ray.data import build_dataset
+    """The data set as memory-mapped uint8 arrays, built once per node.
 
+    Lazily decoded sets (ImageNet-LT, Places-LT, folder) need `image_size`: they are stored
+    resized to image_size × image_size. In-memory sets are stored at that size when the copy
+    is small (PRE_RESIZE_BYTES), else at their native size.
+    """
+    from lfm_ray.data import resolve_options
+
+    options = resolve_options(name, options)  # unknown options fail before anything is written
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise LfmError(f"image_size={image_size} is not valid; expected a positive integer")
     base = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
     key = cache_key(name, root, image_size, options)
     target = base / f"{name}-{key}"
@@ -89,39 +111,51 @@ def load_arrays(name: str, root=None, image_size: int | None = None, cache_dir=N
         with (base / f".{name}-{key}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait
             if not (target / "meta.json").is_file():
-                _build(build_dataset(name, root, **options), target, image_size)
+                _build(name, root, options, target, image_size)
     return _open(target)
 
 
-def _build(ds, target: Path, image_size: int | None) -> None:
+def _build(name: str, root: Any, options: dict[str, Any], target: Path,
+           image_size: int | None) -> None:
+    from lfm_ray.data import build_dataset
+
+    ds = build_dataset(name, root, **options)
+    if image_size is None and any(isinstance(ds.split(s)[0], ImageList) for s in _splits(ds)):
+        raise LfmError(f"{ds.name} decodes images lazily; give image_size "
+                       "(the model's input size) to cache it")
+    # Built in a temporary folder next to the target, then renamed into place in one step:
+    # a reader sees either no cache or a complete one, never a half-written file.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        splits = []
-        for split in SPLITS:
-            try:
-                images, labels = ds.split(split)
-            except LfmError:
-                continue  # no validation split
+        for split in _splits(ds):
+            images, labels = ds.split(split)
+            file = tmp / f"{split}_images.npy"
             if isinstance(images, ImageList):
-                if image_size is None:
-                    raise LfmError(f"{ds.name} decodes images lazily; give image_size "
-                                   "(the model's input size) to cache it")
-                images = _decode(images, image_size, f"{ds.name} {split}")
-            elif image_size is not None and images.shape[1:3] != (image_size, image_size) \
-                    and len(images) * image_size * image_size * 3 <= PRE_RESIZE_BYTES:
-                images = resize_uint8(images, image_size)
-            np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+                # Written straight to disk: ImageNet-LT at 224 px is ~17 GB, more than RAM.
+                out = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8,
+                                                shape=(len(images), image_size, image_size, 3))
+                _decode_into(out, images, image_size, f"{ds.name} {split}")
+                out.flush()
+                del out
+            else:
+                if image_size is not None and images.shape[1:3] != (image_size, image_size) \
+                        and len(images) * image_size * image_size * 3 <= PRE_RESIZE_BYTES:
+                    images = resize_uint8(images, image_size)
+                np.save(file, np.ascontiguousarray(images, dtype=np.uint8))
             np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
-            splits.append(split)
         meta = {"name": ds.name, "class_names": ds.class_names,
-                "class_counts": ds.class_counts, "splits": splits}
+                "class_counts": ds.class_counts, "splits": _splits(ds)}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        if target.exists():
+        if target.exists():  # a folder left without meta.json by an older build
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _splits(ds) -> list[str]:
+    return [s for s in SPLITS if s != "val" or ds.val_images is not None]
 
 
 def resize_uint8(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:

@@ -37,6 +37,24 @@ def _images(batch: dict, path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
+def _fetch_hint(name: str, root: Path) -> str:
+    return (f"fetch them online with download=True (lfm-ray data {name} --root {root} "
+            "--download)")
+
+
+def _download(name: str, root: Path, url: str) -> None:
+    """Fetch and unpack the official archive into root with torchvision (asked for by the
+    user with download=True; the only case where anything is written under a data root)."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10-lt" else torchvision.datasets.CIFAR100
+    try:
+        cls(str(root), train=True, download=True)  # one archive holds train and test
+    except (OSError, RuntimeError) as exc:  # offline, refused, or a corrupt archive
+        raise LfmError(f"{name}: downloading {url} into {root} failed ({exc}); unpack the "
+                       "archive there by hand") from None
+
+
 def build_cifar_lt(name: str, root=None, imbalance_factor: float = 100.0, seed: int = 0,
                    download: bool = False) -> LongTailDataset:
     folder, train_files, test_file, meta_file, label_key, names_key, n_max, url = LAYOUT[name]
@@ -44,21 +62,16 @@ def build_cifar_lt(name: str, root=None, imbalance_factor: float = 100.0, seed: 
         raise LfmError(f"{name} needs a data root (--data-root) holding {folder}/")
     root_path = Path(root).expanduser()
     base = root_path / folder
-    if download and not base.is_dir():
-        import torchvision
-
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10-lt" else torchvision.datasets.CIFAR100
-        cls(str(root_path), train=True, download=True)
+    needed = [base / f for f in [*train_files, test_file, meta_file]]
+    if download and not all(p.is_file() for p in needed):
+        _download(name, root_path, url)
     if not root_path.is_dir():
         raise LfmError(f"data root {str(root_path)!r} does not exist; create it and unpack "
-                       f"{url} there (giving {folder}/), or pass download=True online")
-    needed = [base / f for f in [*train_files, test_file, meta_file]]
+                       f"{url} there (giving {folder}/), or {_fetch_hint(name, root_path)}")
     missing = [p for p in needed if not p.is_file()]
     if missing:
-        raise LfmError(
-            f"{name}: missing {missing[0]}; put the CIFAR python files under {base} "
-            f"(unpack {url}) or pass download=True on a machine with network access"
-        )
+        raise LfmError(f"{name}: missing {missing[0]}; put the CIFAR python files under {base} "
+                       f"(unpack {url}) or {_fetch_hint(name, root_path)}")
     meta = _unpickle(base / meta_file)
     if names_key not in meta:
         raise LfmError(f"{base / meta_file} has no {names_key!r} key")

@@ -15,6 +15,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def _scan(split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """Image paths and labels of one split; its class folders must be training classes."""
+    extra = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in classes)
+    if extra:  # most likely a typo; its images would otherwise be dropped without a word
+        raise LfmError(f"folder: {split_dir / extra[0]} is not a class of "
+                       f"{split_dir.parent / 'train'} (classes: {', '.join(classes)})")
     paths, labels = [], []
     for k, cls in enumerate(classes):
         folder = split_dir / cls
@@ -28,8 +33,11 @@ def _scan(split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
 
 
 def build_folder(root=None, imbalance_factor: float | None = None, seed: int = 0) -> LongTailDataset:
+    """Images decoded lazily; with `imbalance_factor` the training split is made long-tailed
+    (max count = the smallest class's count, subset drawn for `seed`), else used as is."""
     if root is None:
-        raise LfmError("folder needs a data root (--data-root) with train/ and test/ inside")
+        raise LfmError("folder needs a data root (--data-root) with train/<class>/ and "
+                       "test/<class>/ inside")
     root_path = Path(root).expanduser()
     for split in ("train", "test"):
         if not (root_path / split).is_dir():

@@ -1,8 +1,9 @@
 """ImageNet-LT and Places-LT: the standard OLTR split files, images under a user-given root.
 
 Each split file has one "relative/path label" per line, e.g. `train/n01440764/x.JPEG 0`.
-The files are looked for in the root itself, then in root/<prefix> (e.g. root/ImageNet_LT/);
-image paths are relative to the root.
+The split files are looked for in the root itself, then in the folders the OLTR release and
+its users put them in: root/ImageNet_LT/, root/ImageNet_LT_v2/, root/data_txt/ (Places_LT
+likewise). Image paths are relative to the root. Nothing is written under the root.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import numpy as np
 from lfm_ray.data.base import ImageList, LongTailDataset
 from lfm_ray.errors import LfmError
 
+OLTR = "https://github.com/zhmiao/OpenLongTailRecognition-OLTR"
 SPLIT_SETS = {
     # name: (file prefix, class-name file, number of classes, where to get the split files)
     "imagenet-lt": ("ImageNet_LT", "imagenet.txt", 1000,
-                    "the OLTR release (ImageNet_LT_train.txt, _val.txt, _test.txt)"),
+                    f"the split files from {OLTR} and the ILSVRC-2012 images from "
+                    "https://image-net.org"),
     "places-lt": ("Places_LT", "places.txt", 365,
-                  "the OLTR release (Places_LT_train.txt, _val.txt, _test.txt)"),
+                  f"the split files from {OLTR} and the Places365-Standard images from "
+                  "http://places2.csail.mit.edu"),
 }
 
 
@@ -30,8 +34,12 @@ def class_names(file_name: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _split_folders(root: Path, prefix: str) -> list[Path]:
+    return [root, root / prefix, root / f"{prefix}_v2", root / "data_txt"]
+
+
 def _find_split(root: Path, prefix: str, split: str) -> Path | None:
-    for folder in (root, root / prefix):
+    for folder in _split_folders(root, prefix):
         path = folder / f"{prefix}_{split}.txt"
         if path.is_file():
             return path
@@ -56,7 +64,7 @@ def read_split_file(path: Path, root: Path, num_classes: int) -> tuple[list[str]
                 raise LfmError(f"{path}, line {number}: label {label_text!r} is not an integer") from None
             if not 0 <= label < num_classes:
                 raise LfmError(f"{path}, line {number}: label {label} is out of range 0..{num_classes - 1}")
-            full = root / rel
+            full = root / rel.lstrip("/")  # a leading / would make pathlib drop the root
             if not os.path.exists(full):
                 raise LfmError(f"{path}, line {number}: image {full} does not exist")
             paths.append(str(full))
@@ -73,15 +81,18 @@ def build_split_set(name: str, root=None) -> LongTailDataset:
                        "and the images")
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
-        raise LfmError(f"data root {str(root_path)!r} does not exist")
+        raise LfmError(f"data root {str(root_path)!r} does not exist; it should hold "
+                       f"{prefix}_train.txt, _val.txt, _test.txt and the images they list "
+                       f"(get {source})")
     splits = {}
     for split in ("train", "val", "test"):
         path = _find_split(root_path, prefix, split)
         if path is None:
             if split == "val":
                 continue
-            raise LfmError(f"{name}: missing {root_path / f'{prefix}_{split}.txt'}; "
-                           f"get {source} and put the files in the data root")
+            looked = ", ".join(str(f) for f in _split_folders(root_path, prefix)[1:])
+            raise LfmError(f"{name}: missing {root_path / f'{prefix}_{split}.txt'} (also looked "
+                           f"in {looked}); get {source}")
         splits[split] = read_split_file(path, root_path, num_classes)
     names = class_names(names_file)
     val = splits.get("val")

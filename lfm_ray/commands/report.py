@@ -1,7 +1,13 @@
-"""`lfm-ray report`: a study's self-contained HTML report, or a t-SNE of a checkpoint.
+"""`lfm-ray report`: a study's self-contained HTML report, or a 3-D t-SNE of checkpoints.
 
-    lfm-ray report results/tau_sweep [--out report.html]
-    lfm-ray report --tsne CHECKPOINT_DIR --classes 0,3,9 [--out tsne.html]
+    lfm-ray report results/tau_sweep [--out report.html] [--param mix.tau] [--band std]
+    lfm-ray report --tsne CHECKPOINT [CHECKPOINT ...] --classes 0,3,9 [--out tsne.html]
+
+STUDY is a results directory (results/<name>/ with study.json and trials.csv), a Tune
+experiment directory, or a trials CSV. The report embeds plotly.js (it opens with no
+network) and a PNG of each headline figure is written beside it. For --tsne, a CHECKPOINT is
+a trainer checkpoint directory (holding state.pt); the word zero-shot stands for the first
+checkpoint's model before training (paper Fig. 3: zero-shot vs CE vs CE + LFM).
 """
 
 from __future__ import annotations
@@ -12,32 +18,46 @@ from lfm_ray.errors import LfmError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="HTML report of a study (Plotly), or a t-SNE of a checkpoint",
+    p = sub.add_parser("report", help="HTML report of a study (Plotly), or a t-SNE of checkpoints",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", nargs="?", help="results/<name>/, a Tune experiment dir or a trials CSV")
-    p.add_argument("--out", help="output HTML (default: report.html in the study directory)")
-    p.add_argument("--tsne", metavar="CHECKPOINT", help="checkpoint directory (holding state.pt)")
-    p.add_argument("--classes", help="comma-separated class indices for --tsne")
-    p.add_argument("--per-class", type=int, default=200, help="--tsne: test images per class")
+    p.add_argument("study", nargs="?",
+                   help="results/<name>/, a Tune experiment directory, or a trials CSV")
+    p.add_argument("--out", help="output HTML (default: report.html in the study directory; "
+                                 "for --tsne, tsne_<checkpoint>.html beside the checkpoint)")
+    p.add_argument("--param", action="append", metavar="NAME",
+                   help="draw the ablation curve of this swept parameter (repeatable); "
+                        "default: every swept number of a grid study")
+    p.add_argument("--band", choices=("auto", "ci", "std"), default="auto",
+                   help="ablation band over seeds: 95%% t-interval of the mean (ci), ± std, "
+                        "or auto: ci with 3 or more seeds, else std")
+    p.add_argument("--no-png", action="store_true", help="skip the PNG files")
+    p.add_argument("--tsne", nargs="+", metavar="CHECKPOINT",
+                   help="t-SNE of the image features of these checkpoint directories")
+    p.add_argument("--classes", help="--tsne: class indices or names, e.g. 0,3,9")
+    p.add_argument("--per-class", type=int, default=200,
+                   help="--tsne: evaluation images per class (default 200)")
+    p.add_argument("--device", default="cpu", help="--tsne: torch device (default cpu)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tsne:
-        from lfm_ray.tsne import write_tsne
+        from lfm_ray.analysis.tsne import write_tsne
 
+        if args.study:
+            raise LfmError(f"give either a study ({args.study!r}) or --tsne, not both")
         if not args.classes:
             raise LfmError("--tsne needs --classes, e.g. --classes 0,3,9")
-        try:
-            classes = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError:
-            raise LfmError(f"--classes {args.classes!r} is not valid; expected indices like 0,3,9") from None
-        path = write_tsne(args.tsne, classes, out=args.out, per_class=args.per_class)
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        path = write_tsne(args.tsne, classes, out=args.out, per_class=args.per_class,
+                          device=args.device)
     else:
         if not args.study:
-            raise LfmError("give a study directory (or --tsne CHECKPOINT --classes ...)")
+            raise LfmError("give a study directory (results/<name>/), a Tune experiment "
+                           "directory or a trials CSV; or --tsne CHECKPOINT --classes ...")
         from lfm_ray.analysis import write_report
 
-        path = write_report(args.study, args.out)
+        path = write_report(args.study, args.out, params=args.param, band=args.band,
+                            png=not args.no_png)
     print(f"wrote {path}")
     return 0

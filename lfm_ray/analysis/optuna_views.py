@@ -1,0 +1,211 @@
+"""Optuna's own views of a search: optimisation history, parameter importance (Optuna's
+default evaluator), parallel coordinates, and the Pareto front of a multi-objective search.
+
+The Optuna study comes from its storage when the study recorded one (study.json
+"optuna_storage", e.g. sqlite:///results/optuna.db), else it is rebuilt from the trials
+table with `optuna.trial.create_trial`: distributions from the study's declared search space
+where it has one, otherwise inferred from the table (numbers: a float or int range, log when
+the values span more than 1.5 decades; anything else: categorical).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from lfm_ray.analysis.figures import use_log_axis
+from lfm_ray.analysis.load import DONE, FAILED, Study
+from lfm_ray.errors import LfmError
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def declared_distribution(dim: dict[str, Any]):
+    """An Optuna distribution from one dimension of study.json "space"."""
+    from optuna.distributions import (
+        CategoricalDistribution, FloatDistribution, IntDistribution,
+    )
+
+    kind = dim.get("kind")
+    if kind == "choice":
+        return CategoricalDistribution([_plain(c) for c in dim["choices"]])
+    if kind == "int":
+        return IntDistribution(int(dim["low"]), int(dim["high"]))
+    if kind in ("uniform", "loguniform"):
+        return FloatDistribution(float(dim["low"]), float(dim["high"]),
+                                 log=kind == "loguniform")
+    raise LfmError(f"search-space kind {kind!r} is not known; expected choice, int, "
+                   "uniform or loguniform")
+
+
+def inferred_distribution(values: pd.Series):
+    """An Optuna distribution covering the values a parameter took in the table."""
+    from optuna.distributions import (
+        CategoricalDistribution, FloatDistribution, IntDistribution,
+    )
+
+    values = values.dropna()
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        x = pd.to_numeric(values).to_numpy(float)
+        if pd.api.types.is_integer_dtype(values):
+            return IntDistribution(int(x.min()), int(x.max()))
+        return FloatDistribution(float(x.min()), float(x.max()),
+                                 log=use_log_axis([x.min(), x.max()]))
+    return CategoricalDistribution([_plain(v) for v in dict.fromkeys(values.tolist())])
+
+
+def search_distributions(study: Study) -> dict[str, Any]:
+    """Every searched parameter's distribution, declared or inferred."""
+    space = study.meta.get("space") or {}
+    out = {}
+    for name in study.params:
+        if name in space:
+            out[name] = declared_distribution(space[name])
+        elif name in study.trials.columns and study.trials[name].notna().any():
+            out[name] = inferred_distribution(study.trials[name])
+    if not out:
+        raise LfmError(f"study {study.name!r} searched no parameter; there is no Optuna view")
+    return out
+
+
+def _directions(study: Study) -> tuple[list[str], list[str]]:
+    metrics = study.objectives if len(study.objectives) > 1 else [study.metric]
+    direction = "minimize" if study.mode == "min" else "maximize"
+    return metrics, [direction] * len(metrics)
+
+
+def rebuild_optuna_study(study: Study):
+    """An in-memory Optuna study holding every finished and failed trial of the table."""
+    import optuna
+    from optuna.trial import TrialState
+
+    dists = search_distributions(study)
+    metrics, directions = _directions(study)
+    missing = [m for m in metrics if m not in study.trials.columns]
+    if missing:
+        raise LfmError(f"the trials table of {study.name!r} has no column {missing[0]!r} "
+                       "to rebuild its Optuna study from")
+    ost = optuna.create_study(study_name=study.name, directions=directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ost.set_metric_names(metrics)  # the axis titles of Optuna's plots
+    trials = []
+    for _, row in study.trials.iterrows():
+        if row["status"] not in (DONE, FAILED):
+            continue  # still running or pending: Optuna has no value for it yet
+        params, used = {}, {}
+        for name, dist in dists.items():
+            value = row.get(name)
+            if _missing(value):
+                continue  # a conditional dimension this trial did not draw
+            value = _plain(value)
+            if isinstance(dist, optuna.distributions.IntDistribution):
+                value = int(value)
+            elif isinstance(dist, optuna.distributions.FloatDistribution):
+                value = float(value)
+            params[name], used[name] = value, dist
+        values = [row.get(m) for m in metrics]
+        ok = row["status"] == DONE and not any(_missing(v) for v in values)
+        trials.append(optuna.trial.create_trial(
+            state=TrialState.COMPLETE if ok else TrialState.FAIL, params=params,
+            distributions=used, values=[float(v) for v in values] if ok else None,
+            user_attrs={"trial_id": str(row["trial_id"])}))
+    ost.add_trials(trials)
+    return ost
+
+
+def optuna_study(study: Study):
+    """The study's Optuna study: from its storage when recorded, else rebuilt."""
+    import optuna
+
+    storage = study.meta.get("optuna_storage")
+    if storage and "://" in str(storage):
+        try:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            return optuna.load_study(study_name=study.name, storage=storage)
+        except Exception as exc:  # noqa: BLE001 - the table holds the same trials
+            study.notes.append(f"Optuna storage {storage} could not be read "
+                               f"({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                               "the Optuna views are rebuilt from the trials table")
+    return rebuild_optuna_study(study)
+
+
+def optuna_figures(study: Study) -> dict[str, go.Figure]:
+    """history, parallel, importance (when Optuna can assess it) and, for several
+    objectives, pareto."""
+    import optuna
+    import optuna.visualization as vis
+    from optuna.trial import TrialState
+
+    study.require_finished()
+    ost = optuna_study(study)
+    complete = ost.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise LfmError(f"the Optuna study of {study.name!r} has no complete trial")
+    metrics, directions = _directions(study)
+    multi = len(ost.directions) > 1
+    names = list(ost.metric_names or metrics)
+    figs: dict[str, go.Figure] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if multi:
+            figs["pareto"] = vis.plot_pareto_front(ost, target_names=names)
+            first = lambda t: t.values[0]  # noqa: E731
+            figs["history"] = vis.plot_optimization_history(ost, target=first,
+                                                            target_name=names[0])
+            figs["parallel"] = vis.plot_parallel_coordinate(ost, target=first,
+                                                            target_name=names[0])
+        else:
+            figs["history"] = vis.plot_optimization_history(ost, target_name=names[0])
+            figs["parallel"] = vis.plot_parallel_coordinate(ost, target_name=names[0])
+        importance = _importance_figure(ost, names, study)
+        if importance is not None:
+            figs["importance"] = importance
+    for key, fig in figs.items():
+        title = fig.layout.title.text or key
+        fig.update_layout(title=f"{study.name}: {title}", template="plotly_white")
+    return figs
+
+
+def _importance_figure(ost, names: list[str], study: Study) -> go.Figure | None:
+    """Optuna's default importance evaluator, per objective. The evaluator ranks
+    parameters by how they reach *low* target values when given a target, so maximised
+    objectives are handed to it negated."""
+    import optuna
+    import optuna.visualization as vis
+    from optuna.study import StudyDirection
+
+    try:
+        if len(ost.directions) == 1:
+            with warnings.catch_warnings():
+                # Few trials per regime is the normal state of a small search.
+                warnings.simplefilter("ignore", UserWarning)
+                return vis.plot_param_importances(ost, target_name=names[0])
+        fig = None
+        for i, (name, direction) in enumerate(zip(names, ost.directions)):
+            sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                part = vis.plot_param_importances(
+                    ost, target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name)
+            if fig is None:
+                fig = part
+            else:
+                for trace in part.data:
+                    fig.add_trace(trace)
+        fig.update_layout(barmode="group", showlegend=True)
+        return fig
+    except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError) as exc:
+        study.notes.append(f"parameter importance not assessed: {str(exc).splitlines()[0]}")
+        return None

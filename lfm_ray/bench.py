@@ -43,6 +43,10 @@ TARGETS = {
 }
 
 
+# Steps per epoch of the benchmark's smoke trials (one epoch per stage, batch 64).
+SMOKE_STEPS = 5
+
+
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -122,28 +126,34 @@ class _TrialClock:
 
 
 def _smoke_study(name: str, root: Path, taus: list[float], concurrent: int | None,
-                 cache_dir: str, clock=None):
+                 cache_dir: str, clock=None, workers: int = 0, steps: int = SMOKE_STEPS):
+    """One epoch per stage of `steps` steps per τ. workers=0 is what a study on a local
+    instance runs by default (training in the trial's own process); 1 is a worker group."""
     from lfm_ray.config import RunConfig
     from lfm_ray.study import Study
 
     base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
-                                 "runtime.max_steps_per_epoch": 5, "data.cache_dir": cache_dir})
+                                 "runtime.max_steps_per_epoch": steps,
+                                 "runtime.num_workers": workers, "data.cache_dir": cache_dir})
     return Study(name=name, base=base, grid={"mix.tau": taus}, seeds=[0],
                  storage_path=str(root / "ray"), results_dir=str(root / "results"),
                  max_concurrent=concurrent, callbacks=[clock] if clock else [],
                  command=["lfm-ray", "bench"])
 
 
-def bench_trial_overhead(root: Path, cache_dir: str, trials: int = 3) -> dict[str, float]:
+def bench_trial_overhead(root: Path, cache_dir: str, trials: int = 3,
+                         workers: int = 0) -> dict[str, float]:
     """Median (trial wall time − training time it reported), one trial at a time."""
     from lfm_ray.study import run_study
 
     clock = _TrialClock()
     taus = [0.01 * (i + 1) for i in range(trials)]
-    table = run_study(_smoke_study("overhead", root, taus, 1, cache_dir, clock))
+    table = run_study(_smoke_study(f"overhead_w{workers}", root, taus, 1, cache_dir, clock,
+                                   workers=workers))
     overheads = [clock.wall[t] - float(r) for t, r in zip(table["trial_id"], table["train_time_s"])]
-    return {"trial_overhead_s": statistics.median(overheads),
-            "trial_wall_s": statistics.median(clock.wall.values())}
+    suffix = "" if workers == 0 else "_worker_group"
+    return {f"trial_overhead{suffix}_s": statistics.median(overheads),
+            f"trial_wall{suffix}_s": statistics.median(clock.wall.values())}
 
 
 def bench_sweep(root: Path, cache_dir: str, trials: int = 6) -> dict[str, float]:
@@ -165,22 +175,26 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
                           tiny: bool = False) -> dict[str, float]:
     """The τ study through Ray against the same trials one after another in this process,
     without Ray (Ray Train's in-process mode runs the same loop)."""
+    import argparse
     import sys as _sys
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from lfm_ray.commands.study_flags import add_study_flags, base_overrides
     from lfm_ray.study import run_study
     from lfm_ray.train import train_loop_per_worker
 
     _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
     import tau_sweep
 
-    class Args:
-        name, smoke, seeds = "tau_bench", False, ("0" if quick else None)
-
+    # The script's own flags and defaults, as `python studies/tau_sweep.py` parses them.
+    parser = argparse.ArgumentParser()
+    add_study_flags(parser, default_name="tau_bench")
+    args = parser.parse_args(["--seeds", "0"] if quick else [])
     smoke = {"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 2}
-    study = tau_sweep.build(Args, {"data.cache_dir": cache_dir, **(smoke if tiny else {})})
+    study = tau_sweep.build(args, {**base_overrides(args), "data.cache_dir": cache_dir,
+                                   **(smoke if tiny else {})})
     if quick or tiny:
         study.grid = {"mix.tau": tau_sweep.TAUS[:1 if tiny else 4]}
     study.seeds = [0] if quick else study.seeds
@@ -369,6 +383,8 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
                                                    repeats=1 if tiny else 3, cache_dir=cache),
             "data_share": lambda: bench_data_share(cache),
             "trial_overhead": lambda: bench_trial_overhead(root, cache, trials=1 if tiny else 3),
+            "trial_overhead_worker_group": lambda: bench_trial_overhead(
+                root, cache, trials=1 if tiny else 3, workers=1),
             "sweep": lambda: bench_sweep(root, cache, trials=2 if tiny else 6),
             "laptop": lambda: bench_laptop_overhead(root, cache, quick=quick, tiny=tiny),
         }

@@ -11,6 +11,7 @@ their last checkpoint (Ray Train finds it under the trial's own storage path).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -272,17 +273,43 @@ def trial_driver(config: dict[str, Any]) -> None:
 
     cfg = config_for(config["base"], config.get("variants") or {}, config["params"])
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = make_trainer(
-        cfg, name=f"train_{trial_id}", storage_path=config["train_storage"],
-        callbacks=[TuneReportCallback()], max_failures=int(config.get("max_failures", 0)),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - keep the worker's own message for the table
-        inner = unwrap_training_error(exc)
-        if inner is not exc:
-            raise RuntimeError(f"{type(inner).__name__}: {inner}") from None
-        raise
+    in_trial = cfg.runtime.num_workers == 0
+    with contextlib.ExitStack() as stack:
+        if in_trial:
+            # Ray Train's local mode: the loop runs here and reports to this Tune trial
+            # itself; a restored trial resumes from the checkpoint Tune kept.
+            extra: dict[str, Any] = {"report_to_tune": True}
+            checkpoint = ray.tune.get_checkpoint()
+            if checkpoint is not None:
+                extra["resume_from"] = stack.enter_context(checkpoint.as_directory())
+            callbacks: list[Any] = []
+        else:
+            extra, callbacks = {}, [TuneReportCallback()]
+        trainer = make_trainer(
+            cfg, name=f"train_{trial_id}", storage_path=config["train_storage"],
+            callbacks=callbacks, extra=extra, max_failures=int(config.get("max_failures", 0)),
+        )
+        try:
+            trainer.fit()
+        except Exception as exc:  # noqa: BLE001 - keep the worker's own message for the table
+            inner = unwrap_training_error(exc)
+            if inner is not exc:
+                raise RuntimeError(f"{type(inner).__name__}: {inner}") from None
+            raise
+
+
+def trial_resources(study: Study) -> dict[str, float]:
+    """What a trial's own actor holds. A worker-group trial only waits on its TorchTrainer,
+    whose workers hold the CPUs and GPUs, so it asks for a token of memory and no CPU a
+    worker needs; a trial that trains in its own process (num_workers=0) holds one
+    worker's CPUs and GPUs itself."""
+    rt = study.base.runtime
+    if rt.num_workers == 0:
+        out = {"cpu": rt.cpus_per_worker}
+        if rt.gpus_per_worker > 0:
+            out["gpu"] = rt.gpus_per_worker
+        return out
+    return {"cpu": 0, "memory": 1024}
 
 
 def _concurrency(study: Study) -> int:
@@ -423,7 +450,10 @@ def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
         row["stopped_early"] = bool(t.status == "TERMINATED" and not cfg.runtime.zero_shot
                                     and last.get("epoch") is not None
                                     and int(last["epoch"]) < epochs)
-        row["checkpoint_path"] = last.get("checkpoint_path")
+        # Worker-group trials report Ray Train's checkpoint path; in-process trials'
+        # checkpoints are Tune's own.
+        row["checkpoint_path"] = last.get("checkpoint_path") or getattr(
+            getattr(t, "checkpoint", None), "path", None)
         row["node_id"] = last.get("node_id")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -590,9 +620,7 @@ def run_study(study: Study) -> pd.DataFrame:
         write_json_atomic(meta_path, study_meta(study))
 
     concurrency = _concurrency(study)
-    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs;
-    # it asks for a token of memory so that it holds no CPU a worker needs.
-    trainable = tune.with_resources(trial_driver, {"cpu": 0, "memory": 1024})
+    trainable = tune.with_resources(trial_driver, trial_resources(study))
     run_config = tune.RunConfig(
         name=study.name,
         storage_path=study.storage_path if "://" in study.storage_path
@@ -614,6 +642,9 @@ def run_study(study: Study) -> pd.DataFrame:
                 scheduler=_scheduler(study),
                 num_samples=study.num_samples if study.search != "grid" else 1,
                 max_concurrent_trials=concurrency,
+                # A trial driver is reused by the next trial: its Ray process and imports
+                # (torch, Ray Train; ~3 CPU-seconds) are paid once per concurrent slot.
+                reuse_actors=True,
             ),
             run_config=run_config,
         )
@@ -636,7 +667,8 @@ def _table_from_results(study: Study, results) -> pd.DataFrame:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         status = "ERROR" if r.error else "TERMINATED"
         trials.append(_TrialView(trial_id, status, r.config or {}, r.metrics or {},
-                                 _last_line(str(r.error)) if r.error else ""))
+                                 _last_line(str(r.error)) if r.error else "",
+                                 checkpoint=r.checkpoint))
     return trial_rows(study, trials)
 
 
@@ -650,4 +682,5 @@ class _TrialView:
     last_result: dict[str, Any]
     error_text: str = ""
     error_file: str | None = None
+    checkpoint: Any = None
 

@@ -51,9 +51,15 @@ class WorkerInfo:
         return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-def worker_info(cfg: RunConfig) -> WorkerInfo:
+def worker_info(cfg: RunConfig, in_tune_trial: bool = False) -> WorkerInfo:
+    """Rank, world size and device of this worker. A loop in a Tune trial's own process
+    (local mode) is the only rank; Ray refuses `ray.train` calls inside a Tune trial."""
     import ray.train
 
+    if in_tune_trial:
+        device = torch.device("cuda", 0) if cfg.runtime.gpus_per_worker > 0 \
+            and torch.cuda.is_available() else torch.device("cpu")
+        return WorkerInfo(rank=0, world_size=1, device=device)
     ctx = ray.train.get_context()
     if cfg.runtime.gpus_per_worker > 0 and torch.cuda.is_available():
         import ray.train.torch
@@ -338,7 +344,7 @@ def _resume_state(config: dict[str, Any], device: torch.device) -> dict[str, Any
     """The checkpoint Ray hands back on a restart, else an explicit `resume_from` path."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = None if config.get("report_to_tune") else ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             return load_state(d, device)
@@ -348,15 +354,26 @@ def _resume_state(config: dict[str, Any], device: torch.device) -> dict[str, Any
 
 
 def _report(metrics: dict[str, Any], make_checkpoint: Callable[[Path], None] | None,
-            info: WorkerInfo, keep_dir: str | None) -> None:
+            info: WorkerInfo, keep_dir: str | None, to_tune: bool = False) -> None:
     """Report on every worker; rank 0 attaches the checkpoint.
 
     With `keep_dir` (in-process runs, which have no storage to copy to) the checkpoint is
-    written there and kept; otherwise into a temporary directory Ray copies from.
+    written there and kept; otherwise into a temporary directory Ray copies from. With
+    `to_tune` (a study trial training in its own process, Ray Train's local mode, which runs
+    no report callbacks) metrics and checkpoint go straight to the Tune trial.
     """
     import ray.train
     from ray.train import Checkpoint
 
+    if to_tune:
+        from ray import tune
+
+        with tempfile.TemporaryDirectory(prefix="lfm-ckpt-") as tmp:
+            if make_checkpoint is not None:
+                make_checkpoint(Path(tmp))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp)
+                        if make_checkpoint is not None else None)
+        return
     if info.rank != 0 or make_checkpoint is None:
         ray.train.report(metrics)
         return
@@ -376,16 +393,19 @@ def _report(metrics: dict[str, Any], make_checkpoint: Callable[[Path], None] | N
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """TorchTrainer entry. `config["run"]` is a RunConfig dict; optional keys:
     `resume_from` (a checkpoint directory), `checkpoint_dir` (keep checkpoints there, for
-    in-process runs), `stop_after_epoch` (end after that global epoch, for tests of resume).
+    in-process runs), `report_to_tune` (a study trial in Ray Train's local mode: report to
+    the Tune trial itself), `stop_after_epoch` (end after that global epoch, for tests of
+    resume).
     """
     # Ray Train logs every report and checkpoint at INFO; our own progress line says enough.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = RunConfig.from_dict(config["run"]).validate()
     threads = cfg.runtime.threads or max(1, int(cfg.runtime.cpus_per_worker))
     torch.set_num_threads(threads)
-    info = worker_info(cfg)
-    run = Run(cfg, info)
     keep_dir = config.get("checkpoint_dir")
+    to_tune = bool(config.get("report_to_tune"))
+    info = worker_info(cfg, in_tune_trial=to_tune)
+    run = Run(cfg, info)
     from lfm_ray.losses import build_loss
 
     if cfg.runtime.zero_shot:
@@ -398,7 +418,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (path / RESULT_FILE).write_text(json.dumps({**metrics, **result, **run.class_info()}))
             (path / HISTORY_FILE).write_text(json.dumps([metrics]))
 
-        _report(metrics, write_zero_shot, info, keep_dir)
+        _report(metrics, write_zero_shot, info, keep_dir, to_tune)
         return
 
     loss_fn = build_loss(cfg.loss.name, run.class_counts, text_features=run.text_features,
@@ -445,7 +465,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_state(path, run, _stage, _epoch, opt, sched,
                            {**_m, **_result, **run.class_info()}, history)
 
-            _report(metrics, write, info, keep_dir)
+            _report(metrics, write, info, keep_dir, to_tune)
             done = epoch
             if stop_after is not None and epoch >= int(stop_after):
                 return

@@ -187,3 +187,78 @@ def test_a_failing_trial_is_marked_failed_while_the_study_goes_on(tmp_path, loca
     assert table.loc[1000, "status"] == "ERROR"
     assert "no training images" in table.loc[1000, "error"]
     assert len(load_study(tmp_path / "results" / "fails").failed) == 1
+
+
+# ---- where a trial trains: its own process (local mode) or a worker group ---------------------
+def test_trial_resources_follow_where_the_trial_trains(tmp_path):
+    from lfm_ray.study import trial_resources
+
+    in_trial = study_in(tmp_path, name="s", base=smoke_base(tmp_path).override(
+        {"runtime.num_workers": 0, "runtime.cpus_per_worker": 2, "runtime.gpus_per_worker": 0.25}))
+    assert trial_resources(in_trial) == {"cpu": 2, "gpu": 0.25}
+    group = study_in(tmp_path, name="s", base=smoke_base(tmp_path).override(
+        {"runtime.num_workers": 2}))
+    assert trial_resources(group) == {"cpu": 0, "memory": 1024}
+
+
+def test_default_trial_workers(monkeypatch):
+    from lfm_ray.launch import default_trial_workers
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert default_trial_workers(None, 0.0) == 0
+    assert default_trial_workers(None, 0.25) == 1
+    assert default_trial_workers("auto", 0.0) == 1
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert default_trial_workers(None, 0.0) == 1
+
+
+def test_script_trial_workers_flag(tmp_path, capsys):
+    import tau_sweep
+
+    code = tau_sweep.main(["--trial-workers", "-1", "--storage-path", str(tmp_path / "ray"),
+                           "--results-dir", str(tmp_path / "results")])
+    assert code == 2
+    assert "--trial-workers -1 is not valid" in capsys.readouterr().err
+
+
+def test_lean_trainer_drops_only_the_unused_run_actors(tmp_path, monkeypatch):
+    from ray.train.v2._internal.callbacks import BackendSetupCallback
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from lfm_ray.launch import LOCAL_FLAG, make_trainer
+
+    def kinds(local: bool) -> set[type]:
+        monkeypatch.setenv(LOCAL_FLAG, "1" if local else "0")
+        trainer = make_trainer(smoke_base(tmp_path), name="t", storage_path=str(tmp_path))
+        return {type(cb) for cb in trainer._create_default_callbacks()}
+
+    local, cluster = kinds(True), kinds(False)
+    assert DatasetsCallback not in local and DatasetsCallback not in cluster
+    assert PlacementGroupCleanerCallback not in local
+    assert PlacementGroupCleanerCallback in cluster  # a cluster keeps the cleaner
+    assert BackendSetupCallback in local and BackendSetupCallback in cluster
+
+
+def test_a_trial_in_its_own_process_matches_a_worker_group_trial(tmp_path, local_ray):
+    """Same config and seed: training in the trial's process (Ray Train local mode, reports
+    straight to Tune) gives the worker group's numbers, epoch by epoch."""
+    from lfm_ray.study import run_study
+
+    tables = {}
+    for workers in (0, 1):
+        base = smoke_base(tmp_path).override({"runtime.num_workers": workers})
+        tables[workers] = run_study(study_in(tmp_path, name=f"w{workers}", base=base,
+                                             grid={"mix.tau": [0.05]}))
+    in_trial, group = tables[0].iloc[0], tables[1].iloc[0]
+    assert in_trial["status"] == group["status"] == "TERMINATED"
+    assert in_trial["epoch"] == group["epoch"] == 2
+    for key in ("acc_all", "acc_many", "acc_medium", "acc_few", "train_loss"):
+        assert in_trial[key] == pytest.approx(group[key], abs=1e-6), key
+    # The in-process trial's checkpoint is Tune's own, with the run's state and history.
+    ckpt = Path(in_trial["checkpoint_path"])
+    assert ckpt.is_dir() and {"result.json", "history.json"} <= {p.name for p in ckpt.iterdir()}
+    history = json.loads((ckpt / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
     command = [sys.executable, str(ROOT / "studies" / "tau_sweep.py"), "--smoke",
                "--seeds", "0", "--name", "resume", "--max-concurrent", "1", "--no-report",
+               "--trial-workers", "1",  # worker-group trials: long enough to be interrupted
                "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
     table_path = tmp_path / "results" / "resume" / "trials.csv"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -51,3 +53,40 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
         after = kept.loc[before["trial_id"]]
         assert after["acc_all"] == before["acc_all"]
         assert after["wall_time_s"] == before["wall_time_s"]
+
+
+def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
+    """A trial training in its own process keeps its checkpoints in Tune: killed mid-trial,
+    the same command resumes it from its last epoch rather than from the start."""
+    epochs = 24  # about 0.3 s each: the kill lands mid-trial
+    command = [sys.executable, "-m", "lfm_ray.cli", "study", "--name", "mid",
+               "--grid", "mix.tau=0.05", "--num-workers", "0", "--no-report",
+               "--stage1.epochs", str(epochs - 2), "--stage2.epochs", "2",
+               "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        if list((tmp_path / "ray" / "mid").glob("trial_driver_*/checkpoint_000002")):
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, "the study ended before it could be interrupted"
+    time.sleep(1.5)  # let Tune save its experiment state once more
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    time.sleep(2)
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=400)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming study 'mid'" in second.stdout
+    final = pd.read_csv(tmp_path / "results" / "mid" / "trials.csv")
+    assert len(final) == 1 and final.loc[0, "status"] == "TERMINATED"
+    assert final.loc[0, "epoch"] == epochs
+    results = [json.loads(line) for line in next(
+        (tmp_path / "ray" / "mid").glob("trial_driver_*/result.json")).read_text().splitlines()]
+    restarts = [r["epoch"] for r in results if r["iterations_since_restore"] == 1]
+    assert restarts[0] == 1 and len(restarts) == 2, restarts
+    assert restarts[1] > 3  # the restored trial went on after its checkpointed epochs
+    assert sorted({r["epoch"] for r in results}) == list(range(1, epochs + 1))

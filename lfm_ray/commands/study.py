@@ -70,8 +70,14 @@ def build_study(args: argparse.Namespace):
             raise LfmError(f"--space {item!r} is not valid; expected FIELD=KIND:...")
         space[name] = parse_dim(dim)
     objectives = [o for o in (args.objectives or "").split(",") if o]
+    base = config_from_args(args)
+    if "runtime.num_workers" not in flag_values(args) and not getattr(args, "config", None):
+        from lfm_ray.launch import default_trial_workers
+
+        base.runtime.num_workers = default_trial_workers(args.address,
+                                                         base.runtime.gpus_per_worker)
     return Study(
-        name=args.name, base=config_from_args(args), search=args.search, grid=grid,
+        name=args.name, base=base, search=args.search, grid=grid,
         space=space, seeds=parse_seeds(args.seeds, [0]), num_samples=args.num_samples,
         metric=args.metric, mode="max", objectives=objectives, scheduler=args.scheduler,
         sampler=args.sampler, optuna_storage=args.optuna_storage,

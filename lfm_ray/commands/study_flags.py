@@ -27,6 +27,10 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
     g.add_argument("--gpus-per-trial", type=float, default=None,
                    help="GPU per trial worker; 0.25 packs four one-worker trials on a GPU")
     g.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial worker")
+    g.add_argument("--trial-workers", type=int, default=None,
+                   help="Ray Train workers per trial: 0 trains in the trial's own process "
+                        "(Ray Train's local mode), 1 or more runs a worker group (DDP). "
+                        "Default: 0 on a local instance without GPUs, else 1")
     g.add_argument("--max-concurrent", type=int, default=None,
                    help="cap on trials at once (default: what the cluster's resources allow)")
     g.add_argument("--smoke", action="store_true",
@@ -61,9 +65,23 @@ def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["runtime.gpus_per_worker"] = args.gpus_per_trial
     if args.cpus_per_trial is not None:
         out["runtime.cpus_per_worker"] = args.cpus_per_trial
+    out["runtime.num_workers"] = trial_workers(args)
     if args.smoke:
         out.update({"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 3})
     return out
+
+
+def trial_workers(args: argparse.Namespace) -> int:
+    """--trial-workers, else the default for where the study runs (see
+    `lfm_ray.launch.default_trial_workers`)."""
+    from lfm_ray.launch import default_trial_workers
+
+    if args.trial_workers is not None:
+        if args.trial_workers < 0:
+            raise LfmError(f"--trial-workers {args.trial_workers} is not valid; expected 0 "
+                           "(in the trial's process) or a number of workers >= 1")
+        return args.trial_workers
+    return default_trial_workers(args.address, args.gpus_per_trial or 0.0)
 
 
 def run_script(build, default_name: str, description: str, argv: list[str] | None = None) -> int:

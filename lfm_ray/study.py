@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -264,8 +265,12 @@ def _check_writable(path: str, what: str) -> None:
 
 # ---- the trial: a Tune function that runs one TorchTrainer ---------------------------------
 def trial_driver(config: dict[str, Any]) -> None:
-    """Runs in a Tune trial. A restored trial reuses its Train run name, so Ray Train resumes
-    it from its latest checkpoint in `train_storage`."""
+    """Runs in a Tune trial: one TorchTrainer run of the trial's config.
+
+    A worker-group trial reports through TuneReportCallback; restored, it reuses its Train
+    run name, so Ray Train resumes it from its latest checkpoint in `train_storage`. A trial
+    with num_workers=0 trains right here and reports to Tune itself; restored, it resumes
+    from the checkpoint Tune kept."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -276,8 +281,8 @@ def trial_driver(config: dict[str, Any]) -> None:
     in_trial = cfg.runtime.num_workers == 0
     with contextlib.ExitStack() as stack:
         if in_trial:
-            # Ray Train's local mode: the loop runs here and reports to this Tune trial
-            # itself; a restored trial resumes from the checkpoint Tune kept.
+            # Ray logs a notice about local mode for every run; the study's banner says it once.
+            logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
             extra: dict[str, Any] = {"report_to_tune": True}
             checkpoint = ray.tune.get_checkpoint()
             if checkpoint is not None:
@@ -648,8 +653,11 @@ def run_study(study: Study) -> pd.DataFrame:
             ),
             run_config=run_config,
         )
-    print(f"study {study.name!r}: {study.search} search, up to {concurrency} trials at once; "
-          f"experiment at {study.experiment_path}", flush=True)
+    workers = study.base.runtime.num_workers
+    where = ("each trial trains in its own process" if workers == 0 else
+             f"each trial runs a Ray Train worker group of {workers}")
+    print(f"study {study.name!r}: {study.search} search, up to {concurrency} trials at once, "
+          f"{where}; experiment at {study.experiment_path}", flush=True)
     results = tuner.fit()
     table = _table_from_results(study, results)
     write_tables(study, table)

@@ -262,3 +262,25 @@ def test_a_trial_in_its_own_process_matches_a_worker_group_trial(tmp_path, local
     assert ckpt.is_dir() and {"result.json", "history.json"} <= {p.name for p in ckpt.iterdir()}
     history = json.loads((ckpt / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_asha_stops_in_process_trials_cleanly(tmp_path, local_ray):
+    """ASHA stops in-process trials between epochs; the reused trial process goes on to
+    the next trial. One trial at a time, so the stopping order is fixed: τ = 0.002, the
+    weakest here, runs second and falls below the first at the epoch-4 rung."""
+    from lfm_ray.study import run_study
+
+    base = smoke_base(tmp_path).override({"runtime.num_workers": 0, "stage1.epochs": 6,
+                                          "stage2.epochs": 2, "runtime.batch_size": 64,
+                                          "runtime.max_steps_per_epoch": None})
+    table = run_study(study_in(tmp_path, name="asha", base=base, scheduler="asha",
+                               max_concurrent=1,
+                               grid={"mix.tau": [0.05, 0.002, 1.25, 31.25]}))
+    table = table.sort_values("trial_id")  # grid order
+    assert (table["status"] == "TERMINATED").all()
+    assert table["epoch"].max() == 8
+    assert table["stopped_early"].any()
+    assert (table["stopped_early"] == (table["epoch"] < 8)).all()
+    assert table.iloc[1]["stopped_early"]
+    # Trials after the stopped one ran to the end in the reused process.
+    assert (table.iloc[2:]["epoch"] == 8).all()

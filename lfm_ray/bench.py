@@ -16,7 +16,6 @@ Figures (JSON keys) and the claim each supports:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random

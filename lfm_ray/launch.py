@@ -11,8 +11,6 @@ import csv
 import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable
 

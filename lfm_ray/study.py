@@ -16,14 +16,13 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -33,8 +32,8 @@ from lfm_ray.launch import (
     apply_fast_start_env, check_names, check_resources, init_ray, is_local, make_trainer,
     prepare_node,
 )
+from lfm_ray.train import METRIC_KEYS  # what every epoch reports
 
-FINAL_METRICS = ("epoch", "stage", "train_loss", "acc_many", "acc_medium", "acc_few", "acc_all")
 ALWAYS_COLUMNS = ("data.name", "model.name", "loss.name", "mix.method")
 SEARCHES = ("grid", "optuna", "random")
 SCHEDULERS = ("none", "asha")
@@ -192,7 +191,7 @@ def validate(study: Study) -> None:
         raise unknown_name("Optuna sampler", study.sampler, SAMPLERS)
     if study.mode not in ("max", "min"):
         raise LfmError(f"mode {study.mode!r} is not valid; expected 'max' or 'min'")
-    metrics = FINAL_METRICS[2:]
+    metrics = METRIC_KEYS[2:]
     for m in [study.metric, *study.objectives]:
         if m not in metrics:
             raise unknown_name("metric", m, metrics)
@@ -434,34 +433,46 @@ def _scheduler(study: Study):
 def trial_rows(study: Study, trials: list[Any]) -> pd.DataFrame:
     """One row per Tune trial: swept parameters, final metrics, status, costs."""
     rows = []
-    rt = study.base.runtime
     for t in trials:
         params = dict((t.config or {}).get("params") or {})
-        cfg = study.config_for(params)
-        last = dict(t.last_result or {})
-        row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status,
-                               "error": _error_message(t)}
-        for name in study.swept:
-            row[name] = params.get(name)  # absent: a conditional dimension this trial lacks
+        rows.append(trial_row(t.trial_id, t.status, _error_message(t), params, study.swept,
+                              study.config_for(params), dict(t.last_result or {}),
+                              getattr(t, "checkpoint", None)))
+    return pd.DataFrame(rows)
+
+
+def trial_row(trial_id: str, status: str, error: str, params: dict[str, Any],
+              swept: Sequence[str], cfg: RunConfig | None, last: dict[str, Any],
+              checkpoint: Any = None) -> dict[str, Any]:
+    """One row of the trials table (the study engine's and the analysis's).
+
+    `swept` names the parameter columns (absent from `params`: a conditional dimension this
+    trial lacks); `cfg` is the trial's RunConfig, None for a Tune trial that is not
+    lfm-ray's (no config columns or costs then); `last` its last reported result.
+    """
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "error": error}
+    for name in swept:
+        row[name] = params.get(name)
+    if cfg is not None:
         for name in ALWAYS_COLUMNS:
             row.setdefault(name, cfg.get(name))
-        for key in FINAL_METRICS:
-            row[key] = last.get(key)
-        wall = last.get("time_total_s")
-        row["wall_time_s"] = wall
-        row["train_time_s"] = last.get("train_time_total_s")
+    for key in METRIC_KEYS:
+        row[key] = last.get(key)
+    wall = last.get("time_total_s")
+    row["wall_time_s"] = wall
+    row["train_time_s"] = last.get("train_time_total_s")
+    if cfg is not None:
+        rt = cfg.runtime
         row["gpu_hours"] = (wall or 0.0) * max(1, rt.num_workers) * rt.gpus_per_worker / 3600
         epochs = cfg.stage1.epochs + cfg.stage2.epochs
-        row["stopped_early"] = bool(t.status == "TERMINATED" and not cfg.runtime.zero_shot
+        row["stopped_early"] = bool(status == "TERMINATED" and not rt.zero_shot
                                     and last.get("epoch") is not None
                                     and int(last["epoch"]) < epochs)
-        # Worker-group trials report Ray Train's checkpoint path; in-process trials'
-        # checkpoints are Tune's own.
-        row["checkpoint_path"] = last.get("checkpoint_path") or getattr(
-            getattr(t, "checkpoint", None), "path", None)
-        row["node_id"] = last.get("node_id")
-        rows.append(row)
-    return pd.DataFrame(rows)
+    # Worker-group trials report Ray Train's checkpoint path; in-process trials'
+    # checkpoints are Tune's own.
+    row["checkpoint_path"] = last.get("checkpoint_path") or getattr(checkpoint, "path", None)
+    row["node_id"] = last.get("node_id")
+    return row
 
 
 def _last_line(text: str) -> str:
@@ -603,7 +614,6 @@ def _prepare_node_data(study: Study) -> None:
 
 def run_study(study: Study) -> pd.DataFrame:
     """Run (or resume) a study; returns the trials table also written to results/<name>/."""
-    import ray
     from ray import tune
 
     validate(study)

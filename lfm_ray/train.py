@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass

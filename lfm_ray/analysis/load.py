@@ -37,8 +37,6 @@ NOT_PARAMS = frozenset({
     "trial_id", "status", "error", "checkpoint_path", "node_id", "stopped_early", "epoch",
     "stage", "train_loss", "lr", "wall_time_s", "train_time_s", "gpu_hours", *METRICS,
 })
-ALWAYS_COLUMNS = ("data.name", "model.name", "loss.name", "mix.method")
-FINAL_METRICS = ("epoch", "stage", "train_loss", *METRICS)
 EPOCH_COLUMNS = ("epoch", "stage", "train_loss", *METRICS, "lr", "train_time_s")
 
 
@@ -295,6 +293,8 @@ def read_tune_experiment(path: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
     except Exception as exc:  # noqa: BLE001 - Tune's reader says what is wrong
         raise LfmError(f"{path!r} is not a readable Tune experiment: "
                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    from lfm_ray.study import trial_row
+
     rows, params_seen, base, variants = [], [], None, {}
     for trial in analysis.trials:
         config = dict(trial.config or {})
@@ -304,26 +304,9 @@ def read_tune_experiment(path: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
         for name in params:
             if name not in params_seen:
                 params_seen.append(name)
-        last = dict(trial.last_result or {})
-        row: dict[str, Any] = {"trial_id": str(trial.trial_id), "status": str(trial.status),
-                               "error": _tune_error(trial), **params}
-        cfg = _run_config(config, params)
-        for name in ALWAYS_COLUMNS:
-            if cfg is not None:
-                row.setdefault(name, cfg.get(name))
-        for key in FINAL_METRICS:
-            row[key] = last.get(key)
-        wall = last.get("time_total_s")
-        row["wall_time_s"] = wall
-        row["train_time_s"] = last.get("train_time_total_s")
-        if cfg is not None:
-            rt = cfg.runtime
-            row["gpu_hours"] = (wall or 0.0) * max(1, rt.num_workers) * rt.gpus_per_worker / 3600
-            planned = cfg.stage1.epochs + cfg.stage2.epochs
-            row["stopped_early"] = bool(row["status"] == DONE and not rt.zero_shot
-                                        and last.get("epoch") is not None
-                                        and int(last["epoch"]) < planned)
-        row["checkpoint_path"] = last.get("checkpoint_path")
+        row = trial_row(str(trial.trial_id), str(trial.status), _tune_error(trial), params,
+                        list(params), _run_config(config, params),
+                        dict(trial.last_result or {}), getattr(trial, "checkpoint", None))
         rows.append(row)
     trials = pd.DataFrame(rows)
     if "gpu_hours" not in trials.columns:

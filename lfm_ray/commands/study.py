@@ -4,6 +4,10 @@
     lfm-ray study --name search --search optuna --space stage1.lr=loguniform:1e-4:1e-2 \
         --space loss.name=choice:ce,mms --num-samples 16
     lfm-ray study --resume taus
+
+On a local Ray instance without GPUs each trial trains in its own process (Ray Train's local
+mode); --num-workers 1 or more gives every trial a Ray Train worker group instead, as
+--address and GPUs do by default.
 """
 
 from __future__ import annotations

@@ -7,9 +7,13 @@ interpolation like CLIP's own preprocessing.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lfm_ray.transfer import to_device
 
 # Below this size a whole split is copied to the GPU once; above it, batches are gathered on
 # the host and copied per step (ImageNet-LT at 224 px is about 17 GB).
@@ -28,7 +32,10 @@ class DeviceImages:
         self.count = len(images)
         on_gpu = self.device.type == "cuda" and images.nbytes <= GPU_RESIDENT_BYTES
         if on_gpu:
-            self._tensor = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+            with warnings.catch_warnings():  # a read-only memory map, only read for the copy
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                host = torch.from_numpy(np.ascontiguousarray(images))
+            self._tensor = host.to(self.device)
             self._array = None
         else:
             self._tensor = None
@@ -40,7 +47,7 @@ class DeviceImages:
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) on the device."""
         if self._tensor is not None:
-            return self._tensor.index_select(0, positions.to(self.device))
+            return self._tensor.index_select(0, to_device(positions, self.device))
         picked = self._array[positions.cpu().numpy()]
         out = torch.from_numpy(np.ascontiguousarray(picked))
         if self.device.type == "cuda":
@@ -60,17 +67,17 @@ class BatchBuilder:
 
     def __call__(self, images: torch.Tensor, flip: bool = False,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        x = images.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_device(images, self.device).permute(0, 3, 1, 2).float().div_(255.0)
         if flip:
             # Draw on the CPU generator so a seed gives the same flips on any device.
             mask = torch.rand(x.shape[0], generator=generator) < 0.5
-            mask = mask.to(self.device).view(-1, 1, 1, 1)
+            mask = to_device(mask, self.device).view(-1, 1, 1, 1)
             x = torch.where(mask, x.flip(-1), x)
         size = self.spec.size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
             x = x.clamp_(0.0, 1.0)
-        x = (x - self.mean) / self.std
+        x = x.sub_(self.mean).div_(self.std)  # x is this call's own tensor: in place
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -88,6 +88,7 @@ class RuntimeConfig:
     zero_shot: bool = False            # evaluate the text classifier only, no training
     max_steps_per_epoch: int | None = None  # cap for smoke runs; None: full epochs
     threads: int | None = None         # torch CPU threads per worker; None: cpus_per_worker
+    compile: bool | None = None        # torch.compile the image tower; None: on GPUs only
 
 
 # The authors' logit scales, so that a loss run with defaults reproduces theirs.
@@ -268,6 +269,8 @@ def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, str):
                 return [value]
             return [str(v) for v in value]
+        if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in kind:
+            return None
         if "bool" in kind:
             if isinstance(value, str):
                 low = value.strip().lower()
@@ -277,8 +280,6 @@ def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in kind:
-            return None
         if kind.startswith("int"):
             as_float = float(value)
             if not as_float.is_integer():

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lfm_ray.errors import LfmError, unknown_name
+from lfm_ray.transfer import to_device
 
 # ConCutMix: softmax temperature over the two classes' cosine similarities. Cosines of CLIP
 # image features to different class prompts differ by a few hundredths, so a temperature of
@@ -253,8 +254,9 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 def _soft(y_i: torch.Tensor, y_j: torch.Tensor, lam_y: torch.Tensor, C: int,
           device: torch.device) -> torch.Tensor:
     """λ_y onehot(y_i) + (1 − λ_y) onehot(y_j), (B, C) float32 on `device`."""
-    lam_y = lam_y.to(device=device, dtype=torch.float32).reshape(-1, 1)
-    return lam_y * one_hot(y_i.to(device), C) + (1 - lam_y) * one_hot(y_j.to(device), C)
+    lam_y = to_device(lam_y.to(torch.float32), device).reshape(-1, 1)
+    y_i, y_j = to_device(y_i, device), to_device(y_j, device)
+    return lam_y * one_hot(y_i, C) + (1 - lam_y) * one_hot(y_j, C)
 
 
 def _batch_lambda(lam: float, n: int) -> torch.Tensor:
@@ -306,7 +308,7 @@ class Mixer:
             similarity_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mixed images, soft targets (B, C) float on the images' device)."""
-        return x_i, one_hot(y_i.to(x_i.device), self.num_classes)
+        return x_i, one_hot(to_device(y_i, x_i.device), self.num_classes)
 
 
 class BatchPartnerMixer(Mixer):
@@ -407,7 +409,7 @@ class ConCutMix(BatchPartnerMixer):
         x, area_lam = _cutmix_images(x_i, x_j, generator, self.beta)
         with torch.no_grad():  # a label, not a path for gradients
             sim = similarity_fn(x).float()
-        yi, yj = y_i.to(sim.device).view(-1, 1), y_j.to(sim.device).view(-1, 1)
+        yi, yj = to_device(y_i, sim.device).view(-1, 1), to_device(y_j, sim.device).view(-1, 1)
         pair = torch.cat([sim.gather(1, yi), sim.gather(1, yj)], dim=1)
         sem = torch.softmax(pair / CONCUTMIX_TEMPERATURE, dim=1)[:, 0]
         # Two images of one class: the label is that class whatever the weight.

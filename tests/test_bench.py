@@ -20,3 +20,16 @@ def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
     assert result["machine"]["cpus"] >= 1 and "torch" in result["machine"]
     assert set(result["targets_met"]) >= set(CPU_KEYS)
     assert "sampler_speedup" in capsys.readouterr().out
+
+
+def test_gpu_figures_code_runs_on_the_cpu_at_tiny_sizes(tmp_path):
+    """The GPU part's own code (fabricated CIFAR-100 pickles, the trainer's epoch, packed
+    trial processes, the reference DataLoader) on the CPU with the tiny model; CI has no GPU."""
+    from lfm_ray.bench import bench_gpu
+
+    out = bench_gpu(tmp_path, seconds=0.2, device="cpu", model="tiny", per_class=100, batch=16,
+                    packed_trials=2)
+    for key in ("gpu_images_per_s", "gpu_packed_images_per_s", "gpu_pre_resized_images_per_s",
+                "gpu_reference_images_per_s", "gpu_speedup_vs_reference", "gpu_packed_ratio"):
+        assert out[key] > 0, key
+    assert out["gpu_name"] == "cpu"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lfm_ray.config import PRESETS, RunConfig, preset
 from lfm_ray.errors import LfmError
@@ -27,6 +28,22 @@ def test_strings_from_the_command_line_are_coerced():
                                 "runtime.zero_shot": "true", "data.imbalance_factor": "none"})
     assert cfg.stage1.epochs == 3 and cfg.stage2.lr == 0.01
     assert cfg.runtime.zero_shot is True and cfg.data.imbalance_factor is None
+
+
+def test_compile_is_on_off_or_automatic():
+    from lfm_ray.train import compile_encoder
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    auto = RunConfig()
+    assert auto.runtime.compile is None
+    assert not compile_encoder(auto, cpu) and compile_encoder(auto, gpu)
+    off = RunConfig().override({"runtime.compile": "false"})
+    assert off.runtime.compile is False and not compile_encoder(off, gpu)
+    on = RunConfig().override({"runtime.compile": "yes"})
+    assert compile_encoder(on, cpu)
+    assert RunConfig().override({"runtime.compile": "none"}).runtime.compile is None
+    with pytest.raises(LfmError, match="runtime.compile='maybe' is not valid; expected bool or null"):
+        RunConfig().override({"runtime.compile": "maybe"})
 
 
 @pytest.mark.parametrize("field,value,needle", [

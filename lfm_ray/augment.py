@@ -71,8 +71,9 @@ class BatchBuilder:
         if flip:
             # Draw on the CPU generator so a seed gives the same flips on any device.
             mask = torch.rand(x.shape[0], generator=generator) < 0.5
-            mask = to_device(mask, self.device).view(-1, 1, 1, 1)
-            x = torch.where(mask, x.flip(-1), x)
+            # Only the drawn images are flipped (in place: x is this call's own tensor).
+            picked = to_device(mask.nonzero().squeeze(1), self.device)
+            x.index_copy_(0, picked, x.index_select(0, picked).flip(-1))
         size = self.spec.size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)

@@ -65,14 +65,23 @@ class BatchBuilder:
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
+    @staticmethod
+    def draw_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Which of n images to flip, drawn on the CPU generator so that a seed gives the same
+        flips on any device."""
+        return torch.rand(n, generator=generator) < 0.5
+
     def __call__(self, images: torch.Tensor, flip: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 flips: torch.Tensor | None = None) -> torch.Tensor:
+        """flip=True draws the flips from `generator`; or pass them as a (B,) bool `flips`
+        (the trainer builds an image batch and its partners in one call that way)."""
         x = to_device(images, self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        if flip:
-            # Draw on the CPU generator so a seed gives the same flips on any device.
-            mask = torch.rand(x.shape[0], generator=generator) < 0.5
+        if flip and flips is None:
+            flips = self.draw_flips(x.shape[0], generator)
+        if flips is not None:
             # Only the drawn images are flipped (in place: x is this call's own tensor).
-            picked = to_device(mask.nonzero().squeeze(1), self.device)
+            picked = to_device(flips.nonzero().squeeze(1), self.device)
             x.index_copy_(0, picked, x.index_select(0, picked).flip(-1))
         size = self.spec.size
         if x.shape[-2:] != (size, size):

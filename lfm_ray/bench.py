@@ -4,7 +4,9 @@ Figures (JSON keys) and the claim each supports:
 - sampler_speedup: pairs/s of the O(1) alias sampler over a per-sample Python loop
   (`random.choices` over a row of P), C = 1000 classes, batch 256, CPU.
 - stage2_cost_ratio: time per training image of stage 2 over stage 1, tiny model, CPU.
-- trial_overhead_s: median wall time of a study trial minus the training time it reported.
+- trial_overhead_s: median wall time of a study trial minus the training time it reported
+  (the sweep's trials run one at a time in one study; trial_overhead_worker_group_s the same
+  with each trial on a Ray Train worker group, in full runs).
 - sweep_speedup: six smoke trials run one at a time through the engine (a study each, one
   after another) over the same six as one study at the machine's concurrency; beside it,
   sweep_concurrency_speedup: the one study run one trial at a time over it at concurrency.
@@ -161,19 +163,23 @@ def _smoke_study(name: str, root: Path, taus: list[float], concurrent: int | Non
                  command=["lfm-ray", "bench"])
 
 
+def _overheads(table, clock, suffix: str = "") -> dict[str, float]:
+    """Median (trial wall time − training time it reported) over a study's trials."""
+    overheads = [clock.wall[t] - float(r) for t, r in zip(table["trial_id"], table["train_time_s"])]
+    return {f"trial_overhead{suffix}_s": statistics.median(overheads),
+            f"trial_wall{suffix}_s": statistics.median(clock.wall.values())}
+
+
 def bench_trial_overhead(root: Path, cache_dir: str, trials: int = 3,
                          workers: int = 0) -> dict[str, float]:
-    """Median (trial wall time − training time it reported), one trial at a time."""
+    """The overhead of `trials` smoke trials run one at a time in one study."""
     from lfm_ray.study import run_study
 
     clock = _TrialClock()
     taus = [0.01 * (i + 1) for i in range(trials)]
     table = run_study(_smoke_study(f"overhead_w{workers}", root, taus, 1, cache_dir, clock,
                                    workers=workers))
-    overheads = [clock.wall[t] - float(r) for t, r in zip(table["trial_id"], table["train_time_s"])]
-    suffix = "" if workers == 0 else "_worker_group"
-    return {f"trial_overhead{suffix}_s": statistics.median(overheads),
-            f"trial_wall{suffix}_s": statistics.median(clock.wall.values())}
+    return _overheads(table, clock, "" if workers == 0 else "_worker_group")
 
 
 def bench_sweep(root: Path, cache_dir: str, trials: int = 6) -> dict[str, float]:
@@ -184,19 +190,24 @@ def bench_sweep(root: Path, cache_dir: str, trials: int = 6) -> dict[str, float]
     from lfm_ray.study import run_study
 
     taus = [0.01 * (i + 1) for i in range(trials)]
+    # Untimed: a freshly started instance is still busy starting its own services, which
+    # would slow whichever side ran first.
+    run_study(_smoke_study("warm_up", root, taus[:1], 1, cache_dir))
     start = time.perf_counter()
     for i, tau in enumerate(taus):
         run_study(_smoke_study(f"one_at_a_time_{i}", root, [tau], 1, cache_dir))
     one_at_a_time = time.perf_counter() - start
+    clock = _TrialClock()  # this study's trials also give trial_overhead_s
     start = time.perf_counter()
-    run_study(_smoke_study("one_study_serial", root, taus, 1, cache_dir))
+    table = run_study(_smoke_study("one_study_serial", root, taus, 1, cache_dir, clock))
     serial = time.perf_counter() - start
     start = time.perf_counter()
     run_study(_smoke_study("one_study_concurrent", root, taus, None, cache_dir))
     concurrent = time.perf_counter() - start
     return {"sweep_sequential_s": one_at_a_time, "sweep_concurrent_s": concurrent,
             "sweep_speedup": one_at_a_time / concurrent,
-            "sweep_one_study_serial_s": serial, "sweep_concurrency_speedup": serial / concurrent}
+            "sweep_one_study_serial_s": serial, "sweep_concurrency_speedup": serial / concurrent,
+            **_overheads(table, clock)}
 
 
 def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
@@ -508,8 +519,18 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+PARTS = ("sampler", "stage_cost", "data_share", "sweep", "laptop", "worker_group", "gpu")
+
+
 def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = None) -> dict[str, Any]:
     """Every figure; `tiny` shrinks sizes for the test suite (numbers then mean nothing)."""
+    from lfm_ray.errors import LfmError
+
+    unknown = sorted(set(only or []) - set(PARTS))
+    if unknown:
+        raise LfmError(f"--only: unknown part {unknown[0]!r}; accepted: {', '.join(PARTS)}")
+    if only and "gpu" in only and not torch.cuda.is_available():
+        raise LfmError("--only gpu needs a CUDA GPU; torch sees none on this machine")
     out: dict[str, Any] = {"machine": machine(), "quick": quick}
     with tempfile.TemporaryDirectory(prefix="lfm-bench-") as tmp:
         root, cache = Path(tmp), str(Path(tmp) / "cache")
@@ -519,12 +540,12 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
             "stage_cost": lambda: bench_stage_cost(steps=2 if tiny else 30,
                                                    repeats=1 if tiny else 5, cache_dir=cache),
             "data_share": lambda: bench_data_share(cache),
-            "trial_overhead": lambda: bench_trial_overhead(root, cache, trials=1 if tiny else 3),
-            "trial_overhead_worker_group": lambda: bench_trial_overhead(  # for information
-                root, cache, trials=1 if tiny or quick else 3, workers=1),
-            "sweep": lambda: bench_sweep(root, cache, trials=2 if tiny else 6),
+            "sweep": lambda: bench_sweep(root, cache, trials=2 if tiny else 6),  # + trial overhead
             "laptop": lambda: bench_laptop_overhead(root, cache, quick=quick, tiny=tiny),
         }
+        if not quick or (only and "worker_group" in only):  # for information: 20-40 s more
+            parts["worker_group"] = lambda: bench_trial_overhead(
+                root, cache, trials=1 if tiny or quick else 3, workers=1)
         if torch.cuda.is_available() and not tiny:
             parts["gpu"] = lambda: bench_gpu(root, 10.0 if quick else 30.0)
         try:

@@ -249,14 +249,19 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
         pos_i = mine[start:start + per_worker]
         y_i = run.train_labels[pos_i]
         pos_j = mixer.partners(pos_i, y_i, gen)
-        x_i = run.build(run.train_images.gather(pos_i), flip=True, generator=gen)
         # Labels stay on the host: the mixers read class counts there and send the soft
         # targets to the device without waiting on it.
         if pos_j is None:
+            x_i = run.build(run.train_images.gather(pos_i), flip=True, generator=gen)
             x, targets = mixer.mix(x_i, y_i, None, None, gen)
         else:
             pos_j = pos_j.cpu()
-            x_j = run.build(run.train_images.gather(pos_j), flip=True, generator=gen)
+            # The images and their partners in one gather and one build (half the per-call
+            # cost); the flips are drawn as two builds would draw them, images first.
+            flips = torch.cat([run.build.draw_flips(len(pos_i), gen),
+                               run.build.draw_flips(len(pos_j), gen)])
+            both = run.build(run.train_images.gather(torch.cat([pos_i, pos_j])), flips=flips)
+            x_i, x_j = both[:len(pos_i)], both[len(pos_i):]
             y_j = run.train_labels[pos_j]
             x, targets = mixer.mix(x_i, y_i, x_j, y_j, gen, similarity_fn=similarity_fn)
         with run.autocast:

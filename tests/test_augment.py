@@ -45,3 +45,17 @@ def test_device_images_gather_by_position():
     assert len(images) == 5
     got = images.gather(torch.tensor([4, 0, 4]))
     assert torch.equal(got, torch.from_numpy(arr[[4, 0, 4]]))
+
+
+def test_one_build_of_images_and_partners_equals_two_builds():
+    """The trainer's single build of [images; partners] with flips drawn as two builds draw
+    them gives exactly the two builds' batches."""
+    images = torch.randint(0, 256, (6, 20, 20, 3), dtype=torch.uint8)
+    partners = torch.randint(0, 256, (6, 20, 20, 3), dtype=torch.uint8)
+    build = BatchBuilder(SPEC, torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    want_i, want_j = build(images, flip=True, generator=g), build(partners, flip=True, generator=g)
+    g = torch.Generator().manual_seed(11)
+    flips = torch.cat([build.draw_flips(6, g), build.draw_flips(6, g)])
+    both = build(torch.cat([images, partners]), flips=flips)
+    assert torch.equal(both[:6], want_i) and torch.equal(both[6:], want_j)

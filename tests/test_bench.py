@@ -33,3 +33,9 @@ def test_gpu_figures_code_runs_on_the_cpu_at_tiny_sizes(tmp_path):
                 "gpu_reference_images_per_s", "gpu_speedup_vs_reference", "gpu_packed_ratio"):
         assert out[key] > 0, key
     assert out["gpu_name"] == "cpu"
+
+
+def test_an_unknown_part_is_one_clear_error(capsys):
+    assert main(["bench", "--only", "sampler,warp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown part 'warp'" in err and "sweep" in err and "Traceback" not in err

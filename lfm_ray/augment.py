@@ -76,7 +76,9 @@ class BatchBuilder:
                  flips: torch.Tensor | None = None) -> torch.Tensor:
         """flip=True draws the flips from `generator`; or pass them as a (B,) bool `flips`
         (the trainer builds an image batch and its partners in one call that way)."""
-        x = to_device(images, self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        # NCHW-contiguous before the float work: on the CPU, flips and normalisation over the
+        # channels-last view of (B, H, W, 3) ran 5-9x slower (same values either way).
+        x = to_device(images, self.device).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         if flip and flips is None:
             flips = self.draw_flips(x.shape[0], generator)
         if flips is not None:

@@ -37,6 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lfm_ray.config import RunConfig
+
 TARGETS = {
     "sampler_speedup": (">=", 100.0),
     "stage2_cost_ratio": ("<=", 0.4),
@@ -92,24 +94,17 @@ def bench_stage_cost(steps: int = 30, batch: int = 64, repeats: int = 5,
     The stages' epochs alternate, so drift in the machine's speed touches both alike: the
     ratio is the median over the rounds of stage 2's epoch over the stage-1 epoch just before
     it (the best epochs' ratio, which one lucky epoch can move, is kept beside it)."""
-    from lfm_ray.config import RunConfig
-    from lfm_ray.losses import build_loss
-    from lfm_ray.train import (
-        Run, WorkerInfo, _mixer, _optimizer, _trainable, stage_plan, train_epoch,
-    )
+    from lfm_ray.train import Run, WorkerInfo, prepare_stage, stage_plan, train_epoch
 
     cfg = RunConfig().override({"runtime.batch_size": batch, "runtime.max_steps_per_epoch": steps,
                                 "data.cache_dir": cache_dir})
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
-    loss_fn = build_loss("ce", run.class_counts)
-    plans = {}
-    for stage in stage_plan(cfg):
-        trainable = _trainable(run, stage)
-        opt, sched = _optimizer(run, stage, steps * (repeats + 1))
-        plans[stage.number] = (stage, _mixer(run, stage), opt, sched, trainable)
+    loss_fn = run.loss_fn()  # CE, the config's default
+    plans = {stage.number: (stage, *prepare_stage(run, stage, steps * (repeats + 1)))
+             for stage in stage_plan(cfg)}
 
     def epoch(number: int) -> None:
-        stage, mixer, opt, sched, trainable = plans[number]
+        stage, trainable, mixer, opt, sched = plans[number]
         run.model.set_stage(number)  # which parameters train
         train_epoch(run, stage, 1, mixer, loss_fn, opt, sched, trainable, steps, batch)
 
@@ -151,7 +146,6 @@ def _smoke_study(name: str, root: Path, taus: list[float], concurrent: int | Non
                  cache_dir: str, clock=None, workers: int = 0, steps: int = SMOKE_STEPS):
     """One epoch per stage of `steps` steps per τ. workers=0 is what a study on a local
     instance runs by default (training in the trial's own process); 1 is a worker group."""
-    from lfm_ray.config import RunConfig
     from lfm_ray.study import Study
 
     base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
@@ -327,10 +321,8 @@ def write_random_cifar100(root: Path, per_class: int = 500, test_per_class: int 
 
 
 def gpu_run_config(data_root: Path | str, cache_dir: str, model: str = GPU_MODEL,
-                   batch: int = GPU_BATCH, device: str = "cuda") -> "RunConfig":
+                   batch: int = GPU_BATCH, device: str = "cuda") -> RunConfig:
     """Stage 1 of LFM + CE on cifar100-lt (γ = 100) with `model` at random init, one GPU."""
-    from lfm_ray.config import RunConfig
-
     return RunConfig().override({
         "data.name": "cifar100-lt", "data.root": str(data_root), "data.cache_dir": cache_dir,
         "model.name": model, "runtime.batch_size": batch,
@@ -338,23 +330,19 @@ def gpu_run_config(data_root: Path | str, cache_dir: str, model: str = GPU_MODEL
     })
 
 
-def stage1_images_per_s(cfg: "RunConfig", seconds: float, device: str = "cuda",
+def stage1_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
                         ready: Callable[[], None] | None = None) -> float:
     """Stage-1 training images per second of the trainer's own epoch function
     (`lfm_ray.train.train_epoch`: gather, flip, resize, LFM partners and mixing, bf16 forward
     and backward, Adam), after a warm-up epoch. `ready` is called between the two, so packed
     trials start their timed epochs together."""
-    from lfm_ray.losses import build_loss
-    from lfm_ray.train import Run, Stage, WorkerInfo, _mixer, _optimizer, _trainable, train_epoch
+    from lfm_ray.train import Run, Stage, WorkerInfo, prepare_stage, train_epoch
 
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device(device)))
     stage = Stage(number=1, first_epoch=1, epochs=1)
-    trainable = _trainable(run, stage)
-    loss_fn = build_loss(cfg.loss.name, run.class_counts, text_features=run.text_features,
-                         **cfg.loss.params())
-    mixer = _mixer(run, stage)
+    loss_fn = run.loss_fn()
+    trainable, mixer, opt, sched = prepare_stage(run, stage, steps=10**6)
     batch, steps = cfg.runtime.batch_size, 10
-    opt, sched = _optimizer(run, stage, steps=10**6)
 
     def epoch(number: int) -> None:  # ends with a device sync (the epoch's mean loss)
         train_epoch(run, stage, number, mixer, loss_fn, opt, sched, trainable, steps, batch)
@@ -393,7 +381,7 @@ def _read_until(proc: subprocess.Popen, word: str) -> str:
     raise RuntimeError(f"a packed trial ended (exit {proc.wait()}) before printing {word!r}")
 
 
-def packed_images_per_s(cfg: "RunConfig", seconds: float, trials: int = GPU_PACKED_TRIALS,
+def packed_images_per_s(cfg: RunConfig, seconds: float, trials: int = GPU_PACKED_TRIALS,
                         device: str = "cuda") -> float:
     """Summed stage-1 images/s of `trials` processes on one GPU, timed together. Ray packs
     trials of gpus_per_worker = 1/trials the same way: one process each, the same device."""
@@ -417,7 +405,7 @@ def packed_images_per_s(cfg: "RunConfig", seconds: float, trials: int = GPU_PACK
             p.wait()
 
 
-def reference_images_per_s(cfg: "RunConfig", seconds: float, device: str = "cuda",
+def reference_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
                            loader_workers: int | None = None) -> float:
     """The same stage-1 measurement through the reference-style pipeline: a DataLoader whose
     workers resize PIL images one by one and mix in the collate function, then fp32."""
@@ -489,7 +477,9 @@ def bench_gpu(root: Path, seconds: float = 20.0, device: str = "cuda", model: st
     out: dict[str, Any] = {}
     native_cache = str(root / "gpu-cache-32px")
     limit = node_cache.PRE_RESIZE_BYTES
-    node_cache.PRE_RESIZE_BYTES = 0  # keep 32 px in this cache: resize every batch on the device
+    # Keep 32 px in this cache: resize every batch on the device. The packed trials' own
+    # processes keep the default limit; they find this cache already built by the first run.
+    node_cache.PRE_RESIZE_BYTES = 0
     try:
         cfg = gpu_run_config(data_root, native_cache, model, batch, device)
         out["gpu_images_per_s"] = stage1_images_per_s(cfg, seconds, device)

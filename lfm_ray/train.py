@@ -128,6 +128,13 @@ class Run:
             if info.device.type == "cuda" else contextlib.nullcontext()
         )
 
+    def loss_fn(self) -> torch.nn.Module:
+        """The configured loss over this run's class counts and text features."""
+        from lfm_ray.losses import build_loss
+
+        return build_loss(self.cfg.loss.name, self.class_counts,
+                          text_features=self.text_features, **self.cfg.loss.params())
+
     def class_info(self) -> dict[str, Any]:
         """Saved beside per-class accuracy, so a report can plot it against training counts."""
         return {"class_names": self.class_names, "class_counts": self.class_counts}
@@ -324,6 +331,14 @@ def _trainable(run: Run, stage: Stage) -> torch.nn.Module:
     return module
 
 
+def prepare_stage(run: Run, stage: Stage, steps: int):
+    """(trainable module, mixer, optimiser, scheduler) for one stage of `steps` steps per
+    epoch; sets which parameters train."""
+    trainable = _trainable(run, stage)
+    opt, sched = _optimizer(run, stage, steps)
+    return trainable, _mixer(run, stage), opt, sched
+
+
 def progress_line(m: dict[str, Any], total: int) -> str:
     return (f"epoch {m['epoch']}/{total} (stage {m['stage']}): loss {m['train_loss']:.4f}  "
             f"acc many {m['acc_many']:.3f} medium {m['acc_medium']:.3f} few {m['acc_few']:.3f} "
@@ -429,8 +444,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     to_tune = bool(config.get("report_to_tune"))
     info = worker_info(cfg, in_tune_trial=to_tune)
     run = Run(cfg, info)
-    from lfm_ray.losses import build_loss
-
     if cfg.runtime.zero_shot:
         result = run.evaluate()
         metrics = {"epoch": 0, "stage": 0, "train_loss": float("nan"),
@@ -444,8 +457,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(metrics, write_zero_shot, info, keep_dir, to_tune)
         return
 
-    loss_fn = build_loss(cfg.loss.name, run.class_counts, text_features=run.text_features,
-                         **cfg.loss.params())
+    loss_fn = run.loss_fn()
     state = _resume_state(config, info.device)
     done, train_time_total = 0, 0.0
     history: list[dict[str, Any]] = []
@@ -462,12 +474,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
             continue
-        trainable = _trainable(run, stage)
-        opt, sched = _optimizer(run, stage, steps)
+        trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-        mixer = _mixer(run, stage)
         for epoch in range(max(done + 1, stage.first_epoch), last + 1):
             start = time.perf_counter()
             loss = train_epoch(run, stage, epoch, mixer, loss_fn, opt, sched, trainable,

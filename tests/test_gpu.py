@@ -27,15 +27,12 @@ def test_batches_built_on_the_gpu_match_the_cpu():
 
 
 def _one_epoch(cfg: RunConfig, device: str):
-    from lfm_ray.losses import build_loss
-    from lfm_ray.train import Run, Stage, WorkerInfo, _mixer, _optimizer, _trainable, train_epoch
+    from lfm_ray.train import Run, Stage, WorkerInfo, prepare_stage, train_epoch
 
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device(device)))
     stage = Stage(number=1, first_epoch=1, epochs=1)
-    trainable = _trainable(run, stage)
-    loss_fn = build_loss(cfg.loss.name, run.class_counts, text_features=run.text_features)
-    opt, sched = _optimizer(run, stage, steps=3)
-    loss = train_epoch(run, stage, 1, _mixer(run, stage), loss_fn, opt, sched, trainable,
+    trainable, mixer, opt, sched = prepare_stage(run, stage, steps=3)
+    loss = train_epoch(run, stage, 1, mixer, run.loss_fn(), opt, sched, trainable,
                        3, cfg.runtime.batch_size)
     run.model.eval()
     with torch.no_grad(), run.autocast:

@@ -13,6 +13,27 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    """The study in a process group of its own, so the kill takes its Ray processes too."""
+    return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_and_run_again(first: subprocess.Popen, command: list[str],
+                       cwd: Path) -> subprocess.CompletedProcess:
+    """SIGKILL the running study, then run the same command to its end."""
+    assert first.poll() is None, "the study ended before it could be interrupted"
+    time.sleep(1.5)  # let Tune save its experiment state once more
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    time.sleep(2)
+    second = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True,
+                            timeout=400)
+    assert second.returncode == 0, second.stderr[-2000:]
+    return second
 
 
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
@@ -21,9 +42,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
                "--trial-workers", "1",  # worker-group trials: long enough to be interrupted
                "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
     table_path = tmp_path / "results" / "resume" / "trials.csv"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = start(command, tmp_path)
     deadline = time.time() + 240
     finished = pd.DataFrame()
     while time.time() < deadline and first.poll() is None:
@@ -34,15 +53,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
                 break
         time.sleep(0.5)
     assert len(finished) >= 1, "no trial finished before the deadline"
-    assert first.poll() is None, "the study ended before it could be interrupted"
-    time.sleep(1.5)  # let Tune save its experiment state once more
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
-    time.sleep(2)
-
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=400)
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = kill_and_run_again(first, command, tmp_path)
     assert "resuming study 'resume'" in second.stdout
     final = pd.read_csv(table_path)
     assert len(final) == 2 and (final["status"] == "TERMINATED").all()
@@ -63,23 +74,13 @@ def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
                "--grid", "mix.tau=0.05", "--num-workers", "0", "--no-report",
                "--stage1.epochs", str(epochs - 2), "--stage2.epochs", "2",
                "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = start(command, tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
         if list((tmp_path / "ray" / "mid").glob("trial_driver_*/checkpoint_000002")):
             break
         time.sleep(0.05)
-    assert first.poll() is None, "the study ended before it could be interrupted"
-    time.sleep(1.5)  # let Tune save its experiment state once more
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
-    time.sleep(2)
-
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=400)
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = kill_and_run_again(first, command, tmp_path)
     assert "resuming study 'mid'" in second.stdout
     final = pd.read_csv(tmp_path / "results" / "mid" / "trials.csv")
     assert len(final) == 1 and final.loc[0, "status"] == "TERMINATED"

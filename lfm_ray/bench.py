@@ -208,13 +208,13 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
                           tiny: bool = False) -> dict[str, float]:
     """The τ study through Ray against the same trials one after another in this process,
     without Ray (Ray Train's in-process mode runs the same loop)."""
-    import argparse
     import sys as _sys
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from lfm_ray.commands.study_flags import add_study_flags, base_overrides
+    from lfm_ray.commands.run_flags import new_parser
+    from lfm_ray.commands.study_flags import add_study_flags, study_from_args
     from lfm_ray.study import run_study
     from lfm_ray.train import train_loop_per_worker
 
@@ -222,12 +222,15 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
     import tau_sweep
 
     # The script's own flags and defaults, as `python studies/tau_sweep.py` parses them.
-    parser = argparse.ArgumentParser()
+    parser = new_parser()
     add_study_flags(parser, default_name="tau_bench")
-    args = parser.parse_args(["--seeds", "0"] if quick else [])
-    smoke = {"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 2}
-    study = tau_sweep.build(args, {**base_overrides(args), "data.cache_dir": cache_dir,
-                                   **(smoke if tiny else {})})
+    flags = ["--data.cache_dir", cache_dir, *(["--seeds", "0"] if quick else [])]
+    if tiny:
+        flags += ["--stage1.epochs", "1", "--stage2.epochs", "1",
+                  "--runtime.max_steps_per_epoch", "2"]
+    args = parser.parse_args(flags)
+    study = study_from_args(args, tau_sweep.declare(args), script="tau_sweep",
+                            command=["lfm-ray", "bench"])
     if quick or tiny:
         study.grid = {"mix.tau": tau_sweep.TAUS[:1 if tiny else 4]}
     study.seeds = [0] if quick else study.seeds

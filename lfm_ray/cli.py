@@ -11,18 +11,15 @@ import importlib
 import sys
 
 from lfm_ray import __version__
+from lfm_ray.commands.run_flags import ExactParser
 from lfm_ray.errors import LfmError
 
 # Subcommand name -> module under lfm_ray.commands with `register(subparsers)`.
 COMMANDS = ("data", "train", "study", "report", "bench")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on bad flags already; keep its message to one line plus usage."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ExactParser(
         prog="lfm-ray",
         description="Studies of Local Feature Mixup for long-tailed CLIP fine-tuning on Ray.",
     )
@@ -41,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except LfmError as exc:  # a bad flag: its parser's one line (see ExactParser)
+        print(str(exc), file=sys.stderr)
+        return 2
+    args.argv = argv  # what the study records as its command
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lfm-ray {args.command}: interrupted", file=sys.stderr)
+        print(f"lfm-ray {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)
         return 130
 
 

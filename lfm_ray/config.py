@@ -145,22 +145,8 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise LfmError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                raw = yaml.safe_load(text) or {}
-            else:
-                raw = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error becomes one message
-            raise LfmError(f"config file {str(path)!r} could not be parsed: {exc}") from None
-        if not isinstance(raw, dict):
-            raise LfmError(f"config file {str(path)!r} must hold a mapping of sections")
-        return cls.from_dict(raw)
+        """Defaults with a JSON or YAML file's values on top (see `read_config_file`)."""
+        return cls().override(read_config_file(path))
 
     def copy(self) -> "RunConfig":
         return copy.deepcopy(self)
@@ -264,6 +250,10 @@ def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
         if "None" in kind:
             return None
         raise LfmError(f"{dotted} may not be null")
+    if isinstance(value, bool) and not kind.startswith(("bool", "list")):
+        # JSON/YAML `true` is an int to Python; a number field must not take it as 1.
+        expected = kind.replace(" | None", " or null")
+        raise LfmError(f"{dotted}={value!r} is not valid; expected {expected}")
     try:
         if kind.startswith("list"):
             if isinstance(value, str):
@@ -282,12 +272,12 @@ def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
             return bool(value)
         if kind.startswith("int"):
             as_float = float(value)
-            if not as_float.is_integer():
+            if not math.isfinite(as_float) or not as_float.is_integer():
                 raise ValueError(value)
             return int(as_float)
         if kind.startswith("float"):
             out = float(value)
-            if math.isnan(out):
+            if not math.isfinite(out):  # nan and inf are never a setting
                 raise ValueError(value)
             return out
         return str(value)
@@ -325,8 +315,166 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str) -> RunConfig:
-    """The paper's hyperparameters for one data set (seed 0, Adam, cosine per stage)."""
+# The backbone the paper used for an ablation (Fig. 9: α on RN50; Fig. 10 and Table 5: τ and
+# the mixing methods on ViT-B/16; all on CIFAR-100-LT at imbalance factor 100). A study script
+# on that data set adds these to the data set's preset, so it runs the paper's experiment.
+STUDY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "alpha_sweep": {"cifar100-lt": {"model.name": "RN50", "model.pretrained": "openai",
+                                    "data.imbalance_factor": 100}},
+    "tau_sweep": {"cifar100-lt": {"model.name": "ViT-B-16", "model.pretrained": "openai",
+                                  "data.imbalance_factor": 100}},
+    "mixup_comparison": {"cifar100-lt": {"model.name": "ViT-B-16", "model.pretrained": "openai",
+                                         "data.imbalance_factor": 100}},
+}
+NO_PRESET = "none"  # --preset none: built-in defaults even on a paper data set
+
+# What --smoke sets: one epoch per stage of a few steps, to check that a study runs.
+SMOKE: dict[str, Any] = {"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 3}
+
+
+def preset(name: str, study: str | None = None) -> RunConfig:
+    """The paper's hyperparameters for one data set (seed 0, Adam, cosine per stage), with
+    the paper's backbone for `study` (a study script's name) where it used another."""
+    return RunConfig().override(preset_values(name, study))
+
+
+def preset_values(name: str, study: str | None = None) -> dict[str, Any]:
     if name not in PRESETS:
-        raise unknown_name("preset", name, list(PRESETS))
-    return RunConfig().override(PRESETS[name])
+        raise unknown_name("preset", name, [*PRESETS, NO_PRESET])
+    return {**PRESETS[name], **STUDY_PRESETS.get(study or "", {}).get(name, {})}
+
+
+# ---- one configuration path for every entry point --------------------------------------------
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The dotted values a JSON or YAML file sets ({"stage1": {"lr": 1e-6}} or
+    {"stage1.lr": 1e-6}), each checked against its field. Every value the file names is kept,
+    also one equal to a default: a file is a layer, not a diff."""
+    path = Path(path)
+    if path.is_dir():
+        raise LfmError(f"config file {str(path)!r} is a directory; give a .json or .yaml file")
+    if not path.is_file():
+        raise LfmError(f"config file {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any read or parse error becomes one message
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LfmError(f"config file {str(path)!r} could not be read: {reason}") from None
+    if not isinstance(raw, dict):
+        raise LfmError(f"config file {str(path)!r} must hold a mapping of sections")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if "." in str(key):
+            values[str(key)] = value
+        elif key in SECTIONS and isinstance(value, dict):
+            values.update({f"{key}.{k}": v for k, v in value.items()})
+        elif key in SECTIONS:
+            raise LfmError(f"config file {str(path)!r}: section {key!r} must be a mapping, "
+                           f"got {value!r}")
+        else:
+            raise unknown_name(f"config section in {str(path)!r}:", key, list(SECTIONS))
+    try:
+        RunConfig().override(values)  # every name and value checked now, naming the file
+    except LfmError as exc:
+        raise LfmError(f"config file {str(path)!r}: {exc}") from None
+    return values
+
+
+@dataclass
+class ConfigLayers:
+    """How an entry point's configuration is made, lowest layer first: built-in defaults <
+    the preset < `--config FILE` < the study script's own settings < `--smoke` < dotted flags;
+    a study's swept values go on top, per trial.
+
+    `preset` is a PRESETS name, "none", or None for "the data set's paper preset where it has
+    one", so a study over several data sets gives each data set's trials their own preset.
+    """
+
+    preset: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # where-it-runs defaults, lowest
+    file: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    smoke: dict[str, Any] = field(default_factory=dict)
+    flags: dict[str, Any] = field(default_factory=dict)
+    study: str | None = None          # the study script, for its paper backbone (STUDY_PRESETS)
+
+    def _above_preset(self) -> list[dict[str, Any]]:
+        return [self.file, self.fixed, self.smoke, self.flags]
+
+    def dataset(self) -> str:
+        """The data set these layers train on when no study sweeps it."""
+        for layer in reversed(self._above_preset()):
+            if "data.name" in layer:
+                return str(layer["data.name"])
+        if self.preset and self.preset != NO_PRESET:
+            return str(preset_values(self.preset)["data.name"])
+        return DataConfig().name
+
+    def preset_for(self, dataset: str | None = None) -> str | None:
+        """The preset applied for `dataset` (default: this configuration's own), or None."""
+        if self.preset == NO_PRESET:
+            return None
+        if self.preset is not None:
+            preset_values(self.preset)  # an unknown name fails here, naming the choices
+            return self.preset
+        name = dataset or self.dataset()
+        return name if name in PRESETS else None
+
+    def resolve(self, dataset: str | None = None) -> RunConfig:
+        """The RunConfig of these layers; `dataset` is a swept data set (its preset applies)."""
+        name = self.preset_for(dataset)
+        cfg = RunConfig().override(self.defaults)
+        if name:
+            cfg.override(preset_values(name, self.study))
+        for layer in self._above_preset():
+            cfg.override(layer)
+        if dataset is not None:
+            cfg.set("data.name", dataset)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ConfigLayers":
+        return cls(**{f.name: raw.get(f.name, f.default if f.default is not dataclasses.MISSING
+                                      else {}) for f in dataclasses.fields(cls)})
+
+
+# ---- field documentation (for --help) ------------------------------------------------------------
+# Closed sets of names (the registries hold the builders; a test keeps these equal to them, so
+# --help needs no heavy import).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "folder"),
+    "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
+    "loss.name": ("ce", "balce", "focal", "ldam", "mms"),
+}
+
+
+def field_docs() -> dict[str, dict[str, Any]]:
+    """Per dotted field: type, default and the comment beside it in this file (its unit and
+    meaning), for --help. The comments are the one place a field is described."""
+    import inspect
+    import re
+
+    defaults = RunConfig().to_dict()
+    out: dict[str, dict[str, Any]] = {}
+    for section, cls in SECTIONS.items():
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
+        for f in dataclasses.fields(cls):
+            dotted = f"{section}.{f.name}"
+            out[dotted] = {"type": str(f.type), "default": defaults[section][f.name],
+                           "help": comments.get(f.name, ""), "choices": CHOICES.get(dotted)}
+    for key in STAGE_SHORTHANDS:
+        doc = out[f"stage1.{key}"]
+        out[f"mix.{key}"] = {**doc, "help": f"sets stage1.{key} and stage2.{key}: {doc['help']}"}
+    return out

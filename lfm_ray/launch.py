@@ -7,12 +7,14 @@ a trial cheap on a laptop.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
@@ -41,8 +43,19 @@ def apply_fast_start_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), else start a local instance; once per process."""
+def quiet_ray_logs() -> None:
+    """Ray Train's per-report and worker-group start-up INFO lines off in this process (the
+    study's table and the training progress bar say what matters; --verbose keeps them)."""
+    for name in ("ray.train", "ray.tune.integration.ray_train", "ray.train.v2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             log_to_driver: bool = True) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start a local instance; once per process.
+
+    `log_to_driver=False` keeps the Ray processes' own output (Ray Train's controller and
+    workers) off this terminal; errors still reach it through the trials' exceptions."""
     import ray
 
     explicit = address or os.environ.get("RAY_ADDRESS")
@@ -60,9 +73,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             os.environ.setdefault(key, value)
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
     except ConnectionError as exc:
         raise LfmError(f"no Ray cluster answers at address {address!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - Ray raises assorted types for a bad address
@@ -116,6 +129,40 @@ def prepare_node(cfg: RunConfig) -> None:
                           imbalance_factor=cfg.data.imbalance_factor)
     load_arrays(cfg.data.name, root=cfg.data.root, image_size=int(spec.size),
                 cache_dir=cfg.data.cache_dir, **options)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Names, values, weights and data files of one run, checked without training, building
+    caches or starting Ray (what --dry-run checks)."""
+    from lfm_ray.data import build_dataset, options_for
+    from lfm_ray.model import check_weights
+
+    cfg.validate()
+    check_names(cfg)
+    check_weights(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir)
+    options = options_for(cfg.data.name, seed=cfg.data.seed,
+                          imbalance_factor=cfg.data.imbalance_factor)
+    build_dataset(cfg.data.name, cfg.data.root, **options)
+
+
+def check_local_resources(cfg: RunConfig) -> None:
+    """One run's CPUs and GPUs against this machine's, without starting Ray."""
+    rt = cfg.runtime
+    need_gpus = rt.num_workers * rt.gpus_per_worker
+    if need_gpus > 0:
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if need_gpus > have + 1e-9:
+            raise LfmError(f"runtime.gpus_per_worker={rt.gpus_per_worker} × num_workers="
+                           f"{rt.num_workers} asks for {need_gpus:g} GPUs, but this machine "
+                           f"has {have}")
+    need_cpus = max(1, rt.num_workers) * rt.cpus_per_worker
+    have_cpus = os.cpu_count() or 1
+    if need_cpus > have_cpus + 1e-9:
+        raise LfmError(f"runtime.cpus_per_worker={rt.cpus_per_worker} × num_workers="
+                       f"{rt.num_workers} asks for {need_cpus:g} CPUs, but this machine has "
+                       f"{have_cpus}")
 
 
 def is_local(address: str | None) -> bool:
@@ -179,10 +226,16 @@ def _lean_trainer_class():
     instance, so the cleaner goes too; on a cluster it stays.
     """
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import (
-        PlacementGroupCleanerCallback,
-    )
+
+    try:  # Ray's private modules: where they moved or changed, the stock trainer runs
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:
+        return TorchTrainer
+    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
+        return TorchTrainer
 
     dropped: tuple[type, ...] = (DatasetsCallback,)
     if os.environ.get(LOCAL_FLAG) == "1":
@@ -242,8 +295,15 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None) -> dict[str, Any]:
-    """Run one training on Ray and write config.json, history.csv and metrics.json to `output`."""
+def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None,
+            verbose: bool = False, announce: Callable[[], None] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Run one training on Ray and write config.json, history.csv and metrics.json to `output`.
+
+    `announce` is called once the inputs are checked, before training; `progress` draws a
+    bar per stage from the run's reports; `verbose` keeps Ray's own log lines."""
+    from lfm_ray.progress import ProgressFeed
+
     cfg.validate()
     check_names(cfg)
     out = Path(output).resolve()
@@ -253,14 +313,21 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
     if is_local(address):
         prepare_node(cfg)
-    init_ray(address)
+    if not verbose:
+        quiet_ray_logs()
+    init_ray(address, log_to_driver=verbose)
     check_resources(cfg)
+    if announce is not None:
+        announce()
     (out / "config.json").write_text(cfg.to_json())
-    # Re-running with the same output resumes from the run's last checkpoint (Ray Train
-    # finds it under the same storage path and name).
-    trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"))
+    feed = ProgressFeed(cfg) if progress else contextlib.nullcontext()
     try:
-        result = trainer.fit()
+        with feed:
+            # Re-running with the same output resumes from the run's last checkpoint (Ray
+            # Train finds it under the same storage path and name).
+            extra = {"progress": feed.queue} if progress else {}
+            trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), extra=extra)
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's own error
         inner = unwrap_training_error(exc)
         if isinstance(inner, LfmError):

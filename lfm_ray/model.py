@@ -455,3 +455,15 @@ def build_classifier(model_cfg, class_names: Sequence[str], logit_scale: float,
     feats = text_features(clip, class_names, model_cfg.templates, device)
     model = LFMClassifier(clip.visual, feats, logit_scale).to(device)
     return model, spec
+
+
+def check_weights(name: str, pretrained: str | None = None, cache_dir: str | None = None) -> None:
+    """LfmError where building the model would fail for want of its weights: the name and tag
+    are checked, and hub weights must be cached or the hub reachable. Loads nothing."""
+    check_model_name(name, pretrained)
+    hub = _hub_files(name, pretrained)
+    if hub is None:
+        return
+    missing = _missing(hub, cache_dir)
+    if missing and (_env_offline() or not _hub_reachable()):
+        raise _weights_missing(name, pretrained, hub, missing, cache_dir)

@@ -345,6 +345,16 @@ def progress_line(m: dict[str, Any], total: int) -> str:
             f"all {m['acc_all']:.3f}  [{m['train_time_s']:.1f}s]")
 
 
+def _progress(config: dict[str, Any], metrics: dict[str, Any], total: int) -> None:
+    """The epoch's line to the driver's progress bars (`lfm-ray train`), else to the log."""
+    if config.get("progress") is not None:
+        from lfm_ray.progress import report_progress
+
+        report_progress(config["progress"], metrics)
+    else:
+        print(progress_line(metrics, total), flush=True)
+
+
 def _node_id() -> str:
     """The Ray node this worker runs on (shows where a study's trials landed)."""
     import ray
@@ -492,7 +502,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             history.append(metrics)
             if info.rank == 0:
-                print(progress_line(metrics, last_epoch), flush=True)
+                _progress(config, metrics, last_epoch)
 
             def write(path: Path, _epoch=epoch, _result=result, _stage=stage, _m=metrics) -> None:
                 save_state(path, run, _stage, _epoch, opt, sched,

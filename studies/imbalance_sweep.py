@@ -8,9 +8,7 @@ classes one image each: the same shape of tail as CIFAR-100-LT at γ = 100, much
 
 import sys
 
-from lfm_ray.commands.study_flags import parse_seeds, run_script
-from lfm_ray.config import RunConfig
-from lfm_ray.study import Study
+from lfm_ray.commands.study_flags import ScriptPlan, run_script
 
 METHODS = {
     "CE": {"loss.name": "ce", "mix.method": "none"},
@@ -19,16 +17,15 @@ METHODS = {
 }
 
 
-def build(args, overrides) -> Study:
+def declare(args) -> ScriptPlan:
     factors = [10, 100] if args.smoke else [10, 50, 100]
     methods = ["CE", "LFM + CE"] if args.smoke else list(METHODS)
-    return Study(name=args.name, base=RunConfig().override(overrides),
-                 grid={"data.imbalance_factor": factors, "method": methods},
-                 variants=METHODS, seeds=parse_seeds(args.seeds, [0]))
+    return ScriptPlan(grid={"data.imbalance_factor": factors, "method": methods},
+                      variants=METHODS, seeds=[0])
 
 
 def main(argv=None) -> int:
-    return run_script(build, "imbalance_sweep", __doc__, argv)
+    return run_script(declare, __file__, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Joint Optuna search over α, τ, both learning rates and the loss, across data sets.
 
 A seeded TPE sampler; loss-specific parameters (Focal's γ, MMS's margin) exist only in trials
-of their loss. `--dataset` may repeat: the data set becomes a searched choice.
+of their loss. `--dataset` may repeat: the data set becomes a searched choice, each with its
+own paper preset.
     python studies/optuna_search.py
     python studies/optuna_search.py --dataset cifar10-lt --dataset cifar100-lt --data-root /data
 """
 
 import sys
 
-from lfm_ray.commands.study_flags import parse_seeds, run_script
-from lfm_ray.config import RunConfig
-from lfm_ray.study import Dim, Study
+from lfm_ray.commands.study_flags import ScriptPlan, run_script
 
 
-def build(args, overrides) -> Study:
+def declare(args) -> ScriptPlan:
+    from lfm_ray.study import Dim
+
     space = {
         "stage1.alpha": Dim.uniform(0.0, 2.0),
         "stage1.tau": Dim.loguniform(0.002, 31.25),
@@ -23,15 +24,12 @@ def build(args, overrides) -> Study:
         "loss.focal_gamma": Dim.uniform(0.5, 4.0, when={"loss.name": "focal"}),
         "loss.mms_margin": Dim.uniform(0.1, 0.5, when={"loss.name": "mms"}),
     }
-    if args.dataset and len(args.dataset) > 1:
-        space["data.name"] = Dim.choice(list(args.dataset))
-    return Study(name=args.name, base=RunConfig().override({"mix.method": "lfm", **overrides}),
-                 search="optuna", space=space, num_samples=4 if args.smoke else 16,
-                 seeds=parse_seeds(args.seeds, [0]), metric="acc_all")
+    return ScriptPlan(fixed={"mix.method": "lfm"}, search="optuna", space=space,
+                      num_samples=4 if args.smoke else 16, seeds=[0])
 
 
 def main(argv=None) -> int:
-    return run_script(build, "optuna_search", __doc__, argv)
+    return run_script(declare, __file__, __doc__, argv)
 
 
 if __name__ == "__main__":

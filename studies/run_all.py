@@ -1,7 +1,9 @@
-"""Run every study of the paper with its defaults and write results/<study>/ (the demo results).
+"""Run every study of the paper on the embedded data set and write results/<study>/ afresh
+(the demo results): each with --restart and seeds 0, 1 and 2.
 
-    python studies/run_all.py            # all six, one local Ray instance, about 25 minutes on 2 cores
+    python studies/run_all.py            # all of them, one local Ray instance
     python studies/run_all.py tau_sweep  # some of them
+    python studies/run_all.py tau_sweep -- --smoke   # flags after -- go to every study
 """
 
 import importlib
@@ -12,18 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STUDIES = ["tau_sweep", "alpha_sweep", "loss_comparison", "mixup_comparison",
            "imbalance_sweep", "optuna_search"]
+FLAGS = ["--restart", "--seeds", "0,1,2"]
 
 
 def main(argv=None) -> int:
-    names = (argv if argv is not None else sys.argv[1:]) or STUDIES
+    args = list(argv if argv is not None else sys.argv[1:])
+    extra = args[args.index("--") + 1:] if "--" in args else []
+    names = (args[:args.index("--")] if "--" in args else args) or STUDIES
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         print(f"run_all: error: unknown study {unknown[0]!r}; known: {', '.join(STUDIES)}",
               file=sys.stderr)
         return 2
     for name in names:
-        print(f"=== {name}", flush=True)
-        code = importlib.import_module(name).main([])
+        print(f"=== {name}", file=sys.stderr, flush=True)
+        code = importlib.import_module(name).main([*FLAGS, *extra])
         if code:
             return code
     return 0

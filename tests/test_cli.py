@@ -26,12 +26,13 @@ def test_help_lists_the_commands(capsys):
     (["--stage2.beta", "0"], "stage2.beta=0.0 is not valid"),
     (["--stage1.lr", "0"], "stage1.lr=0.0 is not valid"),
     (["--stage2.epochs", "-1"], "stage2.epochs=-1 is not valid"),
-    (["--loss", "hinge"], "unknown loss 'hinge'"),
-    (["--mix", "manifold"], "unknown mixing method 'manifold'"),
+    (["--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
+    (["--mix", "manifold"], "argument --mix: invalid choice: 'manifold'"),
     (["--model", "ViT-Q"], "unknown model 'ViT-Q'"),
     (["--model", "ViT-B-32", "--pretrained", "nope"], "unknown pretrained tag 'nope'"),
-    (["--dataset", "mnist"], "unknown data set 'mnist'"),
-    (["--preset", "mnist"], "unknown preset 'mnist'"),
+    (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    (["--preset", "mnist"], "argument --preset: invalid choice: 'mnist'"),
+    (["--stage1.epoch", "3"], "unrecognized arguments: --stage1.epoch 3"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys, flags, needle):
     code = main(["train", "--output", str(tmp_path / "out"), *flags])

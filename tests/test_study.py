@@ -212,13 +212,13 @@ def test_default_trial_workers(monkeypatch):
     assert default_trial_workers(None, 0.0) == 1
 
 
-def test_script_trial_workers_flag(tmp_path, capsys):
+def test_script_num_workers_flag(tmp_path, capsys):
     import tau_sweep
 
-    code = tau_sweep.main(["--trial-workers", "-1", "--storage-path", str(tmp_path / "ray"),
+    code = tau_sweep.main(["--num-workers", "-1", "--storage-path", str(tmp_path / "ray"),
                            "--results-dir", str(tmp_path / "results")])
     assert code == 2
-    assert "--trial-workers -1 is not valid" in capsys.readouterr().err
+    assert "runtime.num_workers=-1 is not valid" in capsys.readouterr().err
 
 
 def test_lean_trainer_drops_only_the_unused_run_actors(tmp_path, monkeypatch):

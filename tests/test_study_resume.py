@@ -39,7 +39,7 @@ def kill_and_run_again(first: subprocess.Popen, command: list[str],
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
     command = [sys.executable, str(ROOT / "studies" / "tau_sweep.py"), "--smoke",
                "--seeds", "0", "--name", "resume", "--max-concurrent", "1", "--no-report",
-               "--trial-workers", "1",  # worker-group trials: long enough to be interrupted
+               "--num-workers", "1",  # worker-group trials: long enough to be interrupted
                "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
     table_path = tmp_path / "results" / "resume" / "trials.csv"
     first = start(command, tmp_path)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="speed benchmarks against a reference-style pipeline",
-                       description="Measure each figure beside its baseline in one run; "
-                                   "see lfm_ray/bench.py for what each claims.")
+    p = sub.add_parser(
+        "bench",
+        help="speed benchmarks against a reference-style pipeline",
+        description="Measure each figure beside its baseline in one run; "
+                    "see lfm_ray/bench.py for what each claims.")
     p.add_argument("--quick", action="store_true", help="smaller τ study (about 3 minutes on 2 cores)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--only", help="comma-separated parts: sampler, stage_cost, data_share, "

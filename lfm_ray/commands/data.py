@@ -8,8 +8,10 @@ import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="class count table and imbalance statistics of a data set",
-                       description="Print a data set's class counts, shot groups and imbalance.")
+    p = sub.add_parser(
+        "data",
+        help="class count table and imbalance statistics of a data set",
+        description="Print a data set's class counts, shot groups and imbalance.")
     p.add_argument("dataset", help="digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, places-lt, folder")
     # --data-root as well, the name train and study use (and error messages give).
     p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for digits-lt)")

@@ -18,8 +18,10 @@ from lfm_ray.errors import LfmError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="HTML report of a study (Plotly), or a t-SNE of checkpoints",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "report",
+        help="HTML report of a study (Plotly), or a t-SNE of checkpoints",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", nargs="?",
                    help="results/<name>/, a Tune experiment directory, or a trials CSV")
     p.add_argument("--out", help="output HTML (default: report.html in the study directory; "

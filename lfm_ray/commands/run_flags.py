@@ -1,16 +1,28 @@
-"""Flags that set RunConfig fields, shared by `lfm-ray train` and the study scripts.
+"""The run-configuration flags of every entry point (`lfm-ray train`, `lfm-ray study`, the
+study scripts), and how they resolve.
 
-Every config field has a dotted flag (`--stage1.lr 1e-3`, `--mix.tau 0.05`); the common ones
-also have short names (`--dataset`, `--model`, `--loss`, `--mix`).
+Every RunConfig field is a dotted flag (`--stage1.lr 1e-6`, `--mix.tau 0.05`) whose help
+gives its type, default and unit; the common ones also have a short alias (`--loss NAME` is
+`--loss.name NAME`). The configuration is resolved in layers, lowest first (see
+`lfm_ray.config.ConfigLayers`): built-in defaults < the preset (on a paper data set its own,
+unless `--preset none`) < `--config FILE` < a study script's own settings < `--smoke` <
+dotted flags < a study's swept values. Flags are exact: abbreviations are refused.
+
+Only the standard library and lfm_ray.config are imported here, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from lfm_ray.config import RunConfig, known_fields, preset
+from lfm_ray.config import (
+    NO_PRESET, PRESETS, SMOKE, ConfigLayers, field_docs, read_config_file,
+)
+from lfm_ray.errors import LfmError
 
+# Short alias -> dotted field. Each alias and its dotted flag set the same field.
 SHORT_NAMES = {
     "--dataset": "data.name",
     "--data-root": "data.root",
@@ -28,53 +40,131 @@ SHORT_NAMES = {
     "--gpus-per-worker": "runtime.gpus_per_worker",
     "--seed": "runtime.seed",
 }
-PREFIX = "set:"  # argparse dest prefix of config flags
+PREFIX = "set:"      # argparse dest of a dotted flag
+ALIAS = "alias:"     # argparse dest of a short alias
 
 
-def add_run_flags(parser: argparse.ArgumentParser, short: bool = True) -> None:
-    group = parser.add_argument_group("run configuration (any field as --section.field VALUE)")
-    group.add_argument("--config", help="JSON or YAML config file; flags override it")
-    group.add_argument("--preset", help="the paper's hyperparameters for a data set "
-                       "(cifar10-lt, cifar100-lt, imagenet-lt, places-lt)")
-    if short:
-        for flag, dotted in SHORT_NAMES.items():
-            group.add_argument(flag, dest=PREFIX + dotted, metavar=dotted.split(".")[-1].upper(),
-                               help=f"= --{dotted}")
-        group.add_argument("--template", dest=PREFIX + "model.templates", action="append",
-                           help="prompt template with {} (repeat for an ensemble)")
-        group.add_argument("--zero-shot", dest=PREFIX + "runtime.zero_shot",
-                           action="store_const", const=True, help="evaluate without training")
-    taken = set(SHORT_NAMES.values()) if short else set()
-    for dotted in known_fields():
-        if dotted in taken and dotted != "model.templates":
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples keep their line breaks; options wrap as usual."""
+
+
+class ExactParser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (`--stage1.epoch` is not `--stage1.epochs`),
+    whose errors are one line (`PROG: error: ...`) raised as LfmError, so the caller prints
+    it and exits 2 like any other input error, without the usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["allow_abbrev"] = False
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise LfmError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def new_parser(prog: str | None = None, description: str | None = None,
+               **kwargs: Any) -> argparse.ArgumentParser:
+    return ExactParser(prog=prog, description=description, **kwargs)
+
+
+def _help(doc: dict[str, Any]) -> str:
+    text = doc["help"] or "see lfm_ray/config.py"
+    kind = doc["type"].replace(" | None", " or null")
+    default = doc["default"]
+    shown = "null" if default is None else default
+    choices = f"; one of {', '.join(doc['choices'])}" if doc["choices"] else ""
+    return f"{text} [{kind}; default {shown}{choices}]".replace("%", "%%")
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, seed_alias: bool = True) -> None:
+    """--config, --preset, a dotted flag for every field, and the short aliases.
+
+    `seed_alias=False` leaves `--seed` to the caller (a study's `--seed` is its one seed)."""
+    group = parser.add_argument_group(
+        "run configuration", "any field as --section.field VALUE; later layers win: defaults "
+        "< --preset < --config < the script's own settings < --smoke < these flags")
+    group.add_argument("--config", metavar="FILE",
+                       help="JSON or YAML file of config sections (stage1: {lr: 1e-6}) or "
+                            "dotted keys; every value it names is used")
+    group.add_argument("--preset", choices=[NO_PRESET, *PRESETS], metavar="NAME",
+                       help="the paper's Table 6 hyperparameters of a data set "
+                            f"({', '.join(PRESETS)}); default: the data set's own on those data "
+                            "sets, none elsewhere; 'none' turns it off")
+    docs = field_docs()
+    for flag, dotted in SHORT_NAMES.items():
+        if flag == "--seed" and not seed_alias:
             continue
-        if dotted == "model.templates" and short:
+        doc = docs[dotted]
+        extra: dict[str, Any] = {}
+        if dotted == "data.name":  # a study takes several (they become a swept parameter)
+            extra = {"action": "append", "help": "= --data.name (a study takes several)"}
+        group.add_argument(flag, dest=ALIAS + dotted, metavar=dotted.split(".")[-1].upper(),
+                           choices=doc["choices"], **{"help": f"= --{dotted}", **extra})
+    group.add_argument("--template", dest=ALIAS + "model.templates", action="append",
+                       metavar="TEXT", help="prompt template with {} (repeat for an ensemble) "
+                                            "= --model.templates")
+    group.add_argument("--zero-shot", dest=ALIAS + "runtime.zero_shot", action="store_const",
+                       const=True, help="evaluate without training = --runtime.zero_shot true")
+    for dotted, doc in docs.items():
+        kwargs: dict[str, Any] = {"dest": PREFIX + dotted, "help": _help(doc)}
+        if doc["choices"]:
+            kwargs["choices"] = doc["choices"]
+        if doc["type"].startswith("list"):
+            kwargs.update(nargs="+", metavar="V")
+        else:
+            kwargs["metavar"] = doc["type"].split(" ")[0].upper()
+        group.add_argument(f"--{dotted}", **kwargs)
+
+
+def flag_values(args: argparse.Namespace, several_datasets: bool = False) -> dict[str, Any]:
+    """The fields set by flags, dotted; an alias and its dotted flag may not disagree.
+
+    `--dataset` may repeat only where `several_datasets` (a study): then data.name is a list."""
+    dotted = {k[len(PREFIX):]: v for k, v in vars(args).items()
+              if k.startswith(PREFIX) and v is not None}
+    for key, value in vars(args).items():
+        if not key.startswith(ALIAS) or value is None:
             continue
-        group.add_argument(f"--{dotted}", dest=PREFIX + dotted, metavar="V",
-                           help=f"set {dotted}")
+        name = key[len(ALIAS):]
+        if name == "data.name":
+            value = list(dict.fromkeys(value))
+            if several_datasets and len(value) > 1:
+                if "data.name" in dotted:
+                    raise LfmError("give the data sets with --dataset only, not also --data.name")
+                dotted[name] = value
+                continue
+            if len(value) > 1:
+                raise LfmError(f"--dataset is given {len(value)} times ({', '.join(value)}); "
+                               "a run trains on one data set (a study may sweep several)")
+            value = value[0]
+        if name in dotted and dotted[name] != value:
+            alias = next((f for f, d in SHORT_NAMES.items() if d == name), name)
+            raise LfmError(f"{alias} {value!r} and --{name} {dotted[name]!r} disagree; give one")
+        dotted[name] = value
+    return dotted
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Preset, then config file, then flags: later ones win."""
-    cfg = preset(args.preset) if getattr(args, "preset", None) else RunConfig()
-    if getattr(args, "config", None):
-        from_file = RunConfig.from_file(args.config)
-        cfg = _merge(cfg, from_file)
-    cfg.override(flag_values(args))
-    return cfg.validate()
+def config_layers(args: argparse.Namespace, *, fixed: dict[str, Any] | None = None,
+                  smoke: bool = False, study: str | None = None,
+                  defaults: dict[str, Any] | None = None,
+                  flags: dict[str, Any] | None = None) -> ConfigLayers:
+    """The layers the parsed flags describe (the config file read and checked here)."""
+    file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    return ConfigLayers(preset=getattr(args, "preset", None), defaults=dict(defaults or {}),
+                        file=file, fixed=dict(fixed or {}), smoke=dict(SMOKE) if smoke else {},
+                        flags=flag_values(args) if flags is None else flags, study=study)
 
 
-def flag_values(args: argparse.Namespace) -> dict[str, Any]:
-    return {k[len(PREFIX):]: v for k, v in vars(args).items()
-            if k.startswith(PREFIX) and v is not None}
+def announce_presets(layers: ConfigLayers, datasets: list[str]) -> None:
+    """Say on stderr which paper preset each data set's runs take, and how to opt out."""
+    from lfm_ray.config import STUDY_PRESETS
 
-
-def _merge(base: RunConfig, top: RunConfig) -> RunConfig:
-    """Fields of `top` that differ from the defaults replace those of `base`."""
-    default = RunConfig().to_dict()
-    merged = base.copy()
-    for section, values in top.to_dict().items():
-        for key, value in values.items():
-            if value != default[section][key]:
-                merged.set(f"{section}.{key}", value)
-    return merged
+    for name in datasets:
+        chosen = layers.preset_for(name)
+        if not chosen:
+            continue
+        backbone = STUDY_PRESETS.get(layers.study or "", {}).get(chosen, {}).get("model.name")
+        extra = f", the paper's {backbone} backbone for {layers.study}" if backbone else ""
+        how = "the paper's preset" if layers.preset is None else "preset"
+        print(f"{name}: {how} {chosen} (Table 6 hyperparameters{extra}); --preset none turns "
+              "it off", file=sys.stderr, flush=True)

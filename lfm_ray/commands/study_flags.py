@@ -1,41 +1,82 @@
-"""The flags every study script and `lfm-ray study` share, and what they set on a Study."""
+"""The flags every study script and `lfm-ray study` share, and the one path from them to a
+running study: layers → Study → dry run or run → report.
+
+A study script declares what makes it that study (`ScriptPlan`: its own settings, grid or
+space, default seeds) and calls `run_script`; everything else is common. Only light modules
+are imported before the flags are parsed, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
+from lfm_ray.commands.run_flags import (
+    add_run_flags, announce_presets, config_layers, flag_values, new_parser,
+)
 from lfm_ray.errors import LfmError
+
+TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class ScriptPlan:
+    """What a study script declares: its own settings (a layer above --config and below
+    --smoke and flags), what it sweeps, and its default seeds."""
+
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    search: str = "grid"
+    space: dict[str, Any] = field(default_factory=dict)    # name -> lfm_ray.study.Dim
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_samples: int = 8
+    metric: str = "acc_all"
 
 
 def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = None) -> None:
     g = parser.add_argument_group("study")
     g.add_argument("--name", default=default_name,
                    help="study name; the same name again resumes it (default: %(default)s)")
-    g.add_argument("--dataset", action="append",
-                   help="data set (repeat where the study takes several; default digits-lt)")
-    g.add_argument("--data-root", help="data root on every node (not needed for digits-lt)")
-    g.add_argument("--model", help="open_clip architecture (default tiny)")
-    g.add_argument("--pretrained", help="open_clip pretrained tag or weights file")
+    g.add_argument("--seeds", help="comma-separated training seeds, e.g. 0,1,2 (crossed with "
+                                   "the grid)")
+    g.add_argument("--seed", type=int, help="one training seed (= --seeds N)")
+    g.add_argument("--metric", help="what the study selects on (best.json, ASHA, Optuna)")
+    g.add_argument("--scheduler", choices=("none", "asha"), help="stop weak trials early "
+                   "with ASHA on the global epoch (default none)")
+    g.add_argument("--num-samples", type=int, help="trials of an Optuna or random search")
     g.add_argument("--address", help="Ray cluster address, e.g. auto (default: RAY_ADDRESS "
                    "or a local Ray instance)")
     g.add_argument("--storage-path", default="results/ray",
-                   help="Tune storage: a local path, NFS path or s3:// / gs:// URI")
+                   help="Tune storage: a local path, NFS path or s3:// / gs:// URI "
+                        "(default: %(default)s)")
     g.add_argument("--results-dir", default="results",
-                   help="where trials.csv, best.json and the report go")
-    g.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1")
-    g.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPU per trial worker; 0.25 packs four one-worker trials on a GPU")
-    g.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial worker")
-    g.add_argument("--trial-workers", type=int, default=None,
-                   help="Ray Train workers per trial: 0 trains in the trial's own process "
-                        "(Ray Train's local mode), 1 or more runs a worker group (DDP). "
-                        "Default: 0 on a local instance without GPUs, else 1")
-    g.add_argument("--max-concurrent", type=int, default=None,
+                   help="where trials.csv, best.json and the report go (default: %(default)s)")
+    g.add_argument("--max-concurrent", type=int,
                    help="cap on trials at once (default: what the cluster's resources allow)")
+    g.add_argument("--tracker", action="append", choices=TRACKER_NAMES, default=[],
+                   help="also log to this tracker (repeatable): TensorBoard event files or an "
+                        "MLflow SQLite store in the storage folder, or W&B")
+    g.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage URL for an Optuna search (default: an SQLite file in "
+                        "the study's storage folder), e.g. sqlite:///optuna.db")
     g.add_argument("--smoke", action="store_true",
-                   help="two values, one epoch per stage, a few steps: for tests")
+                   help="a quick check that the study runs: fewer values, one epoch per "
+                        "stage of a few steps")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the resolved study as JSON; train nothing")
+    g.add_argument("--extend", action="store_true",
+                   help="rerun a stored study with added seeds or grid values: only the new "
+                        "trials run, the finished ones are kept")
+    g.add_argument("--restart", action="store_true",
+                   help="discard the stored study's trials and results and run it afresh")
     g.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    g.add_argument("--verbose", action="store_true",
+                   help="show Ray's own start-up and per-report lines")
+    add_run_flags(parser, seed_alias=False)
 
 
 def parse_seeds(text: str | None, default: list[int]) -> list[int]:
@@ -47,70 +88,113 @@ def parse_seeds(text: str | None, default: list[int]) -> list[int]:
         raise LfmError(f"--seeds {text!r} is not valid; expected integers like 0,1,2") from None
     if not seeds:
         raise LfmError("--seeds is empty; give at least one seed")
+    if any(s < 0 for s in seeds):
+        raise LfmError(f"--seeds {text!r} is not valid; seeds are integers >= 0")
     return seeds
 
 
-def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """RunConfig fields the common flags set."""
-    out: dict[str, Any] = {}
-    if args.dataset:
-        out["data.name"] = args.dataset[0]
-    if args.data_root:
-        out["data.root"] = args.data_root
-    if args.model:
-        out["model.name"] = args.model
-    if args.pretrained:
-        out["model.pretrained"] = args.pretrained
-    if args.gpus_per_trial is not None:
-        out["runtime.gpus_per_worker"] = args.gpus_per_trial
-    if args.cpus_per_trial is not None:
-        out["runtime.cpus_per_worker"] = args.cpus_per_trial
-    out["runtime.num_workers"] = trial_workers(args)
-    if args.smoke:
-        out.update({"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 3})
-    return out
+def study_seeds(args: argparse.Namespace, default: list[int]) -> list[int]:
+    if args.seed is not None and args.seeds is not None:
+        raise LfmError("give --seeds or --seed, not both")
+    if args.seed is not None:
+        return parse_seeds(str(args.seed), default)
+    return parse_seeds(args.seeds, default)
 
 
-def trial_workers(args: argparse.Namespace) -> int:
-    """--trial-workers, else the default for where the study runs (see
-    `lfm_ray.launch.default_trial_workers`)."""
+def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str | None = None,
+                    command: list[str] | None = None, called_by: list[str] | None = None):
+    """The Study the flags and a script's plan describe, its base config resolved in layers."""
     from lfm_ray.launch import default_trial_workers
+    from lfm_ray.study import Dim, Study
 
-    if args.trial_workers is not None:
-        if args.trial_workers < 0:
-            raise LfmError(f"--trial-workers {args.trial_workers} is not valid; expected 0 "
-                           "(in the trial's process) or a number of workers >= 1")
-        return args.trial_workers
-    return default_trial_workers(args.address, args.gpus_per_trial or 0.0)
+    flags = flag_values(args, several_datasets=True)
+    several = flags.get("data.name") if isinstance(flags.get("data.name"), list) else None
+    if several:
+        del flags["data.name"]
+    datasets = several or []
+    layers = config_layers(args, fixed=plan.fixed, smoke=args.smoke, study=script, flags=flags)
+    grid, space = dict(plan.grid), dict(plan.space)
+    if len(datasets) > 1:
+        if plan.search == "grid":
+            grid = {"data.name": datasets, **grid}
+        else:
+            space["data.name"] = Dim.choice(datasets)
+    first = datasets[0] if datasets else None  # a swept data set's preset applies per trial
+    probe = layers.resolve(first)
+    if not any("runtime.num_workers" in layer for layer in
+               (layers.file, layers.fixed, layers.smoke, layers.flags)):
+        layers.defaults["runtime.num_workers"] = default_trial_workers(
+            args.address, probe.runtime.gpus_per_worker)
+    if args.num_samples is not None and plan.search == "grid":
+        raise LfmError("--num-samples is for an Optuna or random search; this study is a grid")
+    return Study(
+        name=args.name, base=layers.resolve(first), layers=layers, search=plan.search,
+        grid=grid, space=space, variants=plan.variants, seeds=study_seeds(args, plan.seeds),
+        num_samples=args.num_samples if args.num_samples is not None else plan.num_samples,
+        metric=args.metric or plan.metric, scheduler=args.scheduler or "none",
+        optuna_storage=args.optuna_storage, storage_path=args.storage_path,
+        results_dir=args.results_dir, max_concurrent=args.max_concurrent,
+        address=args.address, trackers=list(dict.fromkeys(args.tracker)),
+        verbose=args.verbose, command=command or list(sys.argv), called_by=called_by,
+    )
 
 
-def run_script(build, default_name: str, description: str, argv: list[str] | None = None) -> int:
-    """Parse the common flags, let `build(args, overrides)` declare the Study, run it, report.
+def execute(study, args: argparse.Namespace) -> int:
+    """--dry-run: print the checked plan as JSON on stdout; else run the study and report."""
+    from lfm_ray.study import plan_study, run_study
 
-    Returns the exit status: 0 done, 2 for a user error (one line, no traceback).
-    """
-    import sys
+    if study.layers is not None:
+        announce_presets(study.layers, study.datasets())
+    if args.dry_run:
+        import json
 
-    from lfm_ray.study import run_study
-
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_flags(parser, default_name=default_name)
-    args = parser.parse_args(argv)
-    try:
-        study = build(args, base_overrides(args))
-        study.address = args.address
-        study.storage_path = args.storage_path
-        study.results_dir = args.results_dir
-        study.max_concurrent = args.max_concurrent
-        study.command = ["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-        run_study(study)
-        if not args.no_report:
-            write_study_report(study.result_dir)
-    except LfmError as exc:
-        print(f"{default_name}: error: {exc}", file=sys.stderr)
-        return 2
+        plan = plan_study(study, extend=args.extend, restart=args.restart)
+        print(json.dumps(plan, indent=2, default=str))
+        return 0
+    run_study(study, extend=args.extend, restart=args.restart)
+    if not args.no_report:
+        write_study_report(study.result_dir)
     return 0
+
+
+def script_command(script_file: str, argv: list[str] | None) -> tuple[list[str], list[str] | None]:
+    """(this script's command as run, the calling command when another program called it)."""
+    path = Path(script_file).resolve()
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    args = list(argv) if argv is not None else sys.argv[1:]
+    caller = None
+    if argv is not None and Path(sys.argv[0]).resolve() != path:
+        caller = [Path(sys.executable).name, *sys.argv]
+    return ["python", shown, *args], caller
+
+
+def run_script(declare: Callable[[argparse.Namespace], ScriptPlan], script_file: str,
+               description: str, argv: list[str] | None = None) -> int:
+    """Parse the common flags, let `declare(args)` say what the study sweeps, run it, report.
+
+    Returns the exit status: 0 done, 2 for a user error (one line, no traceback)."""
+    name = Path(script_file).stem
+    parser = new_parser(prog=f"{name}.py", description=description)
+    add_study_flags(parser, default_name=name)
+    try:
+        args = parser.parse_args(argv)
+    except LfmError as exc:  # a bad flag: the parser's own one line
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        plan = declare(args)
+        command, caller = script_command(script_file, argv)
+        study = study_from_args(args, plan, script=name, command=command, called_by=caller)
+        return execute(study, args)
+    except LfmError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 def write_study_report(result_dir) -> None:
@@ -120,4 +204,4 @@ def write_study_report(result_dir) -> None:
     except ImportError:
         return
     path = write_report(result_dir)
-    print(f"wrote {path}", flush=True)
+    print(f"wrote {path}", file=sys.stderr, flush=True)

@@ -1,38 +1,61 @@
-"""`lfm-ray train`: one TorchTrainer run from flags or a config file."""
+"""`lfm-ray train`: one two-stage training on Ray Train, from flags, a preset or a file.
+
+    lfm-ray train                                   # the tiny model on digits-lt
+    lfm-ray train --dataset cifar100-lt --data-root /data/cifar   # the paper's preset
+    lfm-ray train --preset none --dataset cifar100-lt --data-root /data/cifar --stage1.lr 1e-3
+    lfm-ray train --config run.yaml --loss mms --dry-run
+
+Writes config.json, history.csv and metrics.json to --output; the same --output again
+resumes the run from its last checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
-from lfm_ray.commands.run_flags import add_run_flags, config_from_args
+from lfm_ray.commands.run_flags import (
+    HelpFormatter, add_run_flags, announce_presets, config_layers,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train one run (both stages) on Ray Train",
-        description="Train one LFM run with Ray Train and write config.json, history.csv "
-                    "and metrics.json to --output. With no flags: the tiny model on digits-lt.",
-    )
-    add_run_flags(p)
+    p = sub.add_parser("train", help="train one run (both stages) on Ray Train",
+                       description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output", help="output directory (default runs/<dataset>-<time>)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the resolved configuration as JSON; "
+                        "train nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own start-up and per-report lines")
+    add_run_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lfm_ray.launch import fit_run
+    from lfm_ray.launch import check_inputs, check_local_resources, fit_run, is_local
 
-    cfg = config_from_args(args)
+    layers = config_layers(args)
+    cfg = layers.resolve().validate()
+    announce_presets(layers, [cfg.data.name])
+    if args.dry_run:
+        check_inputs(cfg)
+        if is_local(args.address):
+            check_local_resources(cfg)
+        print(cfg.to_json())
+        return 0
     output = args.output or f"runs/{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"training {cfg.model.name} on {cfg.data.name}: loss {cfg.loss.name}, mix "
-          f"{cfg.mix.method}, {cfg.stage1.epochs}+{cfg.stage2.epochs} epochs → {output}",
-          flush=True)
-    final = fit_run(cfg, output, address=args.address)
+    final = fit_run(cfg, output, address=args.address, verbose=args.verbose,
+                    announce=lambda: print(
+                        f"training {cfg.model.name} on {cfg.data.name}: loss {cfg.loss.name}, "
+                        f"mix {cfg.mix.method}, {cfg.stage1.epochs}+{cfg.stage2.epochs} epochs "
+                        f"→ {output}", file=sys.stderr, flush=True))
     print(format_table(final))
-    print(f"wrote {Path(output) / 'config.json'}, history.csv, metrics.json")
+    print(f"wrote {Path(output) / 'config.json'}, history.csv, metrics.json", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,287 @@
+"""study.json: what a study is (so a rerun can be held to it), what ran it, and on what.
+
+A rerun under the same name compares its request with the stored one (`plan_rerun`):
+identical resumes; a change that only adds trials (new seeds or grid values) may `--extend`;
+any other change to what decides results is refused, listing each difference, unless the
+study is run afresh with `--restart`. Changes that do not touch results (address,
+concurrency, trackers) are free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lfm_ray.config import ConfigLayers, RunConfig
+from lfm_ray.errors import LfmError
+from lfm_ray.study.spec import Dim, Study, join_path
+
+STUDY_FILE = "study.json"
+# What decides a study's results; a rerun must match these (or only add trials).
+RESULT_KEYS = ("search", "grid", "space", "seeds", "num_samples", "metric", "mode",
+               "objectives", "scheduler", "sampler", "variants", "base_configs")
+EXTENDABLE = ("grid", "seeds")
+
+
+def request(study: Study) -> dict[str, Any]:
+    """The parts of a study that decide its results, as JSON values."""
+    raw = {
+        "search": study.search, "grid": study.grid if study.search == "grid" else {},
+        "space": {k: v.to_dict() for k, v in study.space.items()} if study.search != "grid"
+        else {},
+        "seeds": list(study.seeds),
+        "num_samples": study.num_samples if study.search != "grid" else None,
+        "metric": study.metric, "mode": study.mode, "objectives": list(study.objectives),
+        "scheduler": study.scheduler, "sampler": study.sampler if study.search == "optuna"
+        else None,
+        "variants": study.variants,
+        "base_configs": {d: c.to_dict() for d, c in study.base_configs().items()},
+    }
+    return json.loads(json.dumps(raw, default=str))
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted path, old, new) for each result-deciding value that differs."""
+    out = []
+    for key in RESULT_KEYS:
+        a, b = flatten(old.get(key), key), flatten(new.get(key), key)
+        for path in sorted(set(a) | set(b)):
+            if not _same(a.get(path), b.get(path)):
+                out.append((path, a.get(path, "(absent)"), b.get(path, "(absent)")))
+    return out
+
+
+@dataclass
+class Rerun:
+    """What running a study now means: new, resume, extend (with the points it adds) or
+    restart, and the Tune experiments it has (the last one is the one to run)."""
+
+    kind: str                                   # new | resume | extend | restart
+    experiments: list[str]
+    new_points: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+    @property
+    def experiment(self) -> str:
+        return self.experiments[-1]
+
+
+def read_stored(study: Study) -> dict[str, Any] | None:
+    path = study.result_dir / STUDY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LfmError(f"{path} cannot be read ({exc}); move it away or run with --restart") from None
+
+
+def plan_rerun(study: Study, stored: dict[str, Any] | None, *, extend: bool = False,
+               restart: bool = False) -> Rerun:
+    """Decide new / resume / extend / restart, or refuse with every difference named."""
+    if restart or stored is None:
+        return Rerun("restart" if stored is not None else "new", [study.name])
+    experiments = list(stored.get("experiments") or [study.name])
+    old = stored.get("request") or {}
+    new = request(study)
+    changes = differences(old, new)
+    if not changes:
+        return Rerun("resume", experiments)
+    listed = "; ".join(f"{path}: {_show(a)} -> {_show(b)}" for path, a, b in changes)
+    where = study.result_dir / STUDY_FILE
+    extendable = all(path.split(".")[0] in EXTENDABLE for path, _, _ in changes)
+    if extend:
+        if study.search != "grid" or not extendable:
+            raise LfmError(
+                f"study {study.name!r} cannot be extended: --extend only adds trials to a grid "
+                f"study (new seeds or grid values), but these differ from {where}: {listed}. "
+                "Use a new --name, or --restart to discard the stored trials and run afresh")
+        points = _added_points(study, old)
+        n = len(experiments)
+        return Rerun("extend", [*experiments, f"{study.name}-ext{n}"], points, changes)
+    hint = ("add --extend to run only the new trials (the finished ones are kept), "
+            if extendable and study.search == "grid" else "")
+    raise LfmError(
+        f"study {study.name!r} already exists ({where}) with another configuration: {listed}. "
+        f"To proceed, {hint}give a new --name, or add --restart to discard its stored trials "
+        "and results and run it afresh")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _added_points(study: Study, old: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid points (with seeds) of the new request that the stored one lacks; refuses a
+    request that drops values (extending only adds)."""
+    old_grid, old_seeds = old.get("grid") or {}, old.get("seeds") or []
+    if set(old_grid) != set(study.grid):
+        raise LfmError(f"--extend keeps the grid's parameters ({', '.join(old_grid)}); "
+                       f"got {', '.join(study.grid)}. Use a new --name or --restart")
+    for name, values in old_grid.items():
+        missing = [v for v in values if not any(_same(v, w) for w in study.grid[name])]
+        if missing:
+            raise LfmError(f"--extend only adds values; {name} drops {missing}. "
+                           "Use a new --name or --restart")
+    if any(s not in study.seeds for s in old_seeds):
+        raise LfmError(f"--extend only adds seeds; the stored seeds are {old_seeds}")
+    old_study = Study(name=study.name, grid=old_grid, seeds=list(old_seeds))
+    before = {json.dumps(p, sort_keys=True) for p in _normal(old_study.grid_points())}
+    return [p for p, key in zip(study.grid_points(), _normal(study.grid_points()))
+            if json.dumps(key, sort_keys=True) not in before]
+
+
+def _normal(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+             for k, v in p.items()} for p in points]
+
+
+def discard(study: Study, stored: dict[str, Any] | None) -> None:
+    """--restart: remove the study's stored trials and results (tables, report, study.json
+    and its Tune experiments under the storage path)."""
+    experiments = list((stored or {}).get("experiments") or [study.name])
+    for exp in experiments:
+        for name in (exp, f"{exp}_train"):
+            _remove(join_path(study.storage_path, name))
+    if study.result_dir.is_dir():
+        shutil.rmtree(study.result_dir)
+
+
+def _remove(path: str) -> None:
+    if "://" in path:
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        if fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(inner)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+# ---- the record ------------------------------------------------------------------------------
+def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
+    """Everything study.json holds: the request, how it was made, what ran it and where."""
+    return {
+        "name": study.name, "request": request(study), "experiments": experiments,
+        "command": study.command, "called_by": study.called_by,
+        "search": study.search, "swept": study.swept, "grid": study.grid,
+        "space": {k: v.to_dict() for k, v in study.space.items()},
+        "variants": study.variants, "seeds": study.seeds, "num_samples": study.num_samples,
+        "metric": study.metric, "mode": study.mode, "objectives": study.objectives,
+        "scheduler": study.scheduler, "sampler": study.sampler,
+        "optuna_storage": study.optuna_storage, "storage_path": study.storage_path,
+        "experiment_path": study.experiment_path, "base_config": study.base.to_dict(),
+        "layers": study.layers.to_dict() if study.layers is not None else None,
+        "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,
+        "trackers": study.trackers, "machine": machine(), "versions": versions(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and cores, memory, and the GPUs with their CUDA version where there are any."""
+    out: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "cpu_model": _proc_field("/proc/cpuinfo", "model name") or
+                           platform.processor(), "python": platform.python_version()}
+    mem = _proc_field("/proc/meminfo", "MemTotal")
+    if mem and mem.split()[0].isdigit():
+        out["memory_gib"] = round(int(mem.split()[0]) / 2**20, 1)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            out["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001 - a broken driver must not stop the study's record
+        pass
+    return out
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lfm_ray import __version__
+
+    out = {"lfm-ray": __version__}
+    commit = git_commit()
+    if commit:
+        out["git_commit"] = commit
+    for n in ("ray", "torch", "open_clip_torch", "optuna", "pandas", "plotly"):
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the lfm-ray checkout in use ("+dirty" with uncommitted changes), or None
+    outside a git checkout (an installed wheel)."""
+    here = Path(__file__).resolve().parents[2]
+    if not (here / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def load_study_spec(results_dir: str, name: str) -> Study:
+    """The Study stored in results/<name>/study.json, for `lfm-ray study --resume NAME`."""
+    path = Path(results_dir) / name / STUDY_FILE
+    if not path.is_file():
+        raise LfmError(f"no study {name!r} to resume: {path} does not exist")
+    meta = json.loads(path.read_text())
+    layers = ConfigLayers.from_dict(meta["layers"]) if meta.get("layers") else None
+    return Study(
+        name=meta["name"], base=RunConfig.from_dict(meta["base_config"]), search=meta["search"],
+        grid=meta.get("grid") or {},
+        space={k: Dim.from_dict(v) for k, v in (meta.get("space") or {}).items()},
+        variants=meta.get("variants") or {}, seeds=meta["seeds"],
+        num_samples=meta["num_samples"], metric=meta["metric"], mode=meta["mode"],
+        objectives=meta.get("objectives") or [], scheduler=meta["scheduler"],
+        sampler=meta.get("sampler", "tpe"), optuna_storage=meta.get("optuna_storage"),
+        storage_path=meta["storage_path"], results_dir=results_dir,
+        max_concurrent=meta.get("max_concurrent"), max_failures=meta.get("max_failures", 1),
+        trackers=meta.get("trackers") or [], layers=layers, command=meta.get("command", []),
+        called_by=meta.get("called_by"),
+    )

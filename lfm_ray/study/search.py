@@ -1,0 +1,157 @@
+"""How Tune explores a study: the trials' parameters, Optuna's sampler and storage, ASHA, and
+how many trials run at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lfm_ray.config import RunConfig
+from lfm_ray.errors import LfmError
+from lfm_ray.study.spec import SEED, Dim, Study, join_path
+
+OPTUNA_DB = "optuna.db"  # the default Optuna storage, beside the study's Tune experiment
+
+
+def param_space(study: Study, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Tune's param_space: the trials' swept values under "params", nothing else.
+
+    A grid study lists its trials explicitly (`points`, default every grid point crossed
+    with the seeds), so extending a study runs exactly the points it lacks."""
+    from ray import tune
+
+    if study.search == "grid":
+        return {"params": tune.grid_search(points if points is not None else study.grid_points())}
+    if study.search == "random":
+        params: dict[str, Any] = random_space(study)
+        if len(study.seeds) > 1:
+            params[SEED] = tune.grid_search(list(study.seeds))
+        return {"params": params}
+    return {}  # Optuna fills config["params"] (define-by-run)
+
+
+def random_space(study: Study) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for name, dim in study.space.items():
+        if dim.kind == "loguniform":
+            out[name] = tune.loguniform(dim.low, dim.high)
+        elif dim.kind == "uniform":
+            out[name] = tune.uniform(dim.low, dim.high)
+        elif dim.kind == "int":
+            out[name] = tune.randint(int(dim.low), int(dim.high) + 1)
+        else:
+            out[name] = tune.choice(list(dim.choices))
+    return out
+
+
+def optuna_storage_url(study: Study) -> str | None:
+    """The study's Optuna storage: the URL given, else an SQLite file beside the study's Tune
+    experiment (local storage only; a cloud storage path has no file to put it in)."""
+    if study.optuna_storage:
+        return study.optuna_storage
+    if "://" in study.storage_path:
+        return None
+    return "sqlite:///" + str(Path(join_path(study.storage_path, study.name)) / OPTUNA_DB)
+
+
+def check_optuna_storage(url: str | None) -> None:
+    """A storage URL SQLAlchemy can parse, of a dialect it has; checked before anything is
+    written (a bad URL would otherwise fail inside Tune after the study started)."""
+    if url is None:
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        parsed.get_dialect()  # an unknown scheme fails here ("bogus://x")
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ...
+        raise LfmError(f"--optuna-storage {url!r} is not a database URL Optuna can use "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                       "expected e.g. sqlite:///path/optuna.db or "
+                       "postgresql://user@host/db") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().absolute().parent
+        from lfm_ray.study.spec import check_storage
+
+        check_storage(str(folder), "--optuna-storage folder")
+
+
+def search_alg(study: Study):
+    if study.search != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = study.seeds[0]
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    url = optuna_storage_url(study)
+    storage = None
+    if url:
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.RDBStorage(url)
+    objectives = study.objectives if len(study.objectives) > 1 else None
+    return OptunaSearch(
+        space=DefineByRun(study.space, study.base.to_dict()),
+        metric=objectives or study.metric,
+        mode=[study.mode] * len(objectives) if objectives else study.mode,
+        sampler=samplers[study.sampler](),
+        study_name=study.name,
+        storage=storage,
+    )
+
+
+class DefineByRun:
+    """Optuna's define-by-run space: a conditional dimension is suggested only in trials
+    whose earlier choices (or the base config) meet its `when`. A class, not a closure, so
+    Tune can save it with the experiment state."""
+
+    def __init__(self, space: dict[str, Dim], base: dict[str, Any]):
+        self.space, self.base = space, base
+
+    def __call__(self, trial) -> None:
+        base = RunConfig.from_dict(self.base)
+        chosen: dict[str, Any] = {}
+        for name, dim in self.space.items():
+            if dim.when and any(chosen.get(k, base.get(k)) != v for k, v in dim.when.items()):
+                continue
+            key = "params/" + name
+            if dim.kind == "loguniform":
+                chosen[name] = trial.suggest_float(key, dim.low, dim.high, log=True)
+            elif dim.kind == "uniform":
+                chosen[name] = trial.suggest_float(key, dim.low, dim.high)
+            elif dim.kind == "int":
+                chosen[name] = trial.suggest_int(key, int(dim.low), int(dim.high))
+            else:
+                chosen[name] = trial.suggest_categorical(key, list(dim.choices))
+        return None
+
+
+def scheduler(study: Study):
+    if study.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=study.metric, mode=study.mode,
+                         max_t=max(1, study.total_epochs()), grace_period=1, reduction_factor=2)
+
+
+def concurrency(study: Study) -> int:
+    """Trials at once: what the cluster's CPUs and GPUs hold, capped by max_concurrent."""
+    import ray
+
+    rt = study.base.runtime
+    total = ray.cluster_resources()
+    workers = max(1, rt.num_workers)
+    fits = [int(total.get("CPU", 1) // (workers * rt.cpus_per_worker))]
+    if rt.gpus_per_worker > 0:
+        fits.append(int(total.get("GPU", 0) // (workers * rt.gpus_per_worker) + 1e-9))
+    n = max(1, min(fits))
+    return min(n, study.max_concurrent) if study.max_concurrent else n

@@ -1,0 +1,309 @@
+"""What a study is: the trials it runs (a grid crossed with seeds, or a search space), what it
+selects on and where it keeps results; and the checks made before anything starts.
+
+Light on purpose (no Ray, pandas or torch), so the study scripts' `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lfm_ray.config import ConfigLayers, RunConfig, known_fields
+from lfm_ray.errors import LfmError, unknown_name
+
+ALWAYS_COLUMNS = ("data.name", "model.name", "loss.name", "mix.method")
+SEARCHES = ("grid", "optuna", "random")
+SCHEDULERS = ("none", "asha")
+SAMPLERS = ("tpe", "gp", "cmaes", "random")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+METHOD = "method"  # the grid parameter that picks a named bundle from Study.variants
+SEED = "runtime.seed"
+
+
+# ---- search spaces -------------------------------------------------------------------------
+@dataclass
+class Dim:
+    """One dimension of an Optuna or random search space.
+
+    `when` makes it conditional (define-by-run): `Dim.uniform(0, 5, when={"loss.name":
+    "focal"})` exists only in trials whose loss is focal.
+    """
+
+    kind: str                          # loguniform | uniform | int | choice
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+    when: dict[str, Any] | None = None
+
+    @classmethod
+    def loguniform(cls, low: float, high: float, when: dict | None = None) -> "Dim":
+        return cls("loguniform", float(low), float(high), when=when)
+
+    @classmethod
+    def uniform(cls, low: float, high: float, when: dict | None = None) -> "Dim":
+        return cls("uniform", float(low), float(high), when=when)
+
+    @classmethod
+    def int(cls, low: int, high: int, when: dict | None = None) -> "Dim":
+        return cls("int", low, high, when=when)
+
+    @classmethod
+    def choice(cls, choices: list[Any], when: dict | None = None) -> "Dim":
+        return cls("choice", choices=tuple(choices), when=when)
+
+    def check(self, name: str) -> None:
+        if self.kind not in ("loguniform", "uniform", "int", "choice"):
+            raise LfmError(f"space {name}: unknown kind {self.kind!r}; "
+                           "known: choice, int, loguniform, uniform")
+        if self.kind == "choice":
+            if not self.choices:
+                raise LfmError(f"space {name}: a choice needs at least one value")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise LfmError(f"space {name}: needs low < high, got {self.low!r}, {self.high!r}")
+        elif self.kind == "loguniform" and self.low <= 0:
+            raise LfmError(f"space {name}: loguniform needs low > 0, got {self.low!r}")
+
+    def values_to_check(self) -> list[Any]:
+        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "low": self.low, "high": self.high,
+                "choices": list(self.choices), "when": self.when}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Dim":
+        return cls(raw["kind"], raw.get("low"), raw.get("high"),
+                   tuple(raw.get("choices") or ()), raw.get("when"))
+
+
+def parse_dim(text: str) -> Dim:
+    """`loguniform:0.002:31.25`, `uniform:0:2`, `int:1:10` or `choice:ce,mms` (CLI form)."""
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "choice":
+            return Dim.choice([literal(v) for v in rest.split(",") if v != ""])
+        low, high = rest.split(":")
+        return Dim(kind, float(low), float(high))
+    except ValueError:
+        raise LfmError(f"search dimension {text!r} is not valid; expected loguniform:LOW:HIGH, "
+                       "uniform:LOW:HIGH, int:LOW:HIGH or choice:A,B,...") from None
+
+
+def literal(text: str) -> Any:
+    """A command-line value as the number it spells, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+# ---- the study -----------------------------------------------------------------------------
+@dataclass
+class Study:
+    """A study's specification. `run_study(study)` runs it; `load_study(path)` reads results."""
+
+    name: str
+    base: RunConfig = field(default_factory=RunConfig)
+    search: str = "grid"                 # grid | optuna | random
+    grid: dict[str, list[Any]] = field(default_factory=dict)   # dotted name -> values
+    space: dict[str, Dim] = field(default_factory=dict)        # optuna / random
+    seeds: list[int] = field(default_factory=lambda: [0])      # crossed with the grid
+    num_samples: int = 8                 # optuna / random: trials to run
+    metric: str = "acc_all"              # what "best" means, and what ASHA and Optuna use
+    mode: str = "max"
+    objectives: list[str] = field(default_factory=list)  # >1: multi-objective Optuna
+    # Named bundles of settings swept as one parameter, "method" (e.g. "LFM + MMS" ->
+    # {"loss.name": "mms", "mix.method": "lfm"}): the rows of the paper's comparison tables.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scheduler: str = "none"              # none | asha (on the global epoch)
+    sampler: str = "tpe"                 # Optuna sampler
+    # Optuna's storage URL; None: an SQLite file in the study's storage folder (local storage)
+    optuna_storage: str | None = None
+    storage_path: str = "results/ray"    # Tune experiment root: a local path or a URI
+    results_dir: str = "results"         # trials.csv, best.json, study.json go to <dir>/<name>
+    max_concurrent: int | None = None    # cap on concurrent trials; None: what resources allow
+    max_failures: int = 1                # retries of a crashed trial from its checkpoint
+    address: str | None = None           # Ray cluster; None: RAY_ADDRESS or a local instance
+    prepare_data: bool = True            # build the node data cache in the driver first
+    callbacks: list[Any] = field(default_factory=list)  # extra ray.tune.Callback objects
+    trackers: list[str] = field(default_factory=list)   # tensorboard | mlflow | wandb
+    # How `base` was made (preset, config file, script settings, flags). With it, a swept
+    # data set gets its own paper preset; without it (a Study built in Python), `base` is used
+    # as it is for every trial.
+    layers: ConfigLayers | None = None
+    verbose: bool = False                # Ray's own start-up and per-report lines
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    called_by: list[str] | None = None   # the command that ran this study's script, if another
+    # Tune's ResultGrid of the last run_study (not part of the specification).
+    result_grid: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def result_dir(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+    @property
+    def experiment_path(self) -> str:
+        return join_path(self.storage_path, self.name)
+
+    @property
+    def swept(self) -> list[str]:
+        names = list(self.grid) if self.search == "grid" else list(self.space)
+        if self.search == "grid" or len(self.seeds) > 1:
+            names.append(SEED)
+        return list(dict.fromkeys(names))
+
+    def config_for(self, params: dict[str, Any]) -> RunConfig:
+        """One trial's RunConfig: its base (a swept data set's own preset where the study knows
+        its layers), then the trial's method bundle, then its swept values."""
+        if self.layers is not None and "data.name" in params:
+            base = self.layers.resolve(dataset=str(params["data.name"]))
+        else:
+            base = self.base
+        return config_for(base.to_dict(), self.variants, params)
+
+    def datasets(self) -> list[str]:
+        """Every data set the study trains on."""
+        swept = self.grid.get("data.name") if self.search == "grid" else None
+        if swept is None and "data.name" in self.space:
+            swept = list(self.space["data.name"].choices)
+        return [str(d) for d in swept] if swept else [self.base.data.name]
+
+    def base_configs(self) -> dict[str, RunConfig]:
+        """The base configuration of each data set's trials (before swept values)."""
+        return {d: self.config_for({"data.name": d}) for d in self.datasets()}
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every trial of a grid study: each combination of grid values, crossed with seeds."""
+        combos = itertools.product(*self.grid.values()) if self.grid else [()]
+        return [{**dict(zip(self.grid, combo)), SEED: seed}
+                for combo in combos for seed in self.seeds]
+
+    def total_epochs(self, params: dict[str, Any] | None = None) -> int:
+        cfg = self.config_for(params or {})
+        return cfg.stage1.epochs + cfg.stage2.epochs
+
+
+def config_for(base: dict[str, Any], variants: dict[str, dict[str, Any]],
+               params: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig.from_dict(base)
+    if METHOD in params:
+        cfg.override(variants[params[METHOD]])
+    return cfg.override({k: v for k, v in params.items() if k != METHOD})
+
+
+def join_path(root: str, name: str) -> str:
+    if "://" in root:
+        return root.rstrip("/") + "/" + name
+    return str(Path(root).resolve() / name)
+
+
+# ---- checks before any trial starts ---------------------------------------------------------
+def validate(study: Study) -> None:
+    """One clear error for the first problem, before Ray starts and before anything is written."""
+    from lfm_ray.launch import check_names  # light: names only, registries load on demand
+
+    if not study.name or any(c in study.name for c in "/\\ ") or study.name.startswith("."):
+        raise LfmError(f"study name {study.name!r} is not valid; use letters, digits, - and _")
+    if study.search not in SEARCHES:
+        raise unknown_name("search", study.search, SEARCHES)
+    if study.scheduler not in SCHEDULERS:
+        raise unknown_name("scheduler", study.scheduler, SCHEDULERS)
+    if study.sampler not in SAMPLERS:
+        raise unknown_name("Optuna sampler", study.sampler, SAMPLERS)
+    for tracker in study.trackers:
+        if tracker not in TRACKERS:
+            raise unknown_name("tracker", tracker, TRACKERS)
+    if study.mode not in ("max", "min"):
+        raise LfmError(f"mode {study.mode!r} is not valid; expected 'max' or 'min'")
+    if study.max_concurrent is not None and study.max_concurrent < 1:
+        raise LfmError(f"max_concurrent={study.max_concurrent} is not valid; expected an "
+                       "integer >= 1 (or leave it out: as many as the resources allow)")
+    if study.max_failures < 0:
+        raise LfmError(f"max_failures={study.max_failures} is not valid; expected >= 0")
+    from lfm_ray.train import METRIC_KEYS
+
+    selectable = METRIC_KEYS[2:]
+    for m in [study.metric, *study.objectives]:
+        if m not in selectable:
+            raise unknown_name("metric", m, selectable)
+    if study.scheduler == "asha" and len(study.objectives) > 1:
+        raise LfmError("ASHA stops trials on one metric; use scheduler 'none' with several objectives")
+    if len(study.objectives) > 1 and study.search != "optuna":
+        raise LfmError("several objectives need search 'optuna' (its Pareto front)")
+    if not study.seeds:
+        raise LfmError("seeds is empty; give at least one seed")
+    if len(set(study.seeds)) != len(study.seeds):
+        raise LfmError(f"seeds {study.seeds} repeat a seed; give each seed once")
+    fields = set(known_fields())
+    if study.search == "grid":
+        if not study.grid:
+            raise LfmError("the grid is empty; give at least one parameter with values")
+        for name, values in study.grid.items():
+            if not isinstance(values, (list, tuple)) or len(values) == 0:
+                raise LfmError(f"grid parameter {name!r} has no values; give a non-empty list")
+            if len(set(map(repr, values))) != len(values):
+                raise LfmError(f"grid parameter {name!r} repeats a value: {list(values)}")
+            if name == METHOD:
+                missing = [v for v in values if v not in study.variants]
+                if missing:
+                    raise unknown_name("method", missing[0], list(study.variants))
+                continue
+            if name not in fields:
+                raise unknown_name("study parameter", name, sorted(fields))
+            if name == SEED:
+                raise LfmError("give seeds with --seeds (the study's seeds), not as a grid "
+                               "parameter")
+    else:
+        if not study.space:
+            raise LfmError(f"search {study.search!r} needs a space; give at least one dimension")
+        if study.num_samples < 1:
+            raise LfmError(f"num_samples={study.num_samples} is not valid; expected >= 1")
+        for name, dim in study.space.items():
+            if name not in fields:
+                raise unknown_name("study parameter", name, sorted(fields))
+            dim.check(name)
+            for key in (dim.when or {}):
+                if key not in fields:
+                    raise unknown_name(f"condition of {name}", key, sorted(fields))
+    # Every value a trial could get must make a valid config with known names.
+    for params in corner_points(study):
+        cfg = study.config_for(params).validate()
+        check_names(cfg)
+    check_storage(study.storage_path, "storage path")
+    check_storage(study.results_dir, "results directory")
+
+
+def corner_points(study: Study) -> list[dict[str, Any]]:
+    if study.search == "grid":
+        points = [dict(zip(study.grid, combo)) for combo in itertools.product(*study.grid.values())]
+    else:
+        points = [{name: v} for name, dim in study.space.items() for v in dim.values_to_check()]
+    return [{**p, SEED: s} for p in points for s in study.seeds[:1]]
+
+
+def check_storage(path: str, what: str) -> None:
+    """A URI's scheme and credentials, or a local path that is, or can become, a writable
+    directory; nothing is created."""
+    if "://" in path:
+        try:
+            import pyarrow.fs
+
+            pyarrow.fs.FileSystem.from_uri(path)
+        except Exception as exc:  # noqa: BLE001 - any scheme or credential problem
+            raise LfmError(f"{what} {path!r} cannot be used: {exc}") from None
+        return
+    p = Path(path).expanduser().absolute()
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LfmError(f"{what} {path!r} cannot be written: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LfmError(f"{what} {path!r} cannot be written: no write permission in {existing}")

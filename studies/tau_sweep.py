@@ -1,4 +1,5 @@
-"""τ ablation (paper Fig. 10): LFM with α = 1 for τ ∈ {0.002, 0.01, 0.05, 0.25, 1.25, 31.25}.
+"""τ ablation (paper Fig. 10): LFM with α = 1 for τ ∈ {0.002, 0.01, 0.05, 0.25, 1.25, 6.25, 31.25}
+(the LFM authors' grid, config/ablation/tau-experiments.yaml).
 
 Defaults: digits-lt, the tiny model, a local Ray instance, seeds 0 and 1.
     python studies/tau_sweep.py
@@ -12,7 +13,7 @@ from lfm_ray.commands.study_flags import parse_seeds, run_script
 from lfm_ray.config import RunConfig
 from lfm_ray.study import Study
 
-TAUS = [0.002, 0.01, 0.05, 0.25, 1.25, 31.25]
+TAUS = [0.002, 0.01, 0.05, 0.25, 1.25, 6.25, 31.25]
 
 
 def build(args, overrides) -> Study:

@@ -75,7 +75,8 @@ MIX_BETA: dict[str, float | None] = {
 
 # ConCutMix's settings per data set (PanHaulin/ConCutMix, run_files/), used where the
 # mix.concutmix_* field is None. ω is their --scaling_factor a/b, k their --topk, the
-# warm-up their --l_d_warm over --epochs (the semantic label is used from then on).
+# warm-up their --l_d_warm over --epochs. Here epoch e (0-based) of a stage of E epochs uses
+# the area label alone while e < warmup·E; theirs while e <= l_d_warm (one epoch more).
 # - cifar10-lt, cifar100-lt: their runs (ω = 2/255, k = 3; ω = 20/255, k = 30; 100 of 200).
 # - imagenet-lt: their ResNet-50 run (ω = 200/255, k = 30, 70 of 100 epochs; the ResNeXt
 #   runs use 2/3). inat2018: their run (ω = 1628/255, k = 30, 80 of 100 epochs).
@@ -83,7 +84,7 @@ MIX_BETA: dict[str, float | None] = {
 #   so ω = 73/255 for its 365 classes; k and the warm-up as ImageNet-LT.
 # - digits-lt (10 classes): CIFAR-10-LT's.
 # Other data sets (folder) have none: a concutmix run on them must set the fields.
-CONCUTMIX_SETTINGS: dict[str, dict[str, float]] = {
+CONCUTMIX_SETTINGS: dict[str, dict[str, float | int]] = {
     "digits-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
     "cifar10-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
     "cifar100-lt": {"omega": 20 / 255, "topk": 30, "warmup": 0.5},
@@ -132,7 +133,6 @@ class RuntimeConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs; None: full epochs
     threads: int | None = None         # torch CPU threads per worker; None: cpus_per_worker
     compile: bool | None = None        # torch.compile the image tower; None: on GPUs only
-
 
 
 SECTIONS = {

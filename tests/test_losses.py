@@ -264,7 +264,8 @@ def test_a_common_scale_puts_each_margin_on_it(batch, s):
     ldam = build_loss("ldam", COUNTS, logit_scale=s)
     mms = build_loss("mms", COUNTS, text_features=f, logit_scale=s)
     for targets in (soft, one_hot(hard)):
-        assert ldam(logits, targets).item() == pytest.approx(direct_ldam(logits, targets, s), rel=1e-5)
+        assert ldam(logits, targets).item() == pytest.approx(direct_ldam(logits, targets, s),
+                                                             rel=1e-5)
         assert mms(logits, targets).item() == pytest.approx(direct_mms(logits, targets, f, s),
                                                             rel=1e-5)
     # At s = 1 the largest LDAM margin is 0.5 on the logit (a cosine), not 30·0.5.

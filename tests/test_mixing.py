@@ -425,9 +425,9 @@ def test_concutmix_target_against_the_formula_written_out():
     B, H, W = 5, 12, 10
     x_i, x_j = torch.rand(B, 3, H, W, generator=g), torch.rand(B, 3, H, W, generator=g)
     y_i, y_j = torch.tensor([0, 1, 5, 3, 2]), torch.tensor([4, 1, 0, 2, 5])
-    feats = torch.nn.functional.normalize(torch.randn(B, 8, generator=g, dtype=torch.float64), dim=1)
-    centres = torch.nn.functional.normalize(torch.randn(C, 8, generator=g, dtype=torch.float64), dim=1)
-    cos = feats @ centres.t()
+    unit = lambda n: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
+    cos = unit(B) @ unit(C).t()  # mixed images' features against the class centres
     seen = []
     for seed in range(12):
         x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(seed),

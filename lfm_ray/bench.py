@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import MIX_BETA, RunConfig
 
 TARGETS = {
     "sampler_speedup": (">=", 100.0),
@@ -428,9 +428,10 @@ def reference_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
     feats = text_features(clip, arrays.class_names, cfg.model.templates, dev)
     P = local_sampling_matrix(feats.float().cpu(), cfg.stage1.tau).double().numpy()
     workers = min(8, os.cpu_count() or 1) if loader_workers is None else loader_workers
+    lfm_beta = MIX_BETA["lfm"] if cfg.stage1.beta is None else cfg.stage1.beta  # as our mixer
     loader = reference_loader(np.asarray(arrays.train_images), np.asarray(arrays.train_labels),
                               spec, P, arrays.class_counts, cfg.runtime.batch_size, workers,
-                              alpha=cfg.stage1.alpha, beta=cfg.stage1.beta)
+                              alpha=cfg.stage1.alpha, beta=lfm_beta)
     model = LFMClassifier(clip.visual, feats, cfg.logit_scale).to(dev)
     del clip
     model.set_stage(1)

@@ -48,7 +48,8 @@ class StageConfig:
     min_lr: float = 1e-5               # cosine annealing ends here
     alpha: float = 1.0                 # label-shift strength α (paper Eq. 2), >= 0
     tau: float = 0.05                  # local-sampling temperature τ (paper Eq. 1), > 0
-    beta: float = 0.2                  # λ_x ~ Beta(beta, beta), > 0
+    beta: float | None = None          # λ ~ Beta(beta, beta), > 0; None: the method's own
+                                       # law (MIX_BETA); a set β applies to any method
 
 
 @dataclass
@@ -56,24 +57,67 @@ class MixConfig:
     method: str = "lfm"                # none | mixup | remix | cutmix | lfm | concutmix
     remix_kappa: float = 3.0           # Remix κ (count ratio threshold)
     remix_tau: float = 0.5             # Remix τ_r (mixing-ratio threshold)
-    concutmix_weight: float = 0.5      # ConCutMix: weight of the semantic label vs the area label
+    # ConCutMix (target ρ·ŷ_sem + (1 − ρ)·ỹ_area, ρ = ω·log(λN_a + (1 − λ)N_b) / Σ_k log N_k).
+    # None: the data set's setting in CONCUTMIX_SETTINGS.
+    concutmix_omega: float | None = None   # ω, >= 0
+    concutmix_topk: int | None = None      # k nearest class centres in ŷ_sem, >= 1
+    concutmix_prob: float = 0.5            # probability that a batch is cut-mixed at all
+    concutmix_warmup: float | None = None  # fraction of a stage's epochs with ỹ_area alone
+
+
+# The mixing methods' own laws of λ ~ Beta(β, β), used when the stage's β is None: Mixup and
+# Remix as the LFM authors' code runs them (rsamf/text-guided-mixup), CutMix as its authors'
+# runs (clovaai/CutMix-PyTorch, --beta 1.0), LFM as the LFM authors' code (their paper's
+# Algorithm 2 says 0.5), ConCutMix as its authors' code. "none" draws nothing.
+MIX_BETA: dict[str, float | None] = {
+    "none": None, "mixup": 1.0, "remix": 0.5, "cutmix": 1.0, "lfm": 0.2, "concutmix": 1.0,
+}
+
+# ConCutMix's settings per data set (PanHaulin/ConCutMix, run_files/), used where the
+# mix.concutmix_* field is None. ω is their --scaling_factor a/b, k their --topk, the
+# warm-up their --l_d_warm over --epochs. Here epoch e (0-based) of a stage of E epochs uses
+# the area label alone while e < warmup·E; theirs while e <= l_d_warm (one epoch more).
+# - cifar10-lt, cifar100-lt: their runs (ω = 2/255, k = 3; ω = 20/255, k = 30; 100 of 200).
+# - imagenet-lt: their ResNet-50 run (ω = 200/255, k = 30, 70 of 100 epochs; the ResNeXt
+#   runs use 2/3). inat2018: their run (ω = 1628/255, k = 30, 80 of 100 epochs).
+# - places-lt (no run of theirs): every ω of theirs is ⌊C/5⌋/255 (C = 10, 100, 1000, 8142),
+#   so ω = 73/255 for its 365 classes; k and the warm-up as ImageNet-LT.
+# - digits-lt (10 classes): CIFAR-10-LT's.
+# Other data sets (folder) have none: a concutmix run on them must set the fields.
+CONCUTMIX_SETTINGS: dict[str, dict[str, float | int]] = {
+    "digits-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
+    "cifar10-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
+    "cifar100-lt": {"omega": 20 / 255, "topk": 30, "warmup": 0.5},
+    "imagenet-lt": {"omega": 200 / 255, "topk": 30, "warmup": 0.7},
+    "places-lt": {"omega": 73 / 255, "topk": 30, "warmup": 0.7},
+    "inat2018": {"omega": 1628 / 255, "topk": 30, "warmup": 0.8},
+}
+
+
+# The authors' logit scales s (z = s·cos), so that a loss run with defaults reproduces theirs:
+# LDAM's s = 30 (margin s·m_y), MMS's s = 100 = 1/T with T = 0.01 (margin s·margin·(1 − cos)).
+# One `model.logit_scale` replaces them all for a comparison at one common scale.
+LOGIT_SCALE = {"ce": 1.0, "balce": 1.0, "focal": 1.0, "ldam": 30.0, "mms": 100.0}
 
 
 @dataclass
 class LossConfig:
     name: str = "ce"                   # ce | balce | focal | ldam | mms
     focal_gamma: float = 2.0           # Focal γ
-    ldam_max_margin: float = 0.5       # LDAM: largest class margin (cosine units)
-    ldam_scale: float = 30.0           # LDAM: scale the margin is multiplied by
-    mms_margin: float = 0.3            # MMS: margin·(1 − cos(f_T[y], f_T[k]))
-    mms_temperature: float = 0.01      # MMS: softmax temperature (1/100)
+    ldam_max_margin: float = 0.5       # LDAM: largest class margin m (cosine units)
+    mms_margin: float = 0.3            # MMS: margin·(1 − cos(f_T[y], f_T[k])) (cosine units)
+    # LDAM's scale and MMS's 1/temperature are the run's logit scale s (model.logit_scale,
+    # defaults in LOGIT_SCALE): LDAM subtracts s·m_y, MMS adds s·margin·(1 − cos).
 
-    def params(self) -> dict[str, float]:
-        """Keyword parameters of `lfm_ray.losses.build_loss` for this loss."""
+    def params(self, logit_scale: float | None = None) -> dict[str, float]:
+        """Keyword parameters of `lfm_ray.losses.build_loss` for this loss; `logit_scale`
+        is the scale of the logits it will get (the run's `RunConfig.logit_scale`), None for
+        the loss's default (LOGIT_SCALE)."""
+        scale = LOGIT_SCALE.get(self.name, 1.0) if logit_scale is None else float(logit_scale)
         return {
             "focal": {"gamma": self.focal_gamma},
-            "ldam": {"max_margin": self.ldam_max_margin, "scale": self.ldam_scale},
-            "mms": {"margin": self.mms_margin, "temperature": self.mms_temperature},
+            "ldam": {"max_margin": self.ldam_max_margin, "logit_scale": scale},
+            "mms": {"margin": self.mms_margin, "logit_scale": scale},
         }.get(self.name, {})
 
 
@@ -91,9 +135,6 @@ class RuntimeConfig:
     compile: bool | None = None        # torch.compile the image tower; None: on GPUs only
 
 
-# The authors' logit scales, so that a loss run with defaults reproduces theirs.
-LOGIT_SCALE = {"ce": 1.0, "balce": 1.0, "focal": 1.0, "ldam": 30.0, "mms": 100.0}
-
 SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -104,6 +145,18 @@ SECTIONS = {
     "runtime": RuntimeConfig,
 }
 STAGE_SHORTHANDS = ("alpha", "tau", "beta")
+
+# Fields that no longer exist, and what replaced them (a config that sets one is refused
+# with this, rather than run with a setting that would silently mean nothing).
+REMOVED_FIELDS = {
+    "loss.ldam_scale": "LDAM's scale is the run's logit scale: set model.logit_scale "
+                       "(its default for ldam is 30, LOGIT_SCALE)",
+    "loss.mms_temperature": "MMS's temperature is 1 / the run's logit scale: set "
+                            "model.logit_scale (its default for mms is 100 = 1/0.01, LOGIT_SCALE)",
+    "mix.concutmix_weight": "ConCutMix's label is ρ·ŷ_sem + (1 − ρ)·ỹ_area with ρ set by "
+                            "mix.concutmix_omega (and mix.concutmix_topk, mix.concutmix_prob, "
+                            "mix.concutmix_warmup); it has no weight",
+}
 
 
 def _default_stage2() -> StageConfig:
@@ -159,6 +212,8 @@ class RunConfig:
             self.set(f"stage1.{key}", value)
             self.set(f"stage2.{key}", value)
             return
+        if dotted in REMOVED_FIELDS:
+            raise LfmError(f"config field {dotted!r} was removed: {REMOVED_FIELDS[dotted]}")
         if section not in SECTIONS or not key:
             raise unknown_name("config field", dotted, known_fields())
         target = getattr(self, section)
@@ -187,6 +242,28 @@ class RunConfig:
             return float(self.model.logit_scale)
         return LOGIT_SCALE.get(self.loss.name, 1.0)
 
+    def mixer_params(self) -> dict[str, Any]:
+        """Keyword parameters of `lfm_ray.mixing.build_mixer` besides the per-stage ones:
+        the mixing section with the data set's ConCutMix settings (CONCUTMIX_SETTINGS) where
+        a field is None. A concutmix run on a data set without settings must set them."""
+        mix = self.mix
+        table = CONCUTMIX_SETTINGS.get(self.data.name, {})
+        params: dict[str, Any] = {"remix_kappa": mix.remix_kappa, "remix_tau": mix.remix_tau,
+                                  "concutmix_prob": mix.concutmix_prob}
+        for key in ("omega", "topk", "warmup"):
+            value = getattr(mix, f"concutmix_{key}")
+            if value is None:
+                value = table.get(key)
+            if value is None and mix.method == "concutmix":
+                raise LfmError(
+                    f"mix.concutmix_{key} is not set and data set {self.data.name!r} has no "
+                    f"ConCutMix setting (those with one: {', '.join(sorted(CONCUTMIX_SETTINGS))}); "
+                    f"set mix.concutmix_{key}")
+            params[f"concutmix_{key}"] = value
+        if params["concutmix_topk"] is not None:
+            params["concutmix_topk"] = int(params["concutmix_topk"])
+        return params
+
     def validate(self) -> "RunConfig":
         """Raise one LfmError for the first bad value; names are checked by the registries."""
         for name in ("stage1", "stage2"):
@@ -196,7 +273,9 @@ class RunConfig:
             _check(stage.min_lr >= 0, f"{name}.min_lr", stage.min_lr, "a number >= 0")
             _check(stage.alpha >= 0, f"{name}.alpha", stage.alpha, "a number >= 0")
             _check(stage.tau > 0, f"{name}.tau", stage.tau, "a number > 0")
-            _check(stage.beta > 0, f"{name}.beta", stage.beta, "a number > 0")
+            if stage.beta is not None:
+                _check(stage.beta > 0, f"{name}.beta", stage.beta,
+                       "a number > 0, or null for the method's own law")
         rt = self.runtime
         _check(rt.batch_size >= 1, "runtime.batch_size", rt.batch_size, "an integer >= 1")
         _check(rt.eval_batch_size >= 1, "runtime.eval_batch_size", rt.eval_batch_size, "an integer >= 1")
@@ -224,8 +303,19 @@ class RunConfig:
                self.data.eval_split, "'test' or 'val'")
         if self.model.logit_scale is not None:
             _check(self.model.logit_scale > 0, "model.logit_scale", self.model.logit_scale, "a number > 0")
-        _check(0 <= self.mix.concutmix_weight <= 1, "mix.concutmix_weight",
-               self.mix.concutmix_weight, "a number in [0, 1]")
+        mix = self.mix
+        if mix.concutmix_omega is not None:
+            _check(mix.concutmix_omega >= 0, "mix.concutmix_omega", mix.concutmix_omega,
+                   "a number >= 0, or null for the data set's")
+        if mix.concutmix_topk is not None:
+            _check(mix.concutmix_topk >= 1, "mix.concutmix_topk", mix.concutmix_topk,
+                   "an integer >= 1, or null for the data set's")
+        _check(0 <= mix.concutmix_prob <= 1, "mix.concutmix_prob", mix.concutmix_prob,
+               "a number in [0, 1]")
+        if mix.concutmix_warmup is not None:
+            _check(0 <= mix.concutmix_warmup <= 1, "mix.concutmix_warmup", mix.concutmix_warmup,
+                   "a number in [0, 1], or null for the data set's")
+        self.mixer_params()  # a concutmix run needs every ConCutMix setting resolved
         _check(self.mix.remix_kappa >= 1, "mix.remix_kappa", self.mix.remix_kappa, "a number >= 1")
         _check(0 <= self.mix.remix_tau <= 1, "mix.remix_tau", self.mix.remix_tau, "a number in [0, 1]")
         _check(bool(self.model.templates) and all("{}" in t for t in self.model.templates),

@@ -4,6 +4,9 @@
 forward is `(logits (B, C), targets) -> scalar`; targets are a LongTensor (B,) of labels or a
 float (B, C) soft target. Hard labels become one-hot, so each loss has one code path.
 Logits are the model's s·cos; the defaults of s per loss live in lfm_ray.config.LOGIT_SCALE.
+A loss whose margin is in cosine units (LDAM, MMS) takes the scale of the logits it is given
+(`logit_scale`) and puts its margin on that scale, so one knob (`model.logit_scale`) sets the
+scale of every loss and a comparison can run them all at one common scale.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lfm_ray.config import LOGIT_SCALE
 from lfm_ray.errors import LfmError, unknown_name
 
 
@@ -72,50 +76,58 @@ class Focal(nn.Module):
         return -(soft * weight * logp).sum(dim=1).mean()
 
 
+def _check_scale(name: str, logit_scale: float) -> float:
+    if not logit_scale > 0:
+        raise LfmError(f"{name} logit_scale={logit_scale} is not valid; expected a number > 0")
+    return float(logit_scale)
+
+
 class LDAM(nn.Module):
     """Label-distribution-aware margins m_k ∝ n_k^(−1/4), the largest `max_margin`.
 
-    The margin of class k, weighted by its target t_k, is subtracted in cosine units
-    (scale·t_k·m_k on the logits, the model's s being `scale` by default); then soft CE.
-    For a hard label this is the original LDAM: z_y − scale·m_y.
+    Logits are s·cos (s = `logit_scale`, 30 by default as LDAM's authors); the margin is in
+    cosine units, so s·m_y comes off the target's logit: s·(cos_y − m_y), the original LDAM.
+    A soft target weights each class's margin by its target, s·t_k·m_k; then soft CE.
     """
 
     def __init__(self, class_counts: Sequence[int], max_margin: float = 0.5,
-                 scale: float = 30.0):
+                 logit_scale: float = LOGIT_SCALE["ldam"]):
         super().__init__()
-        if not (max_margin > 0 and scale > 0):
-            raise LfmError(f"ldam max_margin={max_margin} and scale={scale} are not valid; "
-                           "expected numbers > 0")
+        if not max_margin > 0:
+            raise LfmError(f"ldam max_margin={max_margin} is not valid; expected a number > 0")
         counts = torch.as_tensor(list(class_counts), dtype=torch.float64).clamp(min=1)
         m = counts.pow(-0.25)
         self.register_buffer("margins", (m * (max_margin / m.max())).float())
-        self.scale = float(scale)
+        self.logit_scale = _check_scale("ldam", logit_scale)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         soft = as_soft(targets, logits.shape[1])
-        shifted = logits.float() - self.scale * soft * self.margins
+        shifted = logits.float() - self.logit_scale * soft * self.margins
         return soft_cross_entropy(shifted, soft)
 
 
 class MarginMetricSoftmax(nn.Module):
-    """MMS: for target c the non-target logits get + margin·(1 − cos(f_T[c], f_T[k])) / T.
+    """MMS: for target c the non-target logits get + s·margin·(1 − cos(f_T[c], f_T[k])).
 
-    Logits are cos/T (s = 1/T = 100 by default). A soft target is the expectation
-    Σ_c t_c L_c over its classes with t_c > 0, computed only for those classes.
+    Logits are s·cos (s = `logit_scale`, 100 = 1/T with T = 0.01 by default as the LFM
+    authors); the margin is in cosine units, so at s = 100 this is their
+    (cos + margin·(1 − cos)) / T. A soft target is the expectation Σ_c t_c L_c over its
+    classes with t_c > 0, computed only for those classes.
     """
 
-    def __init__(self, text_features: torch.Tensor, margin: float = 0.3, temperature: float = 0.01):
+    def __init__(self, text_features: torch.Tensor, margin: float = 0.3,
+                 logit_scale: float = LOGIT_SCALE["mms"]):
         super().__init__()
         if text_features is None:
             raise LfmError("mms needs the class text features")
-        if not temperature > 0:
-            raise LfmError(f"mms temperature={temperature} is not valid; expected > 0")
         if not margin >= 0:
             raise LfmError(f"mms margin={margin} is not valid; expected >= 0")
+        scale = _check_scale("mms", logit_scale)
         f = F.normalize(text_features.detach().float(), dim=-1)
-        margins = margin * (1 - f @ f.t()) / temperature
+        margins = scale * margin * (1 - f @ f.t())  # on the logits' scale
         margins.fill_diagonal_(0.0)
         self.register_buffer("margins", margins)
+        self.logit_scale = scale
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -134,17 +146,22 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ce": lambda class_counts, text_features: CrossEntropy(),
     "balce": lambda class_counts, text_features: BalancedSoftmax(class_counts),
     "focal": lambda class_counts, text_features, gamma=2.0: Focal(gamma),
-    "ldam": lambda class_counts, text_features, max_margin=0.5, scale=30.0:
-        LDAM(class_counts, max_margin, scale),
-    "mms": lambda class_counts, text_features, margin=0.3, temperature=0.01:
-        MarginMetricSoftmax(text_features, margin, temperature),
+    "ldam": lambda class_counts, text_features, max_margin=0.5,
+    logit_scale=LOGIT_SCALE["ldam"]: LDAM(class_counts, max_margin, logit_scale),
+    "mms": lambda class_counts, text_features, margin=0.3,
+    logit_scale=LOGIT_SCALE["mms"]: MarginMetricSoftmax(text_features, margin, logit_scale),
 }
+
+# Parameters that went, and what took their place.
+REPLACED_PARAMS = {"scale": "logit_scale", "temperature": "logit_scale (= 1 / temperature)"}
 
 
 def build_loss(name: str, class_counts: Sequence[int], text_features: torch.Tensor | None = None,
                **params: Any) -> nn.Module:
-    """The loss `name` (see LOSSES); params are its own (gamma; max_margin, scale; margin,
-    temperature)."""
+    """The loss `name` (see LOSSES); params are its own (gamma; max_margin, logit_scale;
+    margin, logit_scale). `logit_scale` is the scale s of the logits the loss will get
+    (z = s·cos); LDAM's and MMS's margins are put on it. Its default is the loss's own
+    (config.LOGIT_SCALE)."""
     if name not in LOSSES:
         raise unknown_name("loss", name, list(LOSSES))
     builder = LOSSES[name]
@@ -152,7 +169,9 @@ def build_loss(name: str, class_counts: Sequence[int], text_features: torch.Tens
                 if p not in ("class_counts", "text_features")]
     for key in params:
         if key not in accepted:
-            raise LfmError(f"loss {name!r} takes no parameter {key!r}; "
+            hint = f" ({key} was replaced by {REPLACED_PARAMS[key]})" \
+                if key in REPLACED_PARAMS and "logit_scale" in accepted else ""
+            raise LfmError(f"loss {name!r} takes no parameter {key!r}{hint}; "
                            f"accepted: {', '.join(accepted) or 'none'}")
     module = builder(class_counts, text_features, **params)
     if text_features is not None:

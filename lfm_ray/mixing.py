@@ -1,10 +1,12 @@
 """Pair sampling and label rules of every mixing method, behind one interface.
 
-A mixer is built once per stage (α, τ and β may differ per stage). Per batch the trainer asks
-`partners(indices, labels, generator)` for the partner images' dataset indices, gathers
-them, and calls `mix(x_i, y_i, x_j, y_j, generator)`, which returns the mixed images and soft
-targets (B, C). Losses only consume soft targets, so the trainer never knows which mixing
-method runs.
+A mixer is built once per stage (α, τ and β may differ per stage; β None is the method's own
+law, config.MIX_BETA). Before each epoch the trainer calls `set_epoch(epoch_in_stage,
+stage_epochs)`; per batch it asks `partners(indices, labels, generator)` for the partner
+images' dataset indices, gathers them, and calls `mix(x_i, y_i, x_j, y_j, generator,
+similarity_fn=...)`, which returns the mixed images and soft targets (B, C); a mixer with
+`needs_similarity` gets the model's image-text cosines through `similarity_fn`. Losses only
+consume soft targets, so the trainer never knows which mixing method runs.
 
 LFM (paper Eq. 1 and 2): the partner class j of sample i is drawn with
 P[y_i, j] = softmax_j(f_T[y_i]·f_T[j] / τ), diagonal excluded, then a uniform image of
@@ -19,23 +21,24 @@ plain `torch.multinomial` path is kept for tests and the benchmark to compare ag
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from lfm_ray.config import MIX_BETA, MixConfig
 from lfm_ray.errors import LfmError, unknown_name
 from lfm_ray.transfer import to_device
 
-# ConCutMix: softmax temperature over the two classes' cosine similarities. Cosines of CLIP
-# image features to different class prompts differ by a few hundredths, so a temperature of
-# the order of CLIP's own (1/100) is needed for the semantic label to move away from 1/2.
-CONCUTMIX_TEMPERATURE = 0.01
-
-# Parameters a mixer accepts besides the common ones; every mixer accepts all of them so the
-# trainer can pass the run's mixing section unchanged whatever the method.
-MIXER_PARAMS = {"remix_kappa": 3.0, "remix_tau": 0.5, "concutmix_weight": 0.5}
+# Parameters a mixer accepts besides the common ones, with the run configuration's defaults
+# (config.py holds them); every mixer accepts all of them so the trainer can pass the run's
+# mixing section unchanged whatever the method. ConCutMix's ω, k and warm-up default to None
+# there: they are per data set (CONCUTMIX_SETTINGS), which `RunConfig.mixer_params` fills in.
+MIXER_PARAMS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(MixConfig) if f.name != "method"
+}
 
 
 # ---- the formulas ------------------------------------------------------------------------------
@@ -164,28 +167,64 @@ def alias_distribution(prob: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
     return out.scatter_add(1, alias, (1.0 - prob.double()) / K)
 
 
+class ClassImages:
+    """Uniform draws of a training image of given classes, vectorised.
+
+    Per-class index tables (dataset indices sorted by class, offsets, counts) make the draw
+    one gather: idx = order[offset[c] + floor(u · count[c])]. The tables are built on
+    `device` and copied once to any other device a generator lives on.
+    """
+
+    def __init__(self, train_labels: Any, num_classes: int, device: torch.device | str = "cpu"):
+        device = torch.device(device)
+        labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise LfmError(f"training labels must lie in 0..{num_classes - 1} for "
+                           f"{num_classes} classes")
+        self.num_classes = num_classes
+        self.counts = torch.bincount(labels, minlength=num_classes)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.order = torch.argsort(labels, stable=True)
+        self._device = device
+        self._copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(counts, offsets, order) on `device`."""
+        if device == self._device:
+            return self.counts, self.offsets, self.order
+        if device not in self._copies:
+            self._copies[device] = tuple(t.to(device) for t in (
+                self.counts, self.offsets, self.order))
+        return self._copies[device]
+
+    def sample(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A uniform training image (dataset index) of each given class, on the generator's
+        device. Every class asked for must have an image."""
+        dev = generator.device
+        counts, offsets, order = self.tables(dev)
+        classes = classes.to(dev, torch.long)
+        u = torch.rand(classes.numel(), generator=generator, dtype=torch.float64, device=dev)
+        count = counts[classes]
+        within = torch.minimum((u * count).long(), count - 1)  # u < 1; guards rounding
+        return order[offsets[classes] + within]
+
+
 class PairSampler:
     """LFM's partner draw: class j via row y_i of P (alias method), then a uniform image of j.
 
-    Per-class index tables (dataset indices sorted by class, offsets, counts) make the image
-    draw one gather: idx = order[offset[j] + floor(u · count[j])]. Everything is vectorised
-    over the batch; the draws run on the generator's device (tables are copied there once).
-    Classes without training images get probability 0 in every row (renormalised), since no
-    partner image of theirs exists.
+    Everything is vectorised over the batch; the draws run on the generator's device (tables
+    are copied there once). Classes without training images get probability 0 in every row
+    (renormalised), since no partner image of theirs exists.
     """
 
     def __init__(self, P: torch.Tensor, train_labels: Any, device: torch.device | str = "cpu"):
         device = torch.device(device)
-        labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
         C = P.shape[0]
         if P.dim() != 2 or P.shape[1] != C:
             raise LfmError(f"the sampling matrix must be square; got shape {tuple(P.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
-            raise LfmError(f"training labels must lie in 0..{C - 1} for {C} classes")
         self.num_classes = C
-        self.counts = torch.bincount(labels, minlength=C)
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
-        self.order = torch.argsort(labels, stable=True)
+        self.images = ClassImages(train_labels, C, device)
+        self.counts = self.images.counts
         Pd = P.detach().double().to(device) * (self.counts > 0).double()
         mass = Pd.sum(dim=1)
         stranded = ((mass <= 0) & (self.counts > 0)).nonzero().squeeze(1)
@@ -199,18 +238,17 @@ class PairSampler:
         self._device = device
         self._copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device == self._device:
-            return self.prob, self.alias, self.counts, self.offsets, self.order
+            return self.prob, self.alias
         if device not in self._copies:
-            self._copies[device] = tuple(t.to(device) for t in (
-                self.prob, self.alias, self.counts, self.offsets, self.order))
+            self._copies[device] = (self.prob.to(device), self.alias.to(device))
         return self._copies[device]
 
     def sample_classes(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One partner class per label, from row `label` of P: O(1) per draw."""
         dev = generator.device
-        prob, alias, *_ = self._tables(dev)
+        prob, alias = self._tables(dev)
         labels = labels.to(dev, torch.long)
         n = labels.numel()
         col = torch.randint(self.num_classes, (n,), generator=generator, device=dev)
@@ -220,13 +258,7 @@ class PairSampler:
 
     def sample_images(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A uniform training image (dataset index) of each given class."""
-        dev = generator.device
-        _, _, counts, offsets, order = self._tables(dev)
-        classes = classes.to(dev, torch.long)
-        u = torch.rand(classes.numel(), generator=generator, dtype=torch.float64, device=dev)
-        count = counts[classes]
-        within = torch.minimum((u * count).long(), count - 1)  # u < 1; guards rounding
-        return order[offsets[classes] + within]
+        return self.images.sample(classes, generator)
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Dataset indices of one partner per label (on the generator's device)."""
@@ -236,6 +268,30 @@ class PairSampler:
         """The same law by the plain path: `torch.multinomial` per row, then the image tables."""
         classes = sample_classes_multinomial(self.P, labels, generator)
         return self.sample_images(classes, generator)
+
+
+class BalancedSampler:
+    """ConCutMix's foreground draw: a uniform class among the classes with training images,
+    then a uniform image of it (vectorised, on the generator's device)."""
+
+    def __init__(self, train_labels: Any, num_classes: int, device: torch.device | str = "cpu"):
+        self.images = ClassImages(train_labels, num_classes, device)
+        self.classes = (self.images.counts > 0).nonzero().squeeze(1)
+        if self.classes.numel() == 0:
+            raise LfmError("the class-balanced sampler needs training images")
+        self._classes: dict[torch.device, torch.Tensor] = {}
+
+    def sample_classes(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        dev = generator.device
+        if dev not in self._classes:
+            self._classes[dev] = self.classes.to(dev)
+        classes = self._classes[dev]
+        pick = torch.randint(classes.numel(), (n,), generator=generator, device=dev)
+        return classes[pick]
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Dataset indices of n images drawn independently."""
+        return self.images.sample(self.sample_classes(n, generator), generator)
 
 
 def sample_classes_multinomial(P: torch.Tensor, labels: torch.Tensor,
@@ -264,15 +320,23 @@ def _batch_lambda(lam: float, n: int) -> torch.Tensor:
 
 
 class Mixer:
-    """No mixing: the batch as it is, one-hot targets. Base of every mixer."""
+    """No mixing: the batch as it is, one-hot targets. Base of every mixer.
+
+    `beta` None takes the method's own law of λ (config.MIX_BETA); the resolved value is
+    `self.beta` (None for a method that draws no λ), and `settings()` lists it with the
+    method's other resolved parameters. The trainer tells a mixer where it is in the stage
+    with `set_epoch` before each epoch; only ConCutMix's warm-up uses it.
+    """
 
     name = "none"
     needs_partners = False
+    needs_similarity = False  # whether `mix` wants the model's image-text cosines
+    own_params: tuple[str, ...] = ()  # the entries of MIXER_PARAMS this method uses
 
     def __init__(self, *, class_counts: Any, train_labels: Any = None,
                  text_features: torch.Tensor | None = None, alpha: float = 1.0,
-                 tau: float = 0.05, beta: float = 0.2, device: torch.device | str = "cpu",
-                 **params: Any):
+                 tau: float = 0.05, beta: float | None = None,
+                 device: torch.device | str = "cpu", **params: Any):
         unknown = sorted(set(params) - set(MIXER_PARAMS))
         if unknown:
             raise LfmError(f"mixing method {self.name!r} takes no parameter {unknown[0]!r}; "
@@ -281,22 +345,30 @@ class Mixer:
             raise LfmError(f"alpha={alpha} is not valid; expected a number >= 0")
         if not tau > 0:
             raise LfmError(f"tau={tau} is not valid; expected a number > 0")
-        if not beta > 0:
-            raise LfmError(f"beta={beta} is not valid; expected a number > 0")
+        if beta is None:
+            beta = MIX_BETA[self.name]
+        elif not beta > 0:
+            raise LfmError(f"beta={beta} is not valid; expected a number > 0, or None for "
+                           f"the method's own law")
         self.counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
         self.num_classes = len(self.counts)
-        self.alpha, self.tau, self.beta = float(alpha), float(tau), float(beta)
+        self.alpha, self.tau = float(alpha), float(tau)
+        self.beta = None if beta is None else float(beta)
         self.text_features = text_features
         self.train_labels = train_labels
         self.device = torch.device(device)
-        self.params = {**MIXER_PARAMS, **{k: float(v) for k, v in params.items()}}
-        if not self.params["remix_kappa"] >= 1:
-            raise LfmError(f"remix_kappa={self.params['remix_kappa']} is not valid; expected >= 1")
-        if not 0 <= self.params["remix_tau"] <= 1:
-            raise LfmError(f"remix_tau={self.params['remix_tau']} is not valid; expected 0..1")
-        if not 0 <= self.params["concutmix_weight"] <= 1:
-            raise LfmError(f"concutmix_weight={self.params['concutmix_weight']} is not valid; "
-                           "expected 0..1")
+        self.params = _checked_params({**MIXER_PARAMS, **params})
+        self.epoch_in_stage: int | None = None
+        self.stage_epochs: int | None = None
+
+    def set_epoch(self, epoch_in_stage: int, stage_epochs: int) -> None:
+        """Where the stage is: epoch `epoch_in_stage` (0-based) of `stage_epochs`."""
+        self.epoch_in_stage, self.stage_epochs = int(epoch_in_stage), int(stage_epochs)
+
+    def settings(self) -> dict[str, Any]:
+        """The method's resolved settings (β after the method's default), for a record."""
+        return {"method": self.name, "beta": self.beta,
+                **{k: self.params[k] for k in self.own_params}}
 
     def partners(self, indices: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor | None:
@@ -311,8 +383,35 @@ class Mixer:
         return x_i, one_hot(to_device(y_i, x_i.device), self.num_classes)
 
 
+def _checked_params(params: dict[str, Any]) -> dict[str, Any]:
+    """MIXER_PARAMS values as numbers, range-checked; ConCutMix's may be None here (its
+    mixer refuses None)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None:
+            out[key] = None
+            continue
+        if key == "concutmix_topk":
+            if isinstance(value, bool) or float(value) != int(float(value)) or int(value) < 1:
+                raise LfmError(f"concutmix_topk={value!r} is not valid; expected an integer >= 1")
+            out[key] = int(value)
+        else:
+            out[key] = float(value)
+    accepted = {
+        "remix_kappa": (lambda v: v >= 1, "a number >= 1"),
+        "remix_tau": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "concutmix_omega": (lambda v: v >= 0, "a number >= 0"),
+        "concutmix_prob": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "concutmix_warmup": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    }
+    for key, (ok, what) in accepted.items():
+        if out.get(key) is not None and not ok(out[key]):
+            raise LfmError(f"{key}={out[key]} is not valid; expected {what}")
+    return out
+
+
 class BatchPartnerMixer(Mixer):
-    """Partners from a permutation of the batch (Mixup, Remix, CutMix, ConCutMix)."""
+    """Partners from a permutation of the batch (Mixup, Remix, CutMix)."""
 
     needs_partners = True
 
@@ -352,6 +451,7 @@ class Remix(BatchPartnerMixer):
     """Images mixed as Mixup; the label by `remix_label` (κ = remix_kappa, τ_r = remix_tau)."""
 
     name = "remix"
+    own_params = ("remix_kappa", "remix_tau")
 
     def mix(self, x_i, y_i, x_j, y_j, generator, similarity_fn=None):
         lam = sample_beta(self.beta, generator)
@@ -395,28 +495,127 @@ class CutMix(BatchPartnerMixer):
         return x, _soft(y_i, y_j, _batch_lambda(area_lam, len(y_i)), self.num_classes, x_i.device)
 
 
-class ConCutMix(BatchPartnerMixer):
-    """CutMix whose area label is rectified toward the semantic similarity of the mixed image
-    to the two classes' text features: λ_y = (1 − w)·λ_area + w·λ_sem, with λ_sem the softmax
-    over (cos(x, f_T[y_i]), cos(x, f_T[y_j])) / CONCUTMIX_TEMPERATURE, w = concutmix_weight."""
+def concutmix_semantic_label(cosines: torch.Tensor, k: int) -> torch.Tensor:
+    """ConCutMix's ŷ_sem (B, C), float64: per row, the inverse Euclidean distances from the
+    (unit) image feature to the k nearest (unit) class centres, L1-normalised; 0 elsewhere.
+
+    ‖f − c‖² = 2 − 2 cos(f, c) for unit vectors, so the distances follow from the cosines.
+    As ConCutMix's code, every centre at least as near as the k-th nearest is kept (ties at
+    the k-th distance keep all of them). A feature on a centre (distance 0) gets that class
+    alone: d² is kept >= 1e-12, so its inverse distance (1e6) takes all but ~1e-6 of the mass.
+    """
+    d2 = (2.0 - 2.0 * cosines.double()).clamp(min=1e-12)
+    inverse = d2.rsqrt()
+    kth = inverse.topk(k, dim=1).values[:, -1:]
+    inverse = torch.where(inverse >= kth, inverse, torch.zeros_like(inverse))
+    return inverse / inverse.sum(dim=1, keepdim=True)
+
+
+def concutmix_rho(lam: float, n_a: torch.Tensor, n_b: torch.Tensor, omega: float,
+                  sum_log_counts: float) -> torch.Tensor:
+    """ρ = ω · log(λ N_a + (1 − λ) N_b) / Σ_k log N_k (float64), as ConCutMix computes it
+    (no clamp; `ConCutMix` refuses an ω that could push ρ above 1)."""
+    n_a, n_b = n_a.double(), n_b.double()
+    return omega * torch.log(lam * n_a + (1.0 - lam) * n_b) / sum_log_counts
+
+
+class ConCutMix(Mixer):
+    """ConCutMix (PanHaulin/ConCutMix): CutMix whose area label is rectified toward the
+    semantic label of the mixed image, target = ρ·ŷ_sem + (1 − ρ)·ỹ_area.
+
+    - A batch is cut-mixed with probability `concutmix_prob`; otherwise the images pass as
+      they are with one-hot targets (as ConCutMix's training loop does).
+    - The box is pasted from a foreground image drawn class-balanced (`BalancedSampler`);
+      λ ~ Beta(β, β) (Beta(1, 1) by default), one λ and one box per batch, and ỹ_area is
+      λ·onehot(y_i) + (1 − λ)·onehot(y_j) with λ the area x_i keeps after clipping.
+    - ŷ_sem: `concutmix_semantic_label` of the mixed images' cosines to the class text
+      features (the model's `similarity_fn`), k = `concutmix_topk`; ρ: `concutmix_rho`,
+      ω = `concutmix_omega`, N the training counts.
+    - Warm-up: while epoch_in_stage < concutmix_warmup · stage_epochs (from `set_epoch`) the
+      target is ỹ_area alone and no similarity is computed.
+    """
 
     name = "concutmix"
+    needs_partners = True
+    needs_similarity = True
+    own_params = ("concutmix_omega", "concutmix_topk", "concutmix_prob", "concutmix_warmup")
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        missing = [k for k in self.own_params if self.params[k] is None]
+        if missing:
+            raise LfmError(f"concutmix needs {missing[0]} (the run configuration takes it from "
+                           "the data set's row of lfm_ray.config.CONCUTMIX_SETTINGS)")
+        if self.train_labels is None:
+            raise LfmError("concutmix needs the training labels (for its foreground sampler)")
+        self.omega = self.params["concutmix_omega"]
+        self.topk = self.params["concutmix_topk"]
+        if self.topk > self.num_classes:
+            raise LfmError(f"concutmix_topk={self.topk} is not valid for {self.num_classes} "
+                           f"classes; expected an integer in 1..{self.num_classes}")
+        # A class without training images has log N = −inf; it adds nothing here (log 1).
+        log_counts = self.counts.clamp(min=1).log()
+        self.sum_log_counts = float(log_counts.sum())
+        if not self.sum_log_counts > 0:
+            raise LfmError("concutmix needs a class with more than one training image "
+                           "(Σ_k log N_k is 0)")
+        rho_max = self.omega * float(log_counts.max()) / self.sum_log_counts
+        if rho_max > 1:
+            raise LfmError(
+                f"concutmix_omega={self.omega} gives ρ up to {rho_max:.3g} > 1 on these class "
+                f"counts (targets would turn negative); expected ω <= "
+                f"{self.sum_log_counts / float(log_counts.max()):.6g}")
+        self.sampler = BalancedSampler(self.train_labels, self.num_classes, self.device)
+
+    def set_epoch(self, epoch_in_stage: int, stage_epochs: int) -> None:
+        if epoch_in_stage < 0 or stage_epochs < 1:
+            raise LfmError(f"set_epoch({epoch_in_stage}, {stage_epochs}) is not valid; expected "
+                           "epoch_in_stage >= 0 and stage_epochs >= 1")
+        super().set_epoch(epoch_in_stage, stage_epochs)
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the current epoch uses the area label alone."""
+        warmup = self.params["concutmix_warmup"]
+        if warmup == 0:
+            return False
+        if self.epoch_in_stage is None:
+            raise LfmError(f"concutmix has a warm-up (concutmix_warmup={warmup}): call "
+                           "set_epoch(epoch_in_stage, stage_epochs) before mixing")
+        return self.epoch_in_stage < warmup * self.stage_epochs
+
+    def partners(self, indices, labels, generator):
+        return self.sampler.sample(len(indices), generator).to(indices.device)
 
     def mix(self, x_i, y_i, x_j, y_j, generator, similarity_fn=None):
-        if similarity_fn is None:
-            raise LfmError("concutmix needs the model's image-text similarity (similarity_fn: "
-                           "images -> (B, C) cosines to the class text features)")
+        if x_j is None or y_j is None:
+            raise LfmError("concutmix needs the foreground images and labels (from partners)")
+        warmup = self.in_warmup  # checked on every batch, cut or not
+        cut = float(torch.rand((), generator=generator, dtype=torch.float64,
+                               device=generator.device)) < self.params["concutmix_prob"]
+        if not cut:
+            return x_i, one_hot(to_device(y_i, x_i.device), self.num_classes)
         x, area_lam = _cutmix_images(x_i, x_j, generator, self.beta)
+        if warmup:
+            return x, _soft(y_i, y_j, _batch_lambda(area_lam, len(y_i)), self.num_classes,
+                            x_i.device)
+        if similarity_fn is None:
+            raise LfmError("concutmix after its warm-up needs the model's image-text similarity "
+                           "(similarity_fn: images -> (B, C) cosines to the class text features)")
         with torch.no_grad():  # a label, not a path for gradients
-            sim = similarity_fn(x).float()
-        yi, yj = to_device(y_i, sim.device).view(-1, 1), to_device(y_j, sim.device).view(-1, 1)
-        pair = torch.cat([sim.gather(1, yi), sim.gather(1, yj)], dim=1)
-        sem = torch.softmax(pair / CONCUTMIX_TEMPERATURE, dim=1)[:, 0]
-        # Two images of one class: the label is that class whatever the weight.
-        sem = torch.where(yi.squeeze(1) == yj.squeeze(1), torch.ones_like(sem), sem)
-        w = self.params["concutmix_weight"]
-        lam_y = (1 - w) * area_lam + w * sem.double().cpu()
-        return x, _soft(y_i, y_j, lam_y, self.num_classes, x_i.device)
+            cos = similarity_fn(x).double()
+        if cos.shape != (len(y_i), self.num_classes):
+            raise LfmError(f"similarity_fn returned shape {tuple(cos.shape)}; expected "
+                           f"({len(y_i)}, {self.num_classes})")
+        dev = cos.device
+        yi, yj = to_device(y_i, dev).long(), to_device(y_j, dev).long()
+        area = (area_lam * F.one_hot(yi, self.num_classes).double()
+                + (1.0 - area_lam) * F.one_hot(yj, self.num_classes).double())
+        counts = self.counts.to(dev)
+        rho = concutmix_rho(area_lam, counts[yi], counts[yj], self.omega,
+                            self.sum_log_counts).unsqueeze(1)
+        target = rho * concutmix_semantic_label(cos, self.topk) + (1.0 - rho) * area
+        return x, to_device(target.float(), x_i.device)
 
 
 class LocalFeatureMixup(Mixer):
@@ -424,6 +623,9 @@ class LocalFeatureMixup(Mixer):
 
     name = "lfm"
     needs_partners = True
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "alpha": self.alpha, "tau": self.tau}
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
@@ -459,10 +661,12 @@ MIXERS: dict[str, Callable[..., Mixer]] = {
 
 def build_mixer(name: str, *, class_counts: Any, train_labels: Any = None,
                 text_features: torch.Tensor | None = None, alpha: float = 1.0,
-                tau: float = 0.05, beta: float = 0.2, device: torch.device | str = "cpu",
-                **params: Any) -> Mixer:
-    """The mixer `name` (see MIXERS) for one stage; params: remix_kappa, remix_tau,
-    concutmix_weight (every mixer accepts them; only its own are used)."""
+                tau: float = 0.05, beta: float | None = None,
+                device: torch.device | str = "cpu", **params: Any) -> Mixer:
+    """The mixer `name` (see MIXERS) for one stage. `beta` None: the method's own law of λ
+    (config.MIX_BETA), which the mixer's `beta` then holds. params: remix_kappa, remix_tau,
+    concutmix_omega, concutmix_topk, concutmix_prob, concutmix_warmup (every mixer accepts
+    them; only its own are used)."""
     if name not in MIXERS:
         raise unknown_name("mixing method", name, list(MIXERS))
     return MIXERS[name](class_counts=class_counts, train_labels=train_labels,

@@ -132,8 +132,8 @@ class Run:
         """The configured loss over this run's class counts and text features."""
         from lfm_ray.losses import build_loss
 
-        return build_loss(self.cfg.loss.name, self.class_counts,
-                          text_features=self.text_features, **self.cfg.loss.params())
+        return build_loss(self.cfg.loss.name, self.class_counts, text_features=self.text_features,
+                          **self.cfg.loss.params(self.cfg.logit_scale))
 
     def class_info(self) -> dict[str, Any]:
         """Saved beside per-class accuracy, so a report can plot it against training counts."""
@@ -226,12 +226,12 @@ def _mixer(run: Run, stage: Stage):
     from lfm_ray.mixing import build_mixer
 
     scfg = run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
-    mix = run.cfg.mix
+    # β None: the method's own law (the mixer's `beta` holds what it resolved to); the
+    # ConCutMix settings come filled in from the data set's row where unset.
     return build_mixer(
-        mix.method, class_counts=run.class_counts, train_labels=run.train_labels,
+        run.cfg.mix.method, class_counts=run.class_counts, train_labels=run.train_labels,
         text_features=run.text_features, alpha=scfg.alpha, tau=scfg.tau, beta=scfg.beta,
-        device=run.info.device, remix_kappa=mix.remix_kappa, remix_tau=mix.remix_tau,
-        concutmix_weight=mix.concutmix_weight,
+        device=run.info.device, **run.cfg.mixer_params(),
     )
 
 
@@ -244,7 +244,10 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
     order = torch.randperm(len(run.train_images), generator=seeded_generator(seed, epoch))
     mine = order[info.rank::info.world_size]
     gen = seeded_generator(seed, epoch, info.rank, 7)
-    similarity_fn = _similarity_fn(run) if cfg.mix.method == "concutmix" else None
+    # Where the stage is (ConCutMix's warm-up reads it); the mixer asks for the model's
+    # image-text cosines if its label needs them.
+    mixer.set_epoch(epoch - stage.first_epoch, stage.epochs)
+    similarity_fn = _similarity_fn(run) if mixer.needs_similarity else None
     loss_sum = torch.zeros((), device=info.device)
     if stage.number == 1:
         model.train()
@@ -298,7 +301,8 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
 
 
 def _similarity_fn(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Cosine similarity of images to the class text features (ConCutMix's semantic label)."""
+    """Cosine similarity of images to the class text features (ConCutMix's semantic label:
+    the unit image feature W_I F_I(x) against the unit text features, its class centres)."""
 
     @torch.no_grad()
     def similarity(x: torch.Tensor) -> torch.Tensor:

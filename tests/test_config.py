@@ -106,3 +106,64 @@ def test_yaml_config_file(tmp_path):
         RunConfig.from_file(bad)
     with pytest.raises(LfmError, match="does not exist"):
         RunConfig.from_file(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("field,replacement", [
+    ("loss.ldam_scale", "model.logit_scale"),
+    ("loss.mms_temperature", "model.logit_scale"),
+    ("mix.concutmix_weight", "mix.concutmix_omega"),
+])
+def test_removed_fields_say_what_replaced_them(tmp_path, field, replacement):
+    with pytest.raises(LfmError, match=f"config field '{field}' was removed: .*{replacement}"):
+        RunConfig().override({field: 1.0})
+    section, key = field.split(".")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({section: {key: 1.0}}))
+    with pytest.raises(LfmError, match=f"'{field}' was removed"):
+        RunConfig.from_file(path)
+
+
+def test_beta_defaults_to_the_methods_own_law_and_a_set_beta_applies():
+    cfg = RunConfig().validate()
+    assert cfg.stage1.beta is None and cfg.stage2.beta is None
+    cfg = RunConfig().override({"mix.beta": "0.5"}).validate()
+    assert (cfg.stage1.beta, cfg.stage2.beta) == (0.5, 0.5)
+    assert RunConfig().override({"stage2.beta": "none"}).stage2.beta is None
+    with pytest.raises(LfmError, match="stage2.beta=-1.0 is not valid"):
+        RunConfig().override({"stage2.beta": -1}).validate()
+
+
+def test_concutmix_settings_come_from_the_data_sets_row_unless_set():
+    from lfm_ray.config import CONCUTMIX_SETTINGS
+
+    # ConCutMix's own runs: CIFAR-10-LT ω = 2/255, k = 3; CIFAR-100-LT ω = 20/255, k = 30;
+    # both use the area label alone for the first half of the epochs.
+    for name, omega, k in (("cifar10-lt", 2 / 255, 3), ("cifar100-lt", 20 / 255, 30)):
+        p = RunConfig().override({"data.name": name, "mix.method": "concutmix"}).mixer_params()
+        assert (p["concutmix_omega"], p["concutmix_topk"], p["concutmix_warmup"]) == (omega, k, 0.5)
+        assert p["concutmix_prob"] == 0.5
+    assert set(CONCUTMIX_SETTINGS) == {"digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt",
+                                       "places-lt", "inat2018"}
+    set_ = RunConfig().override({"mix.method": "concutmix", "mix.concutmix_omega": 0.1,
+                                 "mix.concutmix_topk": "2", "mix.concutmix_warmup": 0,
+                                 "mix.concutmix_prob": 1}).validate().mixer_params()
+    assert (set_["concutmix_omega"], set_["concutmix_topk"], set_["concutmix_warmup"],
+            set_["concutmix_prob"]) == (0.1, 2, 0.0, 1.0)
+    # A data set without a row: refused for concutmix, unused by the other methods.
+    folder = RunConfig().override({"data.name": "folder", "mix.method": "concutmix"})
+    with pytest.raises(LfmError, match="mix.concutmix_omega is not set and data set 'folder' "
+                                       "has no ConCutMix setting"):
+        folder.validate()
+    assert RunConfig().override({"data.name": "folder"}).validate().mixer_params()[
+        "concutmix_omega"] is None
+    folder.override({"mix.concutmix_omega": 0.01, "mix.concutmix_topk": 5,
+                     "mix.concutmix_warmup": 0.5}).validate()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("mix.concutmix_omega", -0.1), ("mix.concutmix_topk", 0), ("mix.concutmix_prob", 1.5),
+    ("mix.concutmix_warmup", 2.0),
+])
+def test_concutmix_values_are_checked(field, value):
+    with pytest.raises(LfmError, match=f"{field}="):
+        RunConfig().override({field: value}).validate()

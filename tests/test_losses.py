@@ -76,7 +76,7 @@ def test_ldam_hard_is_the_textbook_ldam_and_soft_weights_the_margin(batch):
     m = np.array(COUNTS, dtype=np.float64) ** -0.25
     m = m * (0.5 / m.max())
     scale = 30.0
-    loss = build_loss("ldam", COUNTS, max_margin=0.5, scale=scale)
+    loss = build_loss("ldam", COUNTS, max_margin=0.5, logit_scale=scale)
     # Textbook LDAM: subtract scale·m_y from the true class's logit, then CE.
     textbook = logits.clone()
     textbook[torch.arange(5), hard] -= scale * torch.tensor(m, dtype=torch.float32)[hard]
@@ -91,7 +91,7 @@ def test_mms_soft_is_the_expectation_over_target_classes(batch):
     g = torch.Generator().manual_seed(1)
     f = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
     margin, temperature = 0.3, 0.01
-    loss = build_loss("mms", COUNTS, text_features=f, margin=margin, temperature=temperature)
+    loss = build_loss("mms", COUNTS, text_features=f, margin=margin, logit_scale=1 / temperature)
     cos = (f @ f.t()).tolist()
 
     def direct_hard(z, c):
@@ -128,7 +128,7 @@ def test_mms_rows_naming_different_numbers_of_classes():
     f = torch.nn.functional.normalize(torch.randn(5, 6, generator=g), dim=1)
     logits = torch.randn(3, 5, generator=g) * 4
     soft = torch.tensor([[0, 0, 1, 0, 0], [0.25, 0, 0, 0.75, 0], [0.2, 0.5, 0, 0, 0.3]])
-    loss = build_loss("mms", [5, 4, 3, 2, 1], text_features=f, margin=0.2, temperature=0.05)
+    loss = build_loss("mms", [5, 4, 3, 2, 1], text_features=f, margin=0.2, logit_scale=1 / 0.05)
     cos = (f @ f.t()).tolist()
 
     def direct(z, c):
@@ -160,7 +160,7 @@ def test_ldam_margins_with_another_scale_and_max_margin(batch):
     for z, t in zip(logits.tolist(), soft.tolist()):
         shifted = [z[k] - 10.0 * t[k] * m[k] for k in range(4)]
         want += -sum(t[k] * v for k, v in enumerate(log_softmax_row(shifted)))
-    loss = build_loss("ldam", COUNTS, max_margin=0.3, scale=10.0)
+    loss = build_loss("ldam", COUNTS, max_margin=0.3, logit_scale=10.0)
     assert loss(logits, soft).item() == pytest.approx(want / 5, rel=1e-5)
 
 
@@ -169,11 +169,19 @@ def test_bad_values_and_shapes():
         build_loss("focal", COUNTS, gamma=-1.0)
     with pytest.raises(LfmError, match="ldam max_margin"):
         build_loss("ldam", COUNTS, max_margin=0.0)
-    with pytest.raises(LfmError, match="mms temperature"):
-        build_loss("mms", COUNTS, text_features=torch.eye(4), temperature=0.0)
+    with pytest.raises(LfmError, match="mms logit_scale=0.0 is not valid"):
+        build_loss("mms", COUNTS, text_features=torch.eye(4), logit_scale=0.0)
+    with pytest.raises(LfmError, match="ldam logit_scale=-1.0 is not valid"):
+        build_loss("ldam", COUNTS, logit_scale=-1.0)
     with pytest.raises(LfmError, match="loss 'mms' takes no parameter 'gamma'; "
-                                       "accepted: margin, temperature"):
+                                       "accepted: margin, logit_scale"):
         build_loss("mms", COUNTS, text_features=torch.eye(4), gamma=1.0)
+    # The two parameters the logit scale replaced say so.
+    with pytest.raises(LfmError, match=r"'temperature' \(temperature was replaced by logit_scale "
+                                       r"\(= 1 / temperature\)\); accepted: margin, logit_scale"):
+        build_loss("mms", COUNTS, text_features=torch.eye(4), temperature=0.01)
+    with pytest.raises(LfmError, match="'scale' .scale was replaced by logit_scale"):
+        build_loss("ldam", COUNTS, scale=30.0)
     with pytest.raises(ValueError, match="soft targets must have shape"):
         build_loss("ce", COUNTS)(torch.zeros(2, 4), torch.zeros(2, 3))
 
@@ -187,3 +195,79 @@ def test_losses_are_differentiable_and_finite_under_half_precision_logits(batch)
         value.backward()
         assert value.dtype == torch.float32 and torch.isfinite(value)
         assert torch.isfinite(z.grad).all()
+
+
+# ---- one logit scale for every loss -------------------------------------------------------
+def direct_ldam(logits, soft, s, max_margin=0.5):
+    """Soft CE of z − s·t_k·m_k, m_k = max_margin · n_k^(−1/4) / max_j n_j^(−1/4)."""
+    m = [n ** -0.25 for n in COUNTS]
+    m = [v * max_margin / max(m) for v in m]
+    total = 0.0
+    for z, t in zip(logits.tolist(), soft.tolist()):
+        shifted = [z[k] - s * t[k] * m[k] for k in range(4)]
+        total += -sum(t[k] * v for k, v in enumerate(log_softmax_row(shifted)))
+    return total / len(logits)
+
+
+def direct_mms(logits, soft, f, s, margin=0.3):
+    """Σ_c t_c · (−log softmax(z + s·margin·(1 − cos(f_c, f_k)) for k ≠ c)_c), batch mean."""
+    cos = (f.double() @ f.double().t()).tolist()
+
+    def one(z, c):
+        adj = [z[k] + (s * margin * (1 - cos[c][k]) if k != c else 0.0) for k in range(4)]
+        return -log_softmax_row(adj)[c]
+
+    return np.mean([sum(t[c] * one(z, c) for c in range(4) if t[c] > 0)
+                    for z, t in zip(logits.tolist(), soft.tolist())])
+
+
+def test_default_scales_are_the_authors_ldam_30_and_mms_1_over_0_01(batch):
+    from lfm_ray.config import LOGIT_SCALE, RunConfig
+
+    assert (LOGIT_SCALE["ldam"], LOGIT_SCALE["mms"]) == (30.0, 100.0)
+    _, hard, soft = batch
+    cos = torch.rand(5, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    f = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)),
+                                      dim=1)
+    # LDAM as its authors: s·(cos_y − m_y) with s = 30, on the model's logits 30·cos.
+    ldam = build_loss("ldam", COUNTS)
+    assert ldam.logit_scale == 30.0
+    m = np.array(COUNTS, dtype=np.float64) ** -0.25
+    m = m * (0.5 / m.max())
+    authors = 30 * cos.clone()
+    authors[torch.arange(5), hard] = 30 * (cos[torch.arange(5), hard]
+                                          - torch.tensor(m, dtype=torch.float32)[hard])
+    assert ldam(30 * cos, hard).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(authors, hard).item(), rel=1e-5)
+    # MMS as the LFM authors: CE of (cos + 0.3·(1 − cos(f_y, f_k))) / 0.01 on logits cos / 0.01.
+    mms = build_loss("mms", COUNTS, text_features=f)
+    ff = (f @ f.t())
+    authors = (cos + 0.3 * (1 - ff[hard])) / 0.01
+    assert mms(cos / 0.01, hard).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(authors, hard).item(), rel=1e-5)
+    assert mms(cos / 0.01, soft).item() == pytest.approx(
+        direct_mms(cos / 0.01, soft, f, 100.0), rel=1e-5)
+    # The run passes its logit scale, whose default is the loss's.
+    for name in ("ldam", "mms"):
+        cfg = RunConfig().override({"loss.name": name})
+        assert cfg.loss.params(cfg.logit_scale)["logit_scale"] == LOGIT_SCALE[name]
+        assert cfg.loss.params()["logit_scale"] == LOGIT_SCALE[name]
+
+
+@pytest.mark.parametrize("s", [1.0, 30.0])
+def test_a_common_scale_puts_each_margin_on_it(batch, s):
+    _, hard, soft = batch
+    cos = torch.rand(5, 4, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    f = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(2)),
+                                      dim=1)
+    logits = s * cos  # what the model gives at logit scale s
+    ldam = build_loss("ldam", COUNTS, logit_scale=s)
+    mms = build_loss("mms", COUNTS, text_features=f, logit_scale=s)
+    for targets in (soft, one_hot(hard)):
+        assert ldam(logits, targets).item() == pytest.approx(direct_ldam(logits, targets, s),
+                                                             rel=1e-5)
+        assert mms(logits, targets).item() == pytest.approx(direct_mms(logits, targets, f, s),
+                                                            rel=1e-5)
+    # At s = 1 the largest LDAM margin is 0.5 on the logit (a cosine), not 30·0.5.
+    assert float((ldam.logit_scale * ldam.margins).max()) == pytest.approx(0.5 * s)
+    assert float(mms.margins.max()) <= 0.3 * 2 * s + 1e-6

@@ -10,8 +10,9 @@ import torch
 from scipy import stats
 
 from lfm_ray.errors import LfmError
+from lfm_ray.config import MIX_BETA
 from lfm_ray.mixing import (
-    CONCUTMIX_TEMPERATURE, MIXERS, PairSampler, alias_distribution, alias_tables, build_mixer,
+    MIXERS, BalancedSampler, PairSampler, alias_distribution, alias_tables, build_mixer,
     cut_box, label_shift, local_sampling_matrix, remix_label, sample_beta,
     sample_classes_multinomial,
 )
@@ -138,11 +139,17 @@ def test_remix_two_cases_and_the_else_case():
     assert remix_label(0.7, n_i[3:4], n_j[3:4], kappa, tau_r).item() == pytest.approx(0.7)
 
 
+# ConCutMix settings for the small test sets (the run configuration fills them per data set).
+CONCUTMIX = {"concutmix_omega": 2 / 255, "concutmix_topk": 2, "concutmix_warmup": 0.0}
+
+
 def _mixer(name, counts=(50, 20, 5), **kw):
     labels = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    if name == "concutmix":
+        kw = {**CONCUTMIX, **kw}
     return build_mixer(name, class_counts=list(counts), train_labels=labels,
                        text_features=text(C=len(counts)), alpha=kw.pop("alpha", 1.0),
-                       tau=0.1, beta=0.4, device="cpu", **kw), labels
+                       tau=0.1, beta=kw.pop("beta", 0.4), device="cpu", **kw), labels
 
 
 def test_mixup_and_lfm_images_and_targets_follow_the_formulas():
@@ -180,23 +187,6 @@ def test_cutmix_label_is_the_pasted_area():
     assert t[0, 0].item() == pytest.approx(1 - share_j)
     y0, y1, x0, x1 = cut_box(0.75, 16, 16, torch.Generator().manual_seed(0))
     assert 0 <= y0 <= y1 <= 16 and 0 <= x0 <= x1 <= 16
-
-
-def test_concutmix_weight_zero_is_cutmix_and_needs_similarity():
-    cut, _ = _mixer("cutmix")
-    con, _ = _mixer("concutmix", concutmix_weight=0.0)
-    x_i, x_j = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
-    y_i, y_j = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
-    sim = lambda x: torch.rand(len(x), 3)  # noqa: E731
-    a = cut.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4))
-    b = con.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4), similarity_fn=sim)
-    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])
-    full, _ = _mixer("concutmix", concutmix_weight=1.0)
-    favour_i = lambda x: torch.nn.functional.one_hot(y_i, 3).float()  # noqa: E731
-    _, t = full.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4), similarity_fn=favour_i)
-    assert torch.allclose(t[torch.arange(3), y_i], torch.ones(3), atol=1e-6)
-    with pytest.raises(LfmError, match="similarity"):
-        con.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(4))
 
 
 def test_none_passes_through_and_unknown_names_are_listed():
@@ -333,13 +323,14 @@ def test_same_seed_same_partners_images_and_targets(name):
         x, t = mixer.mix(x_all[idx], labels[idx], x_all[j], labels[j], g, similarity_fn=sim)
         return j, x, t
 
+    mixer.set_epoch(0, 1)
     a, b, c = run(3), run(3), run(4)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(a[0], c[0])
     j, x, t = a
     assert t.shape == (len(idx), 3) and t.dtype == torch.float32
     assert torch.allclose(t.sum(dim=1), torch.ones(len(idx)), atol=1e-6)
-    if name != "lfm":  # a permutation of the batch
+    if name not in ("lfm", "concutmix"):  # a permutation of the batch
         assert sorted(j.tolist()) == idx.tolist()
 
 
@@ -375,28 +366,21 @@ def test_remix_mixer_applies_the_rule_per_sample():
     assert t[torch.arange(3), y_i].tolist() == pytest.approx(want.tolist(), abs=1e-6)
 
 
-def test_concutmix_semantic_label_is_the_two_class_softmax():
-    con, _ = _mixer("concutmix", concutmix_weight=0.3)
-    cut, _ = _mixer("cutmix")
-    x_i, x_j = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
-    y_i, y_j = torch.tensor([0, 1]), torch.tensor([2, 1])
-    cos = torch.tensor([[0.30, 0.10, 0.27], [0.2, 0.25, 0.21]])
-    _, t_area = cut.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(1))
-    _, t = con.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(1),
-                   similarity_fn=lambda x: cos)
-    area = float(t_area[0, 0])
-    e_i, e_j = math.exp(0.30 / CONCUTMIX_TEMPERATURE), math.exp(0.27 / CONCUTMIX_TEMPERATURE)
-    assert float(t[0, 0]) == pytest.approx(0.7 * area + 0.3 * e_i / (e_i + e_j), abs=1e-6)
-    assert float(t[1, 1]) == pytest.approx(1.0)  # one class on both sides
-
-
 def test_mixer_parameters_and_values_are_checked():
-    with pytest.raises(LfmError, match="takes no parameter 'kappa'; accepted: concutmix_weight"):
+    with pytest.raises(LfmError, match="takes no parameter 'kappa'; accepted: concutmix_omega, "
+                                       "concutmix_prob, concutmix_topk, concutmix_warmup, "
+                                       "remix_kappa, remix_tau"):
         _mixer("remix", kappa=3.0)
+    with pytest.raises(LfmError, match="takes no parameter 'concutmix_weight'"):
+        _mixer("concutmix", concutmix_weight=0.5)
     with pytest.raises(LfmError, match="beta=0"):
         build_mixer("mixup", class_counts=[1, 2], beta=0)
-    with pytest.raises(LfmError, match="concutmix_weight"):
-        _mixer("concutmix", concutmix_weight=1.5)
+    with pytest.raises(LfmError, match="concutmix_prob=1.5 is not valid"):
+        _mixer("concutmix", concutmix_prob=1.5)
+    with pytest.raises(LfmError, match="concutmix_topk=2.5 is not valid"):
+        _mixer("concutmix", concutmix_topk=2.5)
+    with pytest.raises(LfmError, match="concutmix_warmup=-0.1 is not valid"):
+        _mixer("concutmix", concutmix_warmup=-0.1)
     with pytest.raises(LfmError, match="lfm needs"):
         build_mixer("lfm", class_counts=[1, 2])
     assert set(MIXERS) == {"none", "mixup", "remix", "cutmix", "lfm", "concutmix"}
@@ -409,3 +393,196 @@ def test_beta_draws_with_a_tiny_parameter_stay_in_range():
     # Beta(0.01, 0.01) is almost a fair coin on {0, 1}: no mass piles up at 1/2.
     assert np.mean((draws < 1e-3) | (draws > 1 - 1e-3)) > 0.9
     assert 0.3 < np.mean(draws > 0.5) < 0.7
+
+
+# ---- ConCutMix -----------------------------------------------------------------------------
+def direct_concutmix_target(cos, y_i, y_j, lam, counts, omega, k):
+    """ConCutMix's target written out per sample in float64: ρ·ŷ_sem + (1 − ρ)·ỹ_area."""
+    C = len(counts)
+    sum_log = sum(math.log(n) for n in counts)
+    out = []
+    for b in range(len(y_i)):
+        # distances to every class centre: ‖f − c‖ = sqrt(2 − 2 cos) for unit vectors
+        dist = [math.sqrt(2.0 - 2.0 * float(cos[b][c])) for c in range(C)]
+        nearest = sorted(range(C), key=lambda c: dist[c])[:k]
+        inv = {c: 1.0 / dist[c] for c in nearest}
+        sem = [inv.get(c, 0.0) / sum(inv.values()) for c in range(C)]
+        a, bb = int(y_i[b]), int(y_j[b])
+        area = [0.0] * C
+        area[a] += lam
+        area[bb] += 1.0 - lam
+        rho = omega * math.log(lam * counts[a] + (1.0 - lam) * counts[bb]) / sum_log
+        out.append([rho * sem[c] + (1.0 - rho) * area[c] for c in range(C)])
+    return np.array(out)
+
+
+def test_concutmix_target_against_the_formula_written_out():
+    counts = (400, 120, 40, 9, 3, 2)
+    C, k, omega = len(counts), 3, 0.6  # ω large enough that ρ is far from 0 here
+    mixer, _ = _mixer("concutmix", counts=counts, beta=None, concutmix_omega=omega,
+                      concutmix_topk=k, concutmix_prob=1.0, concutmix_warmup=0.0)
+    g = torch.Generator().manual_seed(0)
+    B, H, W = 5, 12, 10
+    x_i, x_j = torch.rand(B, 3, H, W, generator=g), torch.rand(B, 3, H, W, generator=g)
+    y_i, y_j = torch.tensor([0, 1, 5, 3, 2]), torch.tensor([4, 1, 0, 2, 5])
+    unit = lambda n: torch.nn.functional.normalize(  # noqa: E731
+        torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
+    cos = unit(B) @ unit(C).t()  # mixed images' features against the class centres
+    seen = []
+    for seed in range(12):
+        x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(seed),
+                         similarity_fn=lambda images: cos.float())
+        # Replay the draws: the cut coin, λ ~ Beta(1, 1), then the box centre.
+        replay = torch.Generator().manual_seed(seed)
+        assert float(torch.rand((), generator=replay, dtype=torch.float64)) < 1.0
+        lam = sample_beta(1.0, replay)
+        y0, y1, x0, x1 = cut_box(lam, H, W, replay)
+        want_x = x_i.clone()
+        want_x[..., y0:y1, x0:x1] = x_j[..., y0:y1, x0:x1]
+        assert torch.equal(x, want_x)
+        kept = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the area x_i keeps after clipping
+        want = direct_concutmix_target(cos.float().double().tolist(), y_i, y_j, kept,
+                                       counts, omega, k)
+        assert np.allclose(t.double().numpy(), want, atol=1e-6)
+        assert np.allclose(t.sum(dim=1).numpy(), 1.0, atol=1e-6)
+        seen.append(kept)
+    assert len({round(v, 6) for v in seen}) > 5  # boxes of many sizes, some clipped
+
+
+def test_concutmix_semantic_label_keeps_the_k_nearest_centres_only():
+    from lfm_ray.mixing import concutmix_semantic_label
+
+    cos = torch.tensor([[0.9, 0.1, 0.5, -0.3, 0.2], [0.0, 1.0, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    label = concutmix_semantic_label(cos, 2)
+    inv = lambda c: 1 / math.sqrt(2 - 2 * c)  # noqa: E731
+    assert label[0].tolist() == pytest.approx(
+        [inv(0.9) / (inv(0.9) + inv(0.5)), 0, inv(0.5) / (inv(0.9) + inv(0.5)), 0, 0])
+    # A feature on a centre (distance 0) labels that class alone, finitely.
+    assert torch.isfinite(label).all() and float(label[1, 1]) > 1 - 1e-5
+
+
+def test_balanced_foreground_sampler_law():
+    # Classes 0..4 with 50, 20, 5, 0, 1 images: a uniform class among {0, 1, 2, 4}, then a
+    # uniform image of it, so image i of class c has probability 1 / (4 · n_c).
+    counts = [50, 20, 5, 0, 1]
+    labels = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    sampler = BalancedSampler(labels, 5)
+    n = 200_000
+    picks = sampler.sample(n, torch.Generator().manual_seed(1))
+    per_image = torch.bincount(picks, minlength=len(labels)).double().numpy()
+    n_c = np.array(counts, dtype=np.float64)[labels.numpy()]
+    expected = n / (4 * n_c)
+    _, p = stats.chisquare(per_image, expected)
+    assert p > 1e-3
+    per_class = torch.bincount(labels[picks], minlength=5).numpy()
+    assert per_class[3] == 0
+    _, p = stats.chisquare(per_class[[0, 1, 2, 4]])
+    assert p > 1e-3
+    a = sampler.sample(64, torch.Generator().manual_seed(5))
+    assert torch.equal(a, sampler.sample(64, torch.Generator().manual_seed(5)))
+    # The mixer's partners are these draws, one per batch sample.
+    mixer, mix_labels = _mixer("concutmix", counts=(50, 20, 5, 0, 1))
+    j = mixer.partners(torch.arange(300), mix_labels[:300], torch.Generator().manual_seed(2))
+    assert j.shape == (300,) and torch.all(mix_labels[j] != 3)
+
+
+def test_concutmix_warmup_uses_the_area_label_then_the_semantic_one():
+    mixer, _ = _mixer("concutmix", beta=None, concutmix_prob=1.0, concutmix_warmup=0.5,
+                      concutmix_omega=1.0)
+    cut, _ = _mixer("cutmix", beta=None)  # both Beta(1, 1)
+    x_i, x_j = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    y_i, y_j = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    cos = torch.tensor([[0.9, 0.2, 0.1], [0.1, 0.8, 0.3], [0.2, 0.3, 0.7]])
+
+    def not_called(images):
+        raise AssertionError("the similarity must not be computed in the warm-up")
+
+    with pytest.raises(LfmError, match="set_epoch"):  # never a silent default
+        mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(0), similarity_fn=not_called)
+    for epoch in range(4):  # 4 epochs, warm-up 0.5: epochs 0 and 1 use the area label alone
+        mixer.set_epoch(epoch, 4)
+        # CutMix's draws after ConCutMix's coin: the same λ and box.
+        coin = torch.Generator().manual_seed(epoch)
+        torch.rand((), generator=coin, dtype=torch.float64)
+        x_area, t_area = cut.mix(x_i, y_i, x_j, y_j, coin)
+        if epoch < 2:
+            assert mixer.in_warmup
+            x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(epoch),
+                             similarity_fn=not_called)
+            assert torch.equal(x, x_area) and torch.equal(t, t_area)
+        else:
+            assert not mixer.in_warmup
+            with pytest.raises(LfmError, match="needs the model's image-text similarity"):
+                mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(epoch))
+            x, t = mixer.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(epoch),
+                             similarity_fn=lambda images: cos)
+            assert torch.equal(x, x_area) and not torch.allclose(t, t_area, atol=1e-3)
+    # No warm-up: no stage progress needed.
+    no_warmup, _ = _mixer("concutmix", concutmix_prob=1.0)
+    no_warmup.mix(x_i, y_i, x_j, y_j, torch.Generator().manual_seed(0),
+                  similarity_fn=lambda images: cos)
+
+
+def test_concutmix_cuts_a_batch_with_its_probability():
+    # β = 50 keeps λ near 1/2, so a cut batch always has a non-empty box.
+    x_i, x_j = torch.zeros(4, 3, 16, 16), torch.ones(4, 3, 16, 16)
+    y_i, y_j = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+    cos = torch.rand(4, 3)
+    for prob in (0.0, 0.3, 1.0):
+        mixer, _ = _mixer("concutmix", beta=50.0, concutmix_prob=prob)
+        g = torch.Generator().manual_seed(7)
+        n, cuts = 2000, 0
+        for _ in range(n):
+            x, t = mixer.mix(x_i, y_i, x_j, y_j, g, similarity_fn=lambda images: cos)
+            if bool((x > 0).any()):
+                cuts += 1
+                assert 0 < float(t[0, 0]) < 1
+            else:  # not cut: ConCutMix trains on the images as they are, one-hot targets
+                assert x is x_i
+                assert torch.equal(t, torch.nn.functional.one_hot(y_i, 3).float())
+        if prob in (0.0, 1.0):
+            assert cuts == n * prob
+        else:
+            assert stats.binomtest(cuts, n, prob).pvalue > 1e-3
+
+
+def test_concutmix_refuses_what_it_cannot_run():
+    with pytest.raises(LfmError, match="concutmix needs concutmix_omega"):
+        build_mixer("concutmix", class_counts=[5, 3], train_labels=torch.tensor([0, 1]),
+                    concutmix_topk=1, concutmix_warmup=0.0)
+    with pytest.raises(LfmError, match="concutmix_topk=4 is not valid for 3 classes"):
+        _mixer("concutmix", concutmix_topk=4)
+    # ω · max log N / Σ log N > 1 would give negative targets: refused, naming the bound.
+    bound = sum(math.log(n) for n in (50, 20, 5)) / math.log(50)
+    with pytest.raises(LfmError, match=f"expected ω <= {bound:.6g}"):
+        _mixer("concutmix", concutmix_omega=bound * 1.01)
+    _mixer("concutmix", concutmix_omega=bound * 0.99)
+    with pytest.raises(LfmError, match="training labels"):
+        build_mixer("concutmix", class_counts=[5, 3], **{**CONCUTMIX, "concutmix_topk": 1})
+    mixer, _ = _mixer("concutmix")
+    with pytest.raises(LfmError, match="set_epoch"):
+        mixer.set_epoch(-1, 3)
+
+
+# ---- each method's own law of λ ----------------------------------------------------------
+def test_each_method_draws_lambda_from_its_own_law_unless_beta_is_set():
+    want = {"none": None, "mixup": 1.0, "remix": 0.5, "cutmix": 1.0, "lfm": 0.2, "concutmix": 1.0}
+    assert MIX_BETA == want
+    for name, beta in want.items():
+        mixer, _ = _mixer(name, beta=None)
+        assert mixer.beta == beta and mixer.settings()["beta"] == beta
+        assert _mixer(name, beta=0.7)[0].beta == 0.7
+    # The draw itself: Mixup's λ is a Beta(1, 1) draw, Remix's a Beta(0.5, 0.5) one.
+    x_i, x_j = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    y = torch.tensor([0, 1])
+    for name in ("mixup", "remix", "lfm"):
+        mixer, _ = _mixer(name, beta=None)
+        x, _t = mixer.mix(x_i, y, x_j, y, torch.Generator().manual_seed(3))
+        lam = sample_beta(want[name], torch.Generator().manual_seed(3))
+        assert float(x[0, 0, 0, 0]) == pytest.approx(1 - lam)
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_beta(MIX_BETA["remix"], g) for _ in range(3000)]
+    assert stats.kstest(draws, stats.beta(0.5, 0.5).cdf).pvalue > 1e-3
+    assert _mixer("remix")[0].settings() == {"method": "remix", "beta": 0.4,
+                                             "remix_kappa": 3.0, "remix_tau": 0.5}

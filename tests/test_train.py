@@ -161,3 +161,54 @@ def test_pre_resized_cache_gives_the_logits_of_the_batch_resize(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(plain), model(fast), atol=0.05)
         assert torch.equal(model(plain).argmax(1), model(fast).argmax(1))
+
+
+def _run_in_process(cfg):
+    from lfm_ray.train import Run, WorkerInfo
+
+    return Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
+
+
+def test_the_runs_loss_is_built_at_the_runs_logit_scale(tmp_path):
+    run = _run_in_process(small_config(tmp_path, **{"loss.name": "ldam", "model.logit_scale": 1}))
+    assert run.model.logit_scale == 1.0 and run.loss_fn().logit_scale == 1.0
+    run.cfg = run.cfg.copy().override({"model.logit_scale": None})  # the loss's default: 30
+    assert run.loss_fn().logit_scale == 30.0
+    run.cfg = run.cfg.copy().override({"loss.name": "mms", "model.logit_scale": 30})
+    assert run.loss_fn().logit_scale == 30.0
+
+
+def test_concutmix_in_the_trainer_warms_up_per_stage_then_uses_the_semantic_label(tmp_path):
+    from lfm_ray.train import prepare_stage, train_epoch
+
+    cfg = small_config(tmp_path, **{"mix.method": "concutmix", "mix.concutmix_prob": 1.0,
+                                    "stage1.epochs": 2, "stage2.epochs": 2,
+                                    "runtime.max_steps_per_epoch": 2})
+    run = _run_in_process(cfg)
+    loss_fn = run.loss_fn()
+    steps, per_worker = steps_per_epoch(len(run.train_images), cfg, 1)
+    seen = []
+    for stage in stage_plan(cfg):
+        trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
+        # digits-lt's row (CIFAR-10-LT's settings) and ConCutMix's own Beta(1, 1)
+        assert mixer.settings() == {"method": "concutmix", "beta": 1.0,
+                                    "concutmix_omega": 2 / 255, "concutmix_topk": 3,
+                                    "concutmix_prob": 1.0, "concutmix_warmup": 0.5}
+        real_mix = mixer.mix
+
+        def spy(x_i, y_i, x_j, y_j, gen, similarity_fn=None, _mixer=mixer, _real=real_mix,
+                _stage=stage):
+            x, t = _real(x_i, y_i, x_j, y_j, gen, similarity_fn=similarity_fn)
+            # classes each target names: 2 at most for the area label, more with ŷ_sem (k = 3)
+            seen.append((_stage.number, _mixer.epoch_in_stage, _mixer.stage_epochs,
+                         int((t > 0).sum(dim=1).max()), similarity_fn is not None))
+            return x, t
+
+        mixer.mix = spy
+        for epoch in range(stage.first_epoch, stage.first_epoch + stage.epochs):
+            train_epoch(run, stage, epoch, mixer, loss_fn, opt, sched, trainable, steps, per_worker)
+    assert [s[:3] for s in seen] == [(1, 0, 2)] * 2 + [(1, 1, 2)] * 2 + [(2, 0, 2)] * 2 \
+        + [(2, 1, 2)] * 2
+    for stage, epoch, _, named, has_similarity in seen:
+        assert has_similarity
+        assert (named <= 2) if epoch == 0 else (named >= 3), (stage, epoch, named)

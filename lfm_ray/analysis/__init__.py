@@ -17,14 +17,14 @@ from lfm_ray.analysis.figures import (
     comparison_table_figure, learning_curves_figure, per_class_figure,
 )
 from lfm_ray.analysis.load import (
-    GROUPS, METRICS, Study, aggregate, history_epochs, load_checkpoint_result, load_study,
+    GROUPS, METRICS, StudyResults, aggregate, history_epochs, load_checkpoint_result, load_study,
     read_tune_experiment, tune_epochs,
 )
 from lfm_ray.analysis.optuna_views import optuna_figures, optuna_study, rebuild_optuna_study
 from lfm_ray.analysis.report import study_figures, write_pngs, write_report
 
 __all__ = [
-    "GROUPS", "METRICS", "Study", "ablation_figure", "aggregate",
+    "GROUPS", "METRICS", "StudyResults", "ablation_figure", "aggregate",
     "comparison_figure", "comparison_html", "comparison_table", "comparison_table_figure",
     "history_epochs", "learning_curves_figure", "load_checkpoint_result", "load_study",
     "optuna_figures", "optuna_study", "per_class_figure", "read_tune_experiment",

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lfm_ray.analysis.load import (
-    GROUPS, METRICS, SEED, Study, aggregate, best_row, is_numeric_param,
+    GROUPS, METRICS, SEED, StudyResults, aggregate, best_row, is_numeric_param,
 )
 from lfm_ray.errors import LfmError
 
@@ -56,13 +56,13 @@ def _same(series: pd.Series, value: Any) -> pd.Series:
     return series == value
 
 
-def headline_metric(study: Study) -> str:
+def headline_metric(study: StudyResults) -> str:
     """The accuracy the study optimised, when it is one of many/medium/few/all."""
     return study.metric if study.metric in METRICS else "acc_all"
 
 
 # ---- ablation curves ----------------------------------------------------------------------
-def ablation_figure(study: Study, param: str, band: str = "auto",
+def ablation_figure(study: StudyResults, param: str, band: str = "auto",
                     where: Mapping[str, Any] | None = None) -> go.Figure:
     """Many / medium / few / all accuracy against a swept numeric parameter (paper Fig. 9
     and 10): the mean over seeds, a band of the 95% t-interval of the mean (`band="ci"`)
@@ -134,7 +134,7 @@ def _describe(fixed: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in fixed.items())
 
 
-def _hold_others(study: Study, done: pd.DataFrame, param: str,
+def _hold_others(study: StudyResults, done: pd.DataFrame, param: str,
                  where: Mapping[str, Any] | None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The trials with every other varying parameter at one value: `where`, else the best."""
     where = dict(where or {})
@@ -162,7 +162,7 @@ def _hold_others(study: Study, done: pd.DataFrame, param: str,
 
 
 # ---- comparison tables and bars -----------------------------------------------------------
-def _declared_rank(study: Study, param: str, value: Any, seen: list[Any]) -> tuple[int, int]:
+def _declared_rank(study: StudyResults, param: str, value: Any, seen: list[Any]) -> tuple[int, int]:
     declared = study.declared_values(param) or []
     for i, v in enumerate(declared):
         if v == value or (fmt_value(v) == fmt_value(value)):
@@ -170,7 +170,7 @@ def _declared_rank(study: Study, param: str, value: Any, seen: list[Any]) -> tup
     return (1, seen.index(value) if value in seen else len(seen))
 
 
-def comparison_table(study: Study, params: Sequence[str] | None = None) -> pd.DataFrame:
+def comparison_table(study: StudyResults, params: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper's table layout (Tables 1, 2, 5): one row per method (configuration of the
     swept parameters, seeds pooled) in the study's declared order; columns `label` (the
     row's name), the parameters, `<g>_mean`,
@@ -267,7 +267,7 @@ def comparison_table_figure(table: pd.DataFrame, mode: str = "max",
     return fig
 
 
-def comparison_figure(study: Study, params: Sequence[str] | None = None,
+def comparison_figure(study: StudyResults, params: Sequence[str] | None = None,
                       error: str = "std") -> go.Figure:
     """Grouped bars: one group per method, one bar per shot group, error bars over seeds
     (± std, or the 95% interval with `error="ci"`). With two or more compared parameters
@@ -310,7 +310,7 @@ def comparison_figure(study: Study, params: Sequence[str] | None = None,
 CURVE_METRICS = ("acc_all", "acc_many", "acc_medium", "acc_few", "train_loss")
 
 
-def trial_labels(study: Study) -> dict[str, str]:
+def trial_labels(study: StudyResults) -> dict[str, str]:
     """A short label per trial: its swept values (3 significant digits; a conditional
     parameter the trial did not draw left out)."""
     shorts = [p.rsplit(".", 1)[-1] for p in study.swept]
@@ -354,7 +354,7 @@ def stage_boundaries(epochs: pd.DataFrame) -> list[float]:
     return sorted(out)
 
 
-def learning_curves_figure(study: Study, metric: str = "acc_all") -> go.Figure:
+def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.Figure:
     """Every trial's curve across both stages against the global epoch; the stage boundary
     dotted; trials ASHA stopped early dashed and ended with an ✕ saying where. A menu
     switches between accuracies (all/many/medium/few) and the training loss."""

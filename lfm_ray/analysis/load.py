@@ -41,7 +41,7 @@ EPOCH_COLUMNS = ("epoch", "stage", "train_loss", *METRICS, "lr", "train_time_s")
 
 
 @dataclass
-class Study:
+class StudyResults:
     """One study's trials, learning curves and description."""
 
     trials: pd.DataFrame                       # one row per trial
@@ -118,7 +118,7 @@ class Study:
 
 
 # ---- loading ---------------------------------------------------------------------------
-def load_study(path: str | os.PathLike) -> Study:
+def load_study(path: str | os.PathLike) -> StudyResults:
     """A results directory, a Tune experiment directory (or URI), or a trials CSV."""
     text = os.fspath(path)
     if "://" in text:
@@ -189,39 +189,51 @@ def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _from_results_dir(p: Path) -> Study:
+def _from_results_dir(p: Path) -> StudyResults:
     meta = _read_json(p / "study.json")
     if not (p / "trials.csv").is_file():
         raise LfmError(f"study {meta.get('name', p.name)!r} in {str(p)!r} has no trials.csv "
                        "yet: no trial has finished or failed; run or resume the study first")
     trials = read_trials_csv(p / "trials.csv")
-    study = Study(trials=trials, epochs=pd.DataFrame(), meta=meta, path=p)
-    study.epochs = _epochs_for(study, meta.get("experiment_path"))
+    study = StudyResults(trials=trials, epochs=pd.DataFrame(), meta=meta, path=p)
+    study.epochs = _epochs_for(study, experiment_paths(meta))
     return study
 
 
-def _from_csv(p: Path) -> Study:
+def experiment_paths(meta: dict[str, Any]) -> list[str]:
+    """The study's Tune experiments (one, or more for a study that was extended)."""
+    from lfm_ray.study.spec import join_path
+
+    names, root = meta.get("experiments"), meta.get("storage_path")
+    if names and root:
+        return [join_path(root, n) for n in names]
+    return [meta["experiment_path"]] if meta.get("experiment_path") else []
+
+
+def _from_csv(p: Path) -> StudyResults:
     trials = read_trials_csv(p)
     beside = p.parent / "study.json"
     meta = _read_json(beside) if beside.is_file() else {"name": p.stem}
-    study = Study(trials=trials, epochs=pd.DataFrame(), meta=meta, path=p.parent)
-    study.epochs = _epochs_for(study, meta.get("experiment_path"))
+    study = StudyResults(trials=trials, epochs=pd.DataFrame(), meta=meta, path=p.parent)
+    study.epochs = _epochs_for(study, experiment_paths(meta))
     return study
 
 
-def _epochs_for(study: Study, experiment: str | None) -> pd.DataFrame:
+def _epochs_for(study: StudyResults, experiments: list[str]) -> pd.DataFrame:
     """Learning curves: Tune's per-trial frames, else the checkpoints' history.json."""
-    if experiment and ("://" in experiment or is_tune_experiment(experiment)):
+    readable = [e for e in experiments if "://" in e or is_tune_experiment(e)]
+    if readable and len(readable) == len(experiments):
         try:
-            return tune_epochs(experiment, set(study.trials["trial_id"]))
+            wanted = set(study.trials["trial_id"])
+            return _tidy_epochs([tune_epochs(e, wanted) for e in readable])
         except Exception as exc:  # noqa: BLE001 - curves are optional; say why they are absent
-            study.notes.append(f"Tune experiment {experiment} could not be read ({exc}); "
+            study.notes.append(f"Tune experiment {readable[0]} could not be read ({exc}); "
                                "learning curves come from the checkpoints instead")
     epochs = history_epochs(study.trials)
     if epochs.empty:
         study.notes.append("no per-epoch results: the Tune experiment directory "
-                           f"({experiment or 'not recorded'}) and the trials' checkpoints "
-                           "are not reachable")
+                           f"({', '.join(experiments) or 'not recorded'}) and the trials' "
+                           "checkpoints are not reachable")
     return epochs
 
 
@@ -277,9 +289,9 @@ def _tidy_epochs(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return out.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
 
 
-def _from_tune(path: str) -> Study:
+def _from_tune(path: str) -> StudyResults:
     trials, epochs, meta = read_tune_experiment(path)
-    study = Study(trials=trials, epochs=epochs, meta=meta,
+    study = StudyResults(trials=trials, epochs=epochs, meta=meta,
                   path=None if "://" in path else Path(path))
     if trials.empty:
         raise LfmError(f"Tune experiment {path!r} holds no trials")
@@ -295,6 +307,7 @@ def read_tune_experiment(path: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     from lfm_ray.study import trial_row
 
+    plan = _trial_plan(path)
     rows, params_seen, base, variants = [], [], None, {}
     for trial in analysis.trials:
         config = dict(trial.config or {})
@@ -304,10 +317,14 @@ def read_tune_experiment(path: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
         for name in params:
             if name not in params_seen:
                 params_seen.append(name)
+        cfg = _planned_config(plan, params) if plan else _run_config(config, params)
         row = trial_row(str(trial.trial_id), str(trial.status), _tune_error(trial), params,
-                        list(params), _run_config(config, params),
-                        dict(trial.last_result or {}), getattr(trial, "checkpoint", None))
+                        list(params), cfg, dict(trial.last_result or {}),
+                        getattr(trial, "checkpoint", None))
         rows.append(row)
+    if plan:
+        variants = plan.variants
+        base = plan.bases.get(plan.default_dataset)
     trials = pd.DataFrame(rows)
     if "gpu_hours" not in trials.columns:
         trials["gpu_hours"] = np.nan
@@ -322,6 +339,25 @@ def read_tune_experiment(path: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
         meta["base_config"] = base
     epochs = tune_epochs(path, analysis=analysis)
     return trials, epochs, meta
+
+
+def _trial_plan(path: str):
+    """The study's TrialPlan that run_study leaves in its Tune experiment folder, if any."""
+    from lfm_ray.study.trial import PLAN_FILE, TrialPlan
+
+    file = Path(path) / PLAN_FILE
+    if "://" in path or not file.is_file():
+        return None
+    raw = _read_json(file)
+    return TrialPlan(bases=raw["bases"], default_dataset=raw["default_dataset"],
+                     variants=raw.get("variants") or {}, train_storage="", max_failures=0)
+
+
+def _planned_config(plan, params: dict[str, Any]):
+    try:
+        return plan.config_for(params)
+    except (LfmError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _tune_error(trial: Any) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from lfm_ray.analysis.figures import use_log_axis
-from lfm_ray.analysis.load import DONE, FAILED, Study
+from lfm_ray.analysis.load import DONE, FAILED, StudyResults
 from lfm_ray.errors import LfmError
 
 
@@ -65,7 +65,7 @@ def inferred_distribution(values: pd.Series):
     return CategoricalDistribution([_plain(v) for v in dict.fromkeys(values.tolist())])
 
 
-def search_distributions(study: Study) -> dict[str, Any]:
+def search_distributions(study: StudyResults) -> dict[str, Any]:
     """Every searched parameter's distribution, declared or inferred."""
     space = study.meta.get("space") or {}
     out = {}
@@ -79,13 +79,13 @@ def search_distributions(study: Study) -> dict[str, Any]:
     return out
 
 
-def _directions(study: Study) -> tuple[list[str], list[str]]:
+def _directions(study: StudyResults) -> tuple[list[str], list[str]]:
     metrics = study.objectives if len(study.objectives) > 1 else [study.metric]
     direction = "minimize" if study.mode == "min" else "maximize"
     return metrics, [direction] * len(metrics)
 
 
-def rebuild_optuna_study(study: Study):
+def rebuild_optuna_study(study: StudyResults):
     """An in-memory Optuna study holding every finished and failed trial of the table."""
     import optuna
     from optuna.trial import TrialState
@@ -125,7 +125,7 @@ def rebuild_optuna_study(study: Study):
     return ost
 
 
-def optuna_study(study: Study):
+def optuna_study(study: StudyResults):
     """The study's Optuna study: from its storage when recorded, else rebuilt."""
     import optuna
 
@@ -141,7 +141,7 @@ def optuna_study(study: Study):
     return rebuild_optuna_study(study)
 
 
-def optuna_figures(study: Study) -> dict[str, go.Figure]:
+def optuna_figures(study: StudyResults) -> dict[str, go.Figure]:
     """history, parallel, importance (when Optuna can assess it) and, for several
     objectives, pareto."""
     import optuna
@@ -178,7 +178,7 @@ def optuna_figures(study: Study) -> dict[str, go.Figure]:
     return figs
 
 
-def _importance_figure(ost, names: list[str], study: Study) -> go.Figure | None:
+def _importance_figure(ost, names: list[str], study: StudyResults) -> go.Figure | None:
     """Optuna's default importance evaluator, per objective. The evaluator ranks
     parameters by how they reach *low* target values when given a target, so maximised
     objectives are handed to it negated."""

@@ -31,7 +31,7 @@ from lfm_ray.analysis.figures import (
     per_class_figure,
 )
 from lfm_ray.analysis.load import (
-    Study, aggregate, best_row, is_numeric_param, load_checkpoint_result, load_study,
+    StudyResults, aggregate, best_row, is_numeric_param, load_checkpoint_result, load_study,
 )
 from lfm_ray.errors import LfmError
 
@@ -47,7 +47,7 @@ TITLES = {
 
 
 # ---- which figures fit a study ------------------------------------------------------------
-def kinds_of_params(study: Study) -> tuple[list[str], list[str]]:
+def kinds_of_params(study: StudyResults) -> tuple[list[str], list[str]]:
     """(numeric, categorical) swept parameters that vary among the finished trials."""
     done = study.finished
     numeric, categorical = [], []
@@ -58,7 +58,7 @@ def kinds_of_params(study: Study) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
-def study_figures(study: Study, params: Sequence[str] | None = None,
+def study_figures(study: StudyResults, params: Sequence[str] | None = None,
                   band: str = "auto") -> dict[str, go.Figure]:
     """Every figure that fits the study, headline figures first. `params`: the parameters
     to draw ablation curves for (default: every swept number of a grid study)."""
@@ -92,7 +92,7 @@ def study_figures(study: Study, params: Sequence[str] | None = None,
     return figs
 
 
-def _trial_of_best(study: Study, keys: dict[str, Any]) -> pd.Series | None:
+def _trial_of_best(study: StudyResults, keys: dict[str, Any]) -> pd.Series | None:
     """The finished trial of a configuration with the best metric and a reachable
     checkpoint holding per-class accuracy."""
     done = study.finished
@@ -108,7 +108,7 @@ def _trial_of_best(study: Study, keys: dict[str, Any]) -> pd.Series | None:
     return None
 
 
-def per_class_results(study: Study) -> dict[str, dict[str, Any]]:
+def per_class_results(study: StudyResults) -> dict[str, dict[str, Any]]:
     """label → checkpoint result: the best configuration's trial and, in a comparison
     study, the first declared method (the baseline) next to it."""
     done = study.finished
@@ -188,7 +188,7 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _summary(study: Study) -> str:
+def _summary(study: StudyResults) -> str:
     t = study.trials
     counts = t["status"].astype(str).value_counts().to_dict()
     parts = [f"{len(t)} trials", f"{counts.get('TERMINATED', 0)} finished"]
@@ -224,7 +224,7 @@ def _one(t: pd.DataFrame, col: str) -> str | None:
     return None
 
 
-def _best_html(study: Study) -> str:
+def _best_html(study: StudyResults) -> str:
     """The best configuration per objective, the mean over seeds deciding."""
     done = study.finished
     params = [p for p in study.params if done[p].nunique(dropna=False) > 1]
@@ -243,7 +243,7 @@ def _best_html(study: Study) -> str:
             f"<th>configuration</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
-def _results_html(study: Study) -> str:
+def _results_html(study: StudyResults) -> str:
     numeric, categorical = kinds_of_params(study)
     if study.search == "grid" and (numeric or categorical):
         return ("<p>Top-1 accuracy (%) per configuration, mean ± std over seeds; the best "
@@ -266,7 +266,7 @@ def _frame_html(df: pd.DataFrame) -> str:
                                                formatters={c: fmt for c in df.columns}) + "</div>"
 
 
-def _failed_html(study: Study) -> str:
+def _failed_html(study: StudyResults) -> str:
     failed = study.failed
     cols = ["trial_id", *study.swept, "error"]
     return (f"<p>{len(failed)} trial(s) failed; the figures and tables above use the "
@@ -297,7 +297,7 @@ def _figure_html(name: str, fig: go.Figure) -> str:
         config={"displaylogo": False, "responsive": True}) + "</div>"
 
 
-def render_page(study: Study, figs: dict[str, go.Figure], pngs: Sequence[Path],
+def render_page(study: StudyResults, figs: dict[str, go.Figure], pngs: Sequence[Path],
                 notes: Sequence[str]) -> str:
     """The report's HTML (self-contained: plotly.js inlined)."""
     from plotly.offline import get_plotlyjs

@@ -32,7 +32,9 @@ from lfm_ray.study.spec import Study, join_path, validate
 from lfm_ray.study.tables import (
     combine, kept_rows, table_from_results, tables_callback, write_tables,
 )
-from lfm_ray.study.trial import TrialNamer, TrialPlan, trial_driver, trial_resources
+from lfm_ray.study.trial import (
+    PLAN_FILE, TrialNamer, TrialPlan, trial_driver, trial_resources,
+)
 
 
 def banner(text: str) -> None:
@@ -232,6 +234,7 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
                        *study.callbacks],
         )
         if is_new:
+            write_plan(path, study, plan)
             points = rerun.new_points if rerun.kind == "extend" else None
             tuner = tune.Tuner(trainable, param_space=param_space(study, points),
                                tune_config=_tune_config(study, slots), run_config=run_config)
@@ -248,6 +251,19 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
         banner(f"{len(failed)} trial(s) failed: {', '.join(failed['trial_id'])}")
     banner(f"wrote {study.result_dir / 'trials.csv'} and best.json")
     return tables
+
+
+def write_plan(experiment_path: str, study: Study, plan: TrialPlan) -> None:
+    """The trials' shared plan beside Tune's own files, so the experiment folder alone says
+    what each trial ran (`lfm_ray.analysis.load_study` on a Tune folder reads it)."""
+    if "://" in experiment_path:
+        return  # a cloud experiment is read through its results folder's study.json
+    folder = Path(experiment_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / PLAN_FILE, {
+        "study": study.name, "bases": plan.bases, "default_dataset": plan.default_dataset,
+        "variants": plan.variants, "swept": study.swept, "metric": study.metric,
+        "mode": study.mode, "search": study.search})
 
 
 def _tune_config(study: Study, slots: int):

@@ -15,6 +15,8 @@ from typing import Any
 from lfm_ray.config import RunConfig
 from lfm_ray.study.spec import Study, config_for
 
+PLAN_FILE = "lfm_ray_plan.json"  # a TrialPlan beside Tune's files in the experiment folder
+
 
 @dataclass
 class TrialPlan:

@@ -13,8 +13,9 @@ from lfm_ray.cli import main
 from lfm_ray.data import (
     ArraySet, ImageList, build_dataset, load_arrays, long_tail_counts, options_for, shot_groups,
 )
-from lfm_ray.data.split_files import class_names
+from lfm_ray.data.split_files import class_names, places365_names
 from lfm_ray.errors import LfmError
+from lfm_ray.model import ImageSpec
 
 
 # ---- counts and groups ----------------------------------------------------------------------
@@ -246,10 +247,42 @@ def test_split_files_in_a_subfolder_of_the_root(tmp_path):
 
 
 def test_shipped_class_names():
-    imagenet, places = class_names("imagenet.txt"), class_names("places.txt")
-    assert len(imagenet) == 1000 and len(places) == 365
-    assert imagenet[0] == "tench" and places[0] == "airfield"
-    assert all("_" not in n for n in places)
+    imagenet, places = class_names("imagenet-lt"), class_names("places-lt")
+    assert len(imagenet) == 1000 and imagenet[0] == "tench"
+    # Places-LT: a name for each of the 365 classes, from the shipped official category list.
+    assert len(places) == len(set(places)) == 365 and all(places)
+    assert all("_" not in n and "/" not in n and n == n.strip() for n in places)
+    with pytest.raises(LfmError, match="unknown split-file data set 'places.txt'"):
+        class_names("places.txt")
+
+
+def test_places_names_follow_the_rule():
+    """Drop the leading '/<letter>/', read '/' and '_' as spaces; the list's own spelling
+    stays. Spot checks of lines the rule changes, the names written out by hand."""
+    places = class_names("places-lt")
+    expected = {
+        0: "airfield",                          # /a/airfield 0
+        8: "apartment building outdoor",        # /a/apartment_building/outdoor 8
+        13: "archaelogical excavation",         # /a/archaelogical_excavation 13
+        22: "artists loft",                     # /a/artists_loft 22
+        31: "bakery shop",                      # /b/bakery/shop 31
+        89: "childs room",                      # /c/childs_room 89
+        116: "desert sand",                     # /d/desert/sand 116
+        313: "stadium football",                # /s/stadium/football 313
+        342: "underwater ocean deep",           # /u/underwater/ocean_deep 342
+        364: "zen garden",                      # /z/zen_garden 364
+    }
+    assert {k: places[k] for k in expected} == expected
+
+
+def test_places_names_are_in_index_order_and_bad_lines_are_refused():
+    lines = ["/b/bakery/shop 1", "/a/apartment_building/outdoor 2", "/a/airfield 0"]
+    assert places365_names("\n".join(lines) + "\n") == [
+        "airfield", "bakery shop", "apartment building outdoor"]
+    with pytest.raises(LfmError, match="line 2: expected '/<letter>/<category> <index>'"):
+        places365_names("/a/airfield 0\nairfield 1")
+    with pytest.raises(LfmError, match="indices are not 0..N-1"):
+        places365_names("/a/airfield 0\n/a/alley 2")
 
 
 # ---- folder -------------------------------------------------------------------------------

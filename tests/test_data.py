@@ -73,7 +73,69 @@ def test_digits_lt_is_deterministic_for_a_seed():
 
 
 # ---- CIFAR pickles --------------------------------------------------------------------------
-def write_cifar10(root, per_class=60, test_per_class=5, seed=0):
+def py2_pickle(obj) -> bytes:
+    """obj as Python 2's cPickle wrote the official CIFAR files (protocol 2): str as 8-bit
+    strings, a uint8 array through numpy.core.multiarray._reconstruct with numpy 1's dtype
+    state. Handles what those files hold: dicts, lists, str, ints and 2-D uint8 arrays."""
+    import struct
+
+    def text(s):
+        raw = s.encode("latin1") if isinstance(s, str) else bytes(s)
+        return (b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + struct.pack("<I", len(raw))) + raw
+
+    def integer(n):
+        n = int(n)
+        if 0 <= n < 256:
+            return b"K" + bytes([n])
+        if 0 <= n < 65536:
+            return b"M" + struct.pack("<H", n)
+        return b"J" + struct.pack("<i", n)
+
+    def value(v):
+        if isinstance(v, dict):
+            return b"}(" + b"".join(value(k) + value(x) for k, x in v.items()) + b"u"
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e"
+        if isinstance(v, (str, bytes)):
+            return text(v)
+        if isinstance(v, np.ndarray):
+            assert v.dtype == np.uint8 and v.ndim == 2
+            dtype = (b"cnumpy\ndtype\n" + text("u1") + integer(0) + integer(1) + b"\x87R"
+                     + b"(" + integer(3) + text("|") + b"NNN" + integer(-1) + integer(-1)
+                     + integer(0) + b"tb")
+            return (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n"
+                    + integer(0) + b"\x85" + text("b") + b"\x87R"
+                    + b"(" + integer(1) + integer(v.shape[0]) + integer(v.shape[1]) + b"\x86"
+                    + dtype + b"\x89" + text(v.tobytes()) + b"tb")
+        return integer(v)
+
+    return b"\x80\x02" + value(obj) + b"."
+
+
+# How the files are written: "py2" as the official archive (8-bit string keys), "py3" re-pickled
+# under Python 3 with str keys (numpy 2 module paths; protocol 2 writes bytes via _codecs),
+# "py3-bytes-keys" as a Python 3 script that loaded them with encoding="bytes" writes them.
+KINDS = {
+    "py2": py2_pickle,
+    "py3": pickle.dumps,
+    "py3-protocol-2": lambda obj: pickle.dumps(obj, protocol=2),
+    "py3-protocol-5": lambda obj: pickle.dumps(obj, protocol=5),
+    "py3-bytes-keys": lambda obj: pickle.dumps(
+        {k.encode(): [x.encode() for x in v] if k.endswith("names") else v for k, v in obj.items()}),
+}
+
+
+def write_pickle(path, obj, kind="py2"):
+    path.write_bytes(KINDS[kind](obj))
+
+
+def read_pickle(path):
+    """A fabricated file's dict (str keys), read with the plain unpickler."""
+    obj = pickle.loads(path.read_bytes(), encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def write_cifar10(root, per_class=60, test_per_class=5, seed=0, kind="py2"):
     rng = np.random.default_rng(seed)
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -81,34 +143,48 @@ def write_cifar10(root, per_class=60, test_per_class=5, seed=0):
     rng.shuffle(labels)
     chunks = np.array_split(np.arange(len(labels)), 5)
     for i, idx in enumerate(chunks, start=1):
-        batch = {b"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
-                 b"labels": labels[idx].tolist(), b"batch_label": b"training batch"}
-        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+        write_pickle(base / f"data_batch_{i}", {
+            "batch_label": "training batch %d of 5" % i, "labels": labels[idx].tolist(),
+            "data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8)}, kind)
     test_labels = np.repeat(np.arange(10), test_per_class)
-    test = {b"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8),
-            b"labels": test_labels.tolist()}
-    (base / "test_batch").write_bytes(pickle.dumps(test))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
-    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    write_pickle(base / "test_batch", {
+        "labels": test_labels.tolist(),
+        "data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8)}, kind)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    write_pickle(base / "batches.meta", {"label_names": names, "num_vis": 3072}, kind)
     return base
 
 
-def write_cifar100(root, per_class=30):
+def write_cifar100(root, per_class=30, kind="py2"):
     rng = np.random.default_rng(1)
     base = root / "cifar-100-python"
     base.mkdir(parents=True)
     labels = np.repeat(np.arange(100), per_class)
-    (base / "train").write_bytes(pickle.dumps({
-        b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-        b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}))
+    write_pickle(base / "train", {
+        "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+        "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist()}, kind)
     test = np.repeat(np.arange(100), 2)
-    (base / "test").write_bytes(pickle.dumps({
-        b"data": rng.integers(0, 256, (len(test), 3072), dtype=np.uint8),
-        b"fine_labels": test.tolist()}))
-    names = [f"class_{k}".encode() for k in range(100)]
-    names[1] = b"aquarium_fish"
-    (base / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}))
+    write_pickle(base / "test", {
+        "data": rng.integers(0, 256, (len(test), 3072), dtype=np.uint8),
+        "fine_labels": test.tolist()}, kind)
+    names = [f"class_{k}" for k in range(100)]
+    names[1] = "aquarium_fish"
+    write_pickle(base / "meta", {"fine_label_names": names}, kind)
+
+
+def test_the_python_2_fabrication_is_a_valid_pickle(tmp_path):
+    """py2_pickle's bytes load with the plain unpickler to the very arrays (so the reader's
+    tests below read a real pickle), and name numpy 1's module path as the archive does."""
+    import pickletools
+
+    data = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    raw = py2_pickle({"data": data, "labels": [0, 300, 70000], "batch_label": "b"})
+    assert pickle.loads(raw, encoding="bytes")[b"labels"] == [0, 300, 70000]
+    loaded = pickle.loads(raw, encoding="latin1")
+    assert loaded["data"].dtype == np.uint8 and np.array_equal(loaded["data"], data)
+    names = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"]
+    assert names == ["numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"]
 
 
 def test_cifar10_lt_from_the_python_pickles(tmp_path):
@@ -118,12 +194,30 @@ def test_cifar10_lt_from_the_python_pickles(tmp_path):
     assert ds.train_images.shape[1:] == (32, 32, 3) and ds.train_images.dtype == np.uint8
     assert len(ds.test_labels) == 50
     # The channel-first rows of the pickle become HWC images.
-    raw = pickle.loads((base / "test_batch").read_bytes())
-    assert np.array_equal(ds.test_images[0], raw[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    raw = read_pickle(base / "test_batch")
+    assert np.array_equal(ds.test_images[0], raw["data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert ds.test_labels.tolist() == raw["labels"]
     again = build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
     other = build_dataset("cifar10-lt", tmp_path, imbalance_factor=10, seed=1)
     assert np.array_equal(ds.train_images, again.train_images)
     assert not np.array_equal(ds.train_images, other.train_images)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "py2"])
+def test_re_pickled_cifar_files_load_to_the_same_arrays(tmp_path, kind):
+    write_cifar10(tmp_path / "official")
+    write_cifar10(tmp_path / "other", kind=kind)
+    if kind.startswith("py3-protocol") or kind == "py3":
+        assert b"numpy._core" in (tmp_path / "other/cifar-10-batches-py/test_batch").read_bytes()
+    a = build_dataset("cifar10-lt", tmp_path / "official", imbalance_factor=10)
+    b = build_dataset("cifar10-lt", tmp_path / "other", imbalance_factor=10)
+    assert a.class_names == b.class_names and a.class_names[1] == "automobile"
+    for split in ("train", "test"):
+        (ia, la), (ib, lb) = a.split(split), b.split(split)
+        assert np.array_equal(ia, ib) and np.array_equal(la, lb) and lb.dtype == np.int64
+    write_cifar100(tmp_path / "c100", kind=kind)
+    assert build_dataset("cifar100-lt", tmp_path / "c100", imbalance_factor=10).class_names[1] \
+        == "aquarium fish"
 
 
 def test_cifar100_lt_readable_names(tmp_path):
@@ -131,6 +225,82 @@ def test_cifar100_lt_readable_names(tmp_path):
     ds = build_dataset("cifar100-lt", tmp_path, imbalance_factor=10)
     assert ds.class_names[1] == "aquarium fish"
     assert ds.num_classes == 100 and ds.class_counts[0] == 30
+
+
+class RunsCode:
+    """Pickles to a call of `target(*args)`: what a crafted file does while it loads."""
+
+    def __init__(self, target, *args):
+        self.target, self.args = target, args
+
+    def __reduce__(self):
+        return self.target, self.args
+
+
+def payloads(marker):
+    import builtins
+    import os
+
+    return {
+        "os.system": RunsCode(os.system, f"touch {marker}"),
+        "builtins.exec": RunsCode(builtins.exec, f"open({str(marker)!r}, 'w').write('ran')"),
+        "builtins.open": RunsCode(builtins.open, str(marker), "w"),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "builtins.open"])
+@pytest.mark.parametrize("file,protocol", [("data_batch_2", 2), ("batches.meta", 5),
+                                           ("test_batch", 4)])
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, payload, file, protocol):
+    base = write_cifar10(tmp_path / "root")
+    marker = tmp_path / "ran"
+    crafted = read_pickle(base / file)
+    crafted["labels" if "labels" in crafted else "label_names"] = payloads(marker)[payload]
+    (base / file).write_bytes(pickle.dumps(crafted, protocol=protocol))
+    # The name the pickle holds: os.system is posix.system, open is io.open, and protocol 2
+    # writes builtins under its Python 2 name.
+    module = {"os.system": r"(posix|nt)\.system", "builtins.exec": r"(builtins|__builtin__)\.exec",
+              "builtins.open": r"io\.open"}[payload]
+    with pytest.raises(LfmError, match=f"{base / file} is refused: it names {module}, which a "
+                                       "CIFAR python file never holds"):
+        build_dataset("cifar10-lt", tmp_path / "root", imbalance_factor=10)
+    assert not marker.exists()
+    # The same file through the plain unpickler does run it: the test's payload is live.
+    pickle.loads((base / file).read_bytes())
+    assert marker.exists()
+
+
+def test_malformed_cifar_files_are_refused_naming_the_file(tmp_path):
+    base = write_cifar10(tmp_path)
+
+    def refused(needle):
+        with pytest.raises(LfmError, match=needle):
+            build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
+
+    write_pickle(base / "batches.meta", ["airplane", "automobile"])
+    refused(f"{base / 'batches.meta'} holds a list, not the dict of a CIFAR python file")
+    write_pickle(base / "batches.meta", {"num_vis": 3072})
+    refused(f"{base / 'batches.meta'} has no list of class names under 'label_names'")
+    write_cifar10(tmp_path / "fresh")
+    (base / "batches.meta").write_bytes((tmp_path / "fresh/cifar-10-batches-py/batches.meta").read_bytes())
+
+    batch = read_pickle(base / "data_batch_3")
+    good = dict(batch)
+    write_pickle(base / "data_batch_3", {**batch, "data": batch["data"][:, :3000].copy()})
+    refused(f"{base / 'data_batch_3'}: 'data' rows are 3000 bytes long; a CIFAR image is 3072")
+    write_pickle(base / "data_batch_3", {**batch, "data": [[0] * 3072]})
+    refused(f"{base / 'data_batch_3'}: 'data' is a list; a CIFAR batch holds a uint8 array")
+    write_pickle(base / "data_batch_3", good)
+
+    test = read_pickle(base / "test_batch")
+    write_pickle(base / "test_batch", {**test, "labels": test["labels"][:-1]})
+    refused(f"{base / 'test_batch'} holds 50 images but 49 labels in 'labels'")
+    write_pickle(base / "test_batch", {**test, "labels": test["labels"] + [3]})
+    refused(f"{base / 'test_batch'} holds 50 images but 51 labels in 'labels'")
+    write_pickle(base / "test_batch", {"labels": test["labels"]})
+    refused(f"{base / 'test_batch'} has no 'data' key")
+    (base / "test_batch").write_bytes(b"\x80\x02}q\x00(X")  # cut short
+    refused(f"{base / 'test_batch'} is not a CIFAR python pickle")
 
 
 def test_cifar_missing_files_say_how_to_get_them(tmp_path):
@@ -150,9 +320,9 @@ def test_a_class_left_empty_is_an_error(tmp_path):
 
 def test_cifar_labels_out_of_range_and_no_root(tmp_path):
     base = write_cifar10(tmp_path)
-    batch = pickle.loads((base / "data_batch_2").read_bytes())
-    batch[b"labels"][0] = 10
-    (base / "data_batch_2").write_bytes(pickle.dumps(batch))
+    batch = read_pickle(base / "data_batch_2")
+    batch["labels"][0] = 10
+    write_pickle(base / "data_batch_2", batch)
     with pytest.raises(LfmError, match="labels range over 0..10, but batches.meta names 10"):
         build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
     with pytest.raises(LfmError, match="cifar100-lt needs a data root"):

@@ -3,6 +3,7 @@ on-disk format, determinism, the node cache, the `lfm-ray data` command, bad inp
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -521,12 +522,138 @@ def test_load_arrays_builds_once_and_memory_maps(tmp_path):
     assert np.array_equal(a.train_images, build_dataset("digits-lt", seed=0).train_images)
 
 
+def spec(size=16, resize_mode="shortest", interpolation="bicubic", fill_color=0,
+         mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28)):
+    return ImageSpec(size, mean, std, resize_mode=resize_mode, interpolation=interpolation,
+                     fill_color=fill_color)
+
+
 def test_load_arrays_resizes_lazy_sets_once(tmp_path):
     write_split_set(tmp_path / "data")
-    a = load_arrays("imagenet-lt", root=tmp_path / "data", image_size=16, cache_dir=tmp_path / "c")
+    a = load_arrays("imagenet-lt", root=tmp_path / "data", image=spec(16), cache_dir=tmp_path / "c")
     assert a.train_images.shape == (1006, 16, 16, 3) and a.val_images.shape == (3, 16, 16, 3)
-    with pytest.raises(LfmError, match="image_size"):
+    with pytest.raises(LfmError, match="give image= \\(the model's ImageSpec"):
         load_arrays("imagenet-lt", root=tmp_path / "data", cache_dir=tmp_path / "c2")
+    with pytest.raises(TypeError, match="image= takes the model's ImageSpec"):
+        load_arrays("imagenet-lt", root=tmp_path / "data", image=16, cache_dir=tmp_path / "c3")
+
+
+def write_mixed_images(root):
+    """A folder set of non-square (and one square, one small) JPEGs and PNGs in the colour
+    modes real data sets hold: RGB, greyscale, RGBA, palette."""
+    rng = np.random.default_rng(7)
+
+    def picture(w, h, channels=3):
+        y, x = np.mgrid[:h, :w]  # smooth shapes plus noise, like a photograph's detail
+        base = np.stack([(x * 255 / w), (y * 255 / h), ((x + y) * 127 / (w + h))], -1)
+        noise = rng.normal(0, 25, (h, w, 3))
+        return np.clip(base + noise, 0, 255).astype(np.uint8)[..., :channels].squeeze()
+
+    files = {
+        "train/ant/wide.jpg": Image.fromarray(picture(37, 23)),
+        "train/ant/tall.png": Image.fromarray(picture(20, 41)),
+        "train/ant/grey.png": Image.fromarray(picture(30, 18, 1), mode="L"),
+        "train/bee/alpha.png": Image.fromarray(np.dstack([picture(19, 33), picture(19, 33, 1)]), "RGBA"),
+        "train/bee/palette.png": Image.fromarray(picture(50, 30)).convert("P", palette=Image.ADAPTIVE),
+        "train/bee/square.jpg": Image.fromarray(picture(24, 24)),
+        "train/bee/small.jpg": Image.fromarray(picture(11, 15)),
+        "test/ant/0.jpg": Image.fromarray(picture(40, 25)),
+        "test/bee/0.png": Image.fromarray(picture(25, 40)),
+    }
+    for rel, im in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.save(root / rel)
+
+
+def open_clip_pixels(path, image):
+    """open_clip's own evaluation transform for `image`, up to (not including) ToTensor."""
+    import itertools
+
+    import open_clip
+    from torchvision.transforms import ToTensor
+
+    transform = open_clip.image_transform(
+        image.size, is_train=False, mean=image.mean, std=image.std,
+        resize_mode=image.resize_mode, interpolation=image.interpolation,
+        fill_color=image.fill_color)
+    steps = list(itertools.takewhile(lambda t: not isinstance(t, ToTensor), transform.transforms))
+    assert 0 < len(steps) == len(transform.transforms) - 2  # all but ToTensor and Normalize
+    with Image.open(path) as im:
+        for step in steps:
+            im = step(im)
+        return np.asarray(im)
+
+
+@pytest.mark.parametrize("resize_mode,interpolation,fill_color", [
+    ("shortest", "bicubic", 0), ("shortest", "bilinear", 0), ("longest", "bicubic", 0),
+    ("longest", "bilinear", 200), ("squash", "bicubic", 0), ("squash", "bilinear", 0),
+])
+def test_cached_images_are_open_clips_preprocessing(tmp_path, resize_mode, interpolation,
+                                                    fill_color):
+    """Every cached image equals open_clip's preprocessing of its file before ToTensor and
+    Normalize, to the uint8 (tolerance 0)."""
+    write_mixed_images(tmp_path / "data")
+    image = spec(24, resize_mode, interpolation, fill_color)
+    arrays = load_arrays("folder", root=tmp_path / "data", image=image, cache_dir=tmp_path / "c")
+    ds = build_dataset("folder", tmp_path / "data")
+    for split in ("train", "test"):
+        cached, paths = arrays.split(split)[0], ds.split(split)[0].paths
+        assert cached.shape == (len(paths), 24, 24, 3)
+        for i, path in enumerate(paths):
+            assert np.array_equal(cached[i], open_clip_pixels(path, image)), path
+    meta = json.loads(next((tmp_path / "c").glob("folder-*/meta.json")).read_text())
+    assert meta["preprocessing"] == {"size": 24, "resize_mode": resize_mode,
+                                     "interpolation": interpolation, "fill_color": fill_color}
+
+
+def test_the_resize_mode_decides_the_pixels(tmp_path):
+    """The centre crop keeps the middle of a wide image at its own aspect; a squash does not;
+    'longest' pads it with the fill colour above and below."""
+    write_mixed_images(tmp_path / "data")
+    ds = build_dataset("folder", tmp_path / "data")
+    wide = ds.train_images.paths.index(str(tmp_path / "data/train/ant/wide.jpg"))
+    got = {mode: load_arrays("folder", root=tmp_path / "data", cache_dir=tmp_path / "c",
+                             image=spec(24, mode, fill_color=9)).train_images[wide]
+           for mode in ("shortest", "longest", "squash")}
+    assert not np.array_equal(got["shortest"], got["squash"])
+    # 37 × 23 → longest side 24: 24 × round(23 · 24 / 37) = 24 × 15, padded by 4 above, 5 below.
+    assert (got["longest"][:4] == 9).all() and (got["longest"][-5:] == 9).all()
+    assert not (got["longest"][4:-5] == 9).all()
+    assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 3
+
+
+def test_cache_keys_on_the_preprocessing_not_on_mean_and_std(tmp_path, monkeypatch):
+    import lfm_ray.data.cache as cache
+
+    def folders():
+        return sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+    load_arrays("digits-lt", image=spec(16), cache_dir=tmp_path)
+    load_arrays("digits-lt", image=spec(16, mean=(0.5,) * 3, std=(0.5,) * 3), cache_dir=tmp_path)
+    assert len(folders()) == 1
+    load_arrays("digits-lt", image=spec(16, interpolation="bilinear"), cache_dir=tmp_path)
+    load_arrays("digits-lt", image=spec(16, resize_mode="squash"), cache_dir=tmp_path)
+    load_arrays("digits-lt", image=spec(16, resize_mode="longest", fill_color=3), cache_dir=tmp_path)
+    assert len(folders()) == 4
+    # The format is part of the key, so a cache of an older format (squashed) is never reused.
+    key = cache.cache_key("digits-lt", None, spec(16), {"seed": 0})
+    monkeypatch.setattr(cache, "CACHE_FORMAT", cache.CACHE_FORMAT - 1)
+    assert cache.cache_key("digits-lt", None, spec(16), {"seed": 0}) != key
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_in_memory_sets_are_stored_resized_as_torchvision_resizes(tmp_path, interpolation):
+    """digits (8 px, square) pre-resized into the cache: torchvision's Resize of each image as
+    a PIL image, which is what open_clip's transform does to it (tolerance 0)."""
+    from torchvision.transforms import InterpolationMode, Resize
+
+    arrays = load_arrays("digits-lt", image=spec(32, interpolation=interpolation),
+                         cache_dir=tmp_path)
+    native = build_dataset("digits-lt").test_images
+    resize = Resize(32, interpolation=InterpolationMode(interpolation))
+    want = np.stack([np.asarray(resize(Image.fromarray(im))) for im in native])
+    assert arrays.test_images.shape == (500, 32, 32, 3)
+    assert np.array_equal(arrays.test_images, want)
 
 
 def test_load_arrays_keys_on_resolved_options(tmp_path):
@@ -573,7 +700,7 @@ def test_a_bad_image_stops_the_cache_build_and_leaves_nothing(tmp_path):
     write_folder(tmp_path / "data")
     (tmp_path / "data" / "test" / "red-fox" / "1.png").write_bytes(b"truncated")
     with pytest.raises(LfmError, match="cannot read image .*red-fox/1.png"):
-        load_arrays("folder", root=tmp_path / "data", image_size=8, cache_dir=tmp_path / "c")
+        load_arrays("folder", root=tmp_path / "data", image=spec(8), cache_dir=tmp_path / "c")
     assert not [p for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")]
 
 

@@ -418,7 +418,7 @@ def text_features(clip_model: nn.Module, class_names: Sequence[str], templates: 
     if not class_names:
         raise LfmError("no class names to compute text features for")
     if not templates:
-        raise LfmError("no prompt templates; give at least one, e.g. 'a photo of a {}.'")
+        raise LfmError("no prompt templates; give at least one, e.g. 'a photo of a {}'")
     for template in templates:
         if "{}" not in template:
             raise LfmError(f"prompt template {template!r} has no '{{}}' for the class name")

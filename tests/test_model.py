@@ -99,6 +99,19 @@ def test_text_features_are_the_normalised_prompt_ensemble(tiny, monkeypatch):
     assert torch.allclose(text_features(model, names, templates), got, atol=1e-6)
 
 
+def test_the_default_prompt_is_the_authors(tiny):
+    """ModelConfig's default template gives the features of "a photo of a {name}" (no full
+    stop), the prompt of the LFM authors' code."""
+    model, _ = tiny
+    names = ["airfield", "sea lion"]
+    got = text_features(model, names, ModelConfig().templates)
+    with torch.no_grad():
+        want = F.normalize(model.encode_text(model.lfm_tokenizer(
+            [f"a photo of a {n}" for n in names])).float(), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, text_features(model, names, ["a photo of a {}."]), atol=1e-4)
+
+
 def test_bad_templates_and_class_names(tiny):
     model, _ = tiny
     with pytest.raises(LfmError, match="'a photo' has no"):

@@ -1,8 +1,13 @@
 """Batches built on the device from uint8 images: gather, flip, resize, normalise.
 
 Images stay uint8 (N, H, W, 3) for their whole life; a batch becomes float only here, in one
-batched call, so no per-image Python work sits in the training step. Resizing uses bicubic
-interpolation like CLIP's own preprocessing.
+batched call, so no per-image Python work sits in the training step. Images not yet at the
+model's size (square in-memory sets too big to store resized) are resized here with the
+model's interpolation, giving exactly the uint8 image the model's own (Pillow) preprocessing
+would (lfm_ray/data/preprocess.py).
+
+Training augmentation is a random horizontal flip (probability 0.5) of the stored image,
+which for lazily decoded sets is already the model's centre crop.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from lfm_ray.data.preprocess import resize_square
 from lfm_ray.transfer import to_device
 
 # Below this size a whole split is copied to the GPU once; above it, batches are gathered on
@@ -59,7 +64,8 @@ class BatchBuilder:
     """uint8 (B, H, W, 3) → normalised float (B, 3, S, S), with an optional random h-flip."""
 
     def __init__(self, spec, device: torch.device):
-        # spec: lfm_ray.model.ImageSpec (size, mean, std) so preprocessing follows the model.
+        # spec: lfm_ray.model.ImageSpec (size, interpolation, mean, std), so preprocessing
+        # follows the model.
         self.spec = spec
         self.device = torch.device(device)
         self.mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
@@ -81,18 +87,16 @@ class BatchBuilder:
             # On the CPU, flips and normalisation over that view ran 5-9x slower than over
             # NCHW-contiguous data; a GPU is fastest left channels-last (same values either way).
             x = x.contiguous()
-        x = x.float().div_(255.0)
+        x = x.float()  # 0..255 until the resize is done: it rounds as Pillow does, in uint8 steps
         if flip and flips is None:
             flips = self.draw_flips(x.shape[0], generator)
         if flips is not None:
             # Only the drawn images are flipped (in place: x is this call's own tensor).
             picked = to_device(flips.nonzero().squeeze(1), self.device)
             x.index_copy_(0, picked, x.index_select(0, picked).flip(-1))
-        size = self.spec.size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-            x = x.clamp_(0.0, 1.0)
-        x = x.sub_(self.mean).div_(self.std)  # x is this call's own tensor: in place
+        # The flip comes first, as in the authors' pipeline (flip the image, then CLIP's resize).
+        x = resize_square(x, self.spec.size, self.spec.interpolation)
+        x = x.div_(255.0).sub_(self.mean).div_(self.std)  # this call's own tensor: in place
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -36,7 +36,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "tiny"                 # open_clip architecture, e.g. ViT-B-32; "tiny" for tests
     pretrained: str | None = None      # open_clip tag ("openai"), a weights file, or None
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
     logit_scale: float | None = None   # s in z = s·cos; None: the loss's default (LOGIT_SCALE)
     cache_dir: str | None = None       # where open_clip caches weights; None: its default
 

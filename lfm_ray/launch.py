@@ -127,7 +127,7 @@ def prepare_node(cfg: RunConfig) -> None:
     _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
-    load_arrays(cfg.data.name, root=cfg.data.root, image_size=int(spec.size),
+    load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
                 cache_dir=cfg.data.cache_dir, **options)
 
 

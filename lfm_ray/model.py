@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lfm_ray.data.preprocess import check_preprocessing
 from lfm_ray.errors import LfmError
 
 TINY_MODEL = "tiny"
@@ -45,11 +46,23 @@ _LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models()
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the model expects: square input size, per-channel mean and std (in [0, 1] units)."""
+    """What the model expects, from its open_clip preprocessing config: the square input size,
+    per-channel mean and std (in [0, 1] units), and how an image is brought to that size:
+    resize_mode (shortest, longest or squash, as open_clip defines them; see
+    lfm_ray/data/preprocess.py), interpolation (bicubic or bilinear) and fill_color (the
+    padding of 'longest'). Those three default to open_clip's own defaults (its PreprocessCfg),
+    which is what a model without them in its config gets from open_clip too."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
+
+    def __post_init__(self) -> None:
+        check_preprocessing(self.size, self.resize_mode, self.interpolation, self.fill_color,
+                            "ImageSpec")
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -331,17 +344,29 @@ def _quiet_build(random_init: bool) -> Iterator[None]:
 
 
 def _image_spec(model: nn.Module, name: str) -> ImageSpec:
+    """The model's own preprocessing config as an ImageSpec; what it leaves out is open_clip's
+    default (PreprocessCfg), as in open_clip's own transform."""
     import open_clip
+    from open_clip.transform import PreprocessCfg
 
     cfg = open_clip.get_model_preprocess_cfg(model)
-    size = cfg.get("size", 224)
+    default = PreprocessCfg()
+    size = cfg.get("size", default.size)
     if isinstance(size, (tuple, list)):
         if len(set(size)) != 1:
             raise LfmError(f"model {name} takes non-square {tuple(size)} images; lfm-ray "
                            "feeds square images only")
         size = size[0]
-    mean, std = cfg["mean"], cfg["std"]
-    return ImageSpec(int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    interpolation = cfg.get("interpolation") or default.interpolation
+    if interpolation == "random":  # a training-time choice; open_clip evaluates it as bicubic
+        interpolation = "bicubic"
+    resize_mode = cfg.get("resize_mode") or default.resize_mode
+    fill_color = cfg.get("fill_color", default.fill_color)
+    check_preprocessing(int(size), resize_mode, interpolation, fill_color,
+                        f"the preprocessing config of model {name}")
+    mean, std = cfg.get("mean", default.mean), cfg.get("std", default.std)
+    return ImageSpec(int(size), tuple(float(v) for v in mean), tuple(float(v) for v in std),
+                     resize_mode=resize_mode, interpolation=interpolation, fill_color=fill_color)
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -393,7 +418,7 @@ def text_features(clip_model: nn.Module, class_names: Sequence[str], templates: 
     if not class_names:
         raise LfmError("no class names to compute text features for")
     if not templates:
-        raise LfmError("no prompt templates; give at least one, e.g. 'a photo of a {}.'")
+        raise LfmError("no prompt templates; give at least one, e.g. 'a photo of a {}'")
     for template in templates:
         if "{}" not in template:
             raise LfmError(f"prompt template {template!r} has no '{{}}' for the class name")

@@ -101,7 +101,7 @@ class Run:
                                      info.device)
         data = cfg.data
         options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
-        arrays = load_arrays(data.name, root=data.root, image_size=int(self.spec.size),
+        arrays = load_arrays(data.name, root=data.root, image=self.spec,
                              cache_dir=data.cache_dir, **options)
         self.class_names = list(arrays.class_names)
         self.class_counts = [int(c) for c in arrays.class_counts]

@@ -519,14 +519,13 @@ def test_tsne_of_a_checkpoint(tmp_path, capsys):
     got = checkpoint_features(ckpt, ["0", "nine"], per_class=5)
     assert got["classes"] == [0, 9] and list(got["labels"]) == [0] * 5 + [9] * 5
     from lfm_ray.data import load_arrays
-
-    arrays = load_arrays("digits-lt", image_size=32, cache_dir=str(tmp_path / "cache"))
-    images, labels = arrays.split("test")
-    first = np.flatnonzero(np.asarray(labels) == 0)[:5]
-    x = torch.from_numpy(np.asarray(images)[first]).permute(0, 3, 1, 2).float() / 255
     from lfm_ray.model import build_clip
 
     _, spec = build_clip("tiny")
+    arrays = load_arrays("digits-lt", image=spec, cache_dir=str(tmp_path / "cache"))
+    images, labels = arrays.split("test")
+    first = np.flatnonzero(np.asarray(labels) == 0)[:5]
+    x = torch.from_numpy(np.asarray(images)[first]).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
     with torch.no_grad():
         direct = torch.nn.functional.normalize(model.proj(model.visual(x)), dim=-1).numpy()

@@ -3,6 +3,7 @@ on-disk format, determinism, the node cache, the `lfm-ray data` command, bad inp
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -13,8 +14,9 @@ from lfm_ray.cli import main
 from lfm_ray.data import (
     ArraySet, ImageList, build_dataset, load_arrays, long_tail_counts, options_for, shot_groups,
 )
-from lfm_ray.data.split_files import class_names
+from lfm_ray.data.split_files import class_names, places365_names
 from lfm_ray.errors import LfmError
+from lfm_ray.model import ImageSpec
 
 
 # ---- counts and groups ----------------------------------------------------------------------
@@ -72,7 +74,69 @@ def test_digits_lt_is_deterministic_for_a_seed():
 
 
 # ---- CIFAR pickles --------------------------------------------------------------------------
-def write_cifar10(root, per_class=60, test_per_class=5, seed=0):
+def py2_pickle(obj) -> bytes:
+    """obj as Python 2's cPickle wrote the official CIFAR files (protocol 2): str as 8-bit
+    strings, a uint8 array through numpy.core.multiarray._reconstruct with numpy 1's dtype
+    state. Handles what those files hold: dicts, lists, str, ints and 2-D uint8 arrays."""
+    import struct
+
+    def text(s):
+        raw = s.encode("latin1") if isinstance(s, str) else bytes(s)
+        return (b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + struct.pack("<I", len(raw))) + raw
+
+    def integer(n):
+        n = int(n)
+        if 0 <= n < 256:
+            return b"K" + bytes([n])
+        if 0 <= n < 65536:
+            return b"M" + struct.pack("<H", n)
+        return b"J" + struct.pack("<i", n)
+
+    def value(v):
+        if isinstance(v, dict):
+            return b"}(" + b"".join(value(k) + value(x) for k, x in v.items()) + b"u"
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e"
+        if isinstance(v, (str, bytes)):
+            return text(v)
+        if isinstance(v, np.ndarray):
+            assert v.dtype == np.uint8 and v.ndim == 2
+            dtype = (b"cnumpy\ndtype\n" + text("u1") + integer(0) + integer(1) + b"\x87R"
+                     + b"(" + integer(3) + text("|") + b"NNN" + integer(-1) + integer(-1)
+                     + integer(0) + b"tb")
+            return (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n"
+                    + integer(0) + b"\x85" + text("b") + b"\x87R"
+                    + b"(" + integer(1) + integer(v.shape[0]) + integer(v.shape[1]) + b"\x86"
+                    + dtype + b"\x89" + text(v.tobytes()) + b"tb")
+        return integer(v)
+
+    return b"\x80\x02" + value(obj) + b"."
+
+
+# How the files are written: "py2" as the official archive (8-bit string keys), "py3" re-pickled
+# under Python 3 with str keys (numpy 2 module paths; protocol 2 writes bytes via _codecs),
+# "py3-bytes-keys" as a Python 3 script that loaded them with encoding="bytes" writes them.
+KINDS = {
+    "py2": py2_pickle,
+    "py3": pickle.dumps,
+    "py3-protocol-2": lambda obj: pickle.dumps(obj, protocol=2),
+    "py3-protocol-5": lambda obj: pickle.dumps(obj, protocol=5),
+    "py3-bytes-keys": lambda obj: pickle.dumps(
+        {k.encode(): [x.encode() for x in v] if k.endswith("names") else v for k, v in obj.items()}),
+}
+
+
+def write_pickle(path, obj, kind="py2"):
+    path.write_bytes(KINDS[kind](obj))
+
+
+def read_pickle(path):
+    """A fabricated file's dict (str keys), read with the plain unpickler."""
+    obj = pickle.loads(path.read_bytes(), encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def write_cifar10(root, per_class=60, test_per_class=5, seed=0, kind="py2"):
     rng = np.random.default_rng(seed)
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -80,34 +144,48 @@ def write_cifar10(root, per_class=60, test_per_class=5, seed=0):
     rng.shuffle(labels)
     chunks = np.array_split(np.arange(len(labels)), 5)
     for i, idx in enumerate(chunks, start=1):
-        batch = {b"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
-                 b"labels": labels[idx].tolist(), b"batch_label": b"training batch"}
-        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+        write_pickle(base / f"data_batch_{i}", {
+            "batch_label": "training batch %d of 5" % i, "labels": labels[idx].tolist(),
+            "data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8)}, kind)
     test_labels = np.repeat(np.arange(10), test_per_class)
-    test = {b"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8),
-            b"labels": test_labels.tolist()}
-    (base / "test_batch").write_bytes(pickle.dumps(test))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
-    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    write_pickle(base / "test_batch", {
+        "labels": test_labels.tolist(),
+        "data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8)}, kind)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    write_pickle(base / "batches.meta", {"label_names": names, "num_vis": 3072}, kind)
     return base
 
 
-def write_cifar100(root, per_class=30):
+def write_cifar100(root, per_class=30, kind="py2"):
     rng = np.random.default_rng(1)
     base = root / "cifar-100-python"
     base.mkdir(parents=True)
     labels = np.repeat(np.arange(100), per_class)
-    (base / "train").write_bytes(pickle.dumps({
-        b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-        b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}))
+    write_pickle(base / "train", {
+        "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+        "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist()}, kind)
     test = np.repeat(np.arange(100), 2)
-    (base / "test").write_bytes(pickle.dumps({
-        b"data": rng.integers(0, 256, (len(test), 3072), dtype=np.uint8),
-        b"fine_labels": test.tolist()}))
-    names = [f"class_{k}".encode() for k in range(100)]
-    names[1] = b"aquarium_fish"
-    (base / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}))
+    write_pickle(base / "test", {
+        "data": rng.integers(0, 256, (len(test), 3072), dtype=np.uint8),
+        "fine_labels": test.tolist()}, kind)
+    names = [f"class_{k}" for k in range(100)]
+    names[1] = "aquarium_fish"
+    write_pickle(base / "meta", {"fine_label_names": names}, kind)
+
+
+def test_the_python_2_fabrication_is_a_valid_pickle(tmp_path):
+    """py2_pickle's bytes load with the plain unpickler to the very arrays (so the reader's
+    tests below read a real pickle), and name numpy 1's module path as the archive does."""
+    import pickletools
+
+    data = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    raw = py2_pickle({"data": data, "labels": [0, 300, 70000], "batch_label": "b"})
+    assert pickle.loads(raw, encoding="bytes")[b"labels"] == [0, 300, 70000]
+    loaded = pickle.loads(raw, encoding="latin1")
+    assert loaded["data"].dtype == np.uint8 and np.array_equal(loaded["data"], data)
+    names = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"]
+    assert names == ["numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"]
 
 
 def test_cifar10_lt_from_the_python_pickles(tmp_path):
@@ -117,12 +195,30 @@ def test_cifar10_lt_from_the_python_pickles(tmp_path):
     assert ds.train_images.shape[1:] == (32, 32, 3) and ds.train_images.dtype == np.uint8
     assert len(ds.test_labels) == 50
     # The channel-first rows of the pickle become HWC images.
-    raw = pickle.loads((base / "test_batch").read_bytes())
-    assert np.array_equal(ds.test_images[0], raw[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    raw = read_pickle(base / "test_batch")
+    assert np.array_equal(ds.test_images[0], raw["data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert ds.test_labels.tolist() == raw["labels"]
     again = build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
     other = build_dataset("cifar10-lt", tmp_path, imbalance_factor=10, seed=1)
     assert np.array_equal(ds.train_images, again.train_images)
     assert not np.array_equal(ds.train_images, other.train_images)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "py2"])
+def test_re_pickled_cifar_files_load_to_the_same_arrays(tmp_path, kind):
+    write_cifar10(tmp_path / "official")
+    write_cifar10(tmp_path / "other", kind=kind)
+    if kind.startswith("py3-protocol") or kind == "py3":
+        assert b"numpy._core" in (tmp_path / "other/cifar-10-batches-py/test_batch").read_bytes()
+    a = build_dataset("cifar10-lt", tmp_path / "official", imbalance_factor=10)
+    b = build_dataset("cifar10-lt", tmp_path / "other", imbalance_factor=10)
+    assert a.class_names == b.class_names and a.class_names[1] == "automobile"
+    for split in ("train", "test"):
+        (ia, la), (ib, lb) = a.split(split), b.split(split)
+        assert np.array_equal(ia, ib) and np.array_equal(la, lb) and lb.dtype == np.int64
+    write_cifar100(tmp_path / "c100", kind=kind)
+    assert build_dataset("cifar100-lt", tmp_path / "c100", imbalance_factor=10).class_names[1] \
+        == "aquarium fish"
 
 
 def test_cifar100_lt_readable_names(tmp_path):
@@ -130,6 +226,82 @@ def test_cifar100_lt_readable_names(tmp_path):
     ds = build_dataset("cifar100-lt", tmp_path, imbalance_factor=10)
     assert ds.class_names[1] == "aquarium fish"
     assert ds.num_classes == 100 and ds.class_counts[0] == 30
+
+
+class RunsCode:
+    """Pickles to a call of `target(*args)`: what a crafted file does while it loads."""
+
+    def __init__(self, target, *args):
+        self.target, self.args = target, args
+
+    def __reduce__(self):
+        return self.target, self.args
+
+
+def payloads(marker):
+    import builtins
+    import os
+
+    return {
+        "os.system": RunsCode(os.system, f"touch {marker}"),
+        "builtins.exec": RunsCode(builtins.exec, f"open({str(marker)!r}, 'w').write('ran')"),
+        "builtins.open": RunsCode(builtins.open, str(marker), "w"),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "builtins.open"])
+@pytest.mark.parametrize("file,protocol", [("data_batch_2", 2), ("batches.meta", 5),
+                                           ("test_batch", 4)])
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, payload, file, protocol):
+    base = write_cifar10(tmp_path / "root")
+    marker = tmp_path / "ran"
+    crafted = read_pickle(base / file)
+    crafted["labels" if "labels" in crafted else "label_names"] = payloads(marker)[payload]
+    (base / file).write_bytes(pickle.dumps(crafted, protocol=protocol))
+    # The name the pickle holds: os.system is posix.system, open is io.open, and protocol 2
+    # writes builtins under its Python 2 name.
+    module = {"os.system": r"(posix|nt)\.system", "builtins.exec": r"(builtins|__builtin__)\.exec",
+              "builtins.open": r"io\.open"}[payload]
+    with pytest.raises(LfmError, match=f"{base / file} is refused: it names {module}, which a "
+                                       "CIFAR python file never holds"):
+        build_dataset("cifar10-lt", tmp_path / "root", imbalance_factor=10)
+    assert not marker.exists()
+    # The same file through the plain unpickler does run it: the test's payload is live.
+    pickle.loads((base / file).read_bytes())
+    assert marker.exists()
+
+
+def test_malformed_cifar_files_are_refused_naming_the_file(tmp_path):
+    base = write_cifar10(tmp_path)
+
+    def refused(needle):
+        with pytest.raises(LfmError, match=needle):
+            build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
+
+    write_pickle(base / "batches.meta", ["airplane", "automobile"])
+    refused(f"{base / 'batches.meta'} holds a list, not the dict of a CIFAR python file")
+    write_pickle(base / "batches.meta", {"num_vis": 3072})
+    refused(f"{base / 'batches.meta'} has no list of class names under 'label_names'")
+    write_cifar10(tmp_path / "fresh")
+    (base / "batches.meta").write_bytes((tmp_path / "fresh/cifar-10-batches-py/batches.meta").read_bytes())
+
+    batch = read_pickle(base / "data_batch_3")
+    good = dict(batch)
+    write_pickle(base / "data_batch_3", {**batch, "data": batch["data"][:, :3000].copy()})
+    refused(f"{base / 'data_batch_3'}: 'data' rows are 3000 bytes long; a CIFAR image is 3072")
+    write_pickle(base / "data_batch_3", {**batch, "data": [[0] * 3072]})
+    refused(f"{base / 'data_batch_3'}: 'data' is a list; a CIFAR batch holds a uint8 array")
+    write_pickle(base / "data_batch_3", good)
+
+    test = read_pickle(base / "test_batch")
+    write_pickle(base / "test_batch", {**test, "labels": test["labels"][:-1]})
+    refused(f"{base / 'test_batch'} holds 50 images but 49 labels in 'labels'")
+    write_pickle(base / "test_batch", {**test, "labels": test["labels"] + [3]})
+    refused(f"{base / 'test_batch'} holds 50 images but 51 labels in 'labels'")
+    write_pickle(base / "test_batch", {"labels": test["labels"]})
+    refused(f"{base / 'test_batch'} has no 'data' key")
+    (base / "test_batch").write_bytes(b"\x80\x02}q\x00(X")  # cut short
+    refused(f"{base / 'test_batch'} is not a CIFAR python pickle")
 
 
 def test_cifar_missing_files_say_how_to_get_them(tmp_path):
@@ -149,9 +321,9 @@ def test_a_class_left_empty_is_an_error(tmp_path):
 
 def test_cifar_labels_out_of_range_and_no_root(tmp_path):
     base = write_cifar10(tmp_path)
-    batch = pickle.loads((base / "data_batch_2").read_bytes())
-    batch[b"labels"][0] = 10
-    (base / "data_batch_2").write_bytes(pickle.dumps(batch))
+    batch = read_pickle(base / "data_batch_2")
+    batch["labels"][0] = 10
+    write_pickle(base / "data_batch_2", batch)
     with pytest.raises(LfmError, match="labels range over 0..10, but batches.meta names 10"):
         build_dataset("cifar10-lt", tmp_path, imbalance_factor=10)
     with pytest.raises(LfmError, match="cifar100-lt needs a data root"):
@@ -246,10 +418,42 @@ def test_split_files_in_a_subfolder_of_the_root(tmp_path):
 
 
 def test_shipped_class_names():
-    imagenet, places = class_names("imagenet.txt"), class_names("places.txt")
-    assert len(imagenet) == 1000 and len(places) == 365
-    assert imagenet[0] == "tench" and places[0] == "airfield"
-    assert all("_" not in n for n in places)
+    imagenet, places = class_names("imagenet-lt"), class_names("places-lt")
+    assert len(imagenet) == 1000 and imagenet[0] == "tench"
+    # Places-LT: a name for each of the 365 classes, from the shipped official category list.
+    assert len(places) == len(set(places)) == 365 and all(places)
+    assert all("_" not in n and "/" not in n and n == n.strip() for n in places)
+    with pytest.raises(LfmError, match="unknown split-file data set 'places.txt'"):
+        class_names("places.txt")
+
+
+def test_places_names_follow_the_rule():
+    """Drop the leading '/<letter>/', read '/' and '_' as spaces; the list's own spelling
+    stays. Spot checks of lines the rule changes, the names written out by hand."""
+    places = class_names("places-lt")
+    expected = {
+        0: "airfield",                          # /a/airfield 0
+        8: "apartment building outdoor",        # /a/apartment_building/outdoor 8
+        13: "archaelogical excavation",         # /a/archaelogical_excavation 13
+        22: "artists loft",                     # /a/artists_loft 22
+        31: "bakery shop",                      # /b/bakery/shop 31
+        89: "childs room",                      # /c/childs_room 89
+        116: "desert sand",                     # /d/desert/sand 116
+        313: "stadium football",                # /s/stadium/football 313
+        342: "underwater ocean deep",           # /u/underwater/ocean_deep 342
+        364: "zen garden",                      # /z/zen_garden 364
+    }
+    assert {k: places[k] for k in expected} == expected
+
+
+def test_places_names_are_in_index_order_and_bad_lines_are_refused():
+    lines = ["/b/bakery/shop 1", "/a/apartment_building/outdoor 2", "/a/airfield 0"]
+    assert places365_names("\n".join(lines) + "\n") == [
+        "airfield", "bakery shop", "apartment building outdoor"]
+    with pytest.raises(LfmError, match="line 2: expected '/<letter>/<category> <index>'"):
+        places365_names("/a/airfield 0\nairfield 1")
+    with pytest.raises(LfmError, match="indices are not 0..N-1"):
+        places365_names("/a/airfield 0\n/a/alley 2")
 
 
 # ---- folder -------------------------------------------------------------------------------
@@ -318,12 +522,138 @@ def test_load_arrays_builds_once_and_memory_maps(tmp_path):
     assert np.array_equal(a.train_images, build_dataset("digits-lt", seed=0).train_images)
 
 
+def spec(size=16, resize_mode="shortest", interpolation="bicubic", fill_color=0,
+         mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28)):
+    return ImageSpec(size, mean, std, resize_mode=resize_mode, interpolation=interpolation,
+                     fill_color=fill_color)
+
+
 def test_load_arrays_resizes_lazy_sets_once(tmp_path):
     write_split_set(tmp_path / "data")
-    a = load_arrays("imagenet-lt", root=tmp_path / "data", image_size=16, cache_dir=tmp_path / "c")
+    a = load_arrays("imagenet-lt", root=tmp_path / "data", image=spec(16), cache_dir=tmp_path / "c")
     assert a.train_images.shape == (1006, 16, 16, 3) and a.val_images.shape == (3, 16, 16, 3)
-    with pytest.raises(LfmError, match="image_size"):
+    with pytest.raises(LfmError, match="give image= \\(the model's ImageSpec"):
         load_arrays("imagenet-lt", root=tmp_path / "data", cache_dir=tmp_path / "c2")
+    with pytest.raises(TypeError, match="image= takes the model's ImageSpec"):
+        load_arrays("imagenet-lt", root=tmp_path / "data", image=16, cache_dir=tmp_path / "c3")
+
+
+def write_mixed_images(root):
+    """A folder set of non-square (and one square, one small) JPEGs and PNGs in the colour
+    modes real data sets hold: RGB, greyscale, RGBA, palette."""
+    rng = np.random.default_rng(7)
+
+    def picture(w, h, channels=3):
+        y, x = np.mgrid[:h, :w]  # smooth shapes plus noise, like a photograph's detail
+        base = np.stack([(x * 255 / w), (y * 255 / h), ((x + y) * 127 / (w + h))], -1)
+        noise = rng.normal(0, 25, (h, w, 3))
+        return np.clip(base + noise, 0, 255).astype(np.uint8)[..., :channels].squeeze()
+
+    files = {
+        "train/ant/wide.jpg": Image.fromarray(picture(37, 23)),
+        "train/ant/tall.png": Image.fromarray(picture(20, 41)),
+        "train/ant/grey.png": Image.fromarray(picture(30, 18, 1), mode="L"),
+        "train/bee/alpha.png": Image.fromarray(np.dstack([picture(19, 33), picture(19, 33, 1)]), "RGBA"),
+        "train/bee/palette.png": Image.fromarray(picture(50, 30)).convert("P", palette=Image.ADAPTIVE),
+        "train/bee/square.jpg": Image.fromarray(picture(24, 24)),
+        "train/bee/small.jpg": Image.fromarray(picture(11, 15)),
+        "test/ant/0.jpg": Image.fromarray(picture(40, 25)),
+        "test/bee/0.png": Image.fromarray(picture(25, 40)),
+    }
+    for rel, im in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.save(root / rel)
+
+
+def open_clip_pixels(path, image):
+    """open_clip's own evaluation transform for `image`, up to (not including) ToTensor."""
+    import itertools
+
+    import open_clip
+    from torchvision.transforms import ToTensor
+
+    transform = open_clip.image_transform(
+        image.size, is_train=False, mean=image.mean, std=image.std,
+        resize_mode=image.resize_mode, interpolation=image.interpolation,
+        fill_color=image.fill_color)
+    steps = list(itertools.takewhile(lambda t: not isinstance(t, ToTensor), transform.transforms))
+    assert 0 < len(steps) == len(transform.transforms) - 2  # all but ToTensor and Normalize
+    with Image.open(path) as im:
+        for step in steps:
+            im = step(im)
+        return np.asarray(im)
+
+
+@pytest.mark.parametrize("resize_mode,interpolation,fill_color", [
+    ("shortest", "bicubic", 0), ("shortest", "bilinear", 0), ("longest", "bicubic", 0),
+    ("longest", "bilinear", 200), ("squash", "bicubic", 0), ("squash", "bilinear", 0),
+])
+def test_cached_images_are_open_clips_preprocessing(tmp_path, resize_mode, interpolation,
+                                                    fill_color):
+    """Every cached image equals open_clip's preprocessing of its file before ToTensor and
+    Normalize, to the uint8 (tolerance 0)."""
+    write_mixed_images(tmp_path / "data")
+    image = spec(24, resize_mode, interpolation, fill_color)
+    arrays = load_arrays("folder", root=tmp_path / "data", image=image, cache_dir=tmp_path / "c")
+    ds = build_dataset("folder", tmp_path / "data")
+    for split in ("train", "test"):
+        cached, paths = arrays.split(split)[0], ds.split(split)[0].paths
+        assert cached.shape == (len(paths), 24, 24, 3)
+        for i, path in enumerate(paths):
+            assert np.array_equal(cached[i], open_clip_pixels(path, image)), path
+    meta = json.loads(next((tmp_path / "c").glob("folder-*/meta.json")).read_text())
+    assert meta["preprocessing"] == {"size": 24, "resize_mode": resize_mode,
+                                     "interpolation": interpolation, "fill_color": fill_color}
+
+
+def test_the_resize_mode_decides_the_pixels(tmp_path):
+    """The centre crop keeps the middle of a wide image at its own aspect; a squash does not;
+    'longest' pads it with the fill colour above and below."""
+    write_mixed_images(tmp_path / "data")
+    ds = build_dataset("folder", tmp_path / "data")
+    wide = ds.train_images.paths.index(str(tmp_path / "data/train/ant/wide.jpg"))
+    got = {mode: load_arrays("folder", root=tmp_path / "data", cache_dir=tmp_path / "c",
+                             image=spec(24, mode, fill_color=9)).train_images[wide]
+           for mode in ("shortest", "longest", "squash")}
+    assert not np.array_equal(got["shortest"], got["squash"])
+    # 37 × 23 → longest side 24: 24 × round(23 · 24 / 37) = 24 × 15, padded by 4 above, 5 below.
+    assert (got["longest"][:4] == 9).all() and (got["longest"][-5:] == 9).all()
+    assert not (got["longest"][4:-5] == 9).all()
+    assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 3
+
+
+def test_cache_keys_on_the_preprocessing_not_on_mean_and_std(tmp_path, monkeypatch):
+    import lfm_ray.data.cache as cache
+
+    def folders():
+        return sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+    load_arrays("digits-lt", image=spec(16), cache_dir=tmp_path)
+    load_arrays("digits-lt", image=spec(16, mean=(0.5,) * 3, std=(0.5,) * 3), cache_dir=tmp_path)
+    assert len(folders()) == 1
+    load_arrays("digits-lt", image=spec(16, interpolation="bilinear"), cache_dir=tmp_path)
+    load_arrays("digits-lt", image=spec(16, resize_mode="squash"), cache_dir=tmp_path)
+    load_arrays("digits-lt", image=spec(16, resize_mode="longest", fill_color=3), cache_dir=tmp_path)
+    assert len(folders()) == 4
+    # The format is part of the key, so a cache of an older format (squashed) is never reused.
+    key = cache.cache_key("digits-lt", None, spec(16), {"seed": 0})
+    monkeypatch.setattr(cache, "CACHE_FORMAT", cache.CACHE_FORMAT - 1)
+    assert cache.cache_key("digits-lt", None, spec(16), {"seed": 0}) != key
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_in_memory_sets_are_stored_resized_as_torchvision_resizes(tmp_path, interpolation):
+    """digits (8 px, square) pre-resized into the cache: torchvision's Resize of each image as
+    a PIL image, which is what open_clip's transform does to it (tolerance 0)."""
+    from torchvision.transforms import InterpolationMode, Resize
+
+    arrays = load_arrays("digits-lt", image=spec(32, interpolation=interpolation),
+                         cache_dir=tmp_path)
+    native = build_dataset("digits-lt").test_images
+    resize = Resize(32, interpolation=InterpolationMode(interpolation))
+    want = np.stack([np.asarray(resize(Image.fromarray(im))) for im in native])
+    assert arrays.test_images.shape == (500, 32, 32, 3)
+    assert np.array_equal(arrays.test_images, want)
 
 
 def test_load_arrays_keys_on_resolved_options(tmp_path):
@@ -370,7 +700,7 @@ def test_a_bad_image_stops_the_cache_build_and_leaves_nothing(tmp_path):
     write_folder(tmp_path / "data")
     (tmp_path / "data" / "test" / "red-fox" / "1.png").write_bytes(b"truncated")
     with pytest.raises(LfmError, match="cannot read image .*red-fox/1.png"):
-        load_arrays("folder", root=tmp_path / "data", image_size=8, cache_dir=tmp_path / "c")
+        load_arrays("folder", root=tmp_path / "data", image=spec(8), cache_dir=tmp_path / "c")
     assert not [p for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")]
 
 

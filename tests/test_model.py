@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lfm_ray.model
 from lfm_ray.config import ModelConfig
 from lfm_ray.errors import LfmError
-from lfm_ray.model import LFMClassifier, build_classifier, build_clip, text_features
+from lfm_ray.model import ImageSpec, LFMClassifier, build_classifier, build_clip, text_features
 
 OTHER_MEAN, OTHER_STD = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
 
@@ -99,6 +99,19 @@ def test_text_features_are_the_normalised_prompt_ensemble(tiny, monkeypatch):
     assert torch.allclose(text_features(model, names, templates), got, atol=1e-6)
 
 
+def test_the_default_prompt_is_the_authors(tiny):
+    """ModelConfig's default template gives the features of "a photo of a {name}" (no full
+    stop), the prompt of the LFM authors' code."""
+    model, _ = tiny
+    names = ["airfield", "sea lion"]
+    got = text_features(model, names, ModelConfig().templates)
+    with torch.no_grad():
+        want = F.normalize(model.encode_text(model.lfm_tokenizer(
+            [f"a photo of a {n}" for n in names])).float(), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, text_features(model, names, ["a photo of a {}."]), atol=1e-4)
+
+
 def test_bad_templates_and_class_names(tiny):
     model, _ = tiny
     with pytest.raises(LfmError, match="'a photo' has no"):
@@ -146,6 +159,40 @@ def test_build_classifier_keeps_the_image_tower_and_text_features_only():
     assert clf(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
     tops = {k.split(".")[0] for k in clf.state_dict()}
     assert tops == {"visual", "proj", "text_features"}  # no text tower
+
+
+def test_image_spec_follows_the_models_preprocessing_config(tiny, monkeypatch):
+    """Resize mode, interpolation and fill colour come from the model's open_clip config;
+    what it leaves out is open_clip's default, as in open_clip's own transform."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    model, spec = tiny
+    default = PreprocessCfg()
+    assert (spec.resize_mode, spec.interpolation, spec.fill_color) == (
+        default.resize_mode, default.interpolation, default.fill_color)
+    assert ImageSpec(32, spec.mean, spec.std) == spec  # ImageSpec's defaults are open_clip's
+
+    def config(cfg):
+        monkeypatch.setattr(open_clip, "get_model_preprocess_cfg", lambda m: dict(cfg))
+        return lfm_ray.model._image_spec(model, "m")
+
+    full = {"size": (32, 32), "mean": OTHER_MEAN, "std": OTHER_STD, "interpolation": "bilinear",
+            "resize_mode": "squash", "fill_color": 5}
+    assert config(full) == ImageSpec(32, OTHER_MEAN, OTHER_STD, "squash", "bilinear", 5)
+    # 'random' is a training-time choice; open_clip evaluates it as bicubic.
+    assert config({**full, "interpolation": "random"}).interpolation == "bicubic"
+    legacy = config({"size": 224, "mean": OTHER_MEAN, "std": OTHER_STD})  # older models' attributes
+    assert legacy == ImageSpec(224, OTHER_MEAN, OTHER_STD, default.resize_mode,
+                               default.interpolation, default.fill_color)
+    with pytest.raises(LfmError, match="the preprocessing config of model m: resize_mode 'crop' "
+                                       "is not valid; expected one of shortest, longest, squash"):
+        config({**full, "resize_mode": "crop"})
+    with pytest.raises(LfmError, match="interpolation 'lanczos' is not valid; expected one of "
+                                       "bicubic, bilinear"):
+        config({**full, "interpolation": "lanczos"})
+    with pytest.raises(LfmError, match="ImageSpec: fill_color 300 is not valid"):
+        ImageSpec(32, OTHER_MEAN, OTHER_STD, fill_color=300)
 
 
 def test_unknown_model_and_tag_fail_fast_and_list_the_known_ones(no_network):
@@ -232,13 +279,15 @@ def test_a_pretrained_tag_loads_from_open_clips_cache_without_network(tmp_path, 
 def test_an_hf_hub_model_loads_from_the_cache_without_network(tmp_path, tiny, never_probe):
     model, _ = tiny
     config = {"model_cfg": json.loads(files("lfm_ray").joinpath("model_configs/tiny.json").read_text()),
-              "preprocess_cfg": {"mean": list(OTHER_MEAN), "std": list(OTHER_STD)}}
+              "preprocess_cfg": {"mean": list(OTHER_MEAN), "std": list(OTHER_STD),
+                                 "resize_mode": "longest", "interpolation": "bilinear"}}
     stage_in_hub_cache(tmp_path, "lfm-test/tiny-hub", {
         "open_clip_config.json": json.dumps(config).encode(),
         "open_clip_pytorch_model.bin": state_bytes(model, tmp_path)})
     loaded, spec = build_clip("hf-hub:lfm-test/tiny-hub", cache_dir=str(tmp_path))
     assert_same_weights(model, loaded)
-    assert spec == lfm_ray.model.ImageSpec(32, OTHER_MEAN, OTHER_STD)
+    assert spec == ImageSpec(32, OTHER_MEAN, OTHER_STD, resize_mode="longest",
+                             interpolation="bilinear")
     names = ["cat", "dog"]
     assert torch.allclose(text_features(loaded, names, ["a {}."]),
                           text_features(model, names, ["a {}."]), atol=1e-6)

@@ -145,11 +145,12 @@ def test_pre_resized_cache_gives_the_logits_of_the_batch_resize(tmp_path):
     plain path (resize each batch in float) to within uint8 rounding."""
     from lfm_ray.augment import BatchBuilder
     from lfm_ray.data import build_dataset, load_arrays
-    from lfm_ray.model import build_classifier
+    from lfm_ray.model import build_classifier, build_clip
     from lfm_ray.config import ModelConfig
 
     native = build_dataset("digits-lt").test_images[:64]
-    cached = load_arrays("digits-lt", image_size=32, cache_dir=tmp_path, seed=0).test_images[:64]
+    cached = load_arrays("digits-lt", image=build_clip("tiny")[1], cache_dir=tmp_path,
+                         seed=0).test_images[:64]
     assert native.shape[1:3] == (8, 8) and cached.shape[1:3] == (32, 32)
     torch.manual_seed(0)
     model, spec = build_classifier(ModelConfig(), [str(i) for i in range(10)], 30.0)

@@ -103,7 +103,7 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
         torch.manual_seed(cfg.runtime.seed)
         clip, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, dev)
     data = cfg.data
-    arrays = load_arrays(data.name, root=data.root, image_size=int(spec.size),
+    arrays = load_arrays(data.name, root=data.root, image=spec,
                          cache_dir=data.cache_dir,
                          **options_for(data.name, seed=data.seed,
                                        imbalance_factor=data.imbalance_factor))

@@ -10,17 +10,15 @@ import numpy as np
 from lfm_ray.errors import LfmError
 
 
-def decode_image(path: str, size: int | None = None) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of one image file, bicubic-resized to size × size when given."""
+def decode_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of one image file at its own size (the node cache stores images
+    as the model's preprocessing gives them: lfm_ray.data.preprocess)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                im = im.resize((size, size), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as exc:  # missing, truncated or not an image
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, bad, too big
         raise LfmError(f"cannot read image {path}: {exc}") from None
 
 

@@ -15,23 +15,60 @@ from pathlib import Path
 import numpy as np
 
 from lfm_ray.data.base import ImageList, LongTailDataset
-from lfm_ray.errors import LfmError
+from lfm_ray.errors import LfmError, unknown_name
 
 OLTR = "https://github.com/zhmiao/OpenLongTailRecognition-OLTR"
 SPLIT_SETS = {
-    # name: (file prefix, class-name file, number of classes, where to get the split files)
-    "imagenet-lt": ("ImageNet_LT", "imagenet.txt", 1000,
+    # name: (file prefix, number of classes, where to get the split files)
+    "imagenet-lt": ("ImageNet_LT", 1000,
                     f"the split files from {OLTR} and the ILSVRC-2012 images from "
                     "https://image-net.org"),
-    "places-lt": ("Places_LT", "places.txt", 365,
+    "places-lt": ("Places_LT", 365,
                   f"the split files from {OLTR} and the Places365-Standard images from "
                   "http://places2.csail.mit.edu"),
 }
+# The official Places365 category list, shipped unchanged (MIT licence):
+# https://github.com/CSAILVision/places365/blob/master/categories_places365.txt
+PLACES365_CATEGORIES = "categories_places365.txt"
 
 
-def class_names(file_name: str) -> list[str]:
-    text = files("lfm_ray.data").joinpath("classnames", file_name).read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def _package_text(file_name: str) -> str:
+    return files("lfm_ray.data").joinpath("classnames", file_name).read_text()
+
+
+def places365_names(categories: str) -> list[str]:
+    """Class names from the Places365 category list, by the rule of the LFM authors' names.
+
+    Each line is '/<letter>/<category>[/<sub-category>] <index>'. The name is the path
+    without its leading '/<letter>/', with every '/' and '_' read as a space:
+    '/a/apartment_building/outdoor 8' gives 'apartment building outdoor', '/b/bakery/shop 31'
+    'bakery shop'. The list's own spelling is kept ('archaelogical excavation'). Names are
+    returned in index order.
+    """
+    by_index: dict[int, str] = {}
+    for number, line in enumerate(categories.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0].count("/") < 2 \
+                or not parts[0].startswith("/"):
+            raise LfmError(f"Places365 category list, line {number}: expected "
+                           f"'/<letter>/<category> <index>', got {line!r}")
+        path, index = parts
+        by_index[int(index)] = path.split("/", 2)[2].replace("/", " ").replace("_", " ")
+    if sorted(by_index) != list(range(len(by_index))):
+        raise LfmError("Places365 category list: the indices are not 0..N-1, each once")
+    return [by_index[k] for k in range(len(by_index))]
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of 'imagenet-lt' (the shipped list, one per line, in label order) or
+    'places-lt' (derived from the Places365 category list)."""
+    if name == "places-lt":
+        return places365_names(_package_text(PLACES365_CATEGORIES))
+    if name == "imagenet-lt":
+        return [line.strip() for line in _package_text("imagenet.txt").splitlines() if line.strip()]
+    raise unknown_name("split-file data set", name, list(SPLIT_SETS))
 
 
 def _split_folders(root: Path, prefix: str) -> list[Path]:
@@ -75,7 +112,7 @@ def read_split_file(path: Path, root: Path, num_classes: int) -> tuple[list[str]
 
 
 def build_split_set(name: str, root=None) -> LongTailDataset:
-    prefix, names_file, num_classes, source = SPLIT_SETS[name]
+    prefix, num_classes, source = SPLIT_SETS[name]
     if root is None:
         raise LfmError(f"{name} needs a data root (--data-root) holding {prefix}_train.txt "
                        "and the images")
@@ -94,7 +131,7 @@ def build_split_set(name: str, root=None) -> LongTailDataset:
             raise LfmError(f"{name}: missing {root_path / f'{prefix}_{split}.txt'} (also looked "
                            f"in {looked}); get {source}")
         splits[split] = read_split_file(path, root_path, num_classes)
-    names = class_names(names_file)
+    names = class_names(name)
     val = splits.get("val")
     return LongTailDataset(
         name=name, class_names=names,

@@ -36,6 +36,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "tiny"                 # open_clip architecture, e.g. ViT-B-32; "tiny" for tests
     pretrained: str | None = None      # open_clip tag ("openai"), a weights file, or None
+    # prompt templates, {} the class name; several are averaged (an ensemble)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
     logit_scale: float | None = None   # s in z = s·cos; None: the loss's default (LOGIT_SCALE)
     cache_dir: str | None = None       # where open_clip caches weights; None: its default
@@ -48,8 +49,8 @@ class StageConfig:
     min_lr: float = 1e-5               # cosine annealing ends here
     alpha: float = 1.0                 # label-shift strength α (paper Eq. 2), >= 0
     tau: float = 0.05                  # local-sampling temperature τ (paper Eq. 1), > 0
-    beta: float | None = None          # λ ~ Beta(beta, beta), > 0; None: the method's own
-                                       # law (MIX_BETA); a set β applies to any method
+    # λ ~ Beta(beta, beta), > 0; None: the mixing method's own law (MIX_BETA)
+    beta: float | None = None
 
 
 @dataclass
@@ -57,10 +58,10 @@ class MixConfig:
     method: str = "lfm"                # none | mixup | remix | cutmix | lfm | concutmix
     remix_kappa: float = 3.0           # Remix κ (count ratio threshold)
     remix_tau: float = 0.5             # Remix τ_r (mixing-ratio threshold)
-    # ConCutMix (target ρ·ŷ_sem + (1 − ρ)·ỹ_area, ρ = ω·log(λN_a + (1 − λ)N_b) / Σ_k log N_k).
-    # None: the data set's setting in CONCUTMIX_SETTINGS.
-    concutmix_omega: float | None = None   # ω, >= 0
-    concutmix_topk: int | None = None      # k nearest class centres in ŷ_sem, >= 1
+    # ConCutMix's target is ρ·ŷ_sem + (1 − ρ)·ỹ_area, ρ = ω·log(λN_a + (1 − λ)N_b) / Σ_k log N_k;
+    # None below: the data set's setting in CONCUTMIX_SETTINGS.
+    concutmix_omega: float | None = None   # ConCutMix ω (scales ρ), >= 0
+    concutmix_topk: int | None = None      # ConCutMix k nearest class centres in ŷ_sem, >= 1
     concutmix_prob: float = 0.5            # probability that a batch is cut-mixed at all
     concutmix_warmup: float | None = None  # fraction of a stage's epochs with ỹ_area alone
 
@@ -126,7 +127,7 @@ class RuntimeConfig:
     batch_size: int = 32               # global batch (images per optimiser step, all workers)
     eval_batch_size: int = 256         # per worker
     num_workers: int = 1               # Ray Train workers (DDP ranks)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0       # CPUs each worker (or in-process trial) holds
     gpus_per_worker: float = 0.0       # fractions pack several one-worker trials on a GPU
     seed: int = 0                      # training seed (init, shuffling, mixing draws)
     zero_shot: bool = False            # evaluate the text classifier only, no training
@@ -555,11 +556,14 @@ def field_docs() -> dict[str, dict[str, Any]]:
     defaults = RunConfig().to_dict()
     out: dict[str, dict[str, Any]] = {}
     for section, cls in SECTIONS.items():
-        comments = {}
+        comments, above = {}, ""
         for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-            if m:
-                comments[m.group(1)] = m.group(2).strip()
+            m = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+            if line.strip().startswith("#"):
+                above = line.strip().lstrip("#").strip()  # a comment on the line above
+            elif m:
+                comments[m.group(1)] = (m.group(2) or above).strip()
+                above = ""
         for f in dataclasses.fields(cls):
             dotted = f"{section}.{f.name}"
             out[dotted] = {"type": str(f.type), "default": defaults[section][f.name],

@@ -237,7 +237,8 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
             write_plan(path, study, plan)
             points = rerun.new_points if rerun.kind == "extend" else None
             tuner = tune.Tuner(trainable, param_space=param_space(study, points),
-                               tune_config=_tune_config(study, slots), run_config=run_config)
+                               tune_config=_tune_config(study, slots, points),
+                               run_config=run_config)
         else:
             banner(f"resuming experiment {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
@@ -266,15 +267,20 @@ def write_plan(experiment_path: str, study: Study, plan: TrialPlan) -> None:
         "mode": study.mode, "search": study.search})
 
 
-def _tune_config(study: Study, slots: int):
-    alg, sched = search_alg(study), scheduler(study)
-    own_metric = alg is None and sched is None  # else they carry the metric themselves
+def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None = None):
+    alg, sched = search_alg(study, points, slots), scheduler(study)
+    if study.search == "grid":
+        samples = len(points if points is not None else study.grid_points())
+    else:
+        samples = study.num_samples
     return tune.TuneConfig(
         search_alg=alg, scheduler=sched,
-        metric=study.metric if own_metric else None,
-        mode=study.mode if own_metric else None,
-        num_samples=study.num_samples if study.search != "grid" else 1,
-        max_concurrent_trials=slots,
+        # The basic generator and no scheduler carry no metric; Tune's "best trial" line
+        # then follows the study's own.
+        metric=study.metric if study.search == "grid" and sched is None else None,
+        mode=study.mode if study.search == "grid" and sched is None else None,
+        num_samples=samples,
+        max_concurrent_trials=None if study.search == "grid" else slots,
         trial_name_creator=TrialNamer(study.name),
         trial_dirname_creator=TrialNamer(study.name, folder=True),
         # A trial driver is reused by the next trial: its Ray process and imports

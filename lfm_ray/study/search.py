@@ -14,14 +14,22 @@ OPTUNA_DB = "optuna.db"  # the default Optuna storage, beside the study's Tune e
 
 
 def param_space(study: Study, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Tune's param_space: the trials' swept values under "params", nothing else.
+    """Tune's param_space: the trials' swept values under "params" (and a grid point's index).
 
     A grid study lists its trials explicitly (`points`, default every grid point crossed
     with the seeds), so extending a study runs exactly the points it lacks."""
     from ray import tune
 
     if study.search == "grid":
-        return {"params": tune.grid_search(points if points is not None else study.grid_points())}
+        # Each swept parameter is its own column in Tune's table; the trials themselves are
+        # exactly the grid's points (grid_points), given to the searcher (see search_alg).
+        points = points if points is not None else study.grid_points()
+        values: dict[str, list[Any]] = {}
+        for point in points:
+            for key, value in point.items():
+                if value not in values.setdefault(key, []):
+                    values[key].append(value)
+        return {"params": {k: tune.choice(v) for k, v in values.items()}}
     if study.search == "random":
         params: dict[str, Any] = random_space(study)
         if len(study.seeds) > 1:
@@ -78,7 +86,16 @@ def check_optuna_storage(url: str | None) -> None:
         check_storage(str(folder), "--optuna-storage folder")
 
 
-def search_alg(study: Study):
+def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: int = 0):
+    """Optuna for an Optuna study; for a grid, Tune's basic generator running exactly the
+    listed points (every grid point crossed with the seeds, or an extension's new ones), at
+    most `slots` at once (Tune's max_concurrent_trials does not reach this generator)."""
+    if study.search == "grid":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        points = points if points is not None else study.grid_points()
+        return BasicVariantGenerator(points_to_evaluate=[{"params": p} for p in points],
+                                     max_concurrent=slots)
     if study.search != "optuna":
         return None
     import optuna

@@ -1,0 +1,224 @@
+"""One configuration path for every entry point: the layer order, presets per data set, exact
+flags, --dry-run, fast --help (no Ray here; the study reruns are in test_study_rerun.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lfm_ray.cli import main
+from lfm_ray.commands.run_flags import SHORT_NAMES, new_parser
+from lfm_ray.commands.study_flags import ScriptPlan, add_study_flags, study_from_args
+from lfm_ray.config import (
+    CHOICES, PRESETS, SMOKE, ConfigLayers, RunConfig, field_docs, known_fields, read_config_file,
+)
+from lfm_ray.errors import LfmError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---- the layers --------------------------------------------------------------------------------
+def test_each_layer_overrides_the_ones_below_it():
+    layers = ConfigLayers(
+        preset="cifar100-lt",
+        file={"stage1.lr": 0.1, "stage1.epochs": 7, "stage2.lr": 0.2, "mix.tau": 0.3},
+        fixed={"stage1.epochs": 8, "mix.tau": 0.4},
+        smoke={"stage1.epochs": 1, "runtime.max_steps_per_epoch": 3},
+        flags={"runtime.max_steps_per_epoch": 5},
+    )
+    cfg = layers.resolve()
+    assert cfg.stage2.epochs == PRESETS["cifar100-lt"]["stage2.epochs"]  # the preset
+    assert cfg.stage1.lr == 0.1 and cfg.stage2.lr == 0.2                 # the file
+    assert cfg.stage1.tau == cfg.stage2.tau == 0.4                        # the script's own
+    assert cfg.stage1.epochs == 1                                         # --smoke
+    assert cfg.runtime.max_steps_per_epoch == 5                           # flags
+    assert cfg.model.name == "ViT-B-32"                                   # preset, untouched
+
+
+def test_a_file_value_equal_to_a_default_is_kept(tmp_path):
+    """The reported case: preset cifar100-lt + a YAML setting stage1.epochs 20 and lr 0.002
+    (the built-in defaults) ran with the preset's 50 and 1e-6."""
+    assert RunConfig().stage1.epochs == 20 and RunConfig().stage1.lr == 0.002
+    path = write_yaml(tmp_path / "run.yaml", "stage1:\n  epochs: 20\n  lr: 0.002\n")
+    cfg = ConfigLayers(preset="cifar100-lt", file=read_config_file(path)).resolve()
+    assert (cfg.stage1.epochs, cfg.stage1.lr) == (20, 0.002)
+    assert cfg.stage2.lr == PRESETS["cifar100-lt"]["stage2.lr"]
+
+
+def test_a_paper_data_set_takes_its_preset_unless_none():
+    auto = ConfigLayers(flags={"data.name": "cifar10-lt"}).resolve()
+    assert (auto.stage1.lr, auto.model.name) == (1e-9, "ViT-B-32")
+    off = ConfigLayers(preset="none", flags={"data.name": "cifar10-lt"}).resolve()
+    assert off.stage1.lr == RunConfig().stage1.lr and off.model.name == "tiny"
+    assert ConfigLayers().resolve() == RunConfig()  # digits-lt: no preset
+    with pytest.raises(LfmError, match="unknown preset 'mnist'"):
+        ConfigLayers(preset="mnist").resolve()
+
+
+def test_study_scripts_carry_the_papers_backbone_on_cifar100():
+    on = {"data.name": "cifar100-lt"}
+    assert ConfigLayers(flags=on, study="alpha_sweep").resolve().model.name == "RN50"
+    assert ConfigLayers(flags=on, study="tau_sweep").resolve().model.name == "ViT-B-16"
+    assert ConfigLayers(flags=on, study="mixup_comparison").resolve().model.name == "ViT-B-16"
+    assert ConfigLayers(flags=on, study="loss_comparison").resolve().model.name == "ViT-B-32"
+    # A flag still wins over the preset's backbone.
+    flags = {**on, "model.name": "ViT-L-14"}
+    assert ConfigLayers(flags=flags, study="alpha_sweep").resolve().model.name == "ViT-L-14"
+
+
+def test_a_study_over_several_data_sets_gives_each_its_own_preset(tmp_path):
+    import optuna_search
+
+    parser = new_parser()
+    add_study_flags(parser, default_name="s")
+    args = parser.parse_args(["--dataset", "cifar10-lt", "--dataset", "cifar100-lt",
+                              "--data-root", str(tmp_path), "--stage2.epochs", "3"])
+    study = study_from_args(args, optuna_search.declare(args), script="optuna_search")
+    assert study.space["data.name"].choices == ("cifar10-lt", "cifar100-lt")
+    c10 = study.config_for({"data.name": "cifar10-lt"})
+    c100 = study.config_for({"data.name": "cifar100-lt"})
+    assert (c10.stage1.lr, c100.stage1.lr) == (1e-9, 1e-6)      # each its own preset
+    assert c10.stage2.epochs == c100.stage2.epochs == 3          # the flag on top of both
+    assert c10.mix.method == c100.mix.method == "lfm"            # the script's own setting
+    assert set(study.base_configs()) == {"cifar10-lt", "cifar100-lt"}
+
+
+def test_smoke_and_fixed_settings_of_a_script(tmp_path):
+    import alpha_sweep
+
+    parser = new_parser()
+    add_study_flags(parser, default_name="a")
+    path = write_yaml(tmp_path / "f.yaml", "mix:\n  tau: 0.9\nstage1:\n  epochs: 12\n")
+    args = parser.parse_args(["--config", str(path), "--smoke", "--stage2.epochs", "2"])
+    study = study_from_args(args, alpha_sweep.declare(args), script="alpha_sweep")
+    assert study.base.stage1.tau == 0.05            # alpha_sweep's τ over the file's
+    assert study.base.stage1.epochs == SMOKE["stage1.epochs"]
+    assert study.base.stage2.epochs == 2
+    assert study.grid == {"mix.alpha": [0.0, 1.0]}
+
+
+# ---- flags ---------------------------------------------------------------------------------------
+def test_every_field_has_a_dotted_flag_with_type_default_and_unit():
+    parser = new_parser()
+    add_study_flags(parser)
+    text = parser.format_help()
+    docs = field_docs()
+    assert set(docs) == set(known_fields())
+    for dotted, doc in docs.items():
+        assert f"--{dotted} " in text, dotted
+        assert doc["help"], f"{dotted} has no comment in config.py to serve as its help"
+    assert "default 0.002" in text and "Adam learning rate" in text
+    args = parser.parse_args(["--mix.tau", "0.05", "--tau", "0.05"])  # both spellings work
+    assert vars(args)["set:mix.tau"] == "0.05"
+
+
+def test_choices_follow_the_registries():
+    from lfm_ray.data import DATASETS
+    from lfm_ray.losses import LOSSES
+    from lfm_ray.mixing import MIXERS
+
+    assert set(CHOICES["data.name"]) == set(DATASETS)
+    assert set(CHOICES["loss.name"]) == set(LOSSES)
+    assert set(CHOICES["mix.method"]) == set(MIXERS)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--stage1.epoch", "3"], "unrecognized arguments: --stage1.epoch"),
+    (["--tau", "0.1", "--mix.tau", "0.2"], "--tau '0.1' and --mix.tau '0.2' disagree"),
+    (["--dataset", "digits-lt", "--dataset", "cifar10-lt"], "a run trains on one data set"),
+    (["--stage1.lr", "inf"], "stage1.lr='inf' is not valid"),
+    (["--data.imbalance_factor", "nan"], "data.imbalance_factor='nan' is not valid"),
+])
+def test_inexact_flags_are_refused(tmp_path, capsys, flags, needle):
+    assert main(["train", "--dry-run", "--output", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_json_true_is_not_an_integer(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"runtime": {"batch_size": True}}))
+    with pytest.raises(LfmError, match="runtime.batch_size=True is not valid"):
+        read_config_file(path)
+
+
+# ---- --dry-run -----------------------------------------------------------------------------------
+def test_train_dry_run_prints_the_resolved_config_alone(tmp_path, capsys):
+    path = write_yaml(tmp_path / "run.yaml", "stage1:\n  epochs: 20\n  lr: 0.002\n")
+    code = main(["train", "--dry-run", "--preset", "cifar100-lt", "--config", str(path),
+                 "--dataset", "digits-lt", "--model", "tiny", "--model.pretrained", "null",
+                 "--loss", "mms", "--output", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert code == 0
+    cfg = json.loads(captured.out)  # stdout holds the JSON and nothing else
+    assert (cfg["stage1"]["epochs"], cfg["stage1"]["lr"]) == (20, 0.002)
+    assert cfg["stage2"]["lr"] == PRESETS["cifar100-lt"]["stage2.lr"]
+    assert cfg["loss"]["name"] == "mms" and cfg["data"]["name"] == "digits-lt"
+    assert "preset cifar100-lt" in captured.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    import tau_sweep
+
+    code = tau_sweep.main(["--dry-run", "--smoke", "--seeds", "0,1,2",
+                           "--storage-path", str(tmp_path / "ray"),
+                           "--results-dir", str(tmp_path / "results")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = json.loads(captured.out)
+    assert plan["action"] == "new" and plan["trials"] == 2 * 3
+    assert plan["grid"] == {"mix.tau": [0.002, 0.01]} and plan["seeds"] == [0, 1, 2]
+    assert plan["base_configs"]["digits-lt"]["stage1"]["epochs"] == 1
+    assert plan["base_configs"]["digits-lt"]["mix"]["method"] == "lfm"
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "results").exists()
+
+
+def test_dry_run_checks_the_data_and_weights(tmp_path, capsys):
+    code = main(["train", "--dry-run", "--dataset", "cifar10-lt", "--preset", "none",
+                 "--data-root", str(tmp_path / "missing")])
+    assert code == 2
+    assert "data root" in capsys.readouterr().err
+
+
+# ---- speed of --help -------------------------------------------------------------------------------
+def test_script_help_imports_nothing_heavy():
+    code = ("import sys; sys.argv = ['tau_sweep.py', '--help']\n"
+            "import runpy\n"
+            "try:\n    runpy.run_path('studies/tau_sweep.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'pandas', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--stage1.lr" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_short_names_are_aliases_of_real_fields():
+    fields = set(known_fields())
+    assert all(dotted in fields for dotted in SHORT_NAMES.values())
+
+
+def test_script_plans_are_plain():
+    import imbalance_sweep
+    import loss_comparison
+    import mixup_comparison
+    import tau_sweep
+
+    for module in (tau_sweep, loss_comparison, mixup_comparison, imbalance_sweep):
+        parser = new_parser()
+        add_study_flags(parser)
+        plan = module.declare(parser.parse_args([]))
+        assert isinstance(plan, ScriptPlan) and plan.grid
+    assert tau_sweep.TAUS == [0.002, 0.01, 0.05, 0.25, 1.25, 6.25, 31.25]

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -105,17 +106,29 @@ def check_names(cfg: RunConfig) -> None:
     check_model_name(cfg.model.name, cfg.model.pretrained)
 
 
-def prepare_node(cfg: RunConfig) -> None:
+def prepare_node(cfg: RunConfig):
     """Load the model once (fails at once on missing weights) and build this node's data
-    cache (fails at once on missing data), so trials start on a warm cache."""
+    cache (fails at once on missing data), so trials start on a warm cache. Returns the
+    cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
     from lfm_ray.data import load_arrays, options_for
     from lfm_ray.model import build_clip
 
     _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
-    load_arrays(cfg.data.name, root=cfg.data.root, image_size=int(spec.size),
-                cache_dir=cfg.data.cache_dir, **options)
+    return load_arrays(cfg.data.name, root=cfg.data.root, image_size=int(spec.size),
+                       cache_dir=cfg.data.cache_dir, **options)
+
+
+def check_selection_split(cfg: RunConfig, arrays) -> str:
+    """The split this run selects on ('val' or 'test'), from the prepared data set's splits
+    (`prepare_node`'s result); `data.selection_split = val` on a data set without a val
+    split is one LfmError here, in the driver, before Ray starts. Where the driver has not
+    prepared the data (a cluster), the workers raise the same error."""
+    from lfm_ray.train import resolve_selection_split
+
+    return resolve_selection_split(cfg.data.selection_split,
+                                   getattr(arrays, "val_images", None) is not None, cfg.data.name)
 
 
 def is_local(address: str | None) -> bool:
@@ -242,23 +255,46 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None) -> dict[str, Any]:
-    """Run one training on Ray and write config.json, history.csv and metrics.json to `output`."""
+def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None,
+            stage1_from: str | os.PathLike | None = None,
+            stop_after_stage1: bool = False) -> dict[str, Any]:
+    """Run one training on Ray and write config.json, history.csv, metrics.json and (where
+    the run keeps one) confusion.npz to `output`.
+
+    `stage1_from`: the checkpoint directory of a completed stage 1 whose config has this
+    run's stage1_key; only stage 2 trains, from it (checked here before Ray starts).
+    `stop_after_stage1`: train stage 1 only; its final checkpoint is what branches start from.
+    """
+    from lfm_ray.stage1 import load_stage1
+
     cfg.validate()
     check_names(cfg)
+    if stage1_from is not None and stop_after_stage1:
+        raise LfmError("stage1_from and stop_after_stage1 together would train nothing; "
+                       "give one of them")
+    extra: dict[str, Any] = {}
+    if stage1_from is not None:
+        stage1_from = str(Path(stage1_from).resolve())
+        load_stage1(cfg, stage1_from)
+        extra["stage1_from"] = stage1_from
+    if stop_after_stage1:
+        if cfg.stage1.epochs < 1 or cfg.runtime.zero_shot:
+            raise LfmError("stop_after_stage1 needs a stage 1 to train (stage1.epochs >= 1, "
+                           "not zero-shot)")
+        extra["stop_after_stage1"] = True
     out = Path(output).resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
     if is_local(address):
-        prepare_node(cfg)
+        check_selection_split(cfg, prepare_node(cfg))
     init_ray(address)
     check_resources(cfg)
     (out / "config.json").write_text(cfg.to_json())
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
-    trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"))
+    trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), extra=extra)
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's own error
@@ -266,14 +302,20 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         if isinstance(inner, LfmError):
             raise inner from None
         raise
-    final, rows = final_result(result.checkpoint)
+    final, rows = final_result(result.checkpoint, copy_to=out)
+    # Where the final checkpoint is: what a branch's stage1_from names after a
+    # stop_after_stage1 run, and what `lfm-ray report --tsne` reads.
+    final["checkpoint_path"] = result.checkpoint.path
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
 
 
-def final_result(checkpoint) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(final metrics with per-class accuracy, every epoch's metrics) from the last checkpoint."""
+def final_result(checkpoint, copy_to: Path | None = None
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(final metrics with per-class accuracy, every epoch's metrics) from the last
+    checkpoint; with `copy_to`, its confusion.npz is copied there (or a stale one removed)."""
+    from lfm_ray.confusion import CONFUSION_FILE
     from lfm_ray.train import HISTORY_FILE, RESULT_FILE
 
     if checkpoint is None:
@@ -282,6 +324,14 @@ def final_result(checkpoint) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         final = json.loads((Path(d) / RESULT_FILE).read_text())
         hist = Path(d) / HISTORY_FILE
         rows = json.loads(hist.read_text()) if hist.is_file() else [final]
+        if copy_to is not None:
+            source, target = Path(d) / CONFUSION_FILE, Path(copy_to) / CONFUSION_FILE
+            if source.is_file():
+                tmp = target.with_suffix(".tmp.npz")
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            elif target.exists():
+                target.unlink()  # from an earlier run in this folder
     return final, rows
 
 

@@ -294,6 +294,14 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     (out / "config.json").write_text(cfg.to_json())
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
+    if cfg.runtime.num_workers == 0:
+        # Ray Train's local mode keeps no checkpoints of its own: they go to a folder of
+        # the run's, and a rerun resumes from the last one there.
+        keep = out / "checkpoints"
+        extra["checkpoint_dir"] = str(keep)
+        done = sorted(keep.glob("epoch_*")) if keep.is_dir() else []
+        if done:
+            extra["resume_from"] = str(done[-1])
     trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), extra=extra)
     try:
         result = trainer.fit()

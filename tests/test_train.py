@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,3 +400,55 @@ def test_a_branch_refuses_a_stage_1_that_is_not_its_own(tmp_path):
     with pytest.raises(LfmError, match="holds no state.pt"):
         load_stage1(base, tmp_path)
     assert load_stage1(base, tmp_path / "full" / "epoch_0001")["epoch"] == 1
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    from lfm_ray.launch import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_lfm_ray_train_files_for_a_shared_stage_1_and_its_branch(tmp_path, ray_instance):
+    """fit_run (what `lfm-ray train` runs): a stage-1-only run, then a branch from its final
+    checkpoint; metrics.json, history.csv, confusion.npz and the table use the new names."""
+    import csv
+
+    from lfm_ray import confusion
+    from lfm_ray.commands.train import format_table
+    from lfm_ray.launch import fit_run
+    from lfm_ray.stage1 import stage1_key
+
+    # Ray Train's local mode (no worker group): the files are what is tested here.
+    base = small_config(tmp_path, **{"stage1.epochs": 2, "stage2.epochs": 2,
+                                     "runtime.num_workers": 0})
+    first = fit_run(base, tmp_path / "s1", stop_after_stage1=True)
+    assert first["epoch"] == 2 and first["test_epoch"] == 2 and first["stage"] == 1
+    branch_cfg = base.copy().override({"stage2.alpha": 0.5})
+    final = fit_run(branch_cfg, tmp_path / "branch", stage1_from=first["checkpoint_path"])
+    saved = json.loads((tmp_path / "branch" / "metrics.json").read_text())
+    assert saved["epoch"] == 4 and saved["test_epoch"] == 4 and saved["selection_split"] == "test"
+    assert saved["stage1_from"] == str(Path(first["checkpoint_path"]).resolve())
+    assert saved["stage1_key"] == stage1_key(base) == stage1_key(branch_cfg)
+    assert len(saved["per_class_acc"]) == 10 and 0.0 <= saved["acc_all"] <= 1.0
+    assert saved["acc_all"] == final["acc_all"]
+    rows = list(csv.DictReader((tmp_path / "branch" / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # stage 1's epochs from the shared run
+    assert [int(r["test_epoch"]) for r in rows] == [1, 2, 3, 4]  # selected on test: every epoch
+    stage1_rows = list(csv.DictReader((tmp_path / "s1" / "history.csv").open()))
+    for ours, theirs in zip(rows[:2], stage1_rows):
+        assert ours["acc_all"] == theirs["acc_all"] and ours["train_loss"] == theirs["train_loss"]
+    counts = confusion.read(tmp_path / "branch")
+    assert counts["epoch"] == 4 and counts["counts"].sum() == 500  # digits-lt's test images
+    assert np.trace(counts["counts"]) / 500 == pytest.approx(saved["acc_all"])
+    table = format_table(saved)
+    assert "selected on test" in table and f"{100 * saved['acc_all']:6.2f}%" in table
+    from lfm_ray.errors import LfmError
+
+    with pytest.raises(LfmError, match="stage-1 key"):
+        fit_run(base.copy().override({"runtime.seed": 1}), tmp_path / "x",
+                stage1_from=first["checkpoint_path"])

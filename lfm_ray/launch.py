@@ -274,7 +274,8 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
                        "give one of them")
     extra: dict[str, Any] = {}
     if stage1_from is not None:
-        stage1_from = str(Path(stage1_from).resolve())
+        if "://" not in str(stage1_from):
+            stage1_from = str(Path(stage1_from).resolve())
         load_stage1(cfg, stage1_from)
         extra["stage1_from"] = stage1_from
     if stop_after_stage1:

@@ -91,29 +91,46 @@ def load_stage1(cfg: RunConfig, checkpoint_dir: str | os.PathLike,
 
     The checkpoint must be the last epoch of stage 1 (a `stop_after_stage1` run's final
     checkpoint, or that epoch's checkpoint of a full run), and the config stored in it must
-    have this run's stage1_key.
+    have this run's stage1_key. `checkpoint_dir` is a local (or shared) folder, or a URI a
+    Ray checkpoint can be read from (s3://, gs://, file://): a study's storage path.
     """
+    check_branch_config(cfg)
+    where = str(checkpoint_dir)
+    if "://" in where:
+        from ray.train import Checkpoint
+
+        try:
+            with Checkpoint(path=where).as_directory() as local:
+                return _checked(cfg, where, Path(local), map_location, mmap=False)
+        except LfmError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises assorted types
+            raise LfmError(f"stage1_from {where!r} cannot be read: {exc}") from None
+    # Memory-mapped: the driver's check reads the config, not the weights.
+    return _checked(cfg, where, Path(where), map_location, mmap=True)
+
+
+def _checked(cfg: RunConfig, where: str, folder: Path, map_location: Any,
+             mmap: bool) -> dict[str, Any]:
     import torch
 
     from lfm_ray.train import STATE_FILE
 
-    check_branch_config(cfg)
-    path = Path(checkpoint_dir) / STATE_FILE
+    path = folder / STATE_FILE
     if not path.is_file():
-        raise LfmError(f"stage1_from {str(checkpoint_dir)!r} holds no {STATE_FILE}; give the "
-                       "checkpoint directory of a completed stage 1")
-    # Memory-mapped: the driver's check reads the config, not the weights.
-    state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        raise LfmError(f"stage1_from {where!r} holds no {STATE_FILE}; give the checkpoint "
+                       "directory of a completed stage 1")
+    state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     stored = RunConfig.from_dict(state["config"])
     if int(state["stage"]) != 1 or int(state["epoch"]) != stored.stage1.epochs:
         raise LfmError(
-            f"stage1_from {str(checkpoint_dir)!r} holds epoch {state['epoch']} (stage "
-            f"{state['stage']}); a branch needs the checkpoint of a completed stage 1, epoch "
+            f"stage1_from {where!r} holds epoch {state['epoch']} (stage {state['stage']}); a "
+            f"branch needs the checkpoint of a completed stage 1, epoch "
             f"{stored.stage1.epochs} of stage 1")
     theirs, ours = stage1_key(stored), stage1_key(cfg)
     if theirs != ours:
         raise LfmError(
-            f"stage1_from {str(checkpoint_dir)!r} was trained with stage-1 key {theirs}, this "
-            f"run's stage-1 key is {ours}: its stage 1 is not this run's. They differ in "
+            f"stage1_from {where!r} was trained with stage-1 key {theirs}, this run's stage-1 "
+            f"key is {ours}: its stage 1 is not this run's. They differ in "
             f"{_differences(stored, cfg)}")
     return state

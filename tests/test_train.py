@@ -112,10 +112,17 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
 
 
 def test_zero_shot_reports_once_without_training(tmp_path):
+    from lfm_ray import confusion
+
     cfg = small_config(tmp_path, **{"runtime.zero_shot": True})
     result = fit_local(cfg, tmp_path / "zs")
     assert result.metrics["epoch"] == 0 and result.metrics["stage"] == 0
-    assert 0.0 <= result.metrics["acc_all"] <= 1.0
+    assert 0.0 <= result.metrics["acc_all"] <= 1.0 and result.metrics["test_epoch"] == 0
+    # The zero-shot confusion matrix (Fig. 7's right half) and P at the stage-1 τ.
+    saved = confusion.read(tmp_path / "zs" / "epoch_0000")
+    assert saved["epoch"] == 0 and saved["counts"].sum() == 500
+    assert np.trace(saved["counts"]) / 500 == pytest.approx(result.metrics["acc_all"])
+    assert saved["tau"] == cfg.stage1.tau and saved["sampling_matrix"].shape == (10, 10)
 
 
 def test_nan_loss_stops_with_the_epoch_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
@@ -276,14 +283,28 @@ def test_selection_on_val_every_epoch_and_test_at_the_end_of_each_stage(tmp_path
 def test_selection_on_test_evaluates_test_once_every_epoch(tmp_path, monkeypatch):
     from lfm_ray.train import VAL_METRIC_KEYS
 
-    cfg = small_config(tmp_path, **{"stage1.epochs": 2, "stage2.epochs": 1})
+    from lfm_ray import confusion
+
+    cfg = small_config(tmp_path, **{"stage1.epochs": 2, "stage2.epochs": 1,
+                                    "runtime.save_confusion": False})
     calls = count_evaluations(monkeypatch)
     fit_local(cfg, tmp_path / "ckpt")
     assert calls == ["test"] * 3
+    assert not list((tmp_path / "ckpt").rglob(confusion.CONFUSION_FILE))  # not asked for
     for e, r in results_by_epoch(tmp_path / "ckpt", range(1, 4)).items():
         assert r["selection_split"] == "test" and r["test_epoch"] == e
         assert not set(VAL_METRIC_KEYS) & set(r) and "val_per_class_acc" not in r
         assert 0.0 <= r["acc_all"] <= 1.0
+
+
+def test_confusion_is_kept_up_to_1000_classes_unless_asked():
+    from lfm_ray import confusion
+
+    assert confusion.wanted(None, 1000) and not confusion.wanted(None, 1001)
+    assert confusion.wanted(True, 8142) and not confusion.wanted(False, 10)
+    counts = torch.zeros((3, 3), dtype=torch.float64)
+    confusion.add_counts(counts, torch.tensor([0, 0, 2, 1, 0]), torch.tensor([0, 2, 2, 0, 0]))
+    assert counts.tolist() == [[2, 0, 1], [1, 0, 0], [0, 0, 1]]
 
 
 def test_resolving_the_selection_split():
@@ -400,6 +421,11 @@ def test_a_branch_refuses_a_stage_1_that_is_not_its_own(tmp_path):
     with pytest.raises(LfmError, match="holds no state.pt"):
         load_stage1(base, tmp_path)
     assert load_stage1(base, tmp_path / "full" / "epoch_0001")["epoch"] == 1
+    # A study's storage path may be a URI (s3://, gs://): read through a Ray checkpoint.
+    uri = (tmp_path / "full" / "epoch_0001").as_uri()
+    assert load_stage1(base, uri)["stage1_key"] == stage1_key(base)
+    with pytest.raises(LfmError, match="stage-1 key"):
+        load_stage1(other, uri)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ STAGE1_KEY_VERSION = 1
 
 # Fields that do not change stage 1's weights or the history it records, and why.
 NOT_STAGE1 = {
-    "data.cache_dir": "where the node image cache lives (its contents are keyed by the data fields)",
+    "data.cache_dir": "where the node image cache lives (its contents keyed by the data fields)",
     "model.cache_dir": "where open_clip caches weights",
     "runtime.eval_batch_size": "how many test images one forward pass takes",
     "runtime.cpus_per_worker": "Ray's CPU reservation",

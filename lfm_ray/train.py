@@ -494,7 +494,8 @@ def write_confusion(path: Path, run: Run, last_test: dict[str, Any]) -> None:
     """confusion.npz of the last test evaluation, when the run keeps one."""
     if last_test.get("confusion") is None:
         return
-    confusion.write(path / confusion.CONFUSION_FILE, last_test["confusion"].numpy(),
+    # .cpu(): a state restored with map_location on a GPU brings the counts there.
+    confusion.write(path / confusion.CONFUSION_FILE, last_test["confusion"].cpu().numpy(),
                     run.sampling_matrix().numpy(), class_names=run.class_names, split="test",
                     epoch=int(last_test["test_epoch"]), tau=run.cfg.stage1.tau)
 

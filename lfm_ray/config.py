@@ -28,8 +28,10 @@ class DataConfig:
     root: str | None = None            # data root on disk (not needed for digits-lt)
     imbalance_factor: float | None = None  # n_max / n_min; None: the data set's default
     seed: int = 0                      # picks the long-tailed subset (not the training seed)
-    eval_split: str = "test"           # split the per-epoch metrics are computed on
     cache_dir: str | None = None       # node-local uint8 image cache; None: ~/.cache/lfm-ray
+    # Split that model selection reads (val_acc_* every epoch): auto | val | test; auto: val
+    # where the data set has one, else test. Test (acc_*) is always the reported split.
+    selection_split: str = "auto"
 
 
 @dataclass
@@ -134,6 +136,9 @@ class RuntimeConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs; None: full epochs
     threads: int | None = None         # torch CPU threads per worker; None: cpus_per_worker
     compile: bool | None = None        # torch.compile the image tower; None: on GPUs only
+    # confusion.npz (C×C test counts and P) beside metrics.json and in checkpoints; None:
+    # only for data sets of at most confusion.MAX_CLASSES (1,000) classes
+    save_confusion: bool | None = None
 
 
 SECTIONS = {
@@ -157,6 +162,8 @@ REMOVED_FIELDS = {
     "mix.concutmix_weight": "ConCutMix's label is ρ·ŷ_sem + (1 − ρ)·ỹ_area with ρ set by "
                             "mix.concutmix_omega (and mix.concutmix_topk, mix.concutmix_prob, "
                             "mix.concutmix_warmup); it has no weight",
+    "data.eval_split": "runs select on data.selection_split (auto: val where the data set "
+                       "has one, else test) and always report the test split",
 }
 
 
@@ -300,8 +307,8 @@ class RunConfig:
         if self.data.imbalance_factor is not None:
             _check(self.data.imbalance_factor >= 1, "data.imbalance_factor",
                    self.data.imbalance_factor, "a number >= 1")
-        _check(self.data.eval_split in ("test", "val"), "data.eval_split",
-               self.data.eval_split, "'test' or 'val'")
+        _check(self.data.selection_split in ("auto", "val", "test"), "data.selection_split",
+               self.data.selection_split, "'auto', 'val' or 'test'")
         if self.model.logit_scale is not None:
             _check(self.model.logit_scale > 0, "model.logit_scale", self.model.logit_scale, "a number > 0")
         mix = self.mix

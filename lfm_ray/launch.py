@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -118,17 +119,29 @@ def check_names(cfg: RunConfig) -> None:
     check_model_name(cfg.model.name, cfg.model.pretrained)
 
 
-def prepare_node(cfg: RunConfig) -> None:
+def prepare_node(cfg: RunConfig):
     """Load the model once (fails at once on missing weights) and build this node's data
-    cache (fails at once on missing data), so trials start on a warm cache."""
+    cache (fails at once on missing data), so trials start on a warm cache. Returns the
+    cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
     from lfm_ray.data import load_arrays, options_for
     from lfm_ray.model import build_clip
 
     _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
-    load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
-                cache_dir=cfg.data.cache_dir, **options)
+    return load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
+                       cache_dir=cfg.data.cache_dir, **options)
+
+
+def check_selection_split(cfg: RunConfig, arrays) -> str:
+    """The split this run selects on ('val' or 'test'), from the prepared data set's splits
+    (`prepare_node`'s result); `data.selection_split = val` on a data set without a val
+    split is one LfmError here, in the driver, before Ray starts. Where the driver has not
+    prepared the data (a cluster), the workers raise the same error."""
+    from lfm_ray.train import resolve_selection_split
+
+    return resolve_selection_split(cfg.data.selection_split,
+                                   getattr(arrays, "val_images", None) is not None, cfg.data.name)
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -297,22 +310,43 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
 
 def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None,
             verbose: bool = False, announce: Callable[[], None] | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Run one training on Ray and write config.json, history.csv and metrics.json to `output`.
+            progress: bool = True, stage1_from: str | os.PathLike | None = None,
+            stop_after_stage1: bool = False) -> dict[str, Any]:
+    """Run one training on Ray and write config.json, history.csv, metrics.json and (where
+    the run keeps one) confusion.npz to `output`.
 
     `announce` is called once the inputs are checked, before training; `progress` draws a
-    bar per stage from the run's reports; `verbose` keeps Ray's own log lines."""
+    bar per stage from the run's reports; `verbose` keeps Ray's own log lines.
+    `stage1_from`: the checkpoint directory of a completed stage 1 whose config has this
+    run's stage1_key; only stage 2 trains, from it (checked here before Ray starts).
+    `stop_after_stage1`: train stage 1 only; its final checkpoint is what branches start from.
+    """
     from lfm_ray.progress import ProgressFeed
+    from lfm_ray.stage1 import load_stage1
 
     cfg.validate()
     check_names(cfg)
+    if stage1_from is not None and stop_after_stage1:
+        raise LfmError("stage1_from and stop_after_stage1 together would train nothing; "
+                       "give one of them")
+    extra: dict[str, Any] = {}
+    if stage1_from is not None:
+        if "://" not in str(stage1_from):
+            stage1_from = str(Path(stage1_from).resolve())
+        load_stage1(cfg, stage1_from)
+        extra["stage1_from"] = stage1_from
+    if stop_after_stage1:
+        if cfg.stage1.epochs < 1 or cfg.runtime.zero_shot:
+            raise LfmError("stop_after_stage1 needs a stage 1 to train (stage1.epochs >= 1, "
+                           "not zero-shot)")
+        extra["stop_after_stage1"] = True
     out = Path(output).resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
     if is_local(address):
-        prepare_node(cfg)
+        check_selection_split(cfg, prepare_node(cfg))
     if not verbose:
         quiet_ray_logs()
     init_ray(address, log_to_driver=verbose)
@@ -320,12 +354,21 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     if announce is not None:
         announce()
     (out / "config.json").write_text(cfg.to_json())
+    # Re-running with the same output resumes from the run's last checkpoint (Ray Train
+    # finds it under the same storage path and name).
+    if cfg.runtime.num_workers == 0:
+        # Ray Train's local mode keeps no checkpoints of its own: they go to a folder of
+        # the run's, and a rerun resumes from the last one there.
+        keep = out / "checkpoints"
+        extra["checkpoint_dir"] = str(keep)
+        done = sorted(keep.glob("epoch_*")) if keep.is_dir() else []
+        if done:
+            extra["resume_from"] = str(done[-1])
     feed = ProgressFeed(cfg) if progress else contextlib.nullcontext()
     try:
         with feed:
-            # Re-running with the same output resumes from the run's last checkpoint (Ray
-            # Train finds it under the same storage path and name).
-            extra = {"progress": feed.queue} if progress else {}
+            if progress:
+                extra["progress"] = feed.queue
             trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), extra=extra)
             result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's own error
@@ -333,14 +376,20 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         if isinstance(inner, LfmError):
             raise inner from None
         raise
-    final, rows = final_result(result.checkpoint)
+    final, rows = final_result(result.checkpoint, copy_to=out)
+    # Where the final checkpoint is: what a branch's stage1_from names after a
+    # stop_after_stage1 run, and what `lfm-ray report --tsne` reads.
+    final["checkpoint_path"] = result.checkpoint.path
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
 
 
-def final_result(checkpoint) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(final metrics with per-class accuracy, every epoch's metrics) from the last checkpoint."""
+def final_result(checkpoint, copy_to: Path | None = None
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(final metrics with per-class accuracy, every epoch's metrics) from the last
+    checkpoint; with `copy_to`, its confusion.npz is copied there (or a stale one removed)."""
+    from lfm_ray.confusion import CONFUSION_FILE
     from lfm_ray.train import HISTORY_FILE, RESULT_FILE
 
     if checkpoint is None:
@@ -349,6 +398,14 @@ def final_result(checkpoint) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         final = json.loads((Path(d) / RESULT_FILE).read_text())
         hist = Path(d) / HISTORY_FILE
         rows = json.loads(hist.read_text()) if hist.is_file() else [final]
+        if copy_to is not None:
+            source, target = Path(d) / CONFUSION_FILE, Path(copy_to) / CONFUSION_FILE
+            if source.is_file():
+                tmp = target.with_suffix(".tmp.npz")
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            elif target.exists():
+                target.unlink()  # from an earlier run in this folder
     return final, rows
 
 

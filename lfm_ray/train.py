@@ -2,8 +2,19 @@
 
 Stage 1 trains the image encoder F_I with W_I frozen at the identity; stage 2 freezes F_I
 (run without autograd) and trains only W_I. Each stage has its own Adam, cosine schedule,
-α, τ and Beta parameter. Every epoch every worker reports the same metric keys (`METRIC_KEYS`)
-with a checkpoint, so ASHA can stop a trial and a restarted run resumes from its last epoch.
+α, τ and Beta parameter. Every epoch every worker reports the same metric keys (`METRIC_KEYS`,
+and `VAL_METRIC_KEYS` where the run selects on val) with a checkpoint, so ASHA can stop a
+trial and a restarted run resumes from its last epoch.
+
+Two splits: the selection split (`data.selection_split`: val where the data set has one)
+is evaluated every epoch as `val_acc_*`, for model selection; the reported split, test, as
+`acc_*` at the end of each stage and of the run, and carried unchanged between (`test_epoch`
+says from which epoch; before stage 1 ends they are NaN and it is None). A trial stopped
+early therefore still carries test figures from its last completed stage. Where the
+selection split is test (no val), test is evaluated every epoch and there are no `val_*`.
+
+A run may train stage 1 only (`stop_after_stage1`) and others start stage 2 from its
+checkpoint (`stage1_from`, checked by `lfm_ray.stage1.load_stage1`): the paper's ablations.
 
 Randomness is drawn from generators seeded by (seed, epoch, rank), so a run resumed at an
 epoch boundary continues exactly as an uninterrupted one would.
@@ -27,16 +38,51 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lfm_ray import confusion
 from lfm_ray.augment import BatchBuilder, DeviceImages
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.patch_embed import patch_convs_as_matmul
+from lfm_ray.stage1 import load_stage1, stage1_key
 
-METRIC_KEYS = ("epoch", "stage", "train_loss", "acc_many", "acc_medium", "acc_few", "acc_all")
 GROUPS = ("many", "medium", "few")
+# Top-1 on the reported split (test), as fractions; `test_epoch` is the epoch they are from.
+ACCURACY_KEYS = ("acc_many", "acc_medium", "acc_few", "acc_all")
+# What every epoch of every run reports.
+METRIC_KEYS = ("epoch", "stage", "train_loss", *ACCURACY_KEYS, "test_epoch", "selection_split")
+# Reported as well, every epoch, by runs that select on the val split.
+VAL_METRIC_KEYS = tuple(f"val_{k}" for k in ACCURACY_KEYS)
+# The numeric figures a study may select or stop on.
+OBJECTIVE_KEYS = ("train_loss", *ACCURACY_KEYS, *VAL_METRIC_KEYS)
+SELECTION_SPLITS = ("auto", "val", "test")
 STATE_FILE = "state.pt"      # model, optimiser and scheduler state at the end of an epoch
 RESULT_FILE = "result.json"  # that epoch's metrics and per-class accuracy
 HISTORY_FILE = "history.json"  # every epoch's metrics so far, one dict per epoch
+
+
+def resolve_selection_split(requested: str, has_val: bool, dataset: str) -> str:
+    """'val' or 'test': `data.selection_split` for a data set with or without a val split."""
+    if requested not in SELECTION_SPLITS:
+        raise LfmError(f"data.selection_split={requested!r} is not valid; expected "
+                       "'auto', 'val' or 'test'")
+    if requested == "auto":
+        return "val" if has_val else "test"
+    if requested == "val" and not has_val:
+        raise LfmError(f"data.selection_split='val', but data set {dataset!r} has no "
+                       "validation split; use 'auto' or 'test' (select on test)")
+    return requested
+
+
+def metric_keys(selection_split: str) -> tuple[str, ...]:
+    """The keys every epoch of a run with this (resolved) selection split reports."""
+    return METRIC_KEYS + (VAL_METRIC_KEYS if selection_split == "val" else ())
+
+
+def selection_metric(metric: str, selection_split: str) -> str:
+    """The reported name of `metric` (acc_all, acc_few, ...) on the selection split."""
+    if metric in ACCURACY_KEYS and selection_split == "val":
+        return f"val_{metric}"
+    return metric
 
 
 # ---- workers ------------------------------------------------------------------------------
@@ -118,10 +164,17 @@ class Run:
 
         self.train_images = DeviceImages(arrays.train_images, info.device)
         self.train_labels = torch.as_tensor(np.asarray(arrays.train_labels), dtype=torch.long)
-        eval_images, eval_labels = arrays.split(data.eval_split)
-        self.eval_images = DeviceImages(eval_images, info.device)
-        self.eval_labels = torch.as_tensor(np.asarray(eval_labels), dtype=torch.long)
+        self.selection_split = resolve_selection_split(
+            data.selection_split, arrays.val_images is not None, data.name)
+        # Test is always there (the reported split); val only where selection reads it.
+        self.eval_sets: dict[str, tuple[DeviceImages, torch.Tensor]] = {}
+        for split in dict.fromkeys([self.selection_split, "test"]):
+            images, labels = arrays.split(split)
+            self.eval_sets[split] = (DeviceImages(images, info.device),
+                                     torch.as_tensor(np.asarray(labels), dtype=torch.long))
         self.groups = shot_groups(self.class_counts)
+        self.keep_confusion = confusion.wanted(cfg.runtime.save_confusion, self.num_classes)
+        self._sampling_matrix: torch.Tensor | None = None
         self.build = BatchBuilder(self.spec, info.device)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -141,26 +194,47 @@ class Run:
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        """Top-1 per class and per shot group on the evaluation split, summed over workers."""
+    def evaluate(self, split: str, with_confusion: bool = False) -> dict[str, Any]:
+        """Top-1 per class and per shot group on `split` ('val' or 'test'), summed over
+        workers; with `with_confusion` also the C×C counts (row: true, column: predicted)."""
         info, model = self.info, self.model
+        images, labels = self.eval_sets[split]
         model.eval()
-        correct = torch.zeros(self.num_classes, dtype=torch.float64)
-        total = torch.zeros(self.num_classes, dtype=torch.float64)
-        positions = torch.arange(info.rank, len(self.eval_images), info.world_size)
+        C = self.num_classes
+        correct = torch.zeros(C, dtype=torch.float64)
+        total = torch.zeros(C, dtype=torch.float64)
+        counts = torch.zeros((C, C), dtype=torch.float64) if with_confusion else None
+        positions = torch.arange(info.rank, len(images), info.world_size)
         bs = self.cfg.runtime.eval_batch_size
         for start in range(0, len(positions), bs):
             pos = positions[start:start + bs]
-            x = self.build(self.eval_images.gather(pos))
+            x = self.build(images.gather(pos))
             with self.autocast:
                 pred = model(x).argmax(dim=1).cpu()
-            y = self.eval_labels[pos]
-            total += torch.bincount(y, minlength=self.num_classes).double()
-            correct += torch.bincount(y[pred == y], minlength=self.num_classes).double()
+            y = labels[pos]
+            total += torch.bincount(y, minlength=C).double()
+            correct += torch.bincount(y[pred == y], minlength=C).double()
+            if counts is not None:
+                confusion.add_counts(counts, y, pred)
         if info.distributed:
             both = _all_reduce_sum(torch.stack([correct, total]).to(info.device), info).cpu()
             correct, total = both[0], both[1]
-        return accuracy_summary(correct, total, self.groups)
+            if counts is not None:
+                counts = _all_reduce_sum(counts.to(info.device), info).cpu()
+        out = accuracy_summary(correct, total, self.groups)
+        if counts is not None:
+            out["confusion"] = counts.round().long()
+        return out
+
+    def sampling_matrix(self) -> torch.Tensor:
+        """LFM's P at the run's stage-1 τ (saved beside the confusion matrix, Fig. 7), on
+        the CPU; computed once."""
+        if self._sampling_matrix is None:
+            from lfm_ray.mixing import local_sampling_matrix
+
+            self._sampling_matrix = local_sampling_matrix(
+                self.text_features.detach().cpu().float(), self.cfg.stage1.tau)
+        return self._sampling_matrix
 
 
 def compile_encoder(cfg: RunConfig, device: torch.device) -> bool:
@@ -344,9 +418,24 @@ def prepare_stage(run: Run, stage: Stage, steps: int):
 
 
 def progress_line(m: dict[str, Any], total: int) -> str:
-    return (f"epoch {m['epoch']}/{total} (stage {m['stage']}): loss {m['train_loss']:.4f}  "
-            f"acc many {m['acc_many']:.3f} medium {m['acc_medium']:.3f} few {m['acc_few']:.3f} "
-            f"all {m['acc_all']:.3f}  [{m['train_time_s']:.1f}s]")
+    """One line per epoch: the selection split's figures, then the test figures and the
+    epoch they are from (test every epoch where selection is on test)."""
+    def figures(prefix: str) -> str:
+        return (f"many {m[prefix + 'acc_many']:.3f} medium {m[prefix + 'acc_medium']:.3f} "
+                f"few {m[prefix + 'acc_few']:.3f} all {m[prefix + 'acc_all']:.3f}")
+
+    line = f"epoch {m['epoch']}/{total} (stage {m['stage']}): loss {m['train_loss']:.4f}  "
+    if m.get("selection_split") == "val":
+        line += f"val {figures('val_')}  "
+        if m.get("test_epoch") is None:
+            line += "test: at the end of stage 1  "
+        elif m["test_epoch"] == m["epoch"]:
+            line += f"test {figures('')}  "
+        else:
+            line += f"test (epoch {m['test_epoch']}) all {m['acc_all']:.3f}  "
+    else:
+        line += f"test {figures('')}  "
+    return line + f"[{m['train_time_s']:.1f}s]"
 
 
 def _progress(config: dict[str, Any], metrics: dict[str, Any], total: int) -> None:
@@ -367,8 +456,67 @@ def _node_id() -> str:
 
 
 # ---- checkpoints --------------------------------------------------------------------------
+def no_test(num_classes: int) -> dict[str, Any]:
+    """The test figures before the first test evaluation: NaN, from no epoch."""
+    nan = float("nan")
+    return {**{k: nan for k in ACCURACY_KEYS}, "per_class_acc": [nan] * num_classes,
+            "test_epoch": None, "confusion": None}
+
+
+def evaluate_epoch(run: Run, epoch: int, test_now: bool,
+                   last_test: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(this epoch's selection-split figures, the test figures carried from now on).
+
+    The selection split every epoch; test when `test_now` (a stage's or the run's end) or
+    when test is the selection split (then once, not twice)."""
+    if test_now or run.selection_split == "test":
+        last_test = {**run.evaluate("test", with_confusion=run.keep_confusion),
+                     "test_epoch": epoch}
+    selection: dict[str, Any] = {}
+    if run.selection_split == "val":
+        val = run.evaluate("val")
+        selection = {f"val_{k}": val[k] for k in ACCURACY_KEYS}
+        selection["val_per_class_acc"] = val["per_class_acc"]
+    return selection, last_test
+
+
+def epoch_metrics(run: Run, epoch: int, stage: int, loss: float, selection: dict[str, Any],
+                  last_test: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What one epoch reports: the same keys every epoch (`metric_keys`), then extras."""
+    return {"epoch": epoch, "stage": stage, "train_loss": loss,
+            **{k: last_test[k] for k in ACCURACY_KEYS}, "test_epoch": last_test["test_epoch"],
+            "selection_split": run.selection_split,
+            **{k: v for k, v in selection.items() if k in VAL_METRIC_KEYS},
+            **extra}
+
+
+def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],
+                  last_test: dict[str, Any], stage1_from: str | None) -> dict[str, Any]:
+    """result.json of a checkpoint (and `lfm-ray train`'s metrics.json): the epoch's
+    metrics, per-class accuracy on test (and on val), the classes, and where stage 1 is from."""
+    out = {**metrics, "per_class_acc": last_test["per_class_acc"]}
+    if "val_per_class_acc" in selection:
+        out["val_per_class_acc"] = selection["val_per_class_acc"]
+    out.update(run.class_info())
+    out["stage1_key"] = stage1_key(run.cfg)
+    if stage1_from is not None:
+        out["stage1_from"] = stage1_from
+    return out
+
+
+def write_confusion(path: Path, run: Run, last_test: dict[str, Any]) -> None:
+    """confusion.npz of the last test evaluation, when the run keeps one."""
+    if last_test.get("confusion") is None:
+        return
+    # .cpu(): a state restored with map_location on a GPU brings the counts there.
+    confusion.write(path / confusion.CONFUSION_FILE, last_test["confusion"].cpu().numpy(),
+                    run.sampling_matrix().numpy(), class_names=run.class_names, split="test",
+                    epoch=int(last_test["test_epoch"]), tau=run.cfg.stage1.tau)
+
+
 def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
-               result: dict[str, Any], history: list[dict[str, Any]]) -> None:
+               result: dict[str, Any], history: list[dict[str, Any]],
+               last_test: dict[str, Any]) -> None:
     state = {
         "epoch": epoch,
         "stage": stage.number,
@@ -377,12 +525,15 @@ def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "config": run.cfg.to_dict(),
+        "stage1_key": stage1_key(run.cfg),
         "train_time_total_s": result.get("train_time_total_s", 0.0),
         "history": history,
+        "last_test": last_test,  # carried into the epochs until the next test evaluation
     }
     torch.save(state, path / STATE_FILE)
     (path / RESULT_FILE).write_text(json.dumps(result))
     (path / HISTORY_FILE).write_text(json.dumps(history))
+    write_confusion(path, run, last_test)
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[str, Any]:
@@ -392,17 +543,22 @@ def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[
     return torch.load(path, map_location=device, weights_only=False)
 
 
-def _resume_state(config: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
-    """The checkpoint Ray hands back on a restart, else an explicit `resume_from` path."""
+def _start_state(config: dict[str, Any], cfg: RunConfig,
+                 device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
+    """(state to start from, the stage-1 checkpoint a branch starts from): the checkpoint
+    Ray hands back on a restart, else an explicit `resume_from`, else `stage1_from`."""
     import ray.train
 
     ckpt = None if config.get("report_to_tune") else ray.train.get_checkpoint()
+    branch = str(config["stage1_from"]) if config.get("stage1_from") else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return load_state(d, device)
+            return load_state(d, device), branch
     if config.get("resume_from"):
-        return load_state(config["resume_from"], device)
-    return None
+        return load_state(config["resume_from"], device), branch
+    if branch is not None:
+        return load_stage1(cfg, branch, map_location=device), branch
+    return None, None
 
 
 def _report(metrics: dict[str, Any], make_checkpoint: Callable[[Path], None] | None,
@@ -444,10 +600,12 @@ def _report(metrics: dict[str, Any], make_checkpoint: Callable[[Path], None] | N
 # ---- entry point --------------------------------------------------------------------------
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """TorchTrainer entry. `config["run"]` is a RunConfig dict; optional keys:
-    `resume_from` (a checkpoint directory), `checkpoint_dir` (keep checkpoints there, for
-    in-process runs), `report_to_tune` (a study trial in Ray Train's local mode: report to
-    the Tune trial itself), `stop_after_epoch` (end after that global epoch, for tests of
-    resume).
+    `resume_from` (a checkpoint directory), `stage1_from` (the checkpoint of a completed
+    stage 1 with this run's stage1_key: train stage 2 only, from it), `stop_after_stage1`
+    (train stage 1 only and end; its last checkpoint is what branches start from),
+    `checkpoint_dir` (keep checkpoints there, for in-process runs), `report_to_tune` (a
+    study trial in Ray Train's local mode: report to the Tune trial itself),
+    `stop_after_epoch` (end after that global epoch, for tests of resume).
     """
     # Ray Train logs every report and checkpoint at INFO; our own progress line says enough.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -459,32 +617,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     info = worker_info(cfg, in_tune_trial=to_tune)
     run = Run(cfg, info)
     if cfg.runtime.zero_shot:
-        result = run.evaluate()
-        metrics = {"epoch": 0, "stage": 0, "train_loss": float("nan"),
-                   **{k: result[k] for k in METRIC_KEYS[3:]},
-                   "train_time_s": 0.0, "train_time_total_s": 0.0, "node_id": _node_id()}
+        selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
+        metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,
+                                train_time_s=0.0, train_time_total_s=0.0, node_id=_node_id())
 
         def write_zero_shot(path: Path) -> None:
-            (path / RESULT_FILE).write_text(json.dumps({**metrics, **result, **run.class_info()}))
+            record = result_record(run, metrics, selection, last_test, None)
+            (path / RESULT_FILE).write_text(json.dumps(record))
             (path / HISTORY_FILE).write_text(json.dumps([metrics]))
+            write_confusion(path, run, last_test)
 
         _report(metrics, write_zero_shot, info, keep_dir, to_tune)
         return
 
     loss_fn = run.loss_fn()
-    state = _resume_state(config, info.device)
+    state, stage1_from = _start_state(config, cfg, info.device)
     done, train_time_total = 0, 0.0
     history: list[dict[str, Any]] = []
+    last_test = no_test(run.num_classes)
     if state is not None:
         run.model.visual.load_state_dict(state["visual"])
         run.model.proj.load_state_dict(state["proj"])
         done = int(state["epoch"])
         train_time_total = float(state.get("train_time_total_s", 0.0))
         history = list(state.get("history", []))
+        last_test = state.get("last_test") or last_test
     stop_after = config.get("stop_after_epoch")
+    plan = stage_plan(cfg)[:1] if config.get("stop_after_stage1") else stage_plan(cfg)
     steps, per_worker = steps_per_epoch(len(run.train_images), cfg, info.world_size)
     last_epoch = cfg.stage1.epochs + cfg.stage2.epochs
-    for stage in stage_plan(cfg):
+    for stage in plan:
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
             continue
@@ -498,19 +660,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                steps, per_worker)
             train_time = time.perf_counter() - start
             train_time_total += train_time
-            result = run.evaluate()
-            metrics = {"epoch": epoch, "stage": stage.number, "train_loss": loss,
-                       **{k: result[k] for k in METRIC_KEYS[3:]},
-                       "lr": sched.get_last_lr()[0], "train_time_s": train_time,
-                       "train_time_total_s": train_time_total, "node_id": _node_id()}
-
+            # Test at the end of every stage (the run ends with one).
+            selection, last_test = evaluate_epoch(run, epoch, epoch == last, last_test)
+            metrics = epoch_metrics(run, epoch, stage.number, loss, selection, last_test,
+                                    lr=sched.get_last_lr()[0], train_time_s=train_time,
+                                    train_time_total_s=train_time_total, node_id=_node_id())
             history.append(metrics)
             if info.rank == 0:
                 _progress(config, metrics, last_epoch)
 
-            def write(path: Path, _epoch=epoch, _result=result, _stage=stage, _m=metrics) -> None:
+            def write(path: Path, _epoch=epoch, _stage=stage, _m=metrics, _sel=selection,
+                      _test=last_test) -> None:
                 save_state(path, run, _stage, _epoch, opt, sched,
-                           {**_m, **_result, **run.class_info()}, history)
+                           result_record(run, _m, _sel, _test, stage1_from), history, _test)
 
             _report(metrics, write, info, keep_dir, to_tune)
             done = epoch

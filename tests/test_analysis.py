@@ -278,6 +278,66 @@ def test_per_class_figure_against_training_count():
     assert [t.name for t in two.data] == ["CE", "LFM"] and np.allclose(two.data[1].y, [90, 70, 40])
 
 
+def test_sampling_matrix_beside_the_confusion_matrix():
+    from lfm_ray.analysis.figures import sampling_confusion_figure
+
+    P = np.array([[0.0, 0.7, 0.3], [0.5, 0.0, 0.5], [0.2, 0.8, 0.0]])
+    counts = np.array([[8, 2, 0], [1, 3, 0], [0, 0, 0]])  # no test image of class c
+    fig = sampling_confusion_figure(P, counts, ["a", "b", "c"], run="tau_00001", split="test",
+                                    tau=0.05, epoch=4)
+    p_map, c_map = fig.data
+    assert np.array_equal(np.asarray(p_map.z), P)
+    assert np.array_equal(np.asarray(c_map.customdata), counts)
+    shown = np.asarray(c_map.z, dtype=float)
+    assert np.allclose(shown[:2], [[0.8, 0.2, 0.0], [0.25, 0.75, 0.0]])
+    assert np.isnan(shown[2]).all()  # a row without images has no fractions
+    assert "tau_00001" in fig.layout.title.text and "test confusion" in fig.layout.title.text
+    assert "epoch 4" in fig.layout.title.text
+    assert "τ = 0.05" in fig.layout.annotations[0].text
+    assert list(fig.layout.xaxis.ticktext) == ["a", "b", "c"]
+    assert list(fig.layout.yaxis2.ticktext) == ["a", "b", "c"]
+    assert fig.layout.yaxis.autorange == "reversed"
+    raw = sampling_confusion_figure(P, counts, ["a", "b", "c"], run="r", normalize=False)
+    assert np.array_equal(np.asarray(raw.data[1].z), counts)
+    with pytest.raises(LfmError, match="must both be 3×3"):
+        sampling_confusion_figure(P[:2, :2], counts, ["a", "b", "c"], run="r")
+
+
+def test_confusion_figure_of_a_saved_run(tmp_path):
+    from lfm_ray import confusion
+    from lfm_ray.analysis.figures import run_confusion_figure
+
+    run = tmp_path / "zero-shot"
+    run.mkdir()
+    counts = np.array([[5, 1], [2, 4]])
+    P = np.array([[0.0, 1.0], [1.0, 0.0]])
+    confusion.write(run / confusion.CONFUSION_FILE, counts, P, class_names=["cat", "dog"],
+                    split="test", epoch=0, tau=1.0)
+    fig = run_confusion_figure(run)
+    assert np.array_equal(np.asarray(fig.data[1].customdata), counts)
+    assert np.array_equal(np.asarray(fig.data[0].z), P)
+    assert fig.layout.title.text.startswith("zero-shot: ")
+    with pytest.raises(LfmError, match="does not exist"):
+        run_confusion_figure(tmp_path)
+
+
+def test_effective_imbalance_figure():
+    from lfm_ray.analysis.figures import effective_imbalance_figure
+
+    taus = [0.002, 0.05, 1.25, 31.25]
+    fig = effective_imbalance_figure("mix.tau", taus, [40.0, 12.5, 30.1, 33.0], imbalance=100)
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "mix.tau"
+    assert list(fig.data[0].x) == taus and list(fig.data[0].y) == [40.0, 12.5, 30.1, 33.0]
+    assert fig.layout.shapes[0].y0 == 100 and "γ = 100" in fig.layout.annotations[0].text
+    two = effective_imbalance_figure("mix.alpha", [0, 1, 2], {"CIFAR-10-LT": [10, 5, 3],
+                                                              "CIFAR-100-LT": [100, 40, 20]})
+    assert two.layout.xaxis.type == "linear"
+    assert [t.name for t in two.data] == ["CIFAR-10-LT", "CIFAR-100-LT"]
+    assert list(two.data[1].y) == [100, 40, 20] and "mix.alpha" in two.layout.title.text
+    with pytest.raises(LfmError, match="has 2 values for 3 mix.alpha values"):
+        effective_imbalance_figure("mix.alpha", [0, 1, 2], [1, 2])
+
+
 # ---- Optuna -------------------------------------------------------------------------------
 def optuna_table(root: Path, objectives: list[str], storage: str | None = None) -> Path:
     rng = np.random.default_rng(3)

@@ -36,7 +36,8 @@ def _one_epoch(cfg: RunConfig, device: str):
                        3, cfg.runtime.batch_size)
     run.model.eval()
     with torch.no_grad(), run.autocast:
-        logits = run.model(run.build(run.eval_images.gather(torch.arange(32)))).float().cpu()
+        test_images = run.eval_sets["test"][0]
+        logits = run.model(run.build(test_images.gather(torch.arange(32)))).float().cpu()
     return loss, logits
 
 
@@ -62,7 +63,7 @@ def test_the_compiled_encoder_gives_the_eager_logits(tmp_path):
     assert compiled.model.visual._compiled_call_impl is not None
     assert eager.model.visual._compiled_call_impl is None
     assert isinstance(compiled.model.visual.conv1, PatchConv2d)  # the matmul patch embedding
-    x = eager.build(eager.eval_images.gather(torch.arange(64)))
+    x = eager.build(eager.eval_sets["test"][0].gather(torch.arange(64)))
     with torch.no_grad(), eager.autocast:
         want, got = eager.model(x).float(), compiled.model(x).float()
     torch.testing.assert_close(got, want, atol=5e-3, rtol=0)

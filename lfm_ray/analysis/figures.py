@@ -479,3 +479,116 @@ def per_class_figure(results: Mapping[str, Any], title: str = "per-class accurac
     fig.update_layout(title=title, yaxis_title="top-1 accuracy (%)", template=TEMPLATE,
                       yaxis_range=[-3, 103])
     return fig
+
+
+# ---- the sampling matrix beside the confusion matrix (paper Fig. 7) ------------------------
+NAMED_TICKS = 60  # up to this many classes every one is named on the axes; above, on hover
+
+
+def _class_axis(names: Sequence[str]) -> dict[str, Any]:
+    if len(names) <= NAMED_TICKS:
+        return {"tickmode": "array", "tickvals": list(range(len(names))),
+                "ticktext": list(names)}
+    return {"tickmode": "auto"}
+
+
+def sampling_confusion_figure(sampling_matrix: Any, counts: Any, class_names: Sequence[str], *,
+                              run: str, split: str = "test", tau: float | None = None,
+                              epoch: int | None = None, normalize: bool = True) -> go.Figure:
+    """LFM's sampling matrix P (row: the first image's class i, column: the partner class j,
+    P[i, j] = softmax_j(f_T[i]·f_T[j] / τ), zero diagonal) beside the confusion matrix of
+    `split` (row: true class, column: predicted class): where the text features send
+    partners against where the model errs (paper Fig. 7, there beside zero-shot CLIP's).
+
+    With `normalize` each confusion row is divided by its class's image count (the fraction
+    of class i's images predicted as j); the counts are on hover either way. Classes are
+    indexed on the axes, named where there are at most NAMED_TICKS and on hover always.
+    """
+    P = np.asarray(sampling_matrix, dtype=float)
+    n = np.asarray(counts, dtype=float)
+    names = [str(c) for c in class_names]
+    C = len(names)
+    if P.shape != (C, C) or n.shape != (C, C):
+        raise LfmError(f"P {P.shape} and the confusion counts {n.shape} must both be "
+                       f"{C}×{C} for {C} class names")
+    rows = n.sum(axis=1, keepdims=True)
+    shown = np.divide(n, rows, out=np.full_like(n, np.nan), where=rows > 0) if normalize else n
+    idx = list(range(C))
+    pair_names = np.array([[f"{names[i]} → {names[j]}" for j in idx] for i in idx])
+    tau_text = f" (τ = {tau:g})" if tau is not None else ""
+    when = f", epoch {epoch}" if epoch is not None else ""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14, subplot_titles=(
+        f"sampling matrix P{tau_text}",
+        f"{split} confusion ({'fraction of the row' if normalize else 'images'})"))
+    fig.add_trace(go.Heatmap(
+        z=P, x=idx, y=idx, colorscale="Blues", text=pair_names, name="P",
+        colorbar={"x": 0.43, "len": 0.9, "title": "P"},
+        hovertemplate="%{text}: P = %{z:.4f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Heatmap(
+        z=shown, x=idx, y=idx, colorscale="Reds", text=pair_names, customdata=n,
+        name="confusion", colorbar={"x": 1.0, "len": 0.9,
+                                    "title": "fraction" if normalize else "images"},
+        hovertemplate="%{text}: %{customdata:.0f} images"
+                      + (" (%{z:.3f} of the row)" if normalize else "") + "<extra></extra>"),
+        row=1, col=2)
+    axis = _class_axis(names)
+    fig.update_xaxes(**axis, tickangle=-60)
+    fig.update_yaxes(**axis, autorange="reversed")  # row 0 at the top, as a matrix is read
+    fig.update_xaxes(title_text="partner class j", row=1, col=1)
+    fig.update_yaxes(title_text="first class i", row=1, col=1)
+    fig.update_xaxes(title_text="predicted class", row=1, col=2)
+    fig.update_yaxes(title_text="true class", row=1, col=2)
+    fig.update_layout(
+        title=f"{run}: sampling matrix P beside the {split} confusion matrix{when}",
+        template=TEMPLATE, height=max(520, min(1400, 260 + 14 * C)),
+        width=max(1000, min(2400, 380 + 28 * C)))
+    return fig
+
+
+def run_confusion_figure(path: Any, run: str | None = None, normalize: bool = True) -> go.Figure:
+    """sampling_confusion_figure of a run's (or a checkpoint's) confusion.npz; `run`
+    labels the title (default: the folder's name)."""
+    from pathlib import Path
+
+    from lfm_ray import confusion
+
+    saved = confusion.read(path)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return sampling_confusion_figure(
+        saved["sampling_matrix"], saved["counts"], saved["class_names"],
+        run=run or folder.name, split=saved["split"], tau=saved["tau"], epoch=saved["epoch"],
+        normalize=normalize)
+
+
+# ---- effective imbalance γ′ -----------------------------------------------------------------
+def effective_imbalance_figure(param: str, values: Sequence[float],
+                               gammas: Sequence[float] | Mapping[str, Sequence[float]], *,
+                               imbalance: float | None = None,
+                               title: str | None = None) -> go.Figure:
+    """LFM's effective imbalance factor γ′ (lfm_ray.effective) against a swept α or τ:
+    one curve, or one per label of a mapping (data sets, the other parameter's values);
+    a log x axis where the values span decades (τ); the training counts' own γ dashed."""
+    curves = dict(gammas) if isinstance(gammas, Mapping) else {"γ′": gammas}
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0 or not curves:
+        raise LfmError("effective_imbalance_figure needs at least one value and one curve")
+    fig = go.Figure()
+    palette = _palette(len(curves))
+    for k, (label, ys) in enumerate(curves.items()):
+        y = np.asarray(ys, dtype=float)
+        if y.shape != x.shape:
+            raise LfmError(f"curve {label!r} has {len(y)} values for {len(x)} {param} values")
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=str(label), line={"color": palette[k]},
+            hovertemplate=f"{html.escape(str(label))}<br>{html.escape(param)} = %{{x:g}}: "
+                          "γ′ = %{y:.2f}<extra></extra>"))
+    if imbalance is not None:
+        fig.add_hline(y=float(imbalance), line_dash="dash", line_color="gray",
+                      annotation_text=f"training counts: γ = {float(imbalance):.1f}",
+                      annotation_position="top left")
+    fig.update_xaxes(title=param, type="log" if use_log_axis(x) else "linear")
+    fig.update_layout(
+        title=title or f"effective imbalance factor γ′ against {param}",
+        yaxis_title="effective imbalance factor γ′ (max/min label mass)",
+        template=TEMPLATE, showlegend=len(curves) > 1)
+    return fig

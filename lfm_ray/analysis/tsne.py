@@ -115,11 +115,12 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
         model.visual.load_state_dict(state["visual"])
         model.proj.load_state_dict(state["proj"])
     model.eval()
-    images, labels = arrays.split(split or data.eval_split)
+    split = split or "test"  # the reported split
+    images, labels = arrays.split(split)
     labels = np.asarray(labels)
     picked = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in picked_classes])
     if len(picked) == 0:
-        raise LfmError(f"the {split or data.eval_split} split has no image of classes "
+        raise LfmError(f"the {split} split has no image of classes "
                        f"{picked_classes}")
     build, store = BatchBuilder(spec, dev), DeviceImages(images, dev)
     out = []

@@ -1,17 +1,25 @@
-"""`lfm-ray data DATASET`: a data set's class count table and imbalance statistics."""
+"""`lfm-ray data DATASET`: a data set's class count table, imbalance statistics and LFM's
+effective imbalance factor γ′ (lfm_ray.effective) for the run defaults' α, τ, β and model
+or the ones given."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from typing import Iterator
 
 import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "data",
-        help="class count table and imbalance statistics of a data set",
-        description="Print a data set's class counts, shot groups and imbalance.")
+        "data", help="class count table and imbalance statistics of a data set",
+        description="Print a data set's class counts, shot groups and imbalance, and LFM's "
+                    "effective imbalance factor γ′ (the label mass per class after local "
+                    "sampling and the label shift; paper appendix A.1) for the run defaults' "
+                    "α, τ and model or the ones given. γ′ needs the model's text features: "
+                    "its weights are read from the local cache only, never downloaded.")
     p.add_argument("dataset", help="digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, places-lt, folder")
     # --data-root as well, the name train and study use (and error messages give).
     p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for digits-lt)")
@@ -19,6 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the long-tailed subset")
     p.add_argument("--download", action="store_true",
                    help="cifar10-lt/cifar100-lt: fetch the CIFAR files into --root with torchvision")
+    gamma = p.add_argument_group("effective imbalance γ′ (defaults: the run defaults)")
+    gamma.add_argument("--model", "--model.name", dest="model", help="CLIP model for P's text features")
+    gamma.add_argument("--pretrained", "--model.pretrained", dest="pretrained",
+                       help="its weights: an open_clip tag or a file")
+    gamma.add_argument("--model.cache_dir", dest="model_cache_dir", help="open_clip's weight cache")
+    gamma.add_argument("--template", dest="templates", action="append",
+                       help="prompt template with {} (repeat for an ensemble)")
+    gamma.add_argument("--alpha", "--mix.alpha", dest="alpha", help="label-shift strength α")
+    gamma.add_argument("--tau", "--mix.tau", dest="tau", help="sampling temperature τ")
+    gamma.add_argument("--beta", "--mix.beta", dest="beta", help="λ ~ Beta(β, β)")
+    gamma.add_argument("--no-gamma", action="store_true", help="skip γ′")
     p.set_defaults(func=run)
 
 
@@ -29,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
     # imagenet-lt) is an error naming the options it does take, not silently ignored.
     given = {"imbalance_factor": args.imbalance_factor, "seed": args.seed,
              "download": args.download or None}
+    # γ′'s settings are checked before the data set is read (a bad τ fails at once).
+    cfg = None if args.no_gamma else gamma_config(args)
     ds = build_dataset(args.dataset, args.root, **{k: v for k, v in given.items() if v is not None})
     print(format_table(ds.class_names, ds.class_counts, np.asarray(ds.test_labels), shot_groups))
+    if cfg is not None:
+        print()
+        print(effective_lines(cfg, ds.class_names, ds.class_counts))
     return 0
 
 
@@ -50,4 +74,76 @@ def format_table(names, counts, test_labels, shot_groups) -> str:
     lines.append("shot groups (many > 100, medium 20..100, few < 20): "
                  + ", ".join(f"{g} {len(idx)} classes / {counts[idx].sum()} images"
                              for g, idx in groups.items()))
+    return "\n".join(lines)
+
+
+# ---- γ′ ---------------------------------------------------------------------------------------
+def gamma_config(args: argparse.Namespace):
+    """The run defaults (RunConfig) with the flags given, checked."""
+    from lfm_ray.config import RunConfig
+    from lfm_ray.model import check_model_name
+
+    values = {"model.name": args.model, "model.pretrained": args.pretrained,
+              "model.cache_dir": args.model_cache_dir, "model.templates": args.templates,
+              "mix.alpha": args.alpha, "mix.tau": args.tau, "mix.beta": args.beta}
+    cfg = RunConfig().override({k: v for k, v in values.items() if v is not None}).validate()
+    check_model_name(cfg.model.name, cfg.model.pretrained)  # a typo is an error, not a skip
+    return cfg
+
+
+@contextlib.contextmanager
+def _hub_offline_env() -> Iterator[None]:
+    """Weights come from the local cache only: `lfm-ray data` never starts a download."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _lfm_beta(beta: float | None) -> float:
+    """The stage's β, or LFM's own law where the stage leaves it to the method."""
+    if beta is not None:
+        return float(beta)
+    from lfm_ray.config import MIX_BETA  # the mixing methods' own laws of λ
+
+    return float(MIX_BETA["lfm"])
+
+
+def effective_lines(cfg, class_names, class_counts) -> str:
+    """γ′ per distinct (α, τ, β) of the two stages, or one line saying why it is skipped."""
+    import torch
+
+    from lfm_ray.effective import effective_imbalance, imbalance_factor, sampling_matrix
+    from lfm_ray.errors import LfmError
+    from lfm_ray.model import build_clip, text_features
+
+    model = cfg.model.name + (f"/{cfg.model.pretrained}" if cfg.model.pretrained else "")
+    try:
+        with _hub_offline_env(), torch.random.fork_rng(devices=[]):
+            # Seeded as the trainer seeds, so a randomly initialised model (tiny) gives the
+            # text features a run with these settings trains with.
+            torch.manual_seed(cfg.runtime.seed)
+            clip, _ = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
+    except LfmError as exc:
+        return (f"effective imbalance γ′: skipped, {model} cannot be loaded from this "
+                f"machine (lfm-ray data never downloads weights): {exc}")
+    feats = text_features(clip, class_names, cfg.model.templates, "cpu")
+    stages: dict[tuple[float, float, float], list[str]] = {}
+    for name in ("stage1", "stage2"):
+        s = getattr(cfg, name)
+        stages.setdefault((s.alpha, s.tau, _lfm_beta(s.beta)), []).append(name[-1])
+    lines = [f"effective imbalance of LFM (paper appendix A.1), text features of {model}; "
+             f"training counts γ = {imbalance_factor(class_counts):.2f}"]
+    for (alpha, tau, beta), which in stages.items():
+        P = sampling_matrix(feats, tau)
+        with_shift = effective_imbalance(class_counts, P, alpha, beta)
+        pairs_only = effective_imbalance(class_counts, P, 0.0, beta)
+        lines.append(f"  stage {' and '.join(which)}: α {alpha:g}, τ {tau:g}, "
+                     f"λ ~ Beta({beta:g}, {beta:g}): γ′ = {with_shift:.2f} "
+                     f"(partners alone, α = 0: {pairs_only:.2f})")
     return "\n".join(lines)

@@ -55,16 +55,32 @@ def run(args: argparse.Namespace) -> int:
                         f"mix {cfg.mix.method}, {cfg.stage1.epochs}+{cfg.stage2.epochs} epochs "
                         f"→ {output}", file=sys.stderr, flush=True))
     print(format_table(final))
-    print(f"wrote {Path(output) / 'config.json'}, history.csv, metrics.json", file=sys.stderr)
+    written = ["history.csv", "metrics.json"]
+    if (Path(output) / "confusion.npz").is_file():
+        written.append("confusion.npz")
+    print(f"wrote {Path(output) / 'config.json'}, {', '.join(written)}", file=sys.stderr)
     return 0
 
 
 def format_table(metrics: dict) -> str:
+    """Top-1 of the final epoch in percent: the test split (reported), and the val split
+    the run selected on where it has one."""
     cols = ("many", "medium", "few", "all")
-    head = "  ".join(f"{c:>7}" for c in cols)
-    vals = []
-    for c in cols:
-        v = metrics.get(f"acc_{c}")
-        vals.append("    n/a" if v is None or (isinstance(v, float) and math.isnan(v))
-                    else f"{100 * v:6.2f}%")
-    return f"top-1 accuracy ({metrics.get('epoch', '?')} epochs)\n{head}\n" + "  ".join(vals)
+
+    def cells(prefix: str) -> str:
+        vals = []
+        for c in cols:
+            v = metrics.get(f"{prefix}acc_{c}")
+            vals.append("    n/a" if v is None or (isinstance(v, float) and math.isnan(v))
+                        else f"{100 * v:6.2f}%")
+        return "  ".join(vals)
+
+    head = "      " + "  ".join(f"{c:>7}" for c in cols)
+    test_epoch = metrics.get("test_epoch")
+    lines = [f"top-1 accuracy after epoch {metrics.get('epoch', '?')} (the last), "
+             f"selected on {metrics.get('selection_split', 'test')}", head,
+             f"test  {cells('')}" + (f"  (epoch {test_epoch})"
+                                     if test_epoch not in (None, metrics.get("epoch")) else "")]
+    if metrics.get("selection_split") == "val":
+        lines.append(f"val   {cells('val_')}")
+    return "\n".join(lines)

@@ -482,12 +482,16 @@ def evaluate_epoch(run: Run, epoch: int, test_now: bool,
 
 def epoch_metrics(run: Run, epoch: int, stage: int, loss: float, selection: dict[str, Any],
                   last_test: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """What one epoch reports: the same keys every epoch (`metric_keys`), then extras."""
-    return {"epoch": epoch, "stage": stage, "train_loss": loss,
+    """What one epoch reports: the same keys every epoch (`metric_keys`), then extras.
+
+    The selection split's overall accuracy comes first, then test's all and few: Tune's
+    table shows the first few figures a trial reports."""
+    val = {k: v for k, v in selection.items() if k in VAL_METRIC_KEYS}
+    first = {"val_acc_all": val.pop("val_acc_all")} if "val_acc_all" in val else {}
+    return {**first, "acc_all": last_test["acc_all"], "acc_few": last_test["acc_few"],
+            "epoch": epoch, "stage": stage, "train_loss": loss,
             **{k: last_test[k] for k in ACCURACY_KEYS}, "test_epoch": last_test["test_epoch"],
-            "selection_split": run.selection_split,
-            **{k: v for k, v in selection.items() if k in VAL_METRIC_KEYS},
-            **extra}
+            "selection_split": run.selection_split, **val, **extra}
 
 
 def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],

@@ -153,16 +153,19 @@ def test_data_command_prints_gamma_for_the_run_defaults_and_given_values(capsys)
     from lfm_ray.config import RunConfig
     from lfm_ray.data import build_dataset
 
+    from lfm_ray.config import MIX_BETA
+
     ds = build_dataset("digits-lt")
     s = RunConfig().stage1
+    beta = MIX_BETA["lfm"] if s.beta is None else s.beta  # LFM's own law of λ
     assert main(["data", "digits-lt"]) == 0
     out = capsys.readouterr().out
-    expect = command_gamma(ds.class_counts, ds.class_names, s.alpha, s.tau, s.beta)
+    expect = command_gamma(ds.class_counts, ds.class_names, s.alpha, s.tau, beta)
     assert f"stage 1 and 2: α {s.alpha:g}, τ {s.tau:g}" in out
     assert f"γ′ = {expect:.2f}" in out and "text features of tiny" in out
     assert main(["data", "digits-lt", "--mix.alpha", "0.5", "--tau", "1.25"]) == 0
     out = capsys.readouterr().out
-    expect = command_gamma(ds.class_counts, ds.class_names, 0.5, 1.25, s.beta)
+    expect = command_gamma(ds.class_counts, ds.class_names, 0.5, 1.25, beta)
     assert "α 0.5, τ 1.25" in out and f"γ′ = {expect:.2f}" in out
 
 

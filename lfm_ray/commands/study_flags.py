@@ -34,7 +34,7 @@ class ScriptPlan:
     space: dict[str, Any] = field(default_factory=dict)    # name -> lfm_ray.study.Dim
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 8
-    metric: str = "acc_all"
+    metric: str | None = None   # None: the selection split's acc_all (val_acc_all or acc_all)
 
 
 def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = None) -> None:

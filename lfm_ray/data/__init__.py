@@ -78,6 +78,27 @@ def options_for(name: str, **candidates: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "load_arrays",
+    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset",
+    "has_validation_split", "load_arrays",
     "long_tail_counts", "options_for", "resolve_options", "shot_groups",
 ]
+
+
+def has_validation_split(name: str, root=None) -> bool:
+    """Whether data set `name` under `root` has a validation split, from its layout alone
+    (no image is read): ImageNet-LT and Places-LT with their _val split file, a folder with
+    val/. The CIFAR sets and digits-lt have none."""
+    from pathlib import Path
+
+    from lfm_ray.data.split_files import SPLIT_SETS, _find_split
+
+    if name not in DATASETS:
+        raise unknown_name("data set", name, list(DATASETS))
+    if root is None:
+        return False
+    root_path = Path(root).expanduser()
+    if name in SPLIT_SETS:
+        return _find_split(root_path, SPLIT_SETS[name][0], "val") is not None
+    if name == "folder":
+        return (root_path / "val").is_dir()
+    return False

@@ -192,6 +192,7 @@ def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
         "space": {k: v.to_dict() for k, v in study.space.items()},
         "variants": study.variants, "seeds": study.seeds, "num_samples": study.num_samples,
         "metric": study.metric, "mode": study.mode, "objectives": study.objectives,
+        "selection_split": study.selection_split, "selection": _selection_note(study),
         "scheduler": study.scheduler, "sampler": study.sampler,
         "optuna_storage": study.optuna_storage, "storage_path": study.storage_path,
         "experiment_path": study.experiment_path, "base_config": study.base.to_dict(),
@@ -200,6 +201,12 @@ def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
         "trackers": study.trackers, "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _selection_note(study: Study) -> str:
+    from lfm_ray.study.run import selection_note
+
+    return selection_note(study)
 
 
 def machine() -> dict[str, Any]:

@@ -28,7 +28,7 @@ from lfm_ray.study.record import (
 from lfm_ray.study.search import (
     check_optuna_storage, concurrency, optuna_storage_url, param_space, scheduler, search_alg,
 )
-from lfm_ray.study.spec import Study, join_path, validate
+from lfm_ray.study.spec import Study, join_path, resolve_selection, validate
 from lfm_ray.study.tables import (
     combine, kept_rows, table_from_results, tables_callback, write_tables,
 )
@@ -45,6 +45,7 @@ def banner(text: str) -> None:
 # ---- checks and the plan -----------------------------------------------------------------------
 def check_study(study: Study, *, extend: bool = False, restart: bool = False) -> Rerun:
     """Everything that can be checked before Ray starts or anything is written."""
+    resolve_selection(study)
     validate(study)
     if study.optuna_storage and study.search != "optuna":
         raise LfmError(f"--optuna-storage is for --search optuna; this study is a "
@@ -79,11 +80,21 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
         trials = study.num_samples * (len(study.seeds) if study.search == "random" else 1)
     return {"study": study.name, "action": rerun.kind, "trials": trials,
             "search": study.search, "grid": req["grid"], "space": req["space"],
-            "seeds": study.seeds, "metric": study.metric, "scheduler": study.scheduler,
+            "seeds": study.seeds, "metric": study.metric,
+            "selection_split": study.selection_split, "scheduler": study.scheduler,
             "presets": {d: (study.layers.preset_for(d) if study.layers else None)
                         for d in study.datasets()},
             "base_configs": req["base_configs"], "results": str(study.result_dir),
             "experiment": study.experiment_path}
+
+
+def selection_note(study: Study) -> str:
+    """What the study selects on, and on which split it reports (banner, study.json, report)."""
+    if study.selection_split == "val":
+        return (f"selected on {study.metric} (the validation split); test figures (acc_*) "
+                "reported beside it")
+    return (f"selected on {study.metric} (test): selected on test: this data set has no "
+            "validation split")
 
 
 def prepare_node_data(study: Study) -> None:
@@ -209,8 +220,8 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
     where = ("each trial trains in its own process" if workers == 0 else
              f"each trial runs a Ray Train worker group of {workers}")
     banner(f"study {study.name!r} ({rerun.kind}): {study.search} search, up to {slots} trials "
-           f"at once, {where}; selected on {study.metric}; experiment at "
-           f"{study.experiment_path}")
+           f"at once, {where}; experiment at {study.experiment_path}")
+    banner(selection_note(study))
     if "tensorboard" in study.trackers:
         banner(f"TensorBoard: tensorboard --logdir {study.experiment_path}")
     if "mlflow" in study.trackers:

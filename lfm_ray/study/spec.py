@@ -116,7 +116,9 @@ class Study:
     space: dict[str, Dim] = field(default_factory=dict)        # optuna / random
     seeds: list[int] = field(default_factory=lambda: [0])      # crossed with the grid
     num_samples: int = 8                 # optuna / random: trials to run
-    metric: str = "acc_all"              # what "best" means, and what ASHA and Optuna use
+    # What the study selects on (best.json, ASHA, Optuna); None: val_acc_all where the data
+    # set has a validation split, else acc_all (test). Test figures are reported beside it.
+    metric: str | None = None
     mode: str = "max"
     objectives: list[str] = field(default_factory=list)  # >1: multi-objective Optuna
     # Named bundles of settings swept as one parameter, "method" (e.g. "LFM + MMS" ->
@@ -143,6 +145,8 @@ class Study:
     called_by: list[str] | None = None   # the command that ran this study's script, if another
     # Tune's ResultGrid of the last run_study (not part of the specification).
     result_grid: Any = field(default=None, repr=False, compare=False)
+    # "val" or "test", found by `resolve_selection` from the data sets (not set by hand).
+    selection_split: str | None = field(default=None, compare=False)
 
     @property
     def result_dir(self) -> Path:
@@ -227,12 +231,11 @@ def validate(study: Study) -> None:
                        "integer >= 1 (or leave it out: as many as the resources allow)")
     if study.max_failures < 0:
         raise LfmError(f"max_failures={study.max_failures} is not valid; expected >= 0")
-    from lfm_ray.train import METRIC_KEYS
+    from lfm_ray.train import OBJECTIVE_KEYS
 
-    selectable = METRIC_KEYS[2:]
     for m in [study.metric, *study.objectives]:
-        if m not in selectable:
-            raise unknown_name("metric", m, selectable)
+        if m is not None and m not in OBJECTIVE_KEYS:
+            raise unknown_name("metric", m, OBJECTIVE_KEYS)
     if study.scheduler == "asha" and len(study.objectives) > 1:
         raise LfmError("ASHA stops trials on one metric; use scheduler 'none' with several objectives")
     if len(study.objectives) > 1 and study.search != "optuna":
@@ -278,6 +281,35 @@ def validate(study: Study) -> None:
         check_names(cfg)
     check_storage(study.storage_path, "storage path")
     check_storage(study.results_dir, "results directory")
+
+
+def resolve_selection(study: Study) -> str:
+    """Set the study's selection split (val where its data sets have one, else test) and its
+    metric (default val_acc_all or acc_all); refuse a metric on the other split, and data
+    sets that would select on different splits. Reads the data sets' layout only."""
+    from lfm_ray.data import has_validation_split
+    from lfm_ray.train import ACCURACY_KEYS, resolve_selection_split, selection_metric
+
+    splits = {}
+    for name, cfg in study.base_configs().items():
+        has_val = has_validation_split(cfg.data.name, cfg.data.root)
+        splits[name] = resolve_selection_split(cfg.data.selection_split, has_val, name)
+    if len(set(splits.values())) > 1:
+        listed = ", ".join(f"{d}: {s}" for d, s in splits.items())
+        raise LfmError(f"the study's data sets would select on different splits ({listed}); "
+                       "a study selects on one split: set data.selection_split test for all, "
+                       "or study them separately")
+    split = next(iter(splits.values()))
+    metric = study.metric or selection_metric("acc_all", split)
+    if split == "val" and metric in ACCURACY_KEYS:
+        raise LfmError(f"metric {metric!r} would select on the test split this study reports; "
+                       f"its data has a validation split: select on {selection_metric(metric, split)!r} "
+                       "(the default), or set data.selection_split test")
+    if split == "test" and metric.startswith("val_"):
+        raise LfmError(f"metric {metric!r} needs a validation split, which "
+                       f"{', '.join(splits)} lacks; select on {metric[4:]!r} (test)")
+    study.metric, study.selection_split = metric, split
+    return split
 
 
 def corner_points(study: Study) -> list[dict[str, Any]]:

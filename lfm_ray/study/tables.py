@@ -11,7 +11,7 @@ import pandas as pd
 
 from lfm_ray.config import RunConfig
 from lfm_ray.study.spec import ALWAYS_COLUMNS, SEED, Study
-from lfm_ray.train import METRIC_KEYS  # what every epoch reports
+from lfm_ray.train import ACCURACY_KEYS, METRIC_KEYS, VAL_METRIC_KEYS  # what epochs report
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.json"
@@ -45,8 +45,9 @@ def trial_row(trial_id: str, status: str, error: str, params: dict[str, Any],
     if cfg is not None:
         for name in ALWAYS_COLUMNS:
             row.setdefault(name, cfg.get(name))
-    for key in METRIC_KEYS:
-        row[key] = last.get(key)
+    for key in (*METRIC_KEYS, *VAL_METRIC_KEYS):
+        if key in METRIC_KEYS or key in last:
+            row[key] = last.get(key)
     wall = last.get("time_total_s")
     row["wall_time_s"] = wall
     row["train_time_s"] = last.get("train_time_total_s")
@@ -80,13 +81,15 @@ def error_message(trial: Any) -> str:
 
 
 def best_configs(study: Study, table: pd.DataFrame) -> dict[str, Any]:
-    """Best configuration per objective, the mean over seeds deciding."""
+    """The best configuration by the study's selection metric (and each further objective),
+    the mean over seeds deciding, with that configuration's mean test figures beside it.
+    Nothing is selected on the test split of a study that has a validation split."""
     done = table[table["status"] == "TERMINATED"]
     out: dict[str, Any] = {}
     if done.empty:
         return out
     keys = [c for c in study.swept if c != SEED and c in done.columns]
-    for metric in dict.fromkeys([study.metric, *study.objectives, "acc_all", "acc_few", "acc_many"]):
+    for metric in dict.fromkeys([study.metric or "acc_all", *study.objectives]):
         if metric not in done or done[metric].isna().all():
             continue
         if keys:
@@ -100,9 +103,12 @@ def best_configs(study: Study, table: pd.DataFrame) -> dict[str, Any]:
         for k in keys:  # a conditional dimension a trial lacks is NaN on both sides
             same = (match[k] == best[k]) | (match[k].isna() & pd.isna(best[k]))
             match = match[same]
+        test = {k: float(pd.to_numeric(match[k], errors="coerce").mean())
+                for k in ACCURACY_KEYS if k in match}
         out[metric] = {"mode": study.mode, "value": float(best["mean"]),
                        "seeds": int(best["count"]), "params": params,
-                       "trial_ids": list(match["trial_id"])}
+                       "selection_split": study.selection_split or "test",
+                       "test": test, "trial_ids": list(match["trial_id"])}
     return out
 
 

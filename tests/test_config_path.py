@@ -12,7 +12,9 @@ import pytest
 
 from lfm_ray.cli import main
 from lfm_ray.commands.run_flags import SHORT_NAMES, new_parser
-from lfm_ray.commands.study_flags import ScriptPlan, add_study_flags, study_from_args
+from lfm_ray.commands.study_flags import (
+    ScriptPlan, add_study_flags, requested_datasets, study_from_args,
+)
 from lfm_ray.config import (
     CHOICES, PRESETS, SMOKE, ConfigLayers, RunConfig, field_docs, known_fields, read_config_file,
 )
@@ -83,6 +85,7 @@ def test_a_study_over_several_data_sets_gives_each_its_own_preset(tmp_path):
     add_study_flags(parser, default_name="s")
     args = parser.parse_args(["--dataset", "cifar10-lt", "--dataset", "cifar100-lt",
                               "--data-root", str(tmp_path), "--stage2.epochs", "3"])
+    args.datasets = requested_datasets(args)
     study = study_from_args(args, optuna_search.declare(args), script="optuna_search")
     assert study.space["data.name"].choices == ("cifar10-lt", "cifar100-lt")
     c10 = study.config_for({"data.name": "cifar10-lt"})
@@ -100,6 +103,7 @@ def test_smoke_and_fixed_settings_of_a_script(tmp_path):
     add_study_flags(parser, default_name="a")
     path = write_yaml(tmp_path / "f.yaml", "mix:\n  tau: 0.9\nstage1:\n  epochs: 12\n")
     args = parser.parse_args(["--config", str(path), "--smoke", "--stage2.epochs", "2"])
+    args.datasets = requested_datasets(args)
     study = study_from_args(args, alpha_sweep.declare(args), script="alpha_sweep")
     assert study.base.stage1.tau == 0.05            # alpha_sweep's τ over the file's
     assert study.base.stage1.epochs == SMOKE["stage1.epochs"]
@@ -219,6 +223,30 @@ def test_script_plans_are_plain():
     for module in (tau_sweep, loss_comparison, mixup_comparison, imbalance_sweep):
         parser = new_parser()
         add_study_flags(parser)
-        plan = module.declare(parser.parse_args([]))
+        args = parser.parse_args([])
+        args.datasets = requested_datasets(args)
+        plan = module.declare(args)
         assert isinstance(plan, ScriptPlan) and plan.grid
     assert tau_sweep.TAUS == [0.002, 0.01, 0.05, 0.25, 1.25, 6.25, 31.25]
+
+
+def test_alpha_and_tau_sweeps_branch_stage2_on_the_paper_data_sets(tmp_path):
+    import alpha_sweep
+    import tau_sweep
+
+    def plan_of(module, *flags):
+        parser = new_parser()
+        add_study_flags(parser)
+        args = parser.parse_args(list(flags))
+        args.datasets = requested_datasets(args)
+        return module.declare(args)
+
+    on_paper = plan_of(tau_sweep, "--dataset", "cifar100-lt")
+    assert on_paper.share_stage1 and on_paper.protocol == "branch"
+    assert set(on_paper.grid) == {"stage2.tau"} and on_paper.fixed["mix.tau"] == 0.05
+    full = plan_of(tau_sweep, "--dataset", "cifar100-lt", "--protocol", "full")
+    assert not full.share_stage1 and set(full.grid) == {"mix.tau"}
+    assert plan_of(tau_sweep).protocol == "full"  # digits-lt: both stages per value
+    alpha = plan_of(alpha_sweep, "--dataset", "cifar10-lt")
+    assert alpha.share_stage1 and set(alpha.grid) == {"stage2.alpha"}
+    assert alpha.fixed["mix.alpha"] == 1.0

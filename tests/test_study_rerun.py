@@ -168,3 +168,43 @@ def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatc
                                 "data.cache_dir": str(tmp_path / "cache")})
     final = fit_run(cfg, tmp_path / "run")
     assert final["epoch"] == 2 and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_shared_stage1_study_branches_stage2_and_equals_full_runs(tmp_path, local_ray):
+    """The paper's ablation protocol: one stage 1 per seed, each τ swept in stage 2 from its
+    checkpoint; each branch ends exactly where a full two-stage run of its config ends."""
+    from lfm_ray import RunConfig, Study, run_study
+
+    base = RunConfig().override({"stage1.epochs": 2, "stage2.epochs": 1,
+                                 "runtime.max_steps_per_epoch": 2, "runtime.num_workers": 0,
+                                 "mix.tau": 0.05, "data.cache_dir": str(tmp_path / "cache")})
+
+    def study(name: str, share: bool) -> Study:
+        return Study(name=name, base=base, grid={"stage2.tau": [0.01, 1.25]}, seeds=[0],
+                     share_stage1=share, storage_path=str(tmp_path / "ray"),
+                     results_dir=str(tmp_path / "results"))
+
+    shared = run_study(study("shared", True)).set_index("stage2.tau")
+    full = run_study(study("full", False)).set_index("stage2.tau")
+    assert (shared["status"] == "TERMINATED").all() and len(shared) == 2
+    for tau in (0.01, 1.25):
+        for key in ("acc_all", "acc_few", "acc_many", "train_loss"):
+            assert shared.loc[tau, key] == pytest.approx(full.loc[tau, key], abs=1e-9), key
+        assert shared.loc[tau, "epoch"] == full.loc[tau, "epoch"] == 3
+    meta = json.loads((tmp_path / "results" / "shared" / "study.json").read_text())
+    assert meta["share_stage1"] and len(meta["stage1_checkpoints"]) == 1  # one seed, one stage 1
+    stage1_runs = [p for p in (tmp_path / "ray" / "shared_stage1").iterdir() if p.is_dir()]
+    assert len(stage1_runs) == 1
+
+
+def test_a_branch_without_its_stage1_checkpoint_fails_clearly(tmp_path):
+    from lfm_ray import RunConfig, Study
+    from lfm_ray.errors import LfmError
+    from lfm_ray.study import TrialPlan
+
+    study = Study(name="s", base=RunConfig(), grid={"stage2.tau": [0.01]}, share_stage1=True)
+    plan = TrialPlan.of(study, stage1_checkpoints={})
+    with pytest.raises(LfmError, match="shared stage-1 checkpoint of this trial .* is missing"):
+        plan.stage_extra(plan.config_for({"stage2.tau": 0.01, "runtime.seed": 0}))
+    assert TrialPlan.of(study, stage="stage1").stage_extra(RunConfig()) == \
+        {"stop_after_stage1": True}

@@ -20,6 +20,7 @@ from lfm_ray.commands.run_flags import (
 from lfm_ray.errors import LfmError
 
 TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
+PROTOCOLS = ("branch", "full")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ScriptPlan:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 8
     metric: str | None = None   # None: the selection split's acc_all (val_acc_all or acc_all)
+    # The paper's ablation protocol: one stage 1 per stage-1 configuration, stage 2 branched
+    # from it (lfm_ray.study.Study.share_stage1); `protocol` names it in the banner.
+    share_stage1: bool = False
+    protocol: str | None = None  # "branch" | "full" for the α and τ sweeps
 
 
 def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = None) -> None:
@@ -48,6 +53,11 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
     g.add_argument("--scheduler", choices=("none", "asha"), help="stop weak trials early "
                    "with ASHA on the global epoch (default none)")
     g.add_argument("--num-samples", type=int, help="trials of an Optuna or random search")
+    g.add_argument("--protocol", choices=PROTOCOLS,
+                   help="α and τ sweeps: 'branch' trains stage 1 once per seed and sweeps the "
+                        "value in stage 2 on it (the paper's Figs. 9 and 10; default on the "
+                        "paper data sets), 'full' retrains both stages per value (default "
+                        "elsewhere)")
     g.add_argument("--address", help="Ray cluster address, e.g. auto (default: RAY_ADDRESS "
                    "or a local Ray instance)")
     g.add_argument("--storage-path", default="results/ray",
@@ -127,6 +137,8 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
             args.address, probe.runtime.gpus_per_worker)
     if args.num_samples is not None and plan.search == "grid":
         raise LfmError("--num-samples is for an Optuna or random search; this study is a grid")
+    if args.protocol is not None and plan.protocol is None:
+        raise LfmError("--protocol is for the α and τ sweeps (alpha_sweep.py, tau_sweep.py)")
     return Study(
         name=args.name, base=layers.resolve(first), layers=layers, search=plan.search,
         grid=grid, space=space, variants=plan.variants, seeds=study_seeds(args, plan.seeds),
@@ -136,7 +148,25 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
         results_dir=args.results_dir, max_concurrent=args.max_concurrent,
         address=args.address, trackers=list(dict.fromkeys(args.tracker)),
         verbose=args.verbose, command=command or list(sys.argv), called_by=called_by,
+        share_stage1=plan.share_stage1, protocol=plan.protocol,
     )
+
+
+def requested_datasets(args: argparse.Namespace) -> list[str]:
+    """The data sets the flags (or the config file) ask for, before the script's plan."""
+    flags = flag_values(args, several_datasets=True)
+    if isinstance(flags.get("data.name"), list):
+        return list(flags["data.name"])
+    return [config_layers(args, flags=flags).dataset()]
+
+
+def paper_protocol(args: argparse.Namespace) -> str:
+    """--protocol, else "branch" when a data set is one of the paper's, else "full"."""
+    from lfm_ray.config import PRESETS
+
+    if args.protocol:
+        return args.protocol
+    return "branch" if any(d in PRESETS for d in args.datasets) else "full"
 
 
 def execute(study, args: argparse.Namespace) -> int:
@@ -185,6 +215,7 @@ def run_script(declare: Callable[[argparse.Namespace], ScriptPlan], script_file:
         print(exc, file=sys.stderr)
         return 2
     try:
+        args.datasets = requested_datasets(args)
         plan = declare(args)
         command, caller = script_command(script_file, argv)
         study = study_from_args(args, plan, script=name, command=command, called_by=caller)

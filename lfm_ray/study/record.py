@@ -26,7 +26,8 @@ from lfm_ray.study.spec import Dim, Study, join_path
 STUDY_FILE = "study.json"
 # What decides a study's results; a rerun must match these (or only add trials).
 RESULT_KEYS = ("search", "grid", "space", "seeds", "num_samples", "metric", "mode",
-               "objectives", "scheduler", "sampler", "variants", "base_configs")
+               "objectives", "scheduler", "sampler", "variants", "share_stage1",
+               "base_configs")
 EXTENDABLE = ("grid", "seeds")
 
 
@@ -41,7 +42,7 @@ def request(study: Study) -> dict[str, Any]:
         "metric": study.metric, "mode": study.mode, "objectives": list(study.objectives),
         "scheduler": study.scheduler, "sampler": study.sampler if study.search == "optuna"
         else None,
-        "variants": study.variants,
+        "variants": study.variants, "share_stage1": study.share_stage1,
         "base_configs": {d: c.to_dict() for d, c in study.base_configs().items()},
     }
     return json.loads(json.dumps(raw, default=str))
@@ -165,7 +166,7 @@ def discard(study: Study, stored: dict[str, Any] | None) -> None:
     and its Tune experiments under the storage path)."""
     experiments = list((stored or {}).get("experiments") or [study.name])
     for exp in experiments:
-        for name in (exp, f"{exp}_train"):
+        for name in (exp, f"{exp}_train", f"{exp}_stage1"):
             _remove(join_path(study.storage_path, name))
     if study.result_dir.is_dir():
         shutil.rmtree(study.result_dir)
@@ -198,7 +199,9 @@ def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
         "experiment_path": study.experiment_path, "base_config": study.base.to_dict(),
         "layers": study.layers.to_dict() if study.layers is not None else None,
         "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,
-        "trackers": study.trackers, "machine": machine(), "versions": versions(),
+        "trackers": study.trackers, "share_stage1": study.share_stage1,
+        "protocol": study.protocol,
+        "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -290,5 +293,6 @@ def load_study_spec(results_dir: str, name: str) -> Study:
         storage_path=meta["storage_path"], results_dir=results_dir,
         max_concurrent=meta.get("max_concurrent"), max_failures=meta.get("max_failures", 1),
         trackers=meta.get("trackers") or [], layers=layers, command=meta.get("command", []),
+        share_stage1=bool(meta.get("share_stage1")), protocol=meta.get("protocol"),
         called_by=meta.get("called_by"),
     )

@@ -82,6 +82,7 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
             "search": study.search, "grid": req["grid"], "space": req["space"],
             "seeds": study.seeds, "metric": study.metric,
             "selection_split": study.selection_split, "scheduler": study.scheduler,
+            "protocol": study.protocol, "share_stage1": study.share_stage1,
             "presets": {d: (study.layers.preset_for(d) if study.layers else None)
                         for d in study.datasets()},
             "base_configs": req["base_configs"], "results": str(study.result_dir),
@@ -213,21 +214,25 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
         write_json_atomic(meta_path, study_meta(study, rerun.experiments))
 
     slots = concurrency(study)
-    plan = TrialPlan.of(study)
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, plan=plan),
-                                    trial_resources(study))
     workers = study.base.runtime.num_workers
     where = ("each trial trains in its own process" if workers == 0 else
              f"each trial runs a Ray Train worker group of {workers}")
     banner(f"study {study.name!r} ({rerun.kind}): {study.search} search, up to {slots} trials "
            f"at once, {where}; experiment at {study.experiment_path}")
     banner(selection_note(study))
+    if study.share_stage1:
+        banner("protocol: stage 1 trained once per stage-1 configuration (per seed), every "
+               "trial's stage 2 branching from it, as the paper's ablations")
+    elif study.protocol == "full":
+        banner("protocol: full, both stages retrained for every value (--protocol branch: "
+               "the paper's, one stage 1 per seed)")
     if "tensorboard" in study.trackers:
         banner(f"TensorBoard: tensorboard --logdir {study.experiment_path}")
     if "mlflow" in study.trackers:
         banner(f"MLflow: mlflow ui --backend-store-uri {mlflow_uri(study)}")
 
     tables = pd.DataFrame()
+    stage1: dict[str, str] = {}  # stage1_key -> checkpoint of its shared stage 1
     for experiment in rerun.experiments:
         is_new = experiment == rerun.experiment and rerun.kind in ("new", "restart", "extend")
         path = join_path(study.storage_path, experiment)
@@ -236,25 +241,15 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
             # An earlier experiment that is gone from the storage path: keep its rows.
             tables = combine(tables, kept_rows(study, [experiment]))
             continue
-        run_config = tune.RunConfig(
-            name=experiment,
-            storage_path=study.storage_path if "://" in study.storage_path
-            else str(Path(study.storage_path).resolve()),
-            failure_config=tune.FailureConfig(max_failures=study.max_failures),
-            callbacks=[tables_callback(study, experiment, kept), *logger_callbacks(study),
-                       *study.callbacks],
-        )
-        if is_new:
-            write_plan(path, study, plan)
-            points = rerun.new_points if rerun.kind == "extend" else None
-            tuner = tune.Tuner(trainable, param_space=param_space(study, points),
-                               tune_config=_tune_config(study, slots, points),
-                               run_config=run_config)
-        else:
-            banner(f"resuming experiment {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True, restart_errored=False)
-        results = tuner.fit()
+        points = rerun.new_points if rerun.kind == "extend" else None
+        if study.share_stage1:
+            base_points = points if points is not None else study.grid_points()
+            stage1.update(run_stage1(study, experiment, base_points if is_new else None,
+                                     stage1, slots))
+            record_stage1(study, stage1)
+        plan = TrialPlan.of(study, stage1_checkpoints=stage1 if study.share_stage1 else None)
+        results = run_experiment(study, experiment, plan, slots, points if is_new else None,
+                                 is_new, callbacks=[tables_callback(study, experiment, kept)])
         study.result_grid = results
         tables = combine(kept, table_from_results(study, results, experiment))
         write_tables(study, tables)
@@ -263,6 +258,90 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
         banner(f"{len(failed)} trial(s) failed: {', '.join(failed['trial_id'])}")
     banner(f"wrote {study.result_dir / 'trials.csv'} and best.json")
     return tables
+
+
+def run_experiment(study: Study, experiment: str, plan: TrialPlan, slots: int,
+                   points: list[dict[str, Any]] | None, is_new: bool,
+                   callbacks: list[Any] = ()):
+    """Run one Tune experiment of the study (new, over `points` or the whole grid), or
+    restore and finish it; returns Tune's ResultGrid."""
+    path = join_path(study.storage_path, experiment)
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, plan=plan),
+                                    trial_resources(study))
+    run_config = tune.RunConfig(
+        name=experiment,
+        storage_path=study.storage_path if "://" in study.storage_path
+        else str(Path(study.storage_path).resolve()),
+        failure_config=tune.FailureConfig(max_failures=study.max_failures),
+        callbacks=[*callbacks, *logger_callbacks(study), *study.callbacks],
+    )
+    if is_new:
+        write_plan(path, study, plan)
+        tuner = tune.Tuner(trainable, param_space=param_space(study, points),
+                           tune_config=_tune_config(study, slots, points, experiment,
+                                                    scheduled=plan.stage != "stage1"),
+                           run_config=run_config)
+    else:
+        banner(f"resuming experiment {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    return tuner.fit()
+
+
+# ---- a shared stage 1 (the paper's ablation protocol) -------------------------------------------
+STAGE1_SUFFIX = "_stage1"
+
+
+def stage1_points(study: Study, points: list[dict[str, Any]],
+                  known: dict[str, str]) -> list[dict[str, Any]]:
+    """One point per stage-1 configuration among `points` not yet trained (`known`), its
+    stage-2 values dropped (they do not change stage 1)."""
+    from lfm_ray.stage1 import stage1_key
+
+    plan = TrialPlan.of(study)
+    out: dict[str, dict[str, Any]] = {}
+    for point in points:
+        trimmed = {k: v for k, v in point.items() if not k.startswith("stage2.")}
+        key = stage1_key(plan.config_for(trimmed))
+        if key not in known:
+            out.setdefault(key, trimmed)
+    return list(out.values())
+
+
+def run_stage1(study: Study, experiment: str, points: list[dict[str, Any]] | None,
+               known: dict[str, str], slots: int) -> dict[str, str]:
+    """Train (or restore) the shared stage-1 trials of one experiment; stage1_key ->
+    checkpoint of each that completed. `points` None: restore the stored experiment only."""
+    from lfm_ray.stage1 import stage1_key
+
+    name = experiment + STAGE1_SUFFIX
+    path = join_path(study.storage_path, name)
+    if points is None:
+        if not tune.Tuner.can_restore(path):
+            return {}
+        todo = None
+    else:
+        todo = stage1_points(study, points, known)
+        if not todo:
+            return {}
+        banner(f"stage 1: {len(todo)} shared stage-1 run(s) first ({name})")
+    plan = TrialPlan.of(study, stage="stage1")
+    results = run_experiment(study, name, plan, slots, todo, is_new=todo is not None)
+    found = {}
+    for r in results:
+        if r.error or r.checkpoint is None:
+            continue
+        cfg = plan.config_for((r.config or {}).get("params") or {})
+        found[stage1_key(cfg)] = (r.metrics or {}).get("checkpoint_path") or r.checkpoint.path
+    return found
+
+
+def record_stage1(study: Study, checkpoints: dict[str, str]) -> None:
+    """study.json keeps which shared stage-1 checkpoint each stage1_key trained."""
+    path = study.result_dir / STUDY_FILE
+    meta = json.loads(path.read_text())
+    meta["stage1_checkpoints"] = checkpoints
+    write_json_atomic(path, meta)
 
 
 def write_plan(experiment_path: str, study: Study, plan: TrialPlan) -> None:
@@ -278,8 +357,10 @@ def write_plan(experiment_path: str, study: Study, plan: TrialPlan) -> None:
         "mode": study.mode, "search": study.search})
 
 
-def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None = None):
-    alg, sched = search_alg(study, points, slots), scheduler(study)
+def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None = None,
+                 experiment: str | None = None, scheduled: bool = True):
+    """`scheduled=False`: no early stopping (a shared stage 1 must run to its end)."""
+    alg, sched = search_alg(study, points, slots), scheduler(study) if scheduled else None
     if study.search == "grid":
         samples = len(points if points is not None else study.grid_points())
     else:
@@ -292,8 +373,8 @@ def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None =
         mode=study.mode if study.search == "grid" and sched is None else None,
         num_samples=samples,
         max_concurrent_trials=None if study.search == "grid" else slots,
-        trial_name_creator=TrialNamer(study.name),
-        trial_dirname_creator=TrialNamer(study.name, folder=True),
+        trial_name_creator=TrialNamer(experiment or study.name),
+        trial_dirname_creator=TrialNamer(experiment or study.name, folder=True),
         # A trial driver is reused by the next trial: its Ray process and imports
         # (torch, Ray Train; ~3 CPU-seconds) are paid once per concurrent slot.
         reuse_actors=True,

@@ -140,6 +140,10 @@ class Study:
     # data set gets its own paper preset; without it (a Study built in Python), `base` is used
     # as it is for every trial.
     layers: ConfigLayers | None = None
+    # The paper's ablation protocol: trials that agree on everything stage 1 depends on
+    # (stage1_key) share one stage-1 run and branch their stage 2 from its checkpoint.
+    share_stage1: bool = False
+    protocol: str | None = None          # "branch" | "full" for the α and τ sweeps: recorded
     verbose: bool = False                # Ray's own start-up and per-report lines
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     called_by: list[str] | None = None   # the command that ran this study's script, if another
@@ -224,6 +228,9 @@ def validate(study: Study) -> None:
     for tracker in study.trackers:
         if tracker not in TRACKERS:
             raise unknown_name("tracker", tracker, TRACKERS)
+    if study.share_stage1 and study.search != "grid":
+        raise LfmError("a shared stage 1 needs a grid study (its trials are known in advance); "
+                       f"this is a {study.search} search")
     if study.mode not in ("max", "min"):
         raise LfmError(f"mode {study.mode!r} is not valid; expected 'max' or 'min'")
     if study.max_concurrent is not None and study.max_concurrent < 1:

@@ -29,15 +29,38 @@ class TrialPlan:
     train_storage: str
     max_failures: int
     verbose: bool = False
+    # "both" stages; "stage1" only (a shared stage 1); a branch starts stage 2 from the
+    # shared stage-1 checkpoint of its stage1_key (`stage1_checkpoints`, not None).
+    stage: str = "both"
+    stage1_checkpoints: dict[str, str] | None = None
 
     @classmethod
-    def of(cls, study: Study) -> "TrialPlan":
+    def of(cls, study: Study, stage: str = "both",
+           stage1_checkpoints: dict[str, str] | None = None) -> "TrialPlan":
         from lfm_ray.study.spec import join_path
 
         return cls(bases={d: c.to_dict() for d, c in study.base_configs().items()},
                    default_dataset=study.base.data.name, variants=study.variants,
                    train_storage=join_path(study.storage_path, f"{study.name}_train"),
-                   max_failures=study.max_failures, verbose=study.verbose)
+                   max_failures=study.max_failures, verbose=study.verbose, stage=stage,
+                   stage1_checkpoints=dict(stage1_checkpoints)
+                   if stage1_checkpoints is not None else None)
+
+    def stage_extra(self, cfg: RunConfig) -> dict[str, Any]:
+        """The train loop's options for this trial's part in a shared-stage-1 study."""
+        if self.stage == "stage1":
+            return {"stop_after_stage1": True}
+        if self.stage1_checkpoints is None:
+            return {}
+        from lfm_ray.errors import LfmError
+        from lfm_ray.stage1 import stage1_key
+
+        key = stage1_key(cfg)
+        if key not in self.stage1_checkpoints:
+            raise LfmError(f"the shared stage-1 checkpoint of this trial (stage1_key {key}) "
+                           "is missing: its stage-1 run failed or has not run; run the study "
+                           "again to retry it and then this branch")
+        return {"stage1_from": self.stage1_checkpoints[key]}
 
     def config_for(self, params: dict[str, Any]) -> RunConfig:
         base = self.bases[str(params.get("data.name", self.default_dataset))]
@@ -62,16 +85,17 @@ def trial_driver(config: dict[str, Any], plan: TrialPlan) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     in_trial = cfg.runtime.num_workers == 0
     with contextlib.ExitStack() as stack:
+        extra: dict[str, Any] = plan.stage_extra(cfg)
         if in_trial:
             # Ray logs a notice about local mode for every run; the study's banner says it once.
             logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
-            extra: dict[str, Any] = {"report_to_tune": True}
+            extra["report_to_tune"] = True
             checkpoint = ray.tune.get_checkpoint()
             if checkpoint is not None:
                 extra["resume_from"] = stack.enter_context(checkpoint.as_directory())
             callbacks: list[Any] = []
         else:
-            extra, callbacks = {}, [TuneReportCallback()]
+            callbacks = [TuneReportCallback()]
         trainer = make_trainer(
             cfg, name=f"train_{trial_id}", storage_path=plan.train_storage,
             callbacks=callbacks, extra=extra, max_failures=plan.max_failures,

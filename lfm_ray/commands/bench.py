@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smaller τ study (about 3 minutes on 2 cores)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--only", help="comma-separated parts: sampler, stage_cost, data_share, "
-                   "sweep (with the trial overhead), laptop, worker_group, gpu")
+                   "sweep (with the trial overhead), laptop, shared_stage1, worker_group, gpu")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-suite sizes
     p.set_defaults(func=run)
 

@@ -166,7 +166,8 @@ def paper_protocol(args: argparse.Namespace) -> str:
 
     if args.protocol:
         return args.protocol
-    return "branch" if any(d in PRESETS for d in args.datasets) else "full"
+    datasets = getattr(args, "datasets", None) or requested_datasets(args)
+    return "branch" if any(d in PRESETS for d in datasets) else "full"
 
 
 def execute(study, args: argparse.Namespace) -> int:

@@ -427,7 +427,7 @@ def test_report_is_self_contained_and_lists_failures(tau_study, capsys):
     assert "python studies/tau_sweep.py" in page and "Linux-test" in page
     assert page.count("Plotly.newPlot") == 3  # ablation, learning curves, per class
     pngs = sorted(p.name for p in tau_study.glob("*.png"))
-    warned = "PNG export unavailable" in capsys.readouterr().out
+    warned = "warning: no PNGs" in capsys.readouterr().out
     assert pngs == ["ablation_mix.tau.png", "per_class.png"] or warned
 
 
@@ -435,8 +435,8 @@ def test_report_without_a_browser_warns_once_and_still_writes(tau_study, monkeyp
     monkeypatch.setenv("BROWSER_PATH", str(tau_study / "no-such-chrome"))
     path = write_report(tau_study, out=tau_study / "sub" / "r.html")
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
-    assert len(lines) == 1 and "PNG export unavailable" in lines[0]
-    assert path.is_file() and "PNG export unavailable" in path.read_text()
+    assert len(lines) == 1 and "Chrome or Chromium" in lines[0] and "BROWSER_PATH" in lines[0]
+    assert path.is_file() and "no PNGs" in path.read_text()
     assert not list((tau_study / "sub").glob("*.png"))
 
 

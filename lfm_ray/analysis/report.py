@@ -151,16 +151,37 @@ def _png_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".png"
 
 
+def find_chrome() -> str | None:
+    return next((c for c in CHROMES if os.path.exists(c)), None) \
+        or shutil.which("chromium") or shutil.which("google-chrome")
+
+
+def png_blocker() -> str | None:
+    """What PNG export lacks on this machine, named, or None: kaleido (a dependency) renders
+    through a Chrome or Chromium that pip cannot bring."""
+    import importlib.util
+
+    if importlib.util.find_spec("kaleido") is None:
+        return "kaleido is not installed (pip install kaleido)"
+    given = os.environ.get("BROWSER_PATH")
+    if given and not os.path.exists(given):
+        return f"kaleido needs Chrome or Chromium and BROWSER_PATH={given} does not exist"
+    if not given and find_chrome() is None:
+        return ("kaleido needs Chrome or Chromium and none was found (Debian/Ubuntu: "
+                "apt-get install chromium; or set BROWSER_PATH)")
+    return None
+
+
 def write_pngs(figs: dict[str, go.Figure], folder: Path) -> tuple[list[Path], str | None]:
     """A PNG of each figure through kaleido and the system's Chromium, in one browser
     session. Returns (written files, None) or ([], the reason PNG export is impossible)."""
     if not figs:
         return [], None
+    missing = png_blocker()
+    if missing:
+        return [], missing
     if not os.environ.get("BROWSER_PATH"):
-        chrome = next((c for c in CHROMES if os.path.exists(c)), None) \
-            or shutil.which("chromium") or shutil.which("google-chrome")
-        if chrome:
-            os.environ["BROWSER_PATH"] = chrome  # where kaleido's choreographer looks first
+        os.environ["BROWSER_PATH"] = find_chrome()  # where kaleido's choreographer looks first
     paths = [folder / _png_name(name) for name in figs]
     try:
         pio.write_images(list(figs.values()), paths, width=1100, height=620, scale=1)
@@ -365,8 +386,7 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
         headline = {k: v for k, v in figs.items() if k not in NOT_HEADLINE}
         pngs, reason = write_pngs(headline, target.parent)
         if reason:
-            line = (f"warning: PNG export unavailable ({reason}); the HTML report is complete "
-                    "(install Chromium, e.g. apt-get install chromium, for PNGs)")
+            line = f"warning: no PNGs: {reason}; the HTML report is complete"
             print(line, flush=True)
             notes.append(line.removeprefix("warning: "))
     page = render_page(study, figs, pngs, notes)

@@ -43,9 +43,17 @@ class StageBars:
             return
         bar = self._bar(stage)
         first = 1 if stage == 1 else self.epochs[1] + 1
-        bar.n = int(metrics["epoch"]) - first + 1  # a resumed run starts part-way
+        done = int(metrics["epoch"]) - first + 1
         bar.set_postfix_str(describe(metrics), refresh=False)
-        bar.refresh()
+        if done > bar.n:
+            bar.update(done - bar.n)  # a resumed run's first report jumps part-way
+        else:
+            bar.refresh()
+
+    def start(self) -> None:
+        """Stage 1's bar from the start, so its rate and ETA count from the first epoch."""
+        if self.epochs[1] > 0:
+            self._bar(1)
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -77,6 +85,7 @@ class ProgressFeed:
         self._stop = threading.Event()
 
     def __enter__(self) -> "ProgressFeed":
+        self.bars.start()
         self._thread.start()
         return self
 

@@ -250,3 +250,24 @@ def test_alpha_and_tau_sweeps_branch_stage2_on_the_paper_data_sets(tmp_path):
     alpha = plan_of(alpha_sweep, "--dataset", "cifar10-lt")
     assert alpha.share_stage1 and set(alpha.grid) == {"stage2.alpha"}
     assert alpha.fixed["mix.alpha"] == 1.0
+
+
+# ---- the terminal -----------------------------------------------------------------------------
+def test_progress_bars_per_stage_show_epoch_loss_and_percent():
+    import io
+
+    from lfm_ray.progress import StageBars, describe
+
+    stream = io.StringIO()
+    bars = StageBars(RunConfig().override({"stage1.epochs": 3, "stage2.epochs": 2}), stream)
+    bars.start()
+    for epoch in range(1, 6):
+        bars.update({"epoch": epoch, "stage": 1 if epoch <= 3 else 2, "train_loss": 0.5,
+                     "acc_all": 0.25, "acc_few": 0.125})
+    bars.close()
+    lines = stream.getvalue().replace("\r", "\n")
+    assert "stage 1" in lines and "3/3" in lines and "stage 2" in lines and "2/2" in lines
+    assert "all 25.0 %" in lines and "few 12.5 %" in lines and "loss 0.5000" in lines
+    # A run selecting on val leads with its val figure; NaN (test not yet run) is left out.
+    text = describe({"train_loss": 1.0, "val_acc_all": 0.5, "acc_all": float("nan")})
+    assert text == "loss 1.0000, val all 50.0 %"

@@ -257,10 +257,14 @@ def test_a_trial_in_its_own_process_matches_a_worker_group_trial(tmp_path, local
     assert in_trial["epoch"] == group["epoch"] == 2
     for key in ("acc_all", "acc_many", "acc_medium", "acc_few", "train_loss"):
         assert in_trial[key] == pytest.approx(group[key], abs=1e-6), key
-    # The in-process trial's checkpoint is Tune's own, with the run's state and history.
-    ckpt = Path(in_trial["checkpoint_path"])
+    # The in-process trial's checkpoint is Tune's own (stored relative to the storage path),
+    # with the run's state and history; its small files are copied beside the tables.
+    ckpt = tmp_path / "ray" / in_trial["checkpoint_path"]
+    assert not Path(in_trial["checkpoint_path"]).is_absolute()
     assert ckpt.is_dir() and {"result.json", "history.json"} <= {p.name for p in ckpt.iterdir()}
-    history = json.loads((ckpt / "history.json").read_text())
+    copied = tmp_path / "results" / "w0" / in_trial["artifacts"]
+    assert {"result.json", "history.json", "confusion.npz"} <= {p.name for p in copied.iterdir()}
+    history = json.loads((copied / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
 
 

@@ -196,7 +196,7 @@ def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
         "selection_split": study.selection_split, "selection": _selection_note(study),
         "scheduler": study.scheduler, "sampler": study.sampler,
         "optuna_storage": study.optuna_storage, "storage_path": study.storage_path,
-        "experiment_path": study.experiment_path, "base_config": study.base.to_dict(),
+        "base_config": study.base.to_dict(),
         "layers": study.layers.to_dict() if study.layers is not None else None,
         "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,
         "trackers": study.trackers, "share_stage1": study.share_stage1,

@@ -30,7 +30,8 @@ from lfm_ray.study.search import (
 )
 from lfm_ray.study.spec import Study, join_path, resolve_selection, validate
 from lfm_ray.study.tables import (
-    combine, kept_rows, table_from_results, tables_callback, write_tables,
+    Rows, combine, kept_rows, relative_to_storage, table_from_results, tables_callback,
+    write_tables,
 )
 from lfm_ray.study.trial import (
     PLAN_FILE, TrialNamer, TrialPlan, trial_driver, trial_resources,
@@ -232,6 +233,7 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
         banner(f"MLflow: mlflow ui --backend-store-uri {mlflow_uri(study)}")
 
     tables = pd.DataFrame()
+    rows = Rows(study)
     stage1: dict[str, str] = {}  # stage1_key -> checkpoint of its shared stage 1
     for experiment in rerun.experiments:
         is_new = experiment == rerun.experiment and rerun.kind in ("new", "restart", "extend")
@@ -249,9 +251,10 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
             record_stage1(study, stage1)
         plan = TrialPlan.of(study, stage1_checkpoints=stage1 if study.share_stage1 else None)
         results = run_experiment(study, experiment, plan, slots, points if is_new else None,
-                                 is_new, callbacks=[tables_callback(study, experiment, kept)])
+                                 is_new, callbacks=[tables_callback(study, experiment, kept,
+                                                                    rows)])
         study.result_grid = results
-        tables = combine(kept, table_from_results(study, results, experiment))
+        tables = combine(kept, table_from_results(study, results, experiment, rows))
         write_tables(study, tables)
     failed = tables[tables["status"] == "ERROR"] if len(tables) else tables
     if len(failed):
@@ -340,7 +343,8 @@ def record_stage1(study: Study, checkpoints: dict[str, str]) -> None:
     """study.json keeps which shared stage-1 checkpoint each stage1_key trained."""
     path = study.result_dir / STUDY_FILE
     meta = json.loads(path.read_text())
-    meta["stage1_checkpoints"] = checkpoints
+    meta["stage1_checkpoints"] = {k: relative_to_storage(study.storage_path, v)
+                                  for k, v in checkpoints.items()}
     write_json_atomic(path, meta)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,17 +18,94 @@ TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.json"
 
 
-def trial_rows(study: Study, trials: list[Any], experiment: str | None = None) -> pd.DataFrame:
-    """One row per Tune trial: swept parameters, final metrics, status, costs."""
-    rows = []
-    for t in trials:
+class Rows:
+    """The study's trial rows, kept portable and cheap as the study grows.
+
+    A finished trial's row is built once (a study of a thousand trials rewrites its table
+    after every trial); its final result, history and confusion matrix are copied from its
+    checkpoint into results/<name>/trials/<trial_id>/ (`artifacts`), and its checkpoint
+    path is stored relative to the storage path, so the results folder renders anywhere."""
+
+    def __init__(self, study: Study):
+        self.study = study
+        self.done: dict[str, dict[str, Any]] = {}
+
+    def rows(self, trials: list[Any], experiment: str | None = None) -> pd.DataFrame:
+        out = []
+        for t in trials:
+            key = f"{experiment}/{t.trial_id}"
+            if key in self.done:
+                out.append(self.done[key])
+                continue
+            row = self._row(t, experiment)
+            if str(t.status) in ("TERMINATED", "ERROR"):
+                self.done[key] = row
+            out.append(row)
+        return pd.DataFrame(out)
+
+    def _row(self, t: Any, experiment: str | None) -> dict[str, Any]:
+        study = self.study
         params = dict((t.config or {}).get("params") or {})
         row = trial_row(t.trial_id, t.status, error_message(t), params, study.swept,
                         study.config_for(params), dict(t.last_result or {}),
                         getattr(t, "checkpoint", None))
         row["experiment"] = experiment or study.name
-        rows.append(row)
-    return pd.DataFrame(rows)
+        source = row.get("checkpoint_path")
+        row["artifacts"] = copy_artifacts(study, str(t.trial_id), source) if source else None
+        row["checkpoint_path"] = relative_to_storage(study.storage_path, source)
+        return row
+
+
+def trial_rows(study: Study, trials: list[Any], experiment: str | None = None) -> pd.DataFrame:
+    """One row per Tune trial: swept parameters, final metrics, status, costs."""
+    return Rows(study).rows(trials, experiment)
+
+
+ARTIFACTS_DIR = "trials"
+ARTIFACT_FILES = ("result.json", "history.json", "confusion.npz")
+
+
+def copy_artifacts(study: Study, trial_id: str, checkpoint: str) -> str | None:
+    """Copy a trial checkpoint's small files (final result, history, confusion matrix; not
+    the weights) into results/<name>/trials/<trial_id>/; returns that folder relative to
+    the results folder, or None when the checkpoint is unreachable."""
+    target = study.result_dir / ARTIFACTS_DIR / trial_id
+    try:
+        if "://" in checkpoint:
+            import pyarrow.fs
+
+            fs, inner = pyarrow.fs.FileSystem.from_uri(checkpoint)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ARTIFACT_FILES:
+                source = f"{inner.rstrip('/')}/{name}"
+                if fs.get_file_info(source).type == pyarrow.fs.FileType.File:
+                    with fs.open_input_stream(source) as fh:
+                        (target / name).write_bytes(fh.read())
+        else:
+            folder = Path(checkpoint)
+            if not folder.is_dir():
+                return None
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ARTIFACT_FILES:
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, target / name)
+    except OSError:
+        return None
+    return f"{ARTIFACTS_DIR}/{trial_id}"
+
+
+def relative_to_storage(storage_path: str, path: str | None) -> str | None:
+    """A checkpoint path relative to the study's storage path (where every node reads it)."""
+    if not path:
+        return path
+    if "://" in storage_path:
+        root = storage_path.rstrip("/") + "/"
+        return path[len(root):] if path.startswith(root) else path
+    root = Path(storage_path).expanduser().resolve()
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
 
 
 def trial_row(trial_id: str, status: str, error: str, params: dict[str, Any],
@@ -145,22 +223,23 @@ def combine(kept: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([kept, current], ignore_index=True)
 
 
-def tables_callback(study: Study, experiment: str, kept: pd.DataFrame):
+def tables_callback(study: Study, experiment: str, kept: pd.DataFrame, rows: Rows):
     from ray.tune import Callback
 
     class TablesCallback(Callback):
         """Rewrites the tables whenever a trial finishes or fails."""
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            write_tables(study, combine(kept, trial_rows(study, trials, experiment)))
+            write_tables(study, combine(kept, rows.rows(trials, experiment)))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            write_tables(study, combine(kept, trial_rows(study, trials, experiment)))
+            write_tables(study, combine(kept, rows.rows(trials, experiment)))
 
     return TablesCallback()
 
 
-def table_from_results(study: Study, results, experiment: str) -> pd.DataFrame:
+def table_from_results(study: Study, results, experiment: str,
+                       rows: Rows | None = None) -> pd.DataFrame:
     """The final table from Tune's ResultGrid (restored trials included)."""
     trials = []
     for r in results:
@@ -169,7 +248,7 @@ def table_from_results(study: Study, results, experiment: str) -> pd.DataFrame:
         trials.append(TrialView(trial_id, status, r.config or {}, r.metrics or {},
                                 last_line(str(r.error)) if r.error else "",
                                 checkpoint=r.checkpoint))
-    return trial_rows(study, trials, experiment)
+    return (rows or Rows(study)).rows(trials, experiment)
 
 
 @dataclass

@@ -13,6 +13,9 @@ Figures (JSON keys) and the claim each supports:
 - laptop_overhead_ratio: the τ study through Ray over the same trials run one after another
   in one process without Ray (as the authors' sweep ran).
 - data_share_ratio: resident memory of four concurrent trials' image data over one trial's.
+- study_overhead_growth: wall time per trial over the last 100 trials of a 1,000-trial random
+  search of smoke trials (one step per stage) over the same for its first 100 (`--quick`: the
+  last 50 of 200 over the first 50): the study's bookkeeping must not grow with it.
 - shared_stage1_ratio: wall time of the default τ study with a shared stage 1 (the paper's
   protocol: stage 1 once per seed, each τ branched in stage 2) over the same study retraining
   both stages for every τ, both run here (for information: the saving of the protocol).
@@ -49,6 +52,7 @@ TARGETS = {
     "sweep_speedup": (">=", 1.5),
     "laptop_overhead_ratio": ("<=", 1.2),
     "data_share_ratio": ("<=", 1.3),
+    "study_overhead_growth": ("<=", 1.2),
     "gpu_images_per_s": (">=", 9000.0),
     "gpu_packed_ratio": (">=", 1.2),
     "gpu_speedup_vs_reference": (">=", 3.0),
@@ -254,6 +258,52 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
     return {"laptop_ray_s": through_ray, "laptop_in_process_s": in_process,
             "laptop_trials": len(study.grid["mix.tau"]) * len(study.seeds),
             "laptop_overhead_ratio": through_ray / in_process}
+
+
+class _Completions:
+    """A Tune callback recording when each trial ended (finished or failed)."""
+
+    def __new__(cls):
+        from ray.tune import Callback
+
+        class Completions(Callback):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.times.append(time.perf_counter())
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.times.append(time.perf_counter())
+
+        return Completions()
+
+
+def bench_study_overhead(root: Path, cache_dir: str, trials: int = 1000,
+                         window: int = 100) -> dict[str, float]:
+    """A random search of `trials` smoke trials (one step per stage) through the engine:
+    wall time per trial over its last `window` trials over the same for its first `window`
+    (the tables, experiment-state saves and callbacks must not grow with the study)."""
+    from lfm_ray.study import Dim, Study, run_study
+
+    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
+                                 "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
+                                 "runtime.batch_size": 8, "data.cache_dir": cache_dir})
+    clock = _Completions()
+    study = Study(name=f"overhead_{trials}", base=base, search="random",
+                  space={"mix.tau": Dim.loguniform(0.002, 31.25)}, num_samples=trials,
+                  storage_path=str(root / "ray"), results_dir=str(root / "results"),
+                  callbacks=[clock], command=["lfm-ray", "bench"])
+    start = time.perf_counter()
+    run_study(study)
+    total = time.perf_counter() - start
+    ends = [start, *sorted(clock.times)]
+    window = min(window, max(1, (len(ends) - 1) // 2))
+    first = (ends[window] - ends[0]) / window
+    last = (ends[-1] - ends[-1 - window]) / window
+    return {"study_trials": len(ends) - 1, "study_wall_s": total,
+            "study_first_s_per_trial": first, "study_last_s_per_trial": last,
+            "study_overhead_growth": last / first}
 
 
 def bench_shared_stage1(root: Path, cache_dir: str, quick: bool,
@@ -553,7 +603,7 @@ def machine() -> dict[str, Any]:
 
 
 PARTS = ("sampler", "stage_cost", "data_share", "sweep", "laptop", "shared_stage1",
-         "worker_group", "gpu")
+         "study_overhead", "worker_group", "gpu")
 # Figures with no target, printed for information.
 INFO = ("shared_stage1_ratio", "sweep_concurrency_speedup", "trial_overhead_worker_group_s")
 
@@ -579,6 +629,9 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
             "sweep": lambda: bench_sweep(root, cache, trials=2 if tiny else 6),  # + trial overhead
             "laptop": lambda: bench_laptop_overhead(root, cache, quick=quick, tiny=tiny),
             "shared_stage1": lambda: bench_shared_stage1(root, cache, quick=quick, tiny=tiny),
+            "study_overhead": lambda: bench_study_overhead(
+                root, cache, trials=4 if tiny else (200 if quick else 1000),
+                window=1 if tiny else (50 if quick else 100)),
         }
         if not quick or (only and "worker_group" in only):  # for information: 20-40 s more
             parts["worker_group"] = lambda: bench_trial_overhead(

@@ -8,7 +8,8 @@ import json
 from lfm_ray.cli import main
 
 CPU_KEYS = ("sampler_speedup", "stage2_cost_ratio", "trial_overhead_s", "sweep_speedup",
-            "laptop_overhead_ratio", "data_share_ratio", "shared_stage1_ratio")
+            "laptop_overhead_ratio", "data_share_ratio", "shared_stage1_ratio",
+            "study_overhead_growth")
 
 
 def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):

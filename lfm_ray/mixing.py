@@ -101,19 +101,49 @@ def _log_gamma(shape: float, g: torch.Generator) -> float:
 
 
 # ---- partner sampling ----------------------------------------------------------------------
-def alias_tables(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Walker/Vose alias tables of every row of P: (prob (R, K) float64, alias (R, K) long).
+# Rows of a sampling matrix turned into alias tables at once: bounds the float64 working set
+# (at iNaturalist's 8,142 classes a whole matrix is 530 MB per float64 copy).
+ALIAS_CHUNK_ROWS = 2048
+
+
+def alias_index_dtype(K: int) -> torch.dtype:
+    """The smallest integer type holding K column indices (int16 up to 32,767 classes)."""
+    return torch.int16 if K <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def alias_tables(P: torch.Tensor, column_mask: torch.Tensor | None = None,
+                 chunk_rows: int = ALIAS_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walker/Vose alias tables of every row of P: (prob (R, K) float64, alias (R, K) of
+    `alias_index_dtype(K)`).
 
     A draw from row r picks a column k uniformly, keeps k with probability prob[r, k], else
-    takes alias[r, k]. Built by Vose's pairing run in lockstep over all rows (one tensor step
-    pairs one deficient column with one surplus column in every row; at most K steps), on
-    P's device, in float64. Columns left over when one list empties carry mass 1 up to
-    rounding and keep themselves; a zero-probability column is never kept and never an alias,
-    so it is never drawn.
+    takes alias[r, k]. `column_mask` (K,) bool zeroes the columns it excludes before each row
+    is normalised. Built by Vose's pairing run in lockstep over the rows of a chunk (one
+    tensor step pairs one deficient column with one surplus column in every row; at most K
+    steps), `chunk_rows` rows at a time (the same tables as all at once: rows are
+    independent), on P's device, in float64. Columns left over when one list empties carry
+    mass 1 up to rounding and keep themselves; a zero-probability column is never kept and
+    never an alias, so it is never drawn.
     """
     if P.dim() != 2 or P.shape[1] == 0:
         raise LfmError(f"alias tables need a (rows, K) matrix; got shape {tuple(P.shape)}")
-    Pd = P.detach().double()
+    R, K = P.shape
+    prob = torch.empty(R, K, dtype=torch.float64, device=P.device)
+    alias = torch.empty(R, K, dtype=alias_index_dtype(K), device=P.device)
+    for start in range(0, R, max(1, chunk_rows)):
+        rows = P[start:start + chunk_rows].detach().double()
+        if column_mask is not None:
+            rows = rows * column_mask.to(rows.device, torch.float64)
+        p, a = _alias_rows(rows)
+        prob[start:start + chunk_rows] = p
+        alias[start:start + chunk_rows] = a.to(alias.dtype)
+    return prob, alias
+
+
+def _alias_rows(Pd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alias tables of the float64 rows Pd (R, K): (prob float64, alias long), by Vose's
+    pairing in lockstep over the rows (one tensor step pairs one deficient column with one
+    surplus column in every row; at most K steps)."""
     if bool((Pd < 0).any()) or not bool(torch.isfinite(Pd).all()):
         raise LfmError("sampling probabilities must be finite and >= 0")
     total = Pd.sum(dim=1, keepdim=True)
@@ -164,7 +194,7 @@ def alias_distribution(prob: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
     """The exact distribution the alias tables draw from, per row (for tests and checks)."""
     K = prob.shape[1]
     out = prob.double() / K
-    return out.scatter_add(1, alias, (1.0 - prob.double()) / K)
+    return out.scatter_add(1, alias.long(), (1.0 - prob.double()) / K)
 
 
 class ClassImages:
@@ -225,18 +255,36 @@ class PairSampler:
         self.num_classes = C
         self.images = ClassImages(train_labels, C, device)
         self.counts = self.images.counts
-        Pd = P.detach().double().to(device) * (self.counts > 0).double()
-        mass = Pd.sum(dim=1)
-        stranded = ((mass <= 0) & (self.counts > 0)).nonzero().squeeze(1)
+        self._source = P.detach().to(device)
+        self._available = self.counts > 0
+        mass = self._source @ self._available.to(self._source.dtype)
+        stranded = ((mass <= 0) & self._available).nonzero().squeeze(1)
         if stranded.numel():
             raise LfmError(f"class {int(stranded[0])} has no partner class with training images "
                            "and a positive sampling probability; raise tau")
         # Rows of classes without images are never asked for; give them a harmless uniform row.
-        Pd[mass <= 0] = 1.0 / C
-        self.P = Pd / Pd.sum(dim=1, keepdim=True)
-        self.prob, self.alias = alias_tables(self.P)
+        self._dead = mass <= 0
+        self.prob, self.alias = alias_tables(self._source, column_mask=self._available)
+        if bool(self._dead.any()):
+            self.prob[self._dead] = 1.0
+            self.alias[self._dead] = torch.arange(C, device=device).to(self.alias.dtype)
         self._device = device
         self._copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def P(self) -> torch.Tensor:
+        """The law the sampler draws from (float64): the rows of P over the classes with
+        training images, renormalised. Built on demand (the plain path of tests and the
+        benchmark); the sampler itself keeps only its alias tables."""
+        Pd = self._source.double() * self._available.double()
+        Pd[self._dead] = 1.0 / self.num_classes
+        return Pd / Pd.sum(dim=1, keepdim=True)
+
+    def table_bytes(self) -> int:
+        """Memory of the sampler's own tables (alias tables and per-class image index)."""
+        tensors = (self.prob, self.alias, self.images.counts, self.images.offsets,
+                   self.images.order)
+        return sum(t.element_size() * t.nelement() for t in tensors)
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device == self._device:

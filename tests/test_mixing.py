@@ -234,7 +234,7 @@ def test_alias_tables_are_exact_for_softmax_rows_with_underflowed_zeros(tau):
     assert torch.allclose(alias_distribution(prob, alias), Pd, atol=1e-12, rtol=0)
     zero = P == 0
     assert torch.all(prob[zero] == 0)                    # a zero column is never kept ...
-    assert not torch.any(zero.gather(1, alias) & (prob < 1))  # ... nor reached as an alias
+    assert not torch.any(zero.gather(1, alias.long()) & (prob < 1))  # ... nor reached as an alias
     if tau == 0.002:
         assert zero.sum() > 60  # the case the guard exists for: many underflowed entries
 
@@ -586,3 +586,35 @@ def test_each_method_draws_lambda_from_its_own_law_unless_beta_is_set():
     assert stats.kstest(draws, stats.beta(0.5, 0.5).cdf).pvalue > 1e-3
     assert _mixer("remix")[0].settings() == {"method": "remix", "beta": 0.4,
                                              "remix_kappa": 3.0, "remix_tau": 0.5}
+
+
+def test_alias_tables_built_in_row_chunks_equal_one_build():
+    """The chunked build (bounded memory at iNaturalist's 8,142 classes) gives the tables of
+    one build over all rows, and a column mask equals zeroing those columns first."""
+    P = local_sampling_matrix(text(C=50, d=8, seed=4), 0.05)
+    prob, alias = alias_tables(P, chunk_rows=len(P))
+    for chunk in (1, 7, 16):
+        p, a = alias_tables(P, chunk_rows=chunk)
+        assert torch.equal(p, prob) and torch.equal(a, alias)
+    assert alias.dtype == torch.int16  # 2 bytes per entry below 32,768 classes
+    mask = torch.ones(50, dtype=torch.bool)
+    mask[[3, 17]] = False
+    p, a = alias_tables(P, column_mask=mask, chunk_rows=9)
+    want = P.double() * mask.double()
+    want = want / want.sum(dim=1, keepdim=True)
+    assert torch.allclose(alias_distribution(p, a), want, atol=1e-12, rtol=0)
+    assert torch.all(p[:, [3, 17]] == 0)
+
+
+def test_pair_sampler_keeps_only_its_tables_and_draws_the_renormalised_rows():
+    P = local_sampling_matrix(text(C=12, d=8, seed=6), 0.25)
+    labels = torch.arange(12).repeat_interleave(3)
+    labels = labels[labels != 5]  # class 5 has no image: never drawn, its row never asked
+    sampler = PairSampler(P, labels)
+    want = P.double() * (torch.arange(12) != 5).double()
+    want = want / want.sum(dim=1, keepdim=True)
+    assert torch.allclose(sampler.P[torch.arange(12) != 5], want[torch.arange(12) != 5],
+                          atol=1e-12, rtol=0)
+    assert torch.allclose(alias_distribution(sampler.prob, sampler.alias)[[0, 4, 11]],
+                          want[[0, 4, 11]], atol=1e-12, rtol=0)
+    assert sampler.table_bytes() == 12 * 12 * (8 + 2) + 12 * 8 * 2 + len(labels) * 8

@@ -269,7 +269,7 @@ def direct_accuracy(cfg: RunConfig, state: dict, split: str):
 
     torch.manual_seed(cfg.runtime.seed)
     clip, spec = build_clip(cfg.model.name)
-    arrays = load_arrays(cfg.data.name, root=cfg.data.root, image_size=int(spec.size),
+    arrays = load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
                          cache_dir=cfg.data.cache_dir,
                          **options_for(cfg.data.name, seed=cfg.data.seed))
     model = LFMClassifier(clip.visual, text_features(clip, arrays.class_names,

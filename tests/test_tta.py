@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +207,26 @@ def test_the_new_metrics_reach_every_epochs_report(tmp_path):
     # digits-lt's test split is balanced, so acc_all is the mean of the per-class accuracies,
     # which bounds their harmonic mean from above; the worst one bounds it from below.
     assert m["acc_worst"] <= m["acc_hmean"] <= m["acc_all"] + 1e-9
+
+
+def test_the_report_shows_the_class_metrics_and_parameter_counts(tmp_path):
+    from test_analysis import make_study
+
+    from lfm_ray.analysis import write_report
+
+    def accuracy(params, seed):
+        light = params["method"] == "LoRA"
+        return {"acc_many": 0.8, "acc_medium": 0.6, "acc_few": 0.4 + 0.1 * light,
+                "acc_all": 0.6, "macro_f1": 0.5 + 0.1 * light + 0.02 * seed,
+                "acc_hmean": 0.3, "acc_worst": 0.1 * light,
+                "trained_params_stage1": 1024 if light else 117760,
+                "trained_params_stage2": 4096}
+
+    study = make_study(tmp_path, "finetune_modes", {"method": ["full", "LoRA"]}, acc=accuracy)
+    page = write_report(study, png=False).read_text()
+    table = page[page.index("LIFT's figures"):]
+    table = table[:table.index("</table>")]
+    cells = re.findall(r"<td>([^<]*)</td>", table)
+    # method, macro-F1 (%, mean of seeds 0 and 1), harmonic mean, worst, the two counts
+    assert cells == ["full", "51", "30", "0", "117760", "4096",
+                     "LoRA", "61", "30", "10", "1024", "4096"]

@@ -299,3 +299,40 @@ def test_a_lightweight_run_resumes_as_an_uninterrupted_one(tmp_path):
     for k in a["visual"]:
         assert torch.allclose(a["visual"][k], b["visual"][k], atol=1e-6), k
     assert resumed.metrics["acc_all"] == pytest.approx(full.metrics["acc_all"], abs=1e-6)
+
+
+# ---- the study -----------------------------------------------------------------------------------
+def test_the_study_runs_every_mode_without_and_with_lfm(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "studies"))
+    import finetune_modes
+
+    from lfm_ray.commands.study_flags import add_study_flags, study_from_args
+    from lfm_ray.commands.run_flags import new_parser
+
+    parser = new_parser()
+    add_study_flags(parser, default_name="finetune_modes")
+    args = parser.parse_args(["--storage-path", str(tmp_path / "ray"),
+                              "--results-dir", str(tmp_path / "results")])
+    plan = finetune_modes.declare(args)
+    assert len(plan.grid["method"]) == 12 and set(plan.variants) == set(plan.grid["method"])
+    for name, mode in finetune_modes.MODES.items():
+        assert plan.variants[name]["stage1.finetune"] == mode
+        assert plan.variants[name]["mix.method"] == "none"
+        assert plan.variants[f"{name} + LFM"]["mix.method"] == "lfm"
+    study = study_from_args(args, plan, script="finetune_modes")
+    for name in plan.grid["method"]:  # every trial's configuration is valid
+        cfg = study.config_for({"method": name, "runtime.seed": 0}).validate()
+        assert cfg.stage1.finetune == plan.variants[name]["stage1.finetune"]
+    # --help answers without importing the heavy modules
+    code = ("import sys; sys.argv = ['finetune_modes.py', '--help']\nimport runpy\n"
+            "try:\n    runpy.run_path('studies/finetune_modes.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stderr

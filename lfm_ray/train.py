@@ -221,6 +221,15 @@ class Run:
         return build_loss(self.cfg.loss.name, self.class_counts, text_features=self.text_features,
                           **self.cfg.loss.params(self.cfg.logit_scale))
 
+    def finetune_record(self) -> dict[str, Any]:
+        """Stage 1's mode and, for a lightweight one, the size it used (LIFT's default
+        resolved where the config left it None)."""
+        from lfm_ray.config import FINETUNE_SIZES
+
+        mode = self.cfg.stage1.finetune
+        return {"mode": mode, **{k: v for k, v in self.finetune_sizes.items()
+                                 if FINETUNE_SIZES[k] == mode}}
+
     def class_info(self) -> dict[str, Any]:
         """Saved beside per-class accuracy, so a report can plot it against training counts."""
         return {"class_names": self.class_names, "class_counts": self.class_counts}
@@ -603,11 +612,13 @@ def epoch_metrics(run: Run, epoch: int, stage: int, loss: float, selection: dict
 def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],
                   last_test: dict[str, Any], stage1_from: str | None) -> dict[str, Any]:
     """result.json of a checkpoint (and `lfm-ray train`'s metrics.json): the epoch's
-    metrics, per-class accuracy on test (and on val), the classes, and where stage 1 is from."""
+    metrics, per-class accuracy on test (and on val), the classes, stage 1's fine-tuning
+    mode with the size it used, and where stage 1 is from."""
     out = {**metrics, "per_class_acc": last_test["per_class_acc"]}
     if "val_per_class_acc" in selection:
         out["val_per_class_acc"] = selection["val_per_class_acc"]
     out.update(run.class_info())
+    out["finetune"] = run.finetune_record()
     out["stage1_key"] = stage1_key(run.cfg)
     if stage1_from is not None:
         out["stage1_from"] = stage1_from

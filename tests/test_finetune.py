@@ -263,6 +263,9 @@ def test_each_mode_trains_end_to_end_and_records_its_count(tmp_path, tiny, mode)
     assert result.metrics["trained_params_stage2"] == D * D
     saved = json.loads((tmp_path / "ckpt" / "epoch_0002" / RESULT_FILE).read_text())
     assert saved["trained_params_stage1"] == expected_count(mode, tiny[0].visual)
+    size = {"lora": {"lora_rank": 2}, "adaptformer": {"adapter_dim": 2},
+            "vpt": {"vpt_length": 10}}.get(mode, {})  # LIFT's defaults, resolved
+    assert saved["finetune"] == {"mode": mode, **size}
     # From the initial weights (the trainer's, rebuilt) to the end of stage 1 only the
     # mode's parameters move; in stage 2 only W_I.
     start = Run(cfg.copy().validate(), WorkerInfo(0, 1, CPU)).model

@@ -230,3 +230,22 @@ def test_the_report_shows_the_class_metrics_and_parameter_counts(tmp_path):
     # method, macro-F1 (%, mean of seeds 0 and 1), harmonic mean, worst, the two counts
     assert cells == ["full", "51", "30", "0", "117760", "4096",
                      "LoRA", "61", "30", "10", "1024", "4096"]
+
+
+def test_a_partial_cache_has_its_own_key_and_a_full_one_keeps_its_old_key():
+    import hashlib
+    import json
+
+    from lfm_ray.data.cache import CACHE_FORMAT, _preprocessing, cache_key
+
+    options = {"imbalance_factor": 10.0, "seed": 0, "test_per_class": 50}
+    # The key a full cache had before partial caches existed: unchanged, so no cache built
+    # before is rebuilt.
+    blob = json.dumps([CACHE_FORMAT, "digits-lt", "", _preprocessing(SPEC),
+                       sorted({"imbalance_factor": 10, "seed": 0, "test_per_class": 50}.items())],
+                      default=str)
+    assert cache_key("digits-lt", None, SPEC, options) == \
+        hashlib.sha256(blob.encode()).hexdigest()[:16]
+    partial = cache_key("digits-lt", None, SPEC, options, ("test",))
+    assert partial != cache_key("digits-lt", None, SPEC, options)
+    assert partial != cache_key("digits-lt", None, SPEC, options, ("val", "test"))

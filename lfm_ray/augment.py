@@ -8,11 +8,17 @@ would (lfm_ray/data/preprocess.py).
 
 Training augmentation is a random horizontal flip (probability 0.5) of the stored image,
 which for lazily decoded sets is already the model's centre crop.
+
+Test-time augmentation (`eval.tta`; `BatchBuilder.views`) gives each evaluation image
+several views whose logits the trainer averages: flip, the model's input and its mirror;
+fivecrop, the four corner crops and the centre crop at the model's input size S of the image
+resized to a larger side R (the node cache keeps the evaluation splits at R for it).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -82,12 +88,7 @@ class BatchBuilder:
                  flips: torch.Tensor | None = None) -> torch.Tensor:
         """flip=True draws the flips from `generator`; or pass them as a (B,) bool `flips`
         (the trainer builds an image batch and its partners in one call that way)."""
-        x = to_device(images, self.device).permute(0, 3, 1, 2)  # a channels-last view
-        if self.device.type == "cpu":
-            # On the CPU, flips and normalisation over that view ran 5-9x slower than over
-            # NCHW-contiguous data; a GPU is fastest left channels-last (same values either way).
-            x = x.contiguous()
-        x = x.float()  # 0..255 until the resize is done: it rounds as Pillow does, in uint8 steps
+        x = self._pixels(images)
         if flip and flips is None:
             flips = self.draw_flips(x.shape[0], generator)
         if flips is not None:
@@ -96,7 +97,56 @@ class BatchBuilder:
             x.index_copy_(0, picked, x.index_select(0, picked).flip(-1))
         # The flip comes first, as in the authors' pipeline (flip the image, then CLIP's resize).
         x = resize_square(x, self.spec.size, self.spec.interpolation)
-        x = x.div_(255.0).sub_(self.mean).div_(self.std)  # this call's own tensor: in place
+        return self._normalised(x)
+
+    def views(self, images: torch.Tensor, tta: str = "none",
+              resize: int | None = None) -> Iterator[torch.Tensor]:
+        """The test-time views of a uint8 (B, H, W, 3) evaluation batch, one normalised
+        (B, 3, S, S) batch at a time: none, the model's input; flip, it and its mirror;
+        fivecrop, the images resized to `resize` (unless stored at it) cut into their
+        top-left, top-right, bottom-left, bottom-right and centre S × S crops."""
+        x = self._pixels(images)
+        if tta == "fivecrop":
+            if resize is None or resize <= self.spec.size:
+                raise ValueError(f"five crops of {self.spec.size} px need resize > "
+                                 f"{self.spec.size}, got {resize}")
+            x = resize_square(x, resize, self.spec.interpolation)
+            for crop in five_crops(x, self.spec.size):
+                yield self._normalised(crop.clone())  # crops are views of x: their own copy
+            return
+        if tta not in ("none", "flip"):
+            raise ValueError(f"unknown test-time augmentation {tta!r}")
+        x = resize_square(x, self.spec.size, self.spec.interpolation)
+        mirrored = x.flip(-1) if tta == "flip" else None  # a copy, taken before x is normalised
+        yield self._normalised(x)
+        if mirrored is not None:
+            yield self._normalised(mirrored)
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) → this call's own float (B, 3, H, W) of values 0..255."""
+        x = to_device(images, self.device).permute(0, 3, 1, 2)  # a channels-last view
+        if self.device.type == "cpu":
+            # On the CPU, flips and normalisation over that view ran 5-9x slower than over
+            # NCHW-contiguous data; a GPU is fastest left channels-last (same values either way).
+            x = x.contiguous()
+        # 0..255 until the resize is done: it rounds as Pillow does, in uint8 steps.
+        return x.float()
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """0..255 float → the model's normalisation, in place (x is the caller's own)."""
+        x = x.div_(255.0).sub_(self.mean).div_(self.std)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The top-left, top-right, bottom-left, bottom-right and centre size × size crops of
+    (B, C, H, W) images, as torchvision's five_crop takes them (views of x)."""
+    height, width = x.shape[-2:]
+    if size > min(height, width):
+        raise ValueError(f"crops of {size} px from images of {height} × {width}")
+    bottom, right = height - size, width - size
+    top, left = int(round(bottom / 2.0)), int(round(right / 2.0))  # torchvision's centre
+    return [x[..., :size, :size], x[..., :size, right:], x[..., bottom:, :size],
+            x[..., bottom:, right:], x[..., top:top + size, left:left + size]]

@@ -53,6 +53,22 @@ class StageConfig:
     tau: float = 0.05                  # local-sampling temperature τ (paper Eq. 1), > 0
     # λ ~ Beta(beta, beta), > 0; None: the mixing method's own law (MIX_BETA)
     beta: float | None = None
+    # What the stage trains (lfm_ray/finetune.py). Stage 1: full (the whole image tower),
+    # classifier (class weights initialised from the text features; the tower frozen), bitfit
+    # (the tower's biases), or on a ViT tower lora, adaptformer or vpt. Stage 2: proj (W_I).
+    finetune: str = "full"             # what the stage trains; stage 2 trains W_I only (proj)
+    # Sizes of the lightweight modes, None for LIFT's defaults; LIFT's rule for a LoRA rank or
+    # an adapter width is 2^max(0, floor(log2(C / (2 · blocks)))) for C classes.
+    lora_rank: int | None = None       # lora: rank r of ΔW on q and v, scaled 1/r; None: LIFT's
+    adapter_dim: int | None = None     # adaptformer: bottleneck width per block; None: LIFT's
+    vpt_length: int | None = None      # vpt: learned tokens added to the input; None: 10 (LIFT's)
+
+# Stage 1's fine-tuning modes (lfm_ray.finetune.MODES holds their builders) and stage 2's one.
+FINETUNE_MODES = ("full", "classifier", "bitfit", "lora", "adaptformer", "vpt")
+STAGE2_FINETUNE = "proj"
+# The size fields of the lightweight modes, and the mode each belongs to.
+FINETUNE_SIZES = {"lora_rank": "lora", "adapter_dim": "adaptformer", "vpt_length": "vpt"}
+TTA_MODES = ("none", "flip", "fivecrop")
 
 
 @dataclass
@@ -139,7 +155,19 @@ class RuntimeConfig:
     # confusion.npz (C×C test counts and P) beside metrics.json and in checkpoints; None:
     # only for data sets of at most confusion.MAX_CLASSES (1,000) classes
     save_confusion: bool | None = None
+    # Gradient accumulation: batch_size stays the global batch of one optimiser step, split
+    # into num_workers × accumulate equal micro-batches (one mixing draw each).
+    accumulate: int = 1                # micro-batches per optimiser step and worker
 
+
+@dataclass
+class EvalConfig:
+    # Test-time augmentation of every evaluation (val and test), logits averaged over views.
+    tta: str = "none"                  # none | flip (image and mirror) | fivecrop (corners, centre)
+    # fivecrop: the evaluation images are resized to this side (the node cache keeps them so)
+    # and cut into four corner crops and a centre crop at the model's input size S; LIFT
+    # resizes to 224 + 24 = 248 px for its 224 px models, which None scales to any S.
+    fivecrop_resize: int | None = None  # fivecrop's resize (px, > S); None: round(S · 248/224)
 
 SECTIONS = {
     "data": DataConfig,
@@ -149,6 +177,7 @@ SECTIONS = {
     "mix": MixConfig,
     "loss": LossConfig,
     "runtime": RuntimeConfig,
+    "eval": EvalConfig,
 }
 STAGE_SHORTHANDS = ("alpha", "tau", "beta")
 
@@ -168,7 +197,8 @@ REMOVED_FIELDS = {
 
 
 def _default_stage2() -> StageConfig:
-    return StageConfig(epochs=5, lr=1e-2, min_lr=1e-4)
+    return StageConfig(epochs=5, lr=1e-2, min_lr=1e-4, finetune=STAGE2_FINETUNE)
+
 
 
 @dataclass
@@ -180,6 +210,7 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- conversion -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -284,6 +315,20 @@ class RunConfig:
             if stage.beta is not None:
                 _check(stage.beta > 0, f"{name}.beta", stage.beta,
                        "a number > 0, or null for the method's own law")
+        _check(self.stage1.finetune in FINETUNE_MODES, "stage1.finetune", self.stage1.finetune,
+               f"one of {', '.join(FINETUNE_MODES)}")
+        for key in FINETUNE_SIZES:
+            value = getattr(self.stage1, key)
+            if value is not None:
+                _check(value >= 1, f"stage1.{key}", value, "an integer >= 1, or null for "
+                       "LIFT's default")
+        # Stage 2 trains W_I on a frozen tower: nothing else to choose there.
+        _check(self.stage2.finetune == STAGE2_FINETUNE, "stage2.finetune", self.stage2.finetune,
+               f"{STAGE2_FINETUNE!r} (stage 2 trains W_I only; stage1.finetune chooses what "
+               "stage 1 trains)")
+        for key, mode in FINETUNE_SIZES.items():
+            _check(getattr(self.stage2, key) is None, f"stage2.{key}", getattr(self.stage2, key),
+                   f"null (stage 2 adds no modules; set stage1.{key} for stage1.finetune={mode})")
         rt = self.runtime
         _check(rt.batch_size >= 1, "runtime.batch_size", rt.batch_size, "an integer >= 1")
         _check(rt.eval_batch_size >= 1, "runtime.eval_batch_size", rt.eval_batch_size, "an integer >= 1")
@@ -301,6 +346,17 @@ class RunConfig:
                 rt.batch_size % rt.num_workers == 0, "runtime.batch_size", rt.batch_size,
                 f"a multiple of num_workers={rt.num_workers} (it is the global batch)",
             )
+        _check(rt.accumulate >= 1, "runtime.accumulate", rt.accumulate, "an integer >= 1")
+        parts = max(1, rt.num_workers) * rt.accumulate
+        _check(rt.batch_size % parts == 0, "runtime.batch_size", rt.batch_size,
+               f"a multiple of num_workers × accumulate = {parts} (the global batch of one "
+               "optimiser step, split into equal micro-batches)")
+        _check(self.eval.tta in TTA_MODES, "eval.tta", self.eval.tta,
+               f"one of {', '.join(TTA_MODES)}")
+        if self.eval.fivecrop_resize is not None:
+            _check(self.eval.fivecrop_resize >= 1, "eval.fivecrop_resize",
+                   self.eval.fivecrop_resize, "an integer number of pixels larger than the "
+                   "model's input size, or null")
         if rt.max_steps_per_epoch is not None:
             _check(rt.max_steps_per_epoch >= 1, "runtime.max_steps_per_epoch",
                    rt.max_steps_per_epoch, "an integer >= 1 or null")
@@ -551,6 +607,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "folder"),
     "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
     "loss.name": ("ce", "balce", "focal", "ldam", "mms"),
+    "stage1.finetune": FINETUNE_MODES,
+    "stage2.finetune": (STAGE2_FINETUNE,),
+    "eval.tta": TTA_MODES,
 }
 
 

@@ -114,9 +114,11 @@ def check_names(cfg: RunConfig) -> None:
         raise unknown_name("loss", cfg.loss.name, list(LOSSES))
     if cfg.mix.method not in MIXERS:
         raise unknown_name("mixing method", cfg.mix.method, list(MIXERS))
+    from lfm_ray.finetune import check_architecture
     from lfm_ray.model import check_model_name
 
     check_model_name(cfg.model.name, cfg.model.pretrained)
+    check_architecture(cfg.model.name, cfg.stage1.finetune)  # ViT-only modes on a ViT
 
 
 def prepare_node(cfg: RunConfig):

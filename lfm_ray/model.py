@@ -440,7 +440,11 @@ def text_features(clip_model: nn.Module, class_names: Sequence[str], templates: 
 
 class LFMClassifier(nn.Module):
     """z_k = s · cos(W_I F_I(x), f_T[k]): the image tower F_I, W_I (d×d, no bias, identity
-    init) and the frozen class text features f_T (a buffer; the text tower is not kept)."""
+    init) and the frozen class text features f_T (a buffer; the text tower is not kept).
+
+    What stage 1 trains is the model's `finetune` mode (lfm_ray.finetune.prepare sets it;
+    "full" by default). In mode "classifier" the class weights w_k, initialised from f_T[k],
+    replace f_T[k] in the logits (`class_weights`; None otherwise)."""
 
     def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float):
         super().__init__()
@@ -450,27 +454,54 @@ class LFMClassifier(nn.Module):
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(d))
         self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1))
+        self.register_parameter("class_weights", None)
         self.logit_scale = float(logit_scale)
+        self.finetune = "full"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """F_I(x): the image tower's embedding, (B, d)."""
         return self.visual(images)
 
     def head(self, feats: torch.Tensor) -> torch.Tensor:
-        """s · cos(W_I feats, f_T[k]) for every class k: (B, C)."""
+        """s · cos(W_I feats, w_k) for every class k: (B, C); w_k = f_T[k] unless the class
+        weights train (mode classifier)."""
         z = F.normalize(self.proj(feats.float()), dim=-1)
-        return self.logit_scale * z @ self.text_features.t()
+        if self.class_weights is None:
+            return self.logit_scale * z @ self.text_features.t()
+        return self.logit_scale * z @ F.normalize(self.class_weights.float(), dim=-1).t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(images))
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: F_I trainable, W_I frozen. Stage 2: F_I frozen, W_I trainable."""
+        """Stage 1: what the model's fine-tuning mode trains (full: F_I), W_I frozen.
+        Stage 2: W_I trainable, everything else frozen."""
+        from lfm_ray.finetune import trainable_names
+
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        for p in self.visual.parameters():
-            p.requires_grad_(stage == 1)
-        self.proj.weight.requires_grad_(stage == 2)
+        train = set(trainable_names(self, stage))
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in train)
+
+    def weights(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the model: the tower (with any added modules), W_I and,
+        in mode classifier, the class weights."""
+        out: dict[str, Any] = {"visual": self.visual.state_dict(), "proj": self.proj.state_dict()}
+        if self.class_weights is not None:
+            out["class_weights"] = self.class_weights.detach().clone()
+        return out
+
+    def load_weights(self, state: dict[str, Any]) -> None:
+        """Restore what `weights` kept (a checkpoint of a model prepared the same way)."""
+        self.visual.load_state_dict(state["visual"])
+        self.proj.load_state_dict(state["proj"])
+        if self.class_weights is not None:
+            if state.get("class_weights") is None:
+                raise LfmError("the checkpoint holds no class weights; it was not trained "
+                               "with stage1.finetune=classifier")
+            with torch.no_grad():
+                self.class_weights.copy_(state["class_weights"])
 
 
 def build_classifier(model_cfg, class_names: Sequence[str], logit_scale: float,

@@ -23,6 +23,7 @@ epoch boundary continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -48,12 +49,22 @@ from lfm_ray.stage1 import load_stage1, stage1_key
 GROUPS = ("many", "medium", "few")
 # Top-1 on the reported split (test), as fractions; `test_epoch` is the epoch they are from.
 ACCURACY_KEYS = ("acc_many", "acc_medium", "acc_few", "acc_all")
+# LIFT's figures over the classes of that split, as fractions: macro-F1, the harmonic mean of
+# the per-class accuracies (each at least HMEAN_FLOOR) and the worst class's accuracy.
+CLASS_KEYS = ("macro_f1", "acc_hmean", "acc_worst")
+TEST_KEYS = ACCURACY_KEYS + CLASS_KEYS
+# How many numbers each stage trains (lfm_ray.finetune; 0 for a stage of 0 epochs).
+PARAM_KEYS = ("trained_params_stage1", "trained_params_stage2")
 # What every epoch of every run reports.
-METRIC_KEYS = ("epoch", "stage", "train_loss", *ACCURACY_KEYS, "test_epoch", "selection_split")
+METRIC_KEYS = ("epoch", "stage", "train_loss", *TEST_KEYS, "test_epoch", "selection_split",
+               *PARAM_KEYS)
 # Reported as well, every epoch, by runs that select on the val split.
-VAL_METRIC_KEYS = tuple(f"val_{k}" for k in ACCURACY_KEYS)
+VAL_METRIC_KEYS = tuple(f"val_{k}" for k in TEST_KEYS)
 # The numeric figures a study may select or stop on.
-OBJECTIVE_KEYS = ("train_loss", *ACCURACY_KEYS, *VAL_METRIC_KEYS)
+OBJECTIVE_KEYS = ("train_loss", *TEST_KEYS, *VAL_METRIC_KEYS)
+# A class of accuracy 0 enters the harmonic mean as this (LIFT's 0.001 %), so the mean is
+# defined and close to 0 rather than exactly 0.
+HMEAN_FLOOR = 1e-5
 SELECTION_SPLITS = ("auto", "val", "test")
 STATE_FILE = "state.pt"      # model, optimiser and scheduler state at the end of an epoch
 RESULT_FILE = "result.json"  # that epoch's metrics and per-class accuracy
@@ -80,7 +91,7 @@ def metric_keys(selection_split: str) -> tuple[str, ...]:
 
 def selection_metric(metric: str, selection_split: str) -> str:
     """The reported name of `metric` (acc_all, acc_few, ...) on the selection split."""
-    if metric in ACCURACY_KEYS and selection_split == "val":
+    if metric in TEST_KEYS and selection_split == "val":
         return f"val_{metric}"
     return metric
 
@@ -137,6 +148,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, info: WorkerInfo):
         from lfm_ray.data import load_arrays, options_for, shot_groups
+        from lfm_ray.finetune import prepare, trained_params
         from lfm_ray.model import LFMClassifier, build_clip, text_features
 
         self.cfg, self.info = cfg, info
@@ -154,8 +166,15 @@ class Run:
         self.num_classes = len(self.class_names)
         # Text features once per run; the text tower is then dropped.
         self.text_features = text_features(clip, self.class_names, cfg.model.templates, info.device)
-        self.model = LFMClassifier(clip.visual, self.text_features, cfg.logit_scale).to(info.device)
+        self.model = LFMClassifier(clip.visual, self.text_features, cfg.logit_scale)
         del clip
+        # What stage 1 trains: adapters, prompts or class weights join the model here, before
+        # checkpoints load and the tower is compiled.
+        self.finetune_sizes = prepare(self.model, cfg.stage1, self.num_classes, cfg.model.name)
+        self.model.to(info.device)
+        counts = trained_params(self.model)
+        self.trained_params = {key: 0 if cfg.runtime.zero_shot or stage.epochs == 0 else n
+                               for (key, n), stage in zip(counts.items(), (cfg.stage1, cfg.stage2))}
         if info.device.type == "cuda":
             patch_convs_as_matmul(self.model.visual)  # the same sums; cuDNN is slow at this shape
         if compile_encoder(cfg, info.device):
@@ -167,9 +186,23 @@ class Run:
         self.selection_split = resolve_selection_split(
             data.selection_split, arrays.val_images is not None, data.name)
         # Test is always there (the reported split); val only where selection reads it.
+        splits = list(dict.fromkeys([self.selection_split, "test"]))
+        self.tta = cfg.eval.tta
+        self.fivecrop_resize: int | None = None
+        eval_arrays = arrays
+        if self.tta == "fivecrop":
+            # The evaluation splits once more, at the larger size the crops are cut from.
+            self.fivecrop_resize = fivecrop_size(self.spec.size, cfg.eval.fivecrop_resize)
+            eval_arrays = load_arrays(data.name, root=data.root, cache_dir=data.cache_dir,
+                                      image=dataclasses.replace(self.spec,
+                                                                size=self.fivecrop_resize),
+                                      splits=tuple(splits), **options)
+            if info.rank == 0:
+                print(fivecrop_memory_note(arrays, eval_arrays, splits, self.spec.size,
+                                           self.fivecrop_resize), flush=True)
         self.eval_sets: dict[str, tuple[DeviceImages, torch.Tensor]] = {}
-        for split in dict.fromkeys([self.selection_split, "test"]):
-            images, labels = arrays.split(split)
+        for split in splits:
+            images, labels = eval_arrays.split(split)
             self.eval_sets[split] = (DeviceImages(images, info.device),
                                      torch.as_tensor(np.asarray(labels), dtype=torch.long))
         self.groups = shot_groups(self.class_counts)
@@ -188,40 +221,64 @@ class Run:
         return build_loss(self.cfg.loss.name, self.class_counts, text_features=self.text_features,
                           **self.cfg.loss.params(self.cfg.logit_scale))
 
+    def finetune_record(self) -> dict[str, Any]:
+        """Stage 1's mode and, for a lightweight one, the size it used (LIFT's default
+        resolved where the config left it None)."""
+        from lfm_ray.config import FINETUNE_SIZES
+
+        mode = self.cfg.stage1.finetune
+        return {"mode": mode, **{k: v for k, v in self.finetune_sizes.items()
+                                 if FINETUNE_SIZES[k] == mode}}
+
     def class_info(self) -> dict[str, Any]:
         """Saved beside per-class accuracy, so a report can plot it against training counts."""
         return {"class_names": self.class_names, "class_counts": self.class_counts}
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C) evaluation logits of a uint8 batch: the mean over the test-time views
+        (`eval.tta`; one view, the model's input, for none)."""
+        total = None
+        views = 0
+        for x in self.build.views(images, self.tta, self.fivecrop_resize):
+            with self.autocast:
+                z = self.model(x).float()
+            total = z if total is None else total + z
+            views += 1
+        return total / views
+
+    @torch.no_grad()
     def evaluate(self, split: str, with_confusion: bool = False) -> dict[str, Any]:
-        """Top-1 per class and per shot group on `split` ('val' or 'test'), summed over
-        workers; with `with_confusion` also the C×C counts (row: true, column: predicted)."""
+        """Top-1 per class and per shot group on `split` ('val' or 'test'), and LIFT's
+        macro-F1, harmonic-mean and worst-class accuracy, summed over workers; with
+        `with_confusion` also the C×C counts (row: true, column: predicted)."""
         info, model = self.info, self.model
         images, labels = self.eval_sets[split]
         model.eval()
         C = self.num_classes
         correct = torch.zeros(C, dtype=torch.float64)
         total = torch.zeros(C, dtype=torch.float64)
+        predicted = torch.zeros(C, dtype=torch.float64)
         counts = torch.zeros((C, C), dtype=torch.float64) if with_confusion else None
         positions = torch.arange(info.rank, len(images), info.world_size)
         bs = self.cfg.runtime.eval_batch_size
         for start in range(0, len(positions), bs):
             pos = positions[start:start + bs]
-            x = self.build(images.gather(pos))
-            with self.autocast:
-                pred = model(x).argmax(dim=1).cpu()
+            pred = self.logits(images.gather(pos)).argmax(dim=1).cpu()
             y = labels[pos]
             total += torch.bincount(y, minlength=C).double()
             correct += torch.bincount(y[pred == y], minlength=C).double()
+            predicted += torch.bincount(pred, minlength=C).double()
             if counts is not None:
                 confusion.add_counts(counts, y, pred)
         if info.distributed:
-            both = _all_reduce_sum(torch.stack([correct, total]).to(info.device), info).cpu()
-            correct, total = both[0], both[1]
+            summed = _all_reduce_sum(torch.stack([correct, total, predicted]).to(info.device),
+                                     info).cpu()
+            correct, total, predicted = summed[0], summed[1], summed[2]
             if counts is not None:
                 counts = _all_reduce_sum(counts.to(info.device), info).cpu()
-        out = accuracy_summary(correct, total, self.groups)
+        out = accuracy_summary(correct, total, self.groups, predicted)
         if counts is not None:
             out["confusion"] = counts.round().long()
         return out
@@ -246,9 +303,12 @@ def compile_encoder(cfg: RunConfig, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def accuracy_summary(correct: torch.Tensor, total: torch.Tensor,
-                     groups: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Per-class and per-group top-1: a group's accuracy pools its classes' test images."""
+def accuracy_summary(correct: torch.Tensor, total: torch.Tensor, groups: dict[str, np.ndarray],
+                     predicted: torch.Tensor | None = None) -> dict[str, Any]:
+    """Per-class and per-group top-1 (a group's accuracy pools its classes' test images),
+    and LIFT's figures over the classes that have test images: the harmonic mean of their
+    accuracies (each at least HMEAN_FLOOR), the worst one, and, given the per-class counts of
+    predictions, macro-F1 (F1_k = 2·TP / (2·TP + FP + FN), 0 for a class never right)."""
     out: dict[str, Any] = {}
     for name in GROUPS:
         idx = torch.as_tensor(np.asarray(groups[name], dtype=np.int64))
@@ -257,7 +317,38 @@ def accuracy_summary(correct: torch.Tensor, total: torch.Tensor,
     out["acc_all"] = float(correct.sum() / total.sum()) if float(total.sum()) else float("nan")
     per_class = torch.where(total > 0, correct / total.clamp(min=1), torch.full_like(total, float("nan")))
     out["per_class_acc"] = [float(v) for v in per_class]
+    seen = total > 0
+    nan = float("nan")
+    accs = per_class[seen]
+    out["acc_hmean"] = float(1.0 / (1.0 / accs.clamp(min=HMEAN_FLOOR)).mean()) if len(accs) else nan
+    out["acc_worst"] = float(accs.min()) if len(accs) else nan
+    out["macro_f1"] = nan
+    if predicted is not None and len(accs):
+        tp = correct[seen]
+        fp = predicted[seen] - tp
+        fn = total[seen] - tp
+        out["macro_f1"] = float((2 * tp / (2 * tp + fp + fn)).mean())
     return out
+
+
+def fivecrop_size(input_size: int, requested: int | None) -> int:
+    """The side five-crop evaluation resizes images to: `eval.fivecrop_resize`, or LIFT's
+    224 + 24 = 248 px scaled to the model's input size S; larger than S."""
+    size = int(requested) if requested is not None else round(input_size * 248 / 224)
+    if size <= input_size:
+        raise LfmError(f"eval.fivecrop_resize={size} is not larger than the model's input size "
+                       f"{input_size}; five crops of {input_size} px need a larger image (null "
+                       f"gives {round(input_size * 248 / 224)})")
+    return size
+
+
+def fivecrop_memory_note(arrays, eval_arrays, splits: list[str], size: int, resize: int) -> str:
+    """What keeping the evaluation splits at the five-crop size costs, for the run's log."""
+    plain = sum(arrays.split(s)[0].nbytes for s in splits)
+    large = sum(eval_arrays.split(s)[0].nbytes for s in splits)
+    return (f"eval.tta=fivecrop: {' and '.join(splits)} images cached at {resize} px for the "
+            f"crops besides the {size} px copy: {large / 2**20:.1f} MiB more node memory "
+            f"({large / max(plain, 1):.2f}x the {size} px copy)")
 
 
 # ---- one stage ----------------------------------------------------------------------------
@@ -323,44 +414,30 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
     mixer.set_epoch(epoch - stage.first_epoch, stage.epochs)
     similarity_fn = _similarity_fn(run) if mixer.needs_similarity else None
     loss_sum = torch.zeros((), device=info.device)
-    if stage.number == 1:
-        model.train()
-    else:
-        model.eval()  # the encoder is frozen in stage 2: no dropout, no statistics updates
+    # Training mode only while the whole tower trains; a frozen tower (stage 2, or stage 1 of
+    # a lightweight mode) runs as in evaluation: no dropout, no statistics updates.
+    model.train(stage.number == 1 and model.finetune == "full")
     log_every = max(1, steps // 10) if steps >= 50 and info.rank == 0 else 0
     for step in range(steps):
         start = (step * per_worker) % len(mine)  # wraps only when more steps than one pass
-        pos_i = mine[start:start + per_worker]
-        y_i = run.train_labels[pos_i]
-        pos_j = mixer.partners(pos_i, y_i, gen)
-        # Labels stay on the host: the mixers read class counts there and send the soft
-        # targets to the device without waiting on it.
-        if pos_j is None:
-            x_i = run.build(run.train_images.gather(pos_i), flip=True, generator=gen)
-            x, targets = mixer.mix(x_i, y_i, None, None, gen)
-        else:
-            pos_j = pos_j.cpu()
-            # The images and their partners in one gather and one build (half the per-call
-            # cost); the flips are drawn as two builds would draw them, images first.
-            flips = torch.cat([run.build.draw_flips(len(pos_i), gen),
-                               run.build.draw_flips(len(pos_j), gen)])
-            both = run.build(run.train_images.gather(torch.cat([pos_i, pos_j])), flips=flips)
-            x_i, x_j = both[:len(pos_i)], both[len(pos_i):]
-            y_j = run.train_labels[pos_j]
-            x, targets = mixer.mix(x_i, y_i, x_j, y_j, gen, similarity_fn=similarity_fn)
-        with run.autocast:
-            if stage.number == 1:
-                logits = trainable(x)
-            else:
-                with torch.no_grad():
-                    feats = model.encode(x)
-                logits = trainable(feats.float())
-            loss = loss_fn(logits.float(), targets)
+        batch = mine[start:start + per_worker]
+        # runtime.accumulate micro-batches, each with its own mixing draw; weighting each
+        # micro-batch's mean loss by its share of the batch gives the batch's mean loss.
+        parts = batch.chunk(cfg.runtime.accumulate)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = torch.zeros((), device=info.device)
+        for k, pos_i in enumerate(parts):
+            last = k == len(parts) - 1
+            with _sync_gradients(trainable, last):  # DDP all-reduces after the last one
+                loss = _micro_batch_loss(run, stage, pos_i, mixer, loss_fn, trainable, gen,
+                                         similarity_fn)
+                if len(parts) > 1:
+                    loss = loss * (len(pos_i) / len(batch))
+                loss.backward()
+            step_loss += loss.detach()
         opt.step()
         sched.step()
-        loss_sum += loss.detach()
+        loss_sum += step_loss
         if log_every and (step + 1) % log_every == 0:
             print(f"  epoch {epoch} (stage {stage.number}): step {step + 1}/{steps}", flush=True)
     total = _all_reduce_sum(loss_sum.reshape(1), info)
@@ -372,6 +449,46 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
             "or check the data"
         )
     return mean
+
+
+def _sync_gradients(trainable: torch.nn.Module, sync: bool):
+    """DDP's gradient all-reduce on (sync) or deferred to a later micro-batch (no_sync)."""
+    if sync or not hasattr(trainable, "no_sync"):
+        return contextlib.nullcontext()
+    return trainable.no_sync()
+
+
+def _micro_batch_loss(run: Run, stage: Stage, pos_i: torch.Tensor, mixer, loss_fn,
+                      trainable: torch.nn.Module, gen: torch.Generator,
+                      similarity_fn: Callable | None) -> torch.Tensor:
+    """The mean loss of one (micro-)batch of training positions, mixed and flipped with
+    draws from `gen`."""
+    model = run.model
+    y_i = run.train_labels[pos_i]
+    pos_j = mixer.partners(pos_i, y_i, gen)
+    # Labels stay on the host: the mixers read class counts there and send the soft
+    # targets to the device without waiting on it.
+    if pos_j is None:
+        x_i = run.build(run.train_images.gather(pos_i), flip=True, generator=gen)
+        x, targets = mixer.mix(x_i, y_i, None, None, gen)
+    else:
+        pos_j = pos_j.cpu()
+        # The images and their partners in one gather and one build (half the per-call
+        # cost); the flips are drawn as two builds would draw them, images first.
+        flips = torch.cat([run.build.draw_flips(len(pos_i), gen),
+                           run.build.draw_flips(len(pos_j), gen)])
+        both = run.build(run.train_images.gather(torch.cat([pos_i, pos_j])), flips=flips)
+        x_i, x_j = both[:len(pos_i)], both[len(pos_i):]
+        y_j = run.train_labels[pos_j]
+        x, targets = mixer.mix(x_i, y_i, x_j, y_j, gen, similarity_fn=similarity_fn)
+    with run.autocast:
+        if stage.number == 1:
+            logits = trainable(x)
+        else:
+            with torch.no_grad():
+                feats = model.encode(x)
+            logits = trainable(feats.float())
+        return loss_fn(logits.float(), targets)
 
 
 def _similarity_fn(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -459,7 +576,7 @@ def _node_id() -> str:
 def no_test(num_classes: int) -> dict[str, Any]:
     """The test figures before the first test evaluation: NaN, from no epoch."""
     nan = float("nan")
-    return {**{k: nan for k in ACCURACY_KEYS}, "per_class_acc": [nan] * num_classes,
+    return {**{k: nan for k in TEST_KEYS}, "per_class_acc": [nan] * num_classes,
             "test_epoch": None, "confusion": None}
 
 
@@ -475,7 +592,7 @@ def evaluate_epoch(run: Run, epoch: int, test_now: bool,
     selection: dict[str, Any] = {}
     if run.selection_split == "val":
         val = run.evaluate("val")
-        selection = {f"val_{k}": val[k] for k in ACCURACY_KEYS}
+        selection = {f"val_{k}": val[k] for k in TEST_KEYS}
         selection["val_per_class_acc"] = val["per_class_acc"]
     return selection, last_test
 
@@ -488,20 +605,24 @@ def epoch_metrics(run: Run, epoch: int, stage: int, loss: float, selection: dict
     table shows the first few figures a trial reports."""
     val = {k: v for k, v in selection.items() if k in VAL_METRIC_KEYS}
     first = {"val_acc_all": val.pop("val_acc_all")} if "val_acc_all" in val else {}
-    return {**first, "acc_all": last_test["acc_all"], "acc_few": last_test["acc_few"],
-            "epoch": epoch, "stage": stage, "train_loss": loss,
-            **{k: last_test[k] for k in ACCURACY_KEYS}, "test_epoch": last_test["test_epoch"],
-            "selection_split": run.selection_split, **val, **extra}
+    # .get: test figures carried from a checkpoint written before a key existed are NaN.
+    test = {k: last_test.get(k, float("nan")) for k in TEST_KEYS}
+    return {**first, "acc_all": test["acc_all"], "acc_few": test["acc_few"],
+            "epoch": epoch, "stage": stage, "train_loss": loss, **test,
+            "test_epoch": last_test["test_epoch"], "selection_split": run.selection_split,
+            **run.trained_params, **val, **extra}
 
 
 def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],
                   last_test: dict[str, Any], stage1_from: str | None) -> dict[str, Any]:
     """result.json of a checkpoint (and `lfm-ray train`'s metrics.json): the epoch's
-    metrics, per-class accuracy on test (and on val), the classes, and where stage 1 is from."""
+    metrics, per-class accuracy on test (and on val), the classes, stage 1's fine-tuning
+    mode with the size it used, and where stage 1 is from."""
     out = {**metrics, "per_class_acc": last_test["per_class_acc"]}
     if "val_per_class_acc" in selection:
         out["val_per_class_acc"] = selection["val_per_class_acc"]
     out.update(run.class_info())
+    out["finetune"] = run.finetune_record()
     out["stage1_key"] = stage1_key(run.cfg)
     if stage1_from is not None:
         out["stage1_from"] = stage1_from
@@ -524,8 +645,7 @@ def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
     state = {
         "epoch": epoch,
         "stage": stage.number,
-        "visual": run.model.visual.state_dict(),
-        "proj": run.model.proj.state_dict(),
+        **run.model.weights(),  # the tower (with a mode's modules), W_I, class weights
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "config": run.cfg.to_dict(),
@@ -640,8 +760,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     last_test = no_test(run.num_classes)
     if state is not None:
-        run.model.visual.load_state_dict(state["visual"])
-        run.model.proj.load_state_dict(state["proj"])
+        run.model.load_weights(state)
         done = int(state["epoch"])
         train_time_total = float(state.get("train_time_total_s", 0.0))
         history = list(state.get("history", []))

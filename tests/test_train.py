@@ -530,3 +530,66 @@ def test_lfm_ray_train_files_for_a_shared_stage_1_and_its_branch(tmp_path, ray_i
     with pytest.raises(LfmError, match="stage-1 key"):
         fit_run(base.copy().override({"runtime.seed": 1}), tmp_path / "x",
                 stage1_from=first["checkpoint_path"])
+
+
+# ---- gradient accumulation ------------------------------------------------------------------------
+def one_step_gradients(tmp_path, stage_number: int, **overrides):
+    """(loss, {name: gradient}) of one optimiser step of the trainer's epoch loop, from the
+    same initial weights (the run's seed), captured as the optimiser gets them."""
+    from lfm_ray.train import Run, WorkerInfo, prepare_stage, train_epoch
+
+    cfg = small_config(tmp_path, **overrides).validate()
+    run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
+    stage = stage_plan(cfg)[stage_number - 1]
+    trainable, mixer, opt, sched = prepare_stage(run, stage, 1)
+    grads: dict[str, torch.Tensor] = {}
+
+    def before_step(optimizer, args, kwargs):
+        grads.update({n: p.grad.clone() for n, p in run.model.named_parameters()
+                      if p.grad is not None})
+
+    opt.register_step_pre_hook(before_step)
+    calls = {"mix": 0}
+    real_mix = mixer.mix
+
+    def mix(*args, **kwargs):
+        calls["mix"] += 1
+        return real_mix(*args, **kwargs)
+
+    mixer.mix = mix
+    loss = train_epoch(run, stage, stage.first_epoch, mixer, run.loss_fn(), opt, sched,
+                       trainable, steps=1, per_worker=cfg.runtime.batch_size)
+    return loss, grads, calls["mix"]
+
+
+@pytest.mark.parametrize("stage_number", [1, 2])
+def test_accumulation_gives_the_gradient_of_one_big_batch_without_mixing(tmp_path, stage_number):
+    base = {"mix.method": "none", "runtime.batch_size": 16, "stage1.epochs": 1}
+    loss_1, grads_1, mixes_1 = one_step_gradients(tmp_path, stage_number, **base)
+    loss_4, grads_4, mixes_4 = one_step_gradients(tmp_path, stage_number,
+                                                  **base, **{"runtime.accumulate": 4})
+    assert (mixes_1, mixes_4) == (1, 4)  # one draw per micro-batch
+    assert loss_4 == pytest.approx(loss_1, rel=1e-5)
+    assert grads_1.keys() == grads_4.keys() and grads_1
+    for name, g in grads_1.items():
+        scale = float(g.abs().max()) + 1e-12
+        assert torch.allclose(grads_4[name], g, atol=1e-5 * scale, rtol=1e-4), name
+
+
+def test_accumulation_with_mixing_draws_per_micro_batch_and_still_trains(tmp_path):
+    loss, grads, mixes = one_step_gradients(tmp_path, 1, **{"mix.method": "lfm",
+                                                           "runtime.batch_size": 16,
+                                                           "runtime.accumulate": 2})
+    assert mixes == 2 and math.isfinite(loss) and grads
+
+
+def test_accumulation_must_split_the_batch_evenly():
+    from lfm_ray.errors import LfmError
+
+    with pytest.raises(LfmError, match=r"runtime.batch_size=16 is not valid; expected a "
+                                       r"multiple of num_workers × accumulate = 3"):
+        RunConfig().override({"runtime.batch_size": 16, "runtime.accumulate": 3}).validate()
+    with pytest.raises(LfmError, match="runtime.accumulate=0 is not valid"):
+        RunConfig().override({"runtime.accumulate": 0}).validate()
+    RunConfig().override({"runtime.batch_size": 96, "runtime.num_workers": 3,
+                          "runtime.accumulate": 4}).validate()

@@ -264,15 +264,44 @@ def _best_html(study: StudyResults) -> str:
             f"<th>configuration</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
+# LIFT's figures over the classes, and what each stage trained (trials.csv columns of runs
+# that report them), shown beside the accuracy table of a grid study.
+CLASS_METRICS = {"macro_f1": "macro-F1 (%)", "acc_hmean": "harmonic mean (%)",
+                 "acc_worst": "worst class (%)"}
+PARAM_COUNTS = {"trained_params_stage1": "trained in stage 1",
+                "trained_params_stage2": "trained in stage 2"}
+
+
+def _class_metrics_html(study: StudyResults, params: Sequence[str]) -> str:
+    """Per configuration, the mean over seeds of macro-F1, the harmonic mean and the worst
+    class's accuracy, and the parameter counts; empty for studies without those columns."""
+    done = study.finished
+    metrics = [m for m in (*CLASS_METRICS, *PARAM_COUNTS) if m in done.columns
+               and not done[m].isna().all()]
+    if not metrics or not params:
+        return ""
+    agg = aggregate(done, list(params), metrics=metrics, sort=False)
+    frame = agg[list(params)].copy()
+    for m in metrics:
+        values = agg[f"{m}_mean"]
+        frame[CLASS_METRICS.get(m) or PARAM_COUNTS[m]] = \
+            values * 100 if m in CLASS_METRICS else values.round().astype("Int64")
+    return ("<p>LIFT's figures over the classes (macro-F1, the harmonic mean of the per-class "
+            "accuracies, the worst class's accuracy; mean over seeds) and the number of values "
+            "each stage trained.</p>" + _frame_html(frame))
+
+
 def _results_html(study: StudyResults) -> str:
     numeric, categorical = kinds_of_params(study)
     if study.search == "grid" and (numeric or categorical):
         return ("<p>Top-1 accuracy (%) per configuration, mean ± std over seeds; the best "
                 "of each column in bold.</p>" + comparison_html(comparison_table(study),
-                                                               study.mode))
+                                                               study.mode)
+                + _class_metrics_html(study, [*numeric, *categorical]))
     metric = headline_metric(study)
     top = study.finished.sort_values(metric, ascending=study.mode == "min").head(10)
-    cols = ["trial_id", *study.params, "acc_many", "acc_medium", "acc_few", "acc_all"]
+    cols = ["trial_id", *study.params, "acc_many", "acc_medium", "acc_few", "acc_all",
+            *CLASS_METRICS]
     return (f"<p>The ten best trials by {_esc(metric)}.</p>"
             + _frame_html(top[[c for c in cols if c in top.columns]]))
 

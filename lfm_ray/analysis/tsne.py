@@ -92,6 +92,7 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     model as built (pretrained F_I, W_I = identity): the zero-shot features."""
     from lfm_ray.augment import BatchBuilder, DeviceImages
     from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.finetune import prepare
     from lfm_ray.model import LFMClassifier, build_clip, text_features
 
     dev = torch.device(device)
@@ -109,11 +110,13 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
                                        imbalance_factor=data.imbalance_factor))
     picked_classes = resolve_classes(classes, arrays.class_names)
     feats_t = text_features(clip, arrays.class_names, cfg.model.templates, dev)
-    model = LFMClassifier(clip.visual, feats_t, cfg.logit_scale).to(dev)
+    model = LFMClassifier(clip.visual, feats_t, cfg.logit_scale)
     del clip
     if state is not None:
-        model.visual.load_state_dict(state["visual"])
-        model.proj.load_state_dict(state["proj"])
+        # The tower as the run trained it: with its fine-tuning mode's modules.
+        prepare(model, cfg.stage1, len(arrays.class_names), cfg.model.name)
+        model.load_weights(state)
+    model.to(dev)
     model.eval()
     split = split or "test"  # the reported split
     images, labels = arrays.split(split)

@@ -5,6 +5,10 @@ later trial (and every epoch) maps the same files, so the operating system keeps
 the images in memory however many trials run on the node. Images are stored as the model's
 own preprocessing gives them (lfm_ray/data/preprocess.py): lazily decoded sets resized by its
 resize mode and interpolation and centre-cropped (or padded) to its input size.
+
+Five-crop evaluation (`eval.tta fivecrop`) asks for the evaluation splits alone once more,
+at the larger size the crops are cut from (`splits=`): a cache of its own, so the training
+split is not stored twice.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ def _preprocessing(image: "ImageSpec | None") -> dict[str, Any] | None:
             "interpolation": image.interpolation, "fill_color": image.fill_color}
 
 
-def cache_key(name: str, root: Any, image: "ImageSpec | None", options: dict[str, Any]) -> str:
+def cache_key(name: str, root: Any, image: "ImageSpec | None", options: dict[str, Any],
+              splits: tuple[str, ...] | None = None) -> str:
     """Hash of what decides the arrays: format, name, resolved root, the image size, resize
-    mode, interpolation and fill colour, options.
+    mode, interpolation and fill colour, options, and the splits where not all are stored.
 
     The files under the root are not hashed (that would mean reading them): a data set
     changed in place needs a new cache_dir or its cache folder deleted.
@@ -84,8 +89,10 @@ def cache_key(name: str, root: Any, image: "ImageSpec | None", options: dict[str
     root_text = str(Path(root).expanduser().resolve()) if root is not None else ""
     # 10 and 10.0 are one imbalance factor, so they are one cache.
     same = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in options.items()}
-    blob = json.dumps([CACHE_FORMAT, name, root_text, _preprocessing(image), sorted(same.items())],
-                      default=str)
+    key = [CACHE_FORMAT, name, root_text, _preprocessing(image), sorted(same.items())]
+    if splits is not None:  # only then: a full cache keeps the key it always had
+        key.append(sorted(splits))
+    blob = json.dumps(key, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -107,44 +114,52 @@ def _decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: 
 
 
 def load_arrays(name: str, root=None, image: "ImageSpec | None" = None, cache_dir=None,
-                **options: Any) -> ArraySet:
+                splits: tuple[str, ...] | None = None, **options: Any) -> ArraySet:
     """The data set as memory-mapped uint8 arrays, built once per node.
 
     image: the model's ImageSpec (build_clip gives it). Lazily decoded sets (ImageNet-LT,
     Places-LT, folder) need it: they are stored as its preprocessing gives them, S × S. The
     square in-memory sets are stored resized to S × S with its interpolation when that copy
     is small (PRE_RESIZE_BYTES), else at their native size (the batch builder resizes them).
+    splits: store only these of the data set's splits (the others are None in the result;
+    five-crop evaluation keeps val and test at a larger size so); None: all of them.
     """
     from lfm_ray.data import resolve_options
 
     options = resolve_options(name, options)  # unknown options fail before anything is written
     if image is not None and not hasattr(image, "resize_mode"):
         raise TypeError(f"image= takes the model's ImageSpec (from build_clip), not {image!r}")
+    if splits is not None:
+        unknown = [s for s in splits if s not in SPLITS]
+        if unknown or not splits:
+            raise ValueError(f"splits={splits!r}: expected some of {', '.join(SPLITS)}")
+        splits = tuple(sorted(set(splits), key=SPLITS.index))
     base = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
-    key = cache_key(name, root, image, options)
+    key = cache_key(name, root, image, options, splits)
     target = base / f"{name}-{key}"
     if not (target / "meta.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         with (base / f".{name}-{key}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait
             if not (target / "meta.json").is_file():
-                _build(name, root, options, target, image)
+                _build(name, root, options, target, image, splits)
     return _open(target)
 
 
 def _build(name: str, root: Any, options: dict[str, Any], target: Path,
-           image: "ImageSpec | None") -> None:
+           image: "ImageSpec | None", only: tuple[str, ...] | None = None) -> None:
     from lfm_ray.data import build_dataset
 
     ds = build_dataset(name, root, **options)
-    if image is None and any(isinstance(ds.split(s)[0], ImageList) for s in _splits(ds)):
+    stored = [s for s in _splits(ds) if only is None or s in only]
+    if image is None and any(isinstance(ds.split(s)[0], ImageList) for s in stored):
         raise LfmError(f"{ds.name} decodes images lazily; give image= (the model's ImageSpec: "
                        "its input size and preprocessing) to cache it")
     # Built in a temporary folder next to the target, then renamed into place in one step:
     # a reader sees either no cache or a complete one, never a half-written file.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        for split in _splits(ds):
+        for split in stored:
             images, labels = ds.split(split)
             file = tmp / f"{split}_images.npy"
             if isinstance(images, ImageList):
@@ -162,8 +177,12 @@ def _build(name: str, root: Any, options: dict[str, Any], target: Path,
                     images = resize_uint8(images, image.size, image.interpolation)
                 np.save(file, np.ascontiguousarray(images, dtype=np.uint8))
             np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+            if only is not None:  # a partial cache is an extra copy: say what it costs
+                size = np.load(file, mmap_mode="r").shape[1]
+                print(f"  cached {ds.name} {split} at {size} px besides the full cache: "
+                      f"{file.stat().st_size / 2**20:.1f} MiB", flush=True)
         meta = {"name": ds.name, "class_names": ds.class_names,
-                "class_counts": ds.class_counts, "splits": _splits(ds),
+                "class_counts": ds.class_counts, "splits": stored,
                 "preprocessing": _preprocessing(image)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         if target.exists():  # a folder left without meta.json by an older build
@@ -180,7 +199,7 @@ def _splits(ds) -> list[str]:
 
 def _open(target: Path) -> ArraySet:
     meta = json.loads((target / "meta.json").read_text())
-    arrays: dict[str, Any] = {}
+    arrays: dict[str, Any] = {f"{s}_{kind}": None for s in SPLITS for kind in ("images", "labels")}
     for split in meta["splits"]:
         arrays[f"{split}_images"] = np.load(target / f"{split}_images.npy", mmap_mode="r")
         arrays[f"{split}_labels"] = np.load(target / f"{split}_labels.npy")

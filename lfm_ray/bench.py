@@ -6,6 +6,10 @@ Figures (JSON keys) and the claim each supports:
 - sampler_speedup_inat: the same at iNaturalist 2018's C = 8,142 classes, batch 256, with the
   tables' build time (sampler_inat_build_s) and memory (sampler_inat_table_mib: float64 keep
   probabilities and int16 aliases, C² · 10 bytes, per trial and stage; P itself beside it).
+- cache_memory_growth: anonymous resident memory (RssAnon, the memory-mapped cache's file
+  pages excluded) of a process running the trainer's step (gather from the memory-mapped node
+  cache, batch build, LFM partners and mixing, forward and backward) for 50 steps on a
+  50,000-image cache at 224 px over the same on a 5,000-image one.
 - stage2_cost_ratio: time per training image of stage 2 over stage 1, tiny model, CPU.
 - trial_overhead_s: median wall time of a study trial minus the training time it reported
   (the sweep's trials run one at a time in one study; trial_overhead_worker_group_s the same
@@ -35,6 +39,7 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,6 +57,7 @@ TARGETS = {
     "sampler_speedup": (">=", 100.0),
     "sampler_speedup_inat": (">=", 100.0),
     "stage2_cost_ratio": ("<=", 0.4),
+    "cache_memory_growth": ("<=", 1.2),
     "trial_overhead_s": ("<=", 10.0),
     "sweep_speedup": (">=", 1.5),
     "laptop_overhead_ratio": ("<=", 1.2),
@@ -374,6 +380,85 @@ def bench_shared_stage1(root: Path, cache_dir: str, quick: bool,
             "shared_stage1_ratio": walls["branch"] / walls["full"]}
 
 
+# ---- memory of a training process against the size of the node cache ---------------------------
+_TRAIN_RSS = r"""
+import sys, numpy as np, torch
+from lfm_ray.augment import BatchBuilder, DeviceImages
+from lfm_ray.losses import build_loss
+from lfm_ray.mixing import build_mixer
+from lfm_ray.model import LFMClassifier, build_clip, text_features
+folder, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0); torch.set_num_threads(1)
+images = np.load(folder + "/train_images.npy", mmap_mode="r")
+labels = torch.as_tensor(np.load(folder + "/train_labels.npy"))
+C = int(labels.max()) + 1
+counts = torch.bincount(labels, minlength=C).tolist()
+clip, spec = build_clip("tiny")
+feats = text_features(clip, [f"class {k}" for k in range(C)], ["a photo of a {}"])
+model = LFMClassifier(clip.visual, feats, 1.0); model.set_stage(1); model.train()
+data, build = DeviceImages(images, torch.device("cpu")), BatchBuilder(spec, "cpu")
+mixer = build_mixer("lfm", class_counts=counts, train_labels=labels, text_features=feats)
+loss_fn, opt = build_loss("ce", counts), torch.optim.Adam(model.parameters(), lr=1e-3)
+g = torch.Generator().manual_seed(0)
+order = torch.randperm(len(labels), generator=g)   # an epoch's shuffle, as the trainer's
+for step in range(steps):
+    pos_i = order[step * batch:(step + 1) * batch]
+    pos_j = mixer.partners(pos_i, labels[pos_i], g).cpu()
+    both = build(data.gather(torch.cat([pos_i, pos_j])), flip=True, generator=g)
+    x, t = mixer.mix(both[:batch], labels[pos_i], both[batch:], labels[pos_j], g)
+    loss = loss_fn(model(x), t); opt.zero_grad(); loss.backward(); opt.step()
+rss = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status")
+       if l.startswith(("RssAnon", "RssFile"))}
+print("rss", rss["RssAnon"], rss["RssFile"], flush=True)
+"""
+
+
+def write_fake_cache(folder: Path, images: int, size: int, classes: int = 1000,
+                     imbalance: float = 100.0) -> None:
+    """A node-cache split on disk as the trainer maps it: uint8 (N, S, S, 3) and long-tailed
+    labels over `classes` (ImageNet-LT's shape of tail), filled with a repeated random block."""
+    from lfm_ray.data import long_tail_counts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = np.asarray(long_tail_counts(classes, imbalance, 1000), dtype=float)
+    counts = np.maximum(1, np.round(counts / counts.sum() * images)).astype(int)
+    labels = np.repeat(np.arange(classes), counts)[:images]
+    labels = np.concatenate([labels, np.zeros(images - len(labels), dtype=int)])
+    np.save(folder / "train_labels.npy", labels.astype(np.int64))
+    out = np.lib.format.open_memmap(folder / "train_images.npy", mode="w+", dtype=np.uint8,
+                                    shape=(images, size, size, 3))
+    block = np.random.default_rng(0).integers(0, 256, (256, size, size, 3), dtype=np.uint8)
+    for start in range(0, images, len(block)):
+        out[start:start + len(block)] = block[:images - start]
+    out.flush()
+    del out
+
+
+def bench_cache_memory(root: Path, small: int = 5000, large: int = 50000, size: int = 224,
+                       steps: int = 50, batch: int = 32) -> dict[str, float]:
+    """Anonymous resident memory (RssAnon: the memory-mapped cache's file pages excluded) of
+    a process running the trainer's step (gather from the memory-mapped cache, batch build,
+    LFM partners and mixing, forward and backward of the tiny model) for `steps` steps on a
+    cache of `large` images over the same on `small` images, both at `size` px."""
+    out: dict[str, float] = {}
+    for name, n in (("small", small), ("large", large)):
+        folder = root / f"cache_{n}"
+        write_fake_cache(folder, n, size)
+        proc = subprocess.run([sys.executable, "-c", _TRAIN_RSS, str(folder), str(steps),
+                               str(batch)], capture_output=True, text=True, timeout=1800)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("rss ")), None)
+        if line is None:
+            raise RuntimeError(f"the memory probe failed: {proc.stderr[-2000:]}")
+        anon, file_kib = (int(v) for v in line.split()[1:])
+        out[f"cache_rss_anon_{name}_mib"] = anon / 1024
+        out[f"cache_rss_file_{name}_mib"] = file_kib / 1024
+        out[f"cache_images_{name}"] = n
+        shutil.rmtree(folder, ignore_errors=True)
+    out["cache_memory_growth"] = out["cache_rss_anon_large_mib"] / out["cache_rss_anon_small_mib"]
+    out["cache_image_px"] = size
+    return out
+
+
 # ---- shared image data ------------------------------------------------------------------------
 _TOUCH = r"""
 import sys, time, numpy as np
@@ -634,7 +719,7 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-PARTS = ("sampler", "sampler_inat", "stage_cost", "data_share", "sweep", "laptop", "shared_stage1",
+PARTS = ("sampler", "sampler_inat", "cache_memory", "stage_cost", "data_share", "sweep", "laptop", "shared_stage1",
          "study_overhead", "worker_group", "gpu")
 # Figures with no target, printed for information.
 INFO = ("shared_stage1_ratio", "sweep_concurrency_speedup", "trial_overhead_worker_group_s")
@@ -657,6 +742,9 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
                                              repeats=1 if tiny else 5),
             "sampler_inat": lambda: bench_sampler_inat(num_classes=300 if tiny else 8142,
                                                        repeats=1 if tiny else 3),
+            "cache_memory": lambda: bench_cache_memory(
+                root, small=500 if tiny else 5000, large=5000 if tiny else 50000,
+                size=32 if tiny else 224, steps=5 if tiny else 50),
             "stage_cost": lambda: bench_stage_cost(steps=2 if tiny else 30,
                                                    repeats=1 if tiny else 5, cache_dir=cache),
             "data_share": lambda: bench_data_share(cache),

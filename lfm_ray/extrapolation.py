@@ -66,8 +66,10 @@ class EpochImages:
         self.chosen = chosen.long().cpu()
 
     def _at_size(self, x: torch.Tensor, stored: int) -> torch.Tensor:
-        """A part stored at another size than the other part is brought to the model's size
-        (exactly as the batch builder would), so both parts stack into one batch."""
+        """A part stored at another size than the other part is brought to the model's size,
+        so both parts stack into one batch (a target set kept at its native size, say, beside
+        auxiliary images cached at the model's). It is the batch builder's own resize, and a
+        horizontal flip commutes with it, so the batch comes out as the builder would make it."""
         if stored == self.size or self.target_size == self.aux_size:
             return x
         out = resize_square(x.permute(0, 3, 1, 2).float(), self.size, self.interpolation)

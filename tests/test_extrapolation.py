@@ -395,6 +395,36 @@ def test_epoch_images_put_each_auxiliary_image_where_its_label_says(tmp_path):
     assert int(arrays.labels[chosen[69]]) + 10 == int(labels[n_t + 69])
 
 
+def test_parts_stored_at_other_sizes_come_out_at_the_models_size(tmp_path):
+    """A target set kept at its native size (8 px here) beside auxiliary images cached at the
+    model's (32 px): the target images are resized as the batch builder would, and flipping
+    before or after that resize gives the same images."""
+    from lfm_ray.augment import DeviceImages
+    from lfm_ray.data import load_arrays
+    from lfm_ray.data.preprocess import resize_square, resize_uint8
+    from lfm_ray.model import build_clip
+
+    _, spec = build_clip("tiny")
+    cfg = RunConfig().override({"aux.root": "digits-aux", "data.cache_dir": str(tmp_path / "c")})
+    from lfm_ray.data.digits import DIGIT_NAMES
+    from lfm_ray.extrapolation import AuxTraining
+
+    arrays = load_aux_arrays(cfg, DIGIT_NAMES, spec, cfg.data.cache_dir)
+    assert arrays.images.shape[1] == spec.size == 32
+    aux = AuxTraining(cfg, arrays, 10)
+    target = load_arrays("digits-lt", cache_dir=str(tmp_path / "c"))   # 8 × 8, not resized
+    images, _ = aux.join(DeviceImages(target.train_images, torch.device("cpu")),
+                         torch.as_tensor(target.train_labels), 8, spec, torch.device("cpu"))
+    n_t = len(target.train_labels)
+    batch = images.gather(torch.tensor([3, n_t + 1, 0])).numpy()
+    want = resize_uint8(np.asarray(target.train_images[[3, 0]]), 32, spec.interpolation)
+    assert np.array_equal(batch[0], want[0]) and np.array_equal(batch[2], want[1])
+    assert np.array_equal(batch[1], arrays.images[int(aux.images.chosen[1])])
+    x = torch.from_numpy(np.array(target.train_images[:4])).permute(0, 3, 1, 2).float()
+    assert torch.equal(resize_square(x.flip(-1), 32, spec.interpolation),
+                       resize_square(x, 32, spec.interpolation).flip(-1))
+
+
 # ---- training with auxiliary classes -----------------------------------------------------------
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -267,9 +267,6 @@ def aux_source(cfg, target_names: Sequence[str]) -> AuxSource:
         names, images, labels, own_map = embedded_set(aux.root, cfg.data.seed)
         if aux.neighbours is None:
             mapping, where = own_map, f"the neighbour map of {aux.root}"
-        for name in names:
-            if name_key(name) in {name_key(t) for t in target_names}:
-                raise LfmError(f"auxiliary class {name!r} of {aux.root} is also a target class")
         source_images: np.ndarray | ImageList = images
     else:
         names, source_images, labels = scan_folder(aux.root, target_names)

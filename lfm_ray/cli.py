@@ -15,7 +15,9 @@ from lfm_ray.commands.run_flags import ExactParser
 from lfm_ray.errors import LfmError
 
 # Subcommand name -> module under lfm_ray.commands with `register(subparsers)`.
-COMMANDS = ("data", "train", "study", "report", "bench")
+COMMANDS = ("data", "train", "study", "report", "bench", "aux")
+# Where a command's module has another name (AUX is a reserved file name on Windows).
+MODULES = {"aux": "auxiliary"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lfm-ray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
+        path = f"lfm_ray.commands.{MODULES.get(name, name)}"
         try:
-            module = importlib.import_module(f"lfm_ray.commands.{name}")
+            module = importlib.import_module(path)
         except ModuleNotFoundError as exc:
-            if exc.name != f"lfm_ray.commands.{name}":
+            if exc.name != path:
                 raise
             continue  # a subcommand not built yet
         module.register(sub)

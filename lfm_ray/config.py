@@ -125,6 +125,7 @@ class LossConfig:
     focal_gamma: float = 2.0           # Focal γ
     ldam_max_margin: float = 0.5       # LDAM: largest class margin m (cosine units)
     mms_margin: float = 0.3            # MMS: margin·(1 − cos(f_T[y], f_T[k])) (cosine units)
+    balce_tau: float = 1.0             # BalCE τ_b: logits + τ_b·log(n_k / Σn), >= 0
     # LDAM's scale and MMS's 1/temperature are the run's logit scale s (model.logit_scale,
     # defaults in LOGIT_SCALE): LDAM subtracts s·m_y, MMS adds s·margin·(1 − cos).
 
@@ -134,6 +135,7 @@ class LossConfig:
         the loss's default (LOGIT_SCALE)."""
         scale = LOGIT_SCALE.get(self.name, 1.0) if logit_scale is None else float(logit_scale)
         return {
+            "balce": {"tau": self.balce_tau},
             "focal": {"gamma": self.focal_gamma},
             "ldam": {"max_margin": self.ldam_max_margin, "logit_scale": scale},
             "mms": {"margin": self.mms_margin, "logit_scale": scale},
@@ -169,6 +171,46 @@ class EvalConfig:
     # resizes to 224 + 24 = 248 px for its 224 px models, which None scales to any S.
     fivecrop_resize: int | None = None  # fivecrop's resize (px, > S); None: round(S · 248/224)
 
+
+# ---- category extrapolation ("Learning from Neighbors", Zhao et al., CVPR 2025) -------------
+# Auxiliary classes train beside the target classes, each with its own head row, and are
+# dropped before every prediction (lfm_ray.extrapolation). Off while aux.root is None.
+AUX_SILENCE = ("none", "neighbours", "neighbours+aux")
+SILENCING_LOSSES = ("ce", "balce")  # the softmax cross-entropies neighbour silencing applies to
+# `lfm-ray aux` (lfm_ray.curation): k neighbours for the largest target class, at most max_k
+# for any; an image is kept when its cosine to its class prototype is in [min_cos, max_cos]
+# (the paper's 0.7 and 0.98).
+AUX_CURATION = {"k": 3, "max_k": 10, "min_cos": 0.7, "max_cos": 0.98}
+
+
+@dataclass
+class AuxConfig:
+    # root: a folder root/<auxiliary class>/* of the user's, or an embedded set for digits-lt
+    # (digits-aux: digits turned a quarter turn, the neighbours; digits-aux-scrambled:
+    # pixel-scrambled digits, unrelated extra data). neighbours: a JSON file
+    # {target class: [auxiliary classes]}.
+    root: str | None = None            # auxiliary images root/<class>/*, or digits-aux(-scrambled)
+    neighbours: str | None = None      # neighbour map (JSON); None: an embedded set's own
+    max_per_class: int = 50            # images per auxiliary class per epoch (fresh subset), >= 1
+    silence: str = "neighbours"        # classes a sample's softmax and target drop
+
+    def check(self, loss_name: str) -> None:
+        """One LfmError for a bad value or a combination neighbour silencing cannot run."""
+        _check(self.max_per_class >= 1, "aux.max_per_class", self.max_per_class, "an integer >= 1")
+        _check(self.silence in AUX_SILENCE, "aux.silence", self.silence,
+               f"one of {', '.join(AUX_SILENCE)}")
+        if self.root is None:
+            if self.neighbours is not None:
+                raise LfmError(f"aux.neighbours={self.neighbours!r} is set but aux.root is not; "
+                               "give the auxiliary images too (--aux-root)")
+            return
+        if self.silence != "none" and loss_name not in SILENCING_LOSSES:
+            raise LfmError(
+                f"aux.silence={self.silence!r} needs loss ce or balce (neighbour silencing "
+                f"drops logits from a softmax cross-entropy); loss {loss_name!r} trains with "
+                "auxiliary classes only with aux.silence none")
+
+
 SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -178,6 +220,7 @@ SECTIONS = {
     "loss": LossConfig,
     "runtime": RuntimeConfig,
     "eval": EvalConfig,
+    "aux": AuxConfig,
 }
 STAGE_SHORTHANDS = ("alpha", "tau", "beta")
 
@@ -211,6 +254,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
 
     # ---- conversion -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -384,6 +428,8 @@ class RunConfig:
         _check(0 <= self.mix.remix_tau <= 1, "mix.remix_tau", self.mix.remix_tau, "a number in [0, 1]")
         _check(bool(self.model.templates) and all("{}" in t for t in self.model.templates),
                "model.templates", self.model.templates, "a non-empty list of strings with '{}'")
+        _check(self.loss.balce_tau >= 0, "loss.balce_tau", self.loss.balce_tau, "a number >= 0")
+        self.aux.check(self.loss.name)
         return self
 
 
@@ -610,6 +656,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stage1.finetune": FINETUNE_MODES,
     "stage2.finetune": (STAGE2_FINETUNE,),
     "eval.tta": TTA_MODES,
+    "aux.silence": AUX_SILENCE,
 }
 
 

@@ -131,8 +131,13 @@ def prepare_node(cfg: RunConfig):
     _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
-    return load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
-                       cache_dir=cfg.data.cache_dir, **options)
+    arrays = load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
+                         cache_dir=cfg.data.cache_dir, **options)
+    if cfg.aux.root is not None:  # auxiliary classes: checked and cached like the data set
+        from lfm_ray.data.auxiliary import load_aux_arrays
+
+        load_aux_arrays(cfg, arrays.class_names, spec, cfg.data.cache_dir)
+    return arrays
 
 
 def check_selection_split(cfg: RunConfig, arrays) -> str:
@@ -147,8 +152,9 @@ def check_selection_split(cfg: RunConfig, arrays) -> str:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Names, values, weights and data files of one run, checked without training, building
-    caches or starting Ray (what --dry-run checks)."""
+    """Names, values, weights and data files (the auxiliary classes' folders and neighbour map
+    too) of one run, checked without training, building caches or starting Ray (what
+    --dry-run checks)."""
     from lfm_ray.data import build_dataset, options_for
     from lfm_ray.model import check_weights
 
@@ -157,7 +163,11 @@ def check_inputs(cfg: RunConfig) -> None:
     check_weights(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir)
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
-    build_dataset(cfg.data.name, cfg.data.root, **options)
+    dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
+    if cfg.aux.root is not None:  # the auxiliary folder and neighbour map against its classes
+        from lfm_ray.data.auxiliary import aux_source
+
+        aux_source(cfg, dataset.class_names)
 
 
 def check_local_resources(cfg: RunConfig) -> None:

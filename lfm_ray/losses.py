@@ -46,15 +46,23 @@ class CrossEntropy(nn.Module):
         return soft_cross_entropy(logits, as_soft(targets, logits.shape[1]))
 
 
-class BalancedSoftmax(nn.Module):
-    """Balanced softmax (BalCE): cross-entropy on z_k + log n_k."""
+def log_prior(class_counts: Sequence[int]) -> torch.Tensor:
+    """log(n_k / Σn), float32. A class without training images counts as one image (log of
+    0 would make its logit vanish and its loss infinite on a soft target that names it)."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64).clamp(min=1)
+    return (counts / counts.sum()).log().float()
 
-    def __init__(self, class_counts: Sequence[int]):
+
+class BalancedSoftmax(nn.Module):
+    """Balanced softmax (BalCE): cross-entropy on z_k + τ·log(n_k / Σn) (τ = 1: Ren et al.'s
+    balanced softmax; any τ: logit adjustment). Σn shifts every logit alike, so it leaves
+    the loss as it is; it keeps the adjustment's scale that of a probability."""
+
+    def __init__(self, class_counts: Sequence[int], tau: float = 1.0):
         super().__init__()
-        counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
-        # A class without training images gets log 1 = 0 rather than −inf, which would
-        # make its logit vanish and its loss infinite on a soft target that names it.
-        self.register_buffer("log_prior", counts.clamp(min=1).log())
+        if not tau >= 0:
+            raise LfmError(f"balce tau={tau} is not valid; expected a number >= 0")
+        self.register_buffer("log_prior", float(tau) * log_prior(class_counts))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return soft_cross_entropy(logits.float() + self.log_prior, as_soft(targets, logits.shape[1]))
@@ -144,7 +152,7 @@ class MarginMetricSoftmax(nn.Module):
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ce": lambda class_counts, text_features: CrossEntropy(),
-    "balce": lambda class_counts, text_features: BalancedSoftmax(class_counts),
+    "balce": lambda class_counts, text_features, tau=1.0: BalancedSoftmax(class_counts, tau),
     "focal": lambda class_counts, text_features, gamma=2.0: Focal(gamma),
     "ldam": lambda class_counts, text_features, max_margin=0.5,
     logit_scale=LOGIT_SCALE["ldam"]: LDAM(class_counts, max_margin, logit_scale),
@@ -158,7 +166,7 @@ REPLACED_PARAMS = {"scale": "logit_scale", "temperature": "logit_scale (= 1 / te
 
 def build_loss(name: str, class_counts: Sequence[int], text_features: torch.Tensor | None = None,
                **params: Any) -> nn.Module:
-    """The loss `name` (see LOSSES); params are its own (gamma; max_margin, logit_scale;
+    """The loss `name` (see LOSSES); params are its own (tau; gamma; max_margin, logit_scale;
     margin, logit_scale). `logit_scale` is the scale s of the logits the loss will get
     (z = s·cos); LDAM's and MMS's margins are put on it. Its default is the loss's own
     (config.LOGIT_SCALE)."""
@@ -177,3 +185,88 @@ def build_loss(name: str, class_counts: Sequence[int], text_features: torch.Tens
     if text_features is not None:
         module = module.to(text_features.device)
     return module
+
+
+# ---- category extrapolation: neighbour silencing ------------------------------------------------
+SILENCE_MODES = ("none", "neighbours", "neighbours+aux")
+
+
+def silenced_sets(neighbours: Sequence[Sequence[int]], num_aux: int, mode: str) -> torch.Tensor:
+    """S (C, C) bool over C = C_t + C_a classes (targets first): row y is the silenced set
+    S(y) of a sample of class y.
+
+    `neighbours[t]` is N(t), the auxiliary neighbours of target t (auxiliary indices
+    0..C_a − 1); A(a) = the targets that list a. Mode "neighbours": S(t) = N(t), S(a) = A(a);
+    "neighbours+aux": S(a) = A(a) ∪ every other auxiliary class; "none": nothing silenced. A
+    class is never in its own silenced set.
+    """
+    if mode not in SILENCE_MODES:
+        raise LfmError(f"silence mode {mode!r} is not valid; expected one of "
+                       f"{', '.join(SILENCE_MODES)}")
+    C_t = len(neighbours)
+    S = torch.zeros(C_t + num_aux, C_t + num_aux, dtype=torch.bool)
+    if mode == "none":
+        return S
+    for t, aux in enumerate(neighbours):
+        for a in aux:
+            if not 0 <= int(a) < num_aux:
+                raise LfmError(f"neighbour {a} of target class {t} is not an auxiliary class "
+                               f"index (0..{num_aux - 1})")
+            S[t, C_t + int(a)] = True        # N(t) silenced for a sample of t
+            S[C_t + int(a), t] = True        # A(a) silenced for a sample of a
+    if mode == "neighbours+aux":
+        S[C_t:, C_t:] = True
+    S.fill_diagonal_(False)
+    return S
+
+
+class NeighbourSilencing(nn.Module):
+    """Balanced softmax with neighbour silencing ("Learning from Neighbors", Zhao et al.).
+
+    For a sample whose unmixed label is y, the classes of S(y) (`silenced`, see
+    `silenced_sets`) leave the softmax (logit −∞) and the target: with z'_j = z_j +
+    τ·log(n_j / Σn), loss = −Σ_{j ∉ S(y)} t_j log softmax_{k ∉ S(y)}(z')_j, the batch mean.
+    The kept target is not renormalised (a mixed label's mass on a silenced class is dropped).
+    τ = 0 is plain cross-entropy with silencing. The forward takes the unmixed labels
+    (`needs_labels`): (logits (B, C), targets (B, C) or (B,), labels (B,)) -> scalar.
+    """
+
+    needs_labels = True
+
+    def __init__(self, class_counts: Sequence[int], silenced: torch.Tensor, tau: float = 1.0):
+        super().__init__()
+        C = len(list(class_counts))
+        if tuple(silenced.shape) != (C, C) or silenced.dtype != torch.bool:
+            raise LfmError(f"the silenced sets must be a ({C}, {C}) bool matrix; got "
+                           f"{tuple(silenced.shape)} {silenced.dtype}")
+        if bool(silenced.diagonal().any()):
+            raise LfmError("a class may not be in its own silenced set")
+        if not tau >= 0:
+            raise LfmError(f"neighbour silencing tau={tau} is not valid; expected a number >= 0")
+        self.tau = float(tau)
+        self.register_buffer("log_prior", self.tau * log_prior(class_counts))
+        self.register_buffer("silenced", silenced.clone())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        C = logits.shape[1]
+        soft = as_soft(targets, C)
+        mask = self.silenced[labels.to(self.silenced.device).long()].to(logits.device)
+        z = (logits.float() + self.log_prior).masked_fill(mask, float("-inf"))
+        # Silenced entries are 0 · (−inf) in the sum: both factors are zeroed there instead,
+        # so neither the loss nor its gradient sees a NaN.
+        logp = F.log_softmax(z, dim=1).masked_fill(mask, 0.0)
+        kept = soft.masked_fill(mask, 0.0)
+        return -(kept * logp).sum(dim=1).mean()
+
+
+def build_silencing_loss(name: str, class_counts: Sequence[int], silenced: torch.Tensor,
+                         balce_tau: float = 1.0) -> NeighbourSilencing:
+    """Neighbour silencing on loss `name`: balce (τ = `balce_tau`) or ce (τ = 0). The other
+    losses are not a softmax cross-entropy over the logits, so silencing is refused for them."""
+    if name == "balce":
+        return NeighbourSilencing(class_counts, silenced, balce_tau)
+    if name == "ce":
+        return NeighbourSilencing(class_counts, silenced, 0.0)
+    raise LfmError(f"neighbour silencing needs loss ce or balce, got {name!r}; train the "
+                   "auxiliary classes with aux.silence none, or use --loss balce")

@@ -43,6 +43,7 @@ from lfm_ray import confusion
 from lfm_ray.augment import BatchBuilder, DeviceImages
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
+from lfm_ray.extrapolation import aux_record, auxiliary_training
 from lfm_ray.patch_embed import patch_convs_as_matmul
 from lfm_ray.stage1 import load_stage1, stage1_key
 
@@ -161,11 +162,17 @@ class Run:
         options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
                              cache_dir=data.cache_dir, **options)
+        # The target classes: what the run is evaluated and reported on.
         self.class_names = list(arrays.class_names)
         self.class_counts = [int(c) for c in arrays.class_counts]
         self.num_classes = len(self.class_names)
+        # Category extrapolation (lfm_ray.extrapolation): auxiliary classes, None without
+        # aux.root, train beside the targets (head rows, loss, mixer) and are never predicted.
+        self.aux = auxiliary_training(cfg, self.class_names, self.spec, data.cache_dir)
+        trained = self.class_names + (self.aux.class_names if self.aux else [])
+        self.train_counts = self.class_counts + (self.aux.counts if self.aux else [])
         # Text features once per run; the text tower is then dropped.
-        self.text_features = text_features(clip, self.class_names, cfg.model.templates, info.device)
+        self.text_features = text_features(clip, trained, cfg.model.templates, info.device)
         self.model = LFMClassifier(clip.visual, self.text_features, cfg.logit_scale)
         del clip
         # What stage 1 trains: adapters, prompts or class weights join the model here, before
@@ -183,6 +190,10 @@ class Run:
 
         self.train_images = DeviceImages(arrays.train_images, info.device)
         self.train_labels = torch.as_tensor(np.asarray(arrays.train_labels), dtype=torch.long)
+        if self.aux is not None:  # each epoch's auxiliary subsets after the target images
+            self.train_images, self.train_labels = self.aux.join(
+                self.train_images, self.train_labels, int(arrays.train_images.shape[1]),
+                self.spec, info.device)
         self.selection_split = resolve_selection_split(
             data.selection_split, arrays.val_images is not None, data.name)
         # Test is always there (the reported split); val only where selection reads it.
@@ -218,7 +229,9 @@ class Run:
         """The configured loss over this run's class counts and text features."""
         from lfm_ray.losses import build_loss
 
-        return build_loss(self.cfg.loss.name, self.class_counts, text_features=self.text_features,
+        if self.aux is not None:
+            return self.aux.loss_fn(self.train_counts, self.text_features, self.cfg.logit_scale)
+        return build_loss(self.cfg.loss.name, self.train_counts, text_features=self.text_features,
                           **self.cfg.loss.params(self.cfg.logit_scale))
 
     def finetune_record(self) -> dict[str, Any]:
@@ -265,7 +278,8 @@ class Run:
         bs = self.cfg.runtime.eval_batch_size
         for start in range(0, len(positions), bs):
             pos = positions[start:start + bs]
-            pred = self.logits(images.gather(pos)).argmax(dim=1).cpu()
+            # The target classes' rows only: auxiliary classes are never predicted.
+            pred = self.logits(images.gather(pos))[:, :C].argmax(dim=1).cpu()
             y = labels[pos]
             total += torch.bincount(y, minlength=C).double()
             correct += torch.bincount(y[pred == y], minlength=C).double()
@@ -289,8 +303,10 @@ class Run:
         if self._sampling_matrix is None:
             from lfm_ray.mixing import local_sampling_matrix
 
+            # With auxiliary classes, the target block of the P that training samples from.
+            C = self.num_classes
             self._sampling_matrix = local_sampling_matrix(
-                self.text_features.detach().cpu().float(), self.cfg.stage1.tau)
+                self.text_features.detach().cpu().float(), self.cfg.stage1.tau)[:C, :C]
         return self._sampling_matrix
 
 
@@ -394,7 +410,7 @@ def _mixer(run: Run, stage: Stage):
     # β None: the method's own law (the mixer's `beta` holds what it resolved to); the
     # ConCutMix settings come filled in from the data set's row where unset.
     return build_mixer(
-        run.cfg.mix.method, class_counts=run.class_counts, train_labels=run.train_labels,
+        run.cfg.mix.method, class_counts=run.train_counts, train_labels=run.train_labels,
         text_features=run.text_features, alpha=scfg.alpha, tau=scfg.tau, beta=scfg.beta,
         device=run.info.device, **run.cfg.mixer_params(),
     )
@@ -409,6 +425,10 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
     order = torch.randperm(len(run.train_images), generator=seeded_generator(seed, epoch))
     mine = order[info.rank::info.world_size]
     gen = seeded_generator(seed, epoch, info.rank, 7)
+    if run.aux is not None:
+        run.aux.start_epoch(epoch)  # this epoch's auxiliary subsets, seeded by (seed, epoch)
+    # Neighbour silencing reads each sample's unmixed label.
+    with_labels = bool(getattr(loss_fn, "needs_labels", False))
     # Where the stage is (ConCutMix's warm-up reads it); the mixer asks for the model's
     # image-text cosines if its label needs them.
     mixer.set_epoch(epoch - stage.first_epoch, stage.epochs)
@@ -430,7 +450,7 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
             last = k == len(parts) - 1
             with _sync_gradients(trainable, last):  # DDP all-reduces after the last one
                 loss = _micro_batch_loss(run, stage, pos_i, mixer, loss_fn, trainable, gen,
-                                         similarity_fn)
+                                         similarity_fn, with_labels)
                 if len(parts) > 1:
                     loss = loss * (len(pos_i) / len(batch))
                 loss.backward()
@@ -460,9 +480,10 @@ def _sync_gradients(trainable: torch.nn.Module, sync: bool):
 
 def _micro_batch_loss(run: Run, stage: Stage, pos_i: torch.Tensor, mixer, loss_fn,
                       trainable: torch.nn.Module, gen: torch.Generator,
-                      similarity_fn: Callable | None) -> torch.Tensor:
+                      similarity_fn: Callable | None, with_labels: bool = False) -> torch.Tensor:
     """The mean loss of one (micro-)batch of training positions, mixed and flipped with
-    draws from `gen`."""
+    draws from `gen`; `with_labels` passes each sample's unmixed label to the loss (neighbour
+    silencing reads it)."""
     model = run.model
     y_i = run.train_labels[pos_i]
     pos_j = mixer.partners(pos_i, y_i, gen)
@@ -488,6 +509,8 @@ def _micro_batch_loss(run: Run, stage: Stage, pos_i: torch.Tensor, mixer, loss_f
             with torch.no_grad():
                 feats = model.encode(x)
             logits = trainable(feats.float())
+        if with_labels:
+            return loss_fn(logits.float(), targets, y_i)
         return loss_fn(logits.float(), targets)
 
 
@@ -623,6 +646,7 @@ def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],
         out["val_per_class_acc"] = selection["val_per_class_acc"]
     out.update(run.class_info())
     out["finetune"] = run.finetune_record()
+    out.update(aux_record(run.aux))
     out["stage1_key"] = stage1_key(run.cfg)
     if stage1_from is not None:
         out["stage1_from"] = stage1_from

@@ -39,6 +39,8 @@ SHORT_NAMES = {
     "--cpus-per-worker": "runtime.cpus_per_worker",
     "--gpus-per-worker": "runtime.gpus_per_worker",
     "--seed": "runtime.seed",
+    "--aux-root": "aux.root",
+    "--aux-neighbours": "aux.neighbours",
 }
 PREFIX = "set:"      # argparse dest of a dotted flag
 ALIAS = "alias:"     # argparse dest of a short alias

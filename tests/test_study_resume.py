@@ -54,7 +54,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
         time.sleep(0.5)
     assert len(finished) >= 1, "no trial finished before the deadline"
     second = kill_and_run_again(first, command, tmp_path)
-    assert "resuming study 'resume'" in second.stdout
+    assert "study 'resume' (resume)" in second.stderr
     final = pd.read_csv(table_path)
     assert len(final) == 2 and (final["status"] == "TERMINATED").all()
     assert sorted(final["mix.tau"].unique()) == [0.002, 0.01]
@@ -77,16 +77,16 @@ def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
     first = start(command, tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
-        if list((tmp_path / "ray" / "mid").glob("trial_driver_*/checkpoint_000002")):
+        if list((tmp_path / "ray" / "mid").glob("mid_*/checkpoint_000002")):
             break
         time.sleep(0.05)
     second = kill_and_run_again(first, command, tmp_path)
-    assert "resuming study 'mid'" in second.stdout
+    assert "study 'mid' (resume)" in second.stderr
     final = pd.read_csv(tmp_path / "results" / "mid" / "trials.csv")
     assert len(final) == 1 and final.loc[0, "status"] == "TERMINATED"
     assert final.loc[0, "epoch"] == epochs
     results = [json.loads(line) for line in next(
-        (tmp_path / "ray" / "mid").glob("trial_driver_*/result.json")).read_text().splitlines()]
+        (tmp_path / "ray" / "mid").glob("mid_*/result.json")).read_text().splitlines()]
     restarts = [r["epoch"] for r in results if r["iterations_since_restore"] == 1]
     assert restarts[0] == 1 and len(restarts) == 2, restarts
     assert restarts[1] > 3  # the restored trial went on after its checkpointed epochs

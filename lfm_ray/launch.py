@@ -114,19 +114,22 @@ def check_names(cfg: RunConfig) -> None:
         raise unknown_name("loss", cfg.loss.name, list(LOSSES))
     if cfg.mix.method not in MIXERS:
         raise unknown_name("mixing method", cfg.mix.method, list(MIXERS))
-    from lfm_ray.model import check_model_name
+    from lfm_ray.backbones import check_backbone, check_family
+    from lfm_ray.similarity import check_similarity
 
-    check_model_name(cfg.model.name, cfg.model.pretrained)
+    check_backbone(cfg.model)   # an open_clip or a timm: model, and its weights value
+    check_family(cfg)           # what a vision-only model cannot do
+    check_similarity(cfg)       # LFM's similarity source and the files it names
 
 
 def prepare_node(cfg: RunConfig):
     """Load the model once (fails at once on missing weights) and build this node's data
     cache (fails at once on missing data), so trials start on a warm cache. Returns the
     cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
+    from lfm_ray.backbones import build_backbone
     from lfm_ray.data import load_arrays, options_for
-    from lfm_ray.model import build_clip
 
-    _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
+    _, spec = build_backbone(cfg.model, "cpu")
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     return load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
@@ -147,12 +150,14 @@ def check_selection_split(cfg: RunConfig, arrays) -> str:
 def check_inputs(cfg: RunConfig) -> None:
     """Names, values, weights and data files of one run, checked without training, building
     caches or starting Ray (what --dry-run checks)."""
+    from lfm_ray.backbones import check_backbone_weights
     from lfm_ray.data import build_dataset, options_for
-    from lfm_ray.model import check_weights
+    from lfm_ray.similarity import check_similarity
 
     cfg.validate()
     check_names(cfg)
-    check_weights(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir)
+    check_backbone_weights(cfg.model)
+    check_similarity(cfg, weights=True)  # a text:MODEL source's weights too
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     build_dataset(cfg.data.name, cfg.data.root, **options)
@@ -353,7 +358,7 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     check_resources(cfg)
     if announce is not None:
         announce()
-    (out / "config.json").write_text(cfg.to_json())
+    write_config(out / "config.json", cfg)
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
     if cfg.runtime.num_workers == 0:
@@ -383,6 +388,17 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
+
+
+def write_config(path: Path, cfg: RunConfig) -> None:
+    """config.json: the run's settings, and in its `resolved` section what they resolve to
+    (the model family, LFM's similarity source); read back as a config file, that section
+    is skipped."""
+    from lfm_ray.config import DERIVED_SECTION
+    from lfm_ray.similarity import resolved_choices
+
+    path.write_text(json.dumps({**cfg.to_dict(), DERIVED_SECTION: resolved_choices(cfg)},
+                               indent=2, sort_keys=True))
 
 
 def final_result(checkpoint, copy_to: Path | None = None

@@ -136,15 +136,20 @@ class Run:
     """Data on the device, the classifier, text features and shot groups for one worker."""
 
     def __init__(self, cfg: RunConfig, info: WorkerInfo):
+        from lfm_ray.backbones import build_backbone, build_classifier_for, check_family
         from lfm_ray.data import load_arrays, options_for, shot_groups
-        from lfm_ray.model import LFMClassifier, build_clip, text_features
+        from lfm_ray.similarity import check_similarity, for_run
 
         self.cfg, self.info = cfg, info
+        # What the model family cannot do (a timm model has no text tower), and LFM's
+        # similarity source, refused at once.
+        check_family(cfg)
+        check_similarity(cfg)
         torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
         # The model comes first: its input size is the size lazily decoded data sets are
-        # cached at, so preprocessing never drifts from the model.
-        clip, self.spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir,
-                                     info.device)
+        # cached at, so preprocessing never drifts from the model. An open_clip model, or a
+        # timm model (lfm_ray/backbones.py).
+        backbone, self.spec = build_backbone(cfg.model, info.device)
         data = cfg.data
         options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
@@ -152,10 +157,11 @@ class Run:
         self.class_names = list(arrays.class_names)
         self.class_counts = [int(c) for c in arrays.class_counts]
         self.num_classes = len(self.class_names)
-        # Text features once per run; the text tower is then dropped.
-        self.text_features = text_features(clip, self.class_names, cfg.model.templates, info.device)
-        self.model = LFMClassifier(clip.visual, self.text_features, cfg.logit_scale).to(info.device)
-        del clip
+        # CLIP: the class text features (once per run; the text tower is then dropped) are
+        # the classifier. timm: a linear head over the pooled features, no text features.
+        self.model, self.text_features = build_classifier_for(backbone, cfg, self.class_names,
+                                                              info.device)
+        del backbone
         if info.device.type == "cuda":
             patch_convs_as_matmul(self.model.visual)  # the same sums; cuDNN is slow at this shape
         if compile_encoder(cfg, info.device):
@@ -180,6 +186,9 @@ class Run:
             torch.autocast("cuda", dtype=torch.bfloat16)
             if info.device.type == "cuda" else contextlib.nullcontext()
         )
+        # LFM's class similarity S (mix.similarity), once, before stage 1 and any checkpoint
+        # is loaded; None: P comes straight from the text features (lfm_ray/similarity.py).
+        self.class_similarity = for_run(self)
 
     def loss_fn(self) -> torch.nn.Module:
         """The configured loss over this run's class counts and text features."""
@@ -230,10 +239,14 @@ class Run:
         """LFM's P at the run's stage-1 τ (saved beside the confusion matrix, Fig. 7), on
         the CPU; computed once."""
         if self._sampling_matrix is None:
-            from lfm_ray.mixing import local_sampling_matrix
+            from lfm_ray.mixing import class_sampling_matrix, local_sampling_matrix
 
-            self._sampling_matrix = local_sampling_matrix(
-                self.text_features.detach().cpu().float(), self.cfg.stage1.tau)
+            if self.class_similarity is not None:
+                self._sampling_matrix = class_sampling_matrix(
+                    self.class_similarity, self.cfg.stage1.tau).float()
+            else:
+                self._sampling_matrix = local_sampling_matrix(
+                    self.text_features.detach().cpu().float(), self.cfg.stage1.tau)
         return self._sampling_matrix
 
 
@@ -305,7 +318,8 @@ def _mixer(run: Run, stage: Stage):
     return build_mixer(
         run.cfg.mix.method, class_counts=run.class_counts, train_labels=run.train_labels,
         text_features=run.text_features, alpha=scfg.alpha, tau=scfg.tau, beta=scfg.beta,
-        device=run.info.device, **run.cfg.mixer_params(),
+        device=run.info.device, class_similarity=run.class_similarity,
+        **run.cfg.mixer_params(),
     )
 
 
@@ -654,6 +668,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
             continue
+        if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
+            run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
         trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])

@@ -145,7 +145,7 @@ def check_similarity(cfg, weights: bool = False) -> None:
         except LfmError as exc:
             raise LfmError(f"mix.similarity={cfg.mix.similarity!r}: {exc}") from None
     if source.kind == "file":
-        read_similarity_file(source.path)
+        check_similarity_file(source.path)
     if source.kind == "taxonomy":
         if source.path is not None:
             read_taxonomy_file(source.path)
@@ -239,6 +239,27 @@ def image_prototype_similarity(features: Callable[[torch.Tensor], torch.Tensor],
 
 
 # ---- files ---------------------------------------------------------------------------------
+def check_similarity_file(path: str) -> None:
+    """What can be told of a file:PATH without reading it all (a check before a run, made for
+    every trial a study may run): it exists and, for a .npy, holds a 2-D numeric array of at
+    least two rows. `read_similarity_file` checks the rest when the run starts."""
+    full = os.path.expanduser(path)
+    where = f"similarity file {path!r}"
+    if not os.path.isfile(full):
+        raise LfmError(f"{where} does not exist")
+    if full.lower().endswith(".npy"):
+        try:
+            header = np.load(full, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LfmError(f"{where} cannot be read as a .npy array: {reason}") from None
+        if header.ndim != 2 or header.shape[0] < 2 or header.shape[1] < 1 \
+                or header.dtype.kind not in "biuf":
+            raise LfmError(f"{where} holds a {header.dtype} array of shape {header.shape}; "
+                           "expected a C×C matrix S or a C×d embedding of numbers, one row "
+                           "per class")
+
+
 def read_similarity_file(path: str, num_classes: int | None = None) -> torch.Tensor:
     """S from a file:PATH (.npy or .csv, one row per class): a C×C array is S itself and must
     be finite and symmetric; any other C×d array is an embedding (S = its cosines). With

@@ -314,3 +314,26 @@ def test_a_timm_model_takes_other_text_free_sources(tmp_path, similarity):
     cfg = timm_config(tmp_path, **{"mix.similarity": similarity, "loss.name": "ldam"})
     result = fit_local(cfg, tmp_path / "ckpt")
     assert result.metrics["epoch"] == 2 and math.isfinite(result.metrics["train_loss"])
+
+
+def test_tsne_features_of_a_timm_checkpoint_are_its_pooled_features(tmp_path):
+    from test_train import fit_local
+
+    from lfm_ray.analysis.tsne import checkpoint_features
+    from lfm_ray.train import Run, WorkerInfo, load_state
+
+    cfg = timm_config(tmp_path, **{"stage2.epochs": 0})
+    fit_local(cfg, tmp_path / "ckpt")
+    got = checkpoint_features(tmp_path / "ckpt" / "epoch_0001", ["zero", "nine"], per_class=4)
+    assert got["features"].shape == (8, 64) and list(got["classes"]) == [0, 9]
+    # The trained backbone's unit pooled features of those images.
+    run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
+    run.model.visual.load_state_dict(load_state(tmp_path / "ckpt" / "epoch_0001",
+                                                torch.device("cpu"))["visual"])
+    run.model.eval()
+    images, labels = run.eval_sets["test"]
+    picked = torch.cat([torch.nonzero(labels == c).flatten()[:4] for c in (0, 9)])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(run.model.encode(run.build(images.gather(picked))),
+                                                 dim=-1)
+    assert np.allclose(got["features"], expected.numpy(), atol=1e-5)

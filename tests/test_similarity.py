@@ -345,3 +345,70 @@ def test_a_wrong_file_for_the_data_set_fails_naming_it(tmp_path):
                                 "data.cache_dir": str(tmp_path / "cache")})
     with pytest.raises(LfmError, match="S.npy' has 4 rows, but the data set has 10 classes"):
         _run(cfg)
+
+
+# ---- the study script ----------------------------------------------------------------------------
+def _plan(argv):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+    import similarity_sources
+
+    from lfm_ray.commands.study_flags import add_study_flags, requested_datasets
+    from lfm_ray.commands.run_flags import new_parser
+
+    parser = new_parser()
+    add_study_flags(parser)
+    args = parser.parse_args(argv)
+    args.datasets = requested_datasets(args)
+    return similarity_sources.declare(args)
+
+
+def test_the_study_compares_the_sources_the_model_and_data_can_have(tmp_path):
+    from test_inat import fabricate
+
+    plan = _plan([])
+    assert plan.grid == {"method": ["CE", "LFM text", "LFM image prototypes", "LFM uniform"]}
+    assert plan.variants["LFM image prototypes"] == {
+        "loss.name": "ce", "mix.method": "lfm", "mix.similarity": "image-prototypes"}
+    assert plan.variants["CE"]["mix.method"] == "none"
+    # A vision-only model has no text tower of its own.
+    timm = _plan(["--model", "timm:test_vit"])
+    assert timm.grid["method"] == ["CE", "LFM image prototypes", "LFM uniform"]
+    # iNaturalist has a taxonomy.
+    root = fabricate(tmp_path / "inat")
+    inat = _plan(["--dataset", "inat2018", "--data-root", str(root)])
+    assert "LFM taxonomy" in inat.grid["method"]
+    assert inat.variants["LFM taxonomy"]["mix.similarity"] == "taxonomy"
+    assert _plan(["--smoke"]).grid["method"] == ["LFM image prototypes", "LFM uniform"]
+
+
+def test_the_study_script_help_imports_nothing_heavy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.argv = ['similarity_sources.py', '--help']\n"
+            "import runpy\n"
+            "try:\n    runpy.run_path('studies/similarity_sources.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'pandas', 'open_clip', 'timm') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--mix.similarity" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_check_before_a_run_reads_only_the_header_of_a_npy(tmp_path):
+    np.save(tmp_path / "flat.npy", np.ones(3))
+    np.save(tmp_path / "ok.npy", np.ones((3, 2)))
+    (tmp_path / "junk.npy").write_text("not numpy")
+    check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'ok.npy'}"}))
+    with pytest.raises(LfmError, match="flat.npy' holds a float64 array of shape \\(3,\\)"):
+        check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'flat.npy'}"}))
+    with pytest.raises(LfmError, match="junk.npy' cannot be read as a .npy array"):
+        check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'junk.npy'}"}))

@@ -128,8 +128,10 @@ def prepare_node(cfg: RunConfig):
     cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
     from lfm_ray.backbones import build_backbone
     from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.similarity import check_similarity
 
     _, spec = build_backbone(cfg.model, "cpu")
+    check_similarity(cfg, weights=True)  # a text:MODEL similarity's weights, here at once
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     return load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
@@ -267,6 +269,13 @@ def _lean_trainer_class():
     return LeanTorchTrainer
 
 
+def launch_dir() -> str:
+    """The folder this run or study was started from: relative file paths in a configuration
+    (a similarity file) are read from there, since Ray Tune runs each trial, and Ray Train
+    each worker, in a folder of its own (Tune keeps the original in TUNE_ORIG_WORKING_DIR)."""
+    return os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()
+
+
 def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
                  callbacks: Iterable[Any] = (), extra: dict[str, Any] | None = None,
                  max_failures: int = 0):
@@ -280,7 +289,7 @@ def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
     backend = "nccl" if cfg.runtime.gpus_per_worker >= 1 else "gloo"
     return _lean_trainer_class()(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), **(extra or {})},
+        train_loop_config={"run": cfg.to_dict(), "launch_dir": launch_dir(), **(extra or {})},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend=backend),
         run_config=RayRunConfig(
@@ -390,15 +399,20 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     return final
 
 
-def write_config(path: Path, cfg: RunConfig) -> None:
-    """config.json: the run's settings, and in its `resolved` section what they resolve to
-    (the model family, LFM's similarity source); read back as a config file, that section
-    is skipped."""
+def config_json(cfg: RunConfig) -> str:
+    """What config.json holds (and `--dry-run` prints): the run's settings, and in its
+    `resolved` section what they resolve to (the model family, LFM's similarity source);
+    read back as a config file, that section is skipped."""
     from lfm_ray.config import DERIVED_SECTION
     from lfm_ray.similarity import resolved_choices
 
-    path.write_text(json.dumps({**cfg.to_dict(), DERIVED_SECTION: resolved_choices(cfg)},
-                               indent=2, sort_keys=True))
+    return json.dumps({**cfg.to_dict(), DERIVED_SECTION: resolved_choices(cfg)}, indent=2,
+                      sort_keys=True)
+
+
+def write_config(path: Path, cfg: RunConfig) -> None:
+    """config.json of a run (`config_json`)."""
+    path.write_text(config_json(cfg))
 
 
 def final_result(checkpoint, copy_to: Path | None = None

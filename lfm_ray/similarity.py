@@ -67,10 +67,19 @@ class Source:
             return f"{self.kind}:{self.path}"
         return self.kind
 
-    def resolved(self) -> str:
+    def local_path(self, launch_dir: str | None = None) -> str | None:
+        """The file this source names, absolute: a relative path is read from `launch_dir`,
+        the folder the run was started from (Ray runs trials and workers in folders of
+        their own), else from the current folder."""
+        if self.path is None:
+            return None
+        path = os.path.expanduser(self.path)
+        return os.path.abspath(os.path.join(launch_dir or os.getcwd(), path))
+
+    def resolved(self, launch_dir: str | None = None) -> str:
         """As recorded: file paths made absolute."""
         if self.path:
-            return f"{self.kind}:{os.path.abspath(os.path.expanduser(self.path))}"
+            return f"{self.kind}:{self.local_path(launch_dir)}"
         return str(self)
 
 
@@ -122,11 +131,11 @@ def resolved_choices(cfg) -> dict[str, str]:
             "mix.similarity": similarity_source(cfg).resolved()}
 
 
-def check_similarity(cfg, weights: bool = False) -> None:
+def check_similarity(cfg, weights: bool = False, launch_dir: str | None = None) -> None:
     """The similarity source of a RunConfig, checked before anything starts: its form, that
     the model family can have it, its model's name (and with `weights` its weights), the
-    files it names (read and checked for form; their number of rows is checked against the
-    classes when the run starts)."""
+    files it names (relative to `launch_dir`, else the current folder; checked for form,
+    their number of rows against the classes when the run starts)."""
     from lfm_ray.backbones import model_family
 
     source = similarity_source(cfg)
@@ -145,10 +154,10 @@ def check_similarity(cfg, weights: bool = False) -> None:
         except LfmError as exc:
             raise LfmError(f"mix.similarity={cfg.mix.similarity!r}: {exc}") from None
     if source.kind == "file":
-        check_similarity_file(source.path)
+        check_similarity_file(source.local_path(launch_dir))
     if source.kind == "taxonomy":
         if source.path is not None:
-            read_taxonomy_file(source.path)
+            read_taxonomy_file(source.local_path(launch_dir))
         elif not has_taxonomy(cfg.data.name):
             raise LfmError(f"mix.similarity='taxonomy': data set {cfg.data.name!r} has no "
                            f"class hierarchy of its own (those with one: "
@@ -402,11 +411,12 @@ def other_text_similarity(source: Source, class_names: Sequence[str], templates:
     return text_similarity(feats)
 
 
-def for_run(run) -> torch.Tensor | None:
+def for_run(run, launch_dir: str | None = None) -> torch.Tensor | None:
     """LFM's S for a trainer's `Run` (lfm_ray.train.Run), once, before stage 1: None where
     P comes straight from the run's own text features (`text`), or where nothing reads S
     (neither LFM nor a kept confusion matrix, whose file carries P). Reads the run's
-    configuration, classes, model (not yet trained), images, batch builder and worker."""
+    configuration, classes, model (not yet trained), images, batch builder and worker;
+    relative file paths from `launch_dir` (where the run was started)."""
     cfg = run.cfg
     source = similarity_source(cfg)
     if source.kind == "text" and source.model is None:
@@ -417,10 +427,10 @@ def for_run(run) -> torch.Tensor | None:
     if source.kind == "uniform":
         return uniform_similarity(C)
     if source.kind == "file":
-        return read_similarity_file(source.path, C)
+        return read_similarity_file(source.local_path(launch_dir), C)
     if source.kind == "taxonomy":
         if source.path is not None:
-            paths = read_taxonomy_file(source.path, run.class_names)
+            paths = read_taxonomy_file(source.local_path(launch_dir), run.class_names)
         else:
             paths = dataset_taxonomy(cfg.data.name, cfg.data.root)
             if len(paths) != C:

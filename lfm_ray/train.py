@@ -135,7 +135,9 @@ def seeded_generator(*parts: int) -> torch.Generator:
 class Run:
     """Data on the device, the classifier, text features and shot groups for one worker."""
 
-    def __init__(self, cfg: RunConfig, info: WorkerInfo):
+    def __init__(self, cfg: RunConfig, info: WorkerInfo, launch_dir: str | None = None):
+        # launch_dir: the folder the run was started from, which relative file paths in the
+        # configuration name (Ray runs workers in folders of their own); None: this one.
         from lfm_ray.backbones import build_backbone, build_classifier_for, check_family
         from lfm_ray.data import load_arrays, options_for, shot_groups
         from lfm_ray.similarity import check_similarity, for_run
@@ -144,7 +146,7 @@ class Run:
         # What the model family cannot do (a timm model has no text tower), and LFM's
         # similarity source, refused at once.
         check_family(cfg)
-        check_similarity(cfg)
+        check_similarity(cfg, launch_dir=launch_dir)
         torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
         # The model comes first: its input size is the size lazily decoded data sets are
         # cached at, so preprocessing never drifts from the model. An open_clip model, or a
@@ -188,7 +190,7 @@ class Run:
         )
         # LFM's class similarity S (mix.similarity), once, before stage 1 and any checkpoint
         # is loaded; None: P comes straight from the text features (lfm_ray/similarity.py).
-        self.class_similarity = for_run(self)
+        self.class_similarity = for_run(self, launch_dir)
 
     def loss_fn(self) -> torch.nn.Module:
         """The configured loss over this run's class counts and text features."""
@@ -623,7 +625,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     (train stage 1 only and end; its last checkpoint is what branches start from),
     `checkpoint_dir` (keep checkpoints there, for in-process runs), `report_to_tune` (a
     study trial in Ray Train's local mode: report to the Tune trial itself),
-    `stop_after_epoch` (end after that global epoch, for tests of resume).
+    `stop_after_epoch` (end after that global epoch, for tests of resume), `launch_dir`
+    (the folder relative file paths of the configuration are read from).
     """
     # Ray Train logs every report and checkpoint at INFO; our own progress line says enough.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -633,7 +636,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     keep_dir = config.get("checkpoint_dir")
     to_tune = bool(config.get("report_to_tune"))
     info = worker_info(cfg, in_tune_trial=to_tune)
-    run = Run(cfg, info)
+    run = Run(cfg, info, launch_dir=config.get("launch_dir"))
     if cfg.runtime.zero_shot:
         selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
         metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,

@@ -234,11 +234,15 @@ def test_image_size_is_for_timm_models_only():
         RunConfig().override({"model.image_size": 0}).validate()
 
 
-def test_the_cli_refuses_mms_for_a_timm_model(capsys):
+def test_the_cli_refuses_mms_for_a_timm_model_and_its_dry_run_says_what_resolves(capsys):
     from lfm_ray.cli import main
 
     assert main(["train", "--model", TIMM_TEST, "--loss", "mms", "--dry-run"]) == 2
     assert "loss.name=mms needs class text features" in capsys.readouterr().err
+    assert main(["train", "--model", TIMM_TEST, "--model.image_size", "32", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes"}
+    assert printed["model"]["image_size"] == 32
 
 
 def test_config_json_records_the_family_and_the_similarity(tmp_path):

@@ -412,3 +412,26 @@ def test_the_check_before_a_run_reads_only_the_header_of_a_npy(tmp_path):
         check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'flat.npy'}"}))
     with pytest.raises(LfmError, match="junk.npy' cannot be read as a .npy array"):
         check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'junk.npy'}"}))
+
+
+def test_relative_files_are_read_from_where_the_run_was_started(tmp_path, monkeypatch):
+    """Ray runs trials and workers in folders of their own: the trainer reads a relative
+    similarity file from the launch folder it is given (launch.launch_dir)."""
+    from lfm_ray.launch import launch_dir
+    from lfm_ray.train import Run, WorkerInfo
+
+    S = np.eye(10) * 0.5
+    np.save(tmp_path / "S.npy", S)
+    cfg = RunConfig().override({"mix.similarity": "file:S.npy", "mix.method": "lfm",
+                                "data.cache_dir": str(tmp_path / "cache")}).validate()
+    elsewhere = tmp_path / "trial"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(LfmError, match="trial/S.npy' does not exist"):
+        check_similarity(cfg)
+    run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")),
+              launch_dir=str(tmp_path))
+    assert torch.equal(run.class_similarity, torch.as_tensor(S))
+    monkeypatch.setenv("TUNE_ORIG_WORKING_DIR", str(tmp_path))
+    assert launch_dir() == str(tmp_path)
+    assert resolved_choices(cfg)["mix.similarity"] == f"file:{elsewhere / 'S.npy'}"

@@ -42,6 +42,7 @@ class ModelConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
     logit_scale: float | None = None   # s in z = s·cos; None: the loss's default (LOGIT_SCALE)
     cache_dir: str | None = None       # where open_clip caches weights; None: its default
+    image_size: int | None = None      # timm models only: square input size in px; None: the model's own
 
 
 @dataclass
@@ -82,6 +83,8 @@ class MixConfig:
     concutmix_topk: int | None = None      # ConCutMix k nearest class centres in ŷ_sem, >= 1
     concutmix_prob: float = 0.5            # probability that a batch is cut-mixed at all
     concutmix_warmup: float | None = None  # fraction of a stage's epochs with ỹ_area alone
+    # Where LFM's class similarity S comes from (P = softmax(S/τ)), see lfm_ray/similarity.py.
+    similarity: str = "auto"  # LFM's S: auto (text for CLIP models, image-prototypes for timm models) | text | text:MODEL[:PRETRAINED] | image-prototypes | taxonomy[:FILE] | file:PATH | uniform
 
 
 # The mixing methods' own laws of λ ~ Beta(β, β), used when the stage's β is None: Mixup and
@@ -223,6 +226,9 @@ SECTIONS = {
     "aux": AuxConfig,
 }
 STAGE_SHORTHANDS = ("alpha", "tau", "beta")
+# config.json's section of values derived from the others (the model family, the resolved
+# similarity source: lfm_ray.similarity.resolved_choices); reading a config back skips it.
+DERIVED_SECTION = "resolved"
 
 # Fields that no longer exist, and what replaced them (a config that sets one is refused
 # with this, rather than run with a setting that would silently mean nothing).
@@ -267,7 +273,7 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
         """Build from a nested dict (as `to_dict` writes) and/or dotted keys."""
         cfg = cls()
-        nested = {k: v for k, v in raw.items() if "." not in k}
+        nested = {k: v for k, v in raw.items() if "." not in k and k != DERIVED_SECTION}
         dotted = {k: v for k, v in raw.items() if "." in k}
         for section, values in nested.items():
             if section not in SECTIONS:
@@ -411,6 +417,9 @@ class RunConfig:
                self.data.selection_split, "'auto', 'val' or 'test'")
         if self.model.logit_scale is not None:
             _check(self.model.logit_scale > 0, "model.logit_scale", self.model.logit_scale, "a number > 0")
+        if self.model.image_size is not None:
+            _check(self.model.image_size >= 1, "model.image_size", self.model.image_size,
+                   "an integer >= 1, or null for the model's own input size")
         mix = self.mix
         if mix.concutmix_omega is not None:
             _check(mix.concutmix_omega >= 0, "mix.concutmix_omega", mix.concutmix_omega,
@@ -571,6 +580,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         if "." in str(key):
             values[str(key)] = value
+        elif key == DERIVED_SECTION:
+            continue  # derived from the other values (a config.json read back as a file)
         elif key in SECTIONS and isinstance(value, dict):
             values.update({f"{key}.{k}": v for k, v in value.items()})
         elif key in SECTIONS:
@@ -650,7 +661,8 @@ class ConfigLayers:
 # Closed sets of names (the registries hold the builders; a test keeps these equal to them, so
 # --help needs no heavy import).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "folder"),
+    "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
+                  "folder"),
     "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
     "loss.name": ("ce", "balce", "focal", "ldam", "mms"),
     "stage1.finetune": FINETUNE_MODES,

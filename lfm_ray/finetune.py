@@ -301,6 +301,10 @@ def prepare(model: nn.Module, stage_cfg: Any, num_classes: int,
     if mode not in MODES:
         raise LfmError(f"stage1.finetune={mode!r} is not valid; expected one of "
                        f"{', '.join(MODES)}")
+    if hasattr(model, "trainable_names"):  # a model that says itself what it trains (timm)
+        if mode != "full":
+            raise LfmError(f"stage1.finetune={mode!r} is for open_clip ViTs")
+        return {}
     if getattr(model, "finetune", "full") != "full":
         raise ValueError(f"the model is already prepared for {model.finetune}")
     sizes = resolved_sizes(stage_cfg, num_classes, _block_count(model.visual))
@@ -312,6 +316,8 @@ def prepare(model: nn.Module, stage_cfg: Any, num_classes: int,
 def trainable_names(model: nn.Module, stage: int) -> list[str]:
     """Names (as model.named_parameters gives them) of what `stage` trains: in stage 1 the
     model's mode's set, in stage 2 W_I (proj.weight) alone."""
+    if hasattr(model, "trainable_names"):  # a model that says itself what it trains (timm)
+        return model.trainable_names(stage)
     if stage == 2:
         return ["proj.weight"]
     mode = getattr(model, "finetune", "full")

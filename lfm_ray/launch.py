@@ -114,10 +114,13 @@ def check_names(cfg: RunConfig) -> None:
         raise unknown_name("loss", cfg.loss.name, list(LOSSES))
     if cfg.mix.method not in MIXERS:
         raise unknown_name("mixing method", cfg.mix.method, list(MIXERS))
+    from lfm_ray.backbones import check_backbone, check_family
     from lfm_ray.finetune import check_architecture
-    from lfm_ray.model import check_model_name
+    from lfm_ray.similarity import check_similarity
 
-    check_model_name(cfg.model.name, cfg.model.pretrained)
+    check_backbone(cfg.model)   # an open_clip or a timm: model, and its weights value
+    check_family(cfg)           # what a vision-only model cannot do
+    check_similarity(cfg)       # LFM's similarity source and the files it names
     check_architecture(cfg.model.name, cfg.stage1.finetune)  # ViT-only modes on a ViT
 
 
@@ -125,10 +128,12 @@ def prepare_node(cfg: RunConfig):
     """Load the model once (fails at once on missing weights) and build this node's data
     cache (fails at once on missing data), so trials start on a warm cache. Returns the
     cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
+    from lfm_ray.backbones import build_backbone
     from lfm_ray.data import load_arrays, options_for
-    from lfm_ray.model import build_clip
+    from lfm_ray.similarity import check_similarity
 
-    _, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
+    _, spec = build_backbone(cfg.model, "cpu")
+    check_similarity(cfg, weights=True)  # a text:MODEL similarity's weights, here at once
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     arrays = load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
@@ -155,12 +160,14 @@ def check_inputs(cfg: RunConfig) -> None:
     """Names, values, weights and data files (the auxiliary classes' folders and neighbour map
     too) of one run, checked without training, building caches or starting Ray (what
     --dry-run checks)."""
+    from lfm_ray.backbones import check_backbone_weights
     from lfm_ray.data import build_dataset, options_for
-    from lfm_ray.model import check_weights
+    from lfm_ray.similarity import check_similarity
 
     cfg.validate()
     check_names(cfg)
-    check_weights(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir)
+    check_backbone_weights(cfg.model)
+    check_similarity(cfg, weights=True)  # a text:MODEL source's weights too
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
@@ -274,6 +281,13 @@ def _lean_trainer_class():
     return LeanTorchTrainer
 
 
+def launch_dir() -> str:
+    """The folder this run or study was started from: relative file paths in a configuration
+    (a similarity file) are read from there, since Ray Tune runs each trial, and Ray Train
+    each worker, in a folder of its own (Tune keeps the original in TUNE_ORIG_WORKING_DIR)."""
+    return os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()
+
+
 def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
                  callbacks: Iterable[Any] = (), extra: dict[str, Any] | None = None,
                  max_failures: int = 0):
@@ -287,7 +301,7 @@ def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
     backend = "nccl" if cfg.runtime.gpus_per_worker >= 1 else "gloo"
     return _lean_trainer_class()(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), **(extra or {})},
+        train_loop_config={"run": cfg.to_dict(), "launch_dir": launch_dir(), **(extra or {})},
         scaling_config=scaling_config(cfg),
         torch_config=TorchConfig(backend=backend),
         run_config=RayRunConfig(
@@ -365,7 +379,7 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     check_resources(cfg)
     if announce is not None:
         announce()
-    (out / "config.json").write_text(cfg.to_json())
+    write_config(out / "config.json", cfg)
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
     if cfg.runtime.num_workers == 0:
@@ -395,6 +409,22 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
+
+
+def config_json(cfg: RunConfig) -> str:
+    """What config.json holds (and `--dry-run` prints): the run's settings, and in its
+    `resolved` section what they resolve to (the model family, LFM's similarity source);
+    read back as a config file, that section is skipped."""
+    from lfm_ray.config import DERIVED_SECTION
+    from lfm_ray.similarity import resolved_choices
+
+    return json.dumps({**cfg.to_dict(), DERIVED_SECTION: resolved_choices(cfg)}, indent=2,
+                      sort_keys=True)
+
+
+def write_config(path: Path, cfg: RunConfig) -> None:
+    """config.json of a run (`config_json`)."""
+    path.write_text(config_json(cfg))
 
 
 def final_result(checkpoint, copy_to: Path | None = None

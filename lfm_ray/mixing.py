@@ -36,8 +36,11 @@ from lfm_ray.transfer import to_device
 # (config.py holds them); every mixer accepts all of them so the trainer can pass the run's
 # mixing section unchanged whatever the method. ConCutMix's ω, k and warm-up default to None
 # there: they are per data set (CONCUTMIX_SETTINGS), which `RunConfig.mixer_params` fills in.
+# `mix.similarity` is not a mixer parameter: the trainer resolves it into the matrix S it
+# passes as `class_similarity` (lfm_ray/similarity.py).
 MIXER_PARAMS: dict[str, Any] = {
-    f.name: f.default for f in dataclasses.fields(MixConfig) if f.name != "method"
+    f.name: f.default for f in dataclasses.fields(MixConfig)
+    if f.name not in ("method", "similarity")
 }
 
 
@@ -54,10 +57,23 @@ def local_sampling_matrix(text_features: torch.Tensor, tau: float) -> torch.Tens
         raise LfmError("local sampling needs text features of shape (C, d) with C >= 2 classes; "
                        f"got shape {tuple(text_features.shape)}")
     f = text_features.detach().double()
-    sim = (f @ f.t()) / tau
-    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-    P = torch.softmax(sim.masked_fill(eye, float("-inf")), dim=1)
+    P = class_sampling_matrix(f @ f.t(), tau)
     return P.to(text_features.dtype if text_features.is_floating_point() else torch.float32)
+
+
+def class_sampling_matrix(similarity: torch.Tensor, tau: float) -> torch.Tensor:
+    """P (C, C) float64 from any class similarity S: row i is softmax_j(S[i, j] / τ) over
+    j ≠ i, P[i, i] = 0 (paper Eq. 1, whose S is the text features' cosines; `mix.similarity`
+    gives others). As `local_sampling_matrix`, in float64 with the diagonal masked."""
+    if not tau > 0:
+        raise LfmError(f"tau={tau} is not valid; expected a number > 0")
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1] \
+            or similarity.shape[0] < 2:
+        raise LfmError("local sampling needs a class similarity of shape (C, C) with C >= 2 "
+                       f"classes; got shape {tuple(similarity.shape)}")
+    sim = similarity.detach().double() / tau
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    return torch.softmax(sim.masked_fill(eye, float("-inf")), dim=1)
 
 
 def label_shift(lam_x: Any, n_i: Any, n_j: Any, alpha: float) -> torch.Tensor:
@@ -384,7 +400,8 @@ class Mixer:
     def __init__(self, *, class_counts: Any, train_labels: Any = None,
                  text_features: torch.Tensor | None = None, alpha: float = 1.0,
                  tau: float = 0.05, beta: float | None = None,
-                 device: torch.device | str = "cpu", **params: Any):
+                 device: torch.device | str = "cpu",
+                 class_similarity: torch.Tensor | None = None, **params: Any):
         unknown = sorted(set(params) - set(MIXER_PARAMS))
         if unknown:
             raise LfmError(f"mixing method {self.name!r} takes no parameter {unknown[0]!r}; "
@@ -403,6 +420,8 @@ class Mixer:
         self.alpha, self.tau = float(alpha), float(tau)
         self.beta = None if beta is None else float(beta)
         self.text_features = text_features
+        # LFM's S where it is not the text features' cosines (lfm_ray/similarity.py).
+        self.class_similarity = class_similarity
         self.train_labels = train_labels
         self.device = torch.device(device)
         self.params = _checked_params({**MIXER_PARAMS, **params})
@@ -677,14 +696,24 @@ class LocalFeatureMixup(Mixer):
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
-        if self.text_features is None or self.train_labels is None:
-            raise LfmError("lfm needs the class text features and the training labels")
-        if self.text_features.shape[0] != self.num_classes:
-            raise LfmError(f"lfm got {self.text_features.shape[0]} text features for "
-                           f"{self.num_classes} classes")
-        # Once per stage: P on the run's device, then the alias and per-class index tables.
-        self.P = local_sampling_matrix(self.text_features.detach().float().to(self.device),
-                                       self.tau)
+        if self.train_labels is None:
+            raise LfmError("lfm needs the training labels")
+        if self.class_similarity is not None:
+            # Once per stage: P = softmax(S/τ) of the given class similarity, on the device.
+            S = self.class_similarity
+            if tuple(S.shape) != (self.num_classes, self.num_classes):
+                raise LfmError(f"lfm got a class similarity of shape {tuple(S.shape)} for "
+                               f"{self.num_classes} classes")
+            self.P = class_sampling_matrix(S.to(self.device), self.tau)
+        else:
+            if self.text_features is None:
+                raise LfmError("lfm needs the class text features or a class similarity")
+            if self.text_features.shape[0] != self.num_classes:
+                raise LfmError(f"lfm got {self.text_features.shape[0]} text features for "
+                               f"{self.num_classes} classes")
+            # Once per stage: P on the run's device, then the alias and per-class index tables.
+            self.P = local_sampling_matrix(self.text_features.detach().float().to(self.device),
+                                           self.tau)
         self.sampler = PairSampler(self.P, self.train_labels, self.device)
 
     def partners(self, indices, labels, generator):
@@ -710,13 +739,15 @@ MIXERS: dict[str, Callable[..., Mixer]] = {
 def build_mixer(name: str, *, class_counts: Any, train_labels: Any = None,
                 text_features: torch.Tensor | None = None, alpha: float = 1.0,
                 tau: float = 0.05, beta: float | None = None,
-                device: torch.device | str = "cpu", **params: Any) -> Mixer:
+                device: torch.device | str = "cpu",
+                class_similarity: torch.Tensor | None = None, **params: Any) -> Mixer:
     """The mixer `name` (see MIXERS) for one stage. `beta` None: the method's own law of λ
-    (config.MIX_BETA), which the mixer's `beta` then holds. params: remix_kappa, remix_tau,
-    concutmix_omega, concutmix_topk, concutmix_prob, concutmix_warmup (every mixer accepts
-    them; only its own are used)."""
+    (config.MIX_BETA), which the mixer's `beta` then holds. `class_similarity`: LFM's S
+    (C, C) where it is not the text features' cosines (then P = softmax(S/τ) of it).
+    params: remix_kappa, remix_tau, concutmix_omega, concutmix_topk, concutmix_prob,
+    concutmix_warmup (every mixer accepts them; only its own are used)."""
     if name not in MIXERS:
         raise unknown_name("mixing method", name, list(MIXERS))
     return MIXERS[name](class_counts=class_counts, train_labels=train_labels,
                         text_features=text_features, alpha=alpha, tau=tau, beta=beta,
-                        device=device, **params)
+                        device=device, class_similarity=class_similarity, **params)

@@ -147,17 +147,24 @@ def seeded_generator(*parts: int) -> torch.Generator:
 class Run:
     """Data on the device, the classifier, text features and shot groups for one worker."""
 
-    def __init__(self, cfg: RunConfig, info: WorkerInfo):
+    def __init__(self, cfg: RunConfig, info: WorkerInfo, launch_dir: str | None = None):
+        # launch_dir: the folder the run was started from, which relative file paths in the
+        # configuration name (Ray runs workers in folders of their own); None: this one.
+        from lfm_ray.backbones import build_backbone, build_classifier_for, check_family
         from lfm_ray.data import load_arrays, options_for, shot_groups
         from lfm_ray.finetune import prepare, trained_params
-        from lfm_ray.model import LFMClassifier, build_clip, text_features
+        from lfm_ray.similarity import check_similarity, for_run
 
         self.cfg, self.info = cfg, info
+        # What the model family cannot do (a timm model has no text tower), and LFM's
+        # similarity source, refused at once.
+        check_family(cfg)
+        check_similarity(cfg, launch_dir=launch_dir)
         torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
         # The model comes first: its input size is the size lazily decoded data sets are
-        # cached at, so preprocessing never drifts from the model.
-        clip, self.spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir,
-                                     info.device)
+        # cached at, so preprocessing never drifts from the model. An open_clip model, or a
+        # timm model (lfm_ray/backbones.py).
+        backbone, self.spec = build_backbone(cfg.model, info.device)
         data = cfg.data
         options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
@@ -171,10 +178,11 @@ class Run:
         self.aux = auxiliary_training(cfg, self.class_names, self.spec, data.cache_dir)
         trained = self.class_names + (self.aux.class_names if self.aux else [])
         self.train_counts = self.class_counts + (self.aux.counts if self.aux else [])
-        # Text features once per run; the text tower is then dropped.
-        self.text_features = text_features(clip, trained, cfg.model.templates, info.device)
-        self.model = LFMClassifier(clip.visual, self.text_features, cfg.logit_scale)
-        del clip
+        # CLIP: the text features of every trained class (once per run; the text tower is
+        # then dropped) are the classifier. timm: a linear head over the pooled features.
+        self.model, self.text_features = build_classifier_for(backbone, cfg, trained,
+                                                              info.device)
+        del backbone
         # What stage 1 trains: adapters, prompts or class weights join the model here, before
         # checkpoints load and the tower is compiled.
         self.finetune_sizes = prepare(self.model, cfg.stage1, self.num_classes, cfg.model.name)
@@ -224,6 +232,9 @@ class Run:
             torch.autocast("cuda", dtype=torch.bfloat16)
             if info.device.type == "cuda" else contextlib.nullcontext()
         )
+        # LFM's class similarity S (mix.similarity), once, before stage 1 and any checkpoint
+        # is loaded; None: P comes straight from the text features (lfm_ray/similarity.py).
+        self.class_similarity = for_run(self, launch_dir)
 
     def loss_fn(self) -> torch.nn.Module:
         """The configured loss over this run's class counts and text features."""
@@ -301,12 +312,17 @@ class Run:
         """LFM's P at the run's stage-1 τ (saved beside the confusion matrix, Fig. 7), on
         the CPU; computed once."""
         if self._sampling_matrix is None:
-            from lfm_ray.mixing import local_sampling_matrix
+            from lfm_ray.mixing import class_sampling_matrix, local_sampling_matrix
 
-            # With auxiliary classes, the target block of the P that training samples from.
+            # P at stage 1's τ, over the classes training samples partners from; with
+            # auxiliary classes, its target block.
             C = self.num_classes
-            self._sampling_matrix = local_sampling_matrix(
-                self.text_features.detach().cpu().float(), self.cfg.stage1.tau)[:C, :C]
+            if self.class_similarity is not None:
+                P = class_sampling_matrix(self.class_similarity, self.cfg.stage1.tau).float()
+            else:
+                P = local_sampling_matrix(self.text_features.detach().cpu().float(),
+                                          self.cfg.stage1.tau)
+            self._sampling_matrix = P[:C, :C]
         return self._sampling_matrix
 
 
@@ -412,7 +428,8 @@ def _mixer(run: Run, stage: Stage):
     return build_mixer(
         run.cfg.mix.method, class_counts=run.train_counts, train_labels=run.train_labels,
         text_features=run.text_features, alpha=scfg.alpha, tau=scfg.tau, beta=scfg.beta,
-        device=run.info.device, **run.cfg.mixer_params(),
+        device=run.info.device, class_similarity=run.class_similarity,
+        **run.cfg.mixer_params(),
     )
 
 
@@ -753,7 +770,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     (train stage 1 only and end; its last checkpoint is what branches start from),
     `checkpoint_dir` (keep checkpoints there, for in-process runs), `report_to_tune` (a
     study trial in Ray Train's local mode: report to the Tune trial itself),
-    `stop_after_epoch` (end after that global epoch, for tests of resume).
+    `stop_after_epoch` (end after that global epoch, for tests of resume), `launch_dir`
+    (the folder relative file paths of the configuration are read from).
     """
     # Ray Train logs every report and checkpoint at INFO; our own progress line says enough.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -763,7 +781,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     keep_dir = config.get("checkpoint_dir")
     to_tune = bool(config.get("report_to_tune"))
     info = worker_info(cfg, in_tune_trial=to_tune)
-    run = Run(cfg, info)
+    run = Run(cfg, info, launch_dir=config.get("launch_dir"))
     if cfg.runtime.zero_shot:
         selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
         metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,
@@ -797,6 +815,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
             continue
+        if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
+            run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
         trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])

@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STUDIES = ["tau_sweep", "alpha_sweep", "loss_comparison", "mixup_comparison",
-           "imbalance_sweep", "optuna_search", "finetune_modes", "category_extrapolation"]
+           "imbalance_sweep", "optuna_search", "finetune_modes", "category_extrapolation",
+           "similarity_sources"]
 FLAGS = ["--restart", "--seeds", "0,1,2"]
 
 

@@ -91,9 +91,9 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     """As `checkpoint_features` for a RunConfig and a checkpoint state; with no state, the
     model as built (pretrained F_I, W_I = identity): the zero-shot features."""
     from lfm_ray.augment import BatchBuilder, DeviceImages
+    from lfm_ray.backbones import build_backbone, build_classifier_for, model_family
     from lfm_ray.data import load_arrays, options_for
     from lfm_ray.finetune import prepare
-    from lfm_ray.model import LFMClassifier, build_clip, text_features
 
     dev = torch.device(device)
     # As in training: the model first, since its input size is the size lazily decoded
@@ -102,16 +102,15 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
         # The trainer seeds before building, so a randomly initialised backbone (the tiny
         # test model) is the same one here: its zero-shot features are the trial's.
         torch.manual_seed(cfg.runtime.seed)
-        clip, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, dev)
+        backbone, spec = build_backbone(cfg.model, dev)  # open_clip, or a timm: model
     data = cfg.data
     arrays = load_arrays(data.name, root=data.root, image=spec,
                          cache_dir=data.cache_dir,
                          **options_for(data.name, seed=data.seed,
                                        imbalance_factor=data.imbalance_factor))
     picked_classes = resolve_classes(classes, arrays.class_names)
-    feats_t = text_features(clip, arrays.class_names, cfg.model.templates, dev)
-    model = LFMClassifier(clip.visual, feats_t, cfg.logit_scale)
-    del clip
+    model, _ = build_classifier_for(backbone, cfg, arrays.class_names, dev)
+    del backbone
     if state is not None:
         # The tower as the run trained it: with its fine-tuning mode's modules.
         prepare(model, cfg.stage1, len(arrays.class_names), cfg.model.name)
@@ -129,7 +128,9 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     out = []
     for start in range(0, len(picked), 256):
         pos = torch.as_tensor(picked[start:start + 256])
-        z = model.proj(model.encode(build(store.gather(pos))).float())
+        z = model.encode(build(store.gather(pos))).float()
+        if model_family(cfg.model.name) == "clip":
+            z = model.proj(z)  # W_I F_I(x); a timm model's features are its pooled features
         out.append(torch.nn.functional.normalize(z, dim=-1).cpu())
     return {"features": torch.cat(out).numpy(), "labels": labels[picked],
             "classes": picked_classes, "class_names": list(arrays.class_names),

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "sampling and the label shift; paper appendix A.1) for the run defaults' "
                     "α, τ and model or the ones given. γ′ needs the model's text features: "
                     "its weights are read from the local cache only, never downloaded.")
-    p.add_argument("dataset", help="digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, places-lt, folder")
+    p.add_argument("dataset", help="digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, places-lt, "
+                                   "inat2018, folder")
     # --data-root as well, the name train and study use (and error messages give).
     p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for digits-lt)")
     p.add_argument("--imbalance-factor", type=float, help="n_max / n_min of the training split")
@@ -87,7 +88,12 @@ def gamma_config(args: argparse.Namespace):
               "model.cache_dir": args.model_cache_dir, "model.templates": args.templates,
               "mix.alpha": args.alpha, "mix.tau": args.tau, "mix.beta": args.beta}
     cfg = RunConfig().override({k: v for k, v in values.items() if v is not None}).validate()
-    check_model_name(cfg.model.name, cfg.model.pretrained)  # a typo is an error, not a skip
+    from lfm_ray.backbones import check_backbone, model_family
+
+    if model_family(cfg.model.name) == "clip":
+        check_model_name(cfg.model.name, cfg.model.pretrained)  # a typo is an error, not a skip
+    else:
+        check_backbone(cfg.model)
     return cfg
 
 
@@ -122,7 +128,12 @@ def effective_lines(cfg, class_names, class_counts) -> str:
     from lfm_ray.errors import LfmError
     from lfm_ray.model import build_clip, text_features
 
+    from lfm_ray.backbones import model_family
+
     model = cfg.model.name + (f"/{cfg.model.pretrained}" if cfg.model.pretrained else "")
+    if model_family(cfg.model.name) != "clip":
+        return (f"effective imbalance γ′: skipped, {model} has no text tower; γ′ here reads P "
+                "from a CLIP model's text features")
     try:
         with _hub_offline_env(), torch.random.fork_rng(devices=[]):
             # Seeded as the trainer seeds, so a randomly initialised model (tiny) gives the

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lfm_ray.launch import check_inputs, check_local_resources, fit_run, is_local
+    from lfm_ray.launch import check_inputs, check_local_resources, config_json, fit_run, is_local
 
     layers = config_layers(args)
     cfg = layers.resolve().validate()
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         check_inputs(cfg)
         if is_local(args.address):
             check_local_resources(cfg)
-        print(cfg.to_json())
+        print(config_json(cfg))  # as config.json: with the resolved model family and similarity
         return 0
     output = args.output or f"runs/{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     final = fit_run(cfg, output, address=args.address, verbose=args.verbose,

@@ -16,6 +16,7 @@ from lfm_ray.data.cifar import build_cifar_lt
 from lfm_ray.data.counts import long_tail_counts, shot_groups
 from lfm_ray.data.digits import build_digits_lt
 from lfm_ray.data.folder import build_folder
+from lfm_ray.data.inat import build_inat2018
 from lfm_ray.data.split_files import build_split_set
 from lfm_ray.errors import LfmError, unknown_name
 
@@ -39,6 +40,7 @@ DATASETS: dict[str, Callable[..., LongTailDataset]] = {
     "cifar100-lt": _cifar("cifar100-lt"),
     "imagenet-lt": _split_set("imagenet-lt"),
     "places-lt": _split_set("places-lt"),
+    "inat2018": build_inat2018,
     "folder": build_folder,
 }
 
@@ -87,13 +89,16 @@ __all__ = [
 def has_validation_split(name: str, root=None) -> bool:
     """Whether data set `name` under `root` has a validation split, from its layout alone
     (no image is read): ImageNet-LT and Places-LT with their _val split file, a folder with
-    val/. The CIFAR sets and digits-lt have none."""
+    val/, iNat2018 always (its hold-out from train2018). The CIFAR sets and digits-lt have
+    none."""
     from pathlib import Path
 
     from lfm_ray.data.split_files import SPLIT_SETS, _find_split
 
     if name not in DATASETS:
         raise unknown_name("data set", name, list(DATASETS))
+    if name == "inat2018":
+        return True  # the selection split is carved from train2018 (lfm_ray.data.inat)
     if root is None:
         return False
     root_path = Path(root).expanduser()

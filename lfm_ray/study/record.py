@@ -200,10 +200,28 @@ def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
         "layers": study.layers.to_dict() if study.layers is not None else None,
         "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,
         "trackers": study.trackers, "share_stage1": study.share_stage1,
-        "protocol": study.protocol,
+        "protocol": study.protocol, "resolved": _resolved(study),
         "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _resolved(study: Study) -> dict[str, Any]:
+    """What the settings resolve to (model family, LFM's similarity source): per data set's
+    base configuration, and for each grid point that resolves otherwise than its base."""
+    from lfm_ray.similarity import resolved_choices
+
+    bases = {d: resolved_choices(c) for d, c in study.base_configs().items()}
+    points: list[dict[str, Any]] = []
+    if study.search == "grid":
+        for params in study.grid_points():
+            params = {k: v for k, v in params.items() if k != "runtime.seed"}
+            choices = resolved_choices(study.config_for(params))
+            entry = {"params": params, **choices}
+            base = bases.get(str(params.get("data.name", study.base.data.name)))
+            if choices != base and entry not in points:
+                points.append(entry)
+    return {"base": bases, "points": points}
 
 
 def _selection_note(study: Study) -> str:

@@ -1,5 +1,6 @@
-"""Optuna's own views of a search: optimisation history, parameter importance (Optuna's
-default evaluator), parallel coordinates, and the Pareto front of a multi-objective search.
+"""Optuna's own views of a search: optimisation history, parameter importance (PED-ANOVA,
+with a caveat below IMPORTANCE_MIN_TRIALS complete trials), parallel coordinates, and the
+Pareto front of a multi-objective search; parameters named by their symbols.
 
 The Optuna study comes from its storage when the study recorded one (study.json
 "optuna_storage", e.g. sqlite:///results/optuna.db), else it is rebuilt from the trials
@@ -18,8 +19,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from lfm_ray.analysis.figures import use_log_axis
+from lfm_ray.analysis.figures import param_label, use_log_axis
 from lfm_ray.analysis.load import DONE, FAILED, StudyResults
+
+# Below this many complete trials an importance ranking moves from one search to the next.
+IMPORTANCE_MIN_TRIALS = 50
+IMPORTANCE_EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator
 from lfm_ray.errors import LfmError
 
 
@@ -175,15 +180,57 @@ def optuna_figures(study: StudyResults) -> dict[str, go.Figure]:
     for key, fig in figs.items():
         title = fig.layout.title.text or key
         fig.update_layout(title=f"{study.name}: {title}", template="plotly_white")
+        _relabel(fig, study)
     return figs
 
 
+def _relabel(fig: go.Figure, study: StudyResults) -> None:
+    """Parameters by their symbols ("τ (stage 1)") on the axes, dimensions and bars of
+    Optuna's figures, whose own labels are the dotted names (or "params/<name>")."""
+    names = {}
+    for p in study.params:
+        names[p] = names[f"params/{p}"] = param_label(p)
+    for trace in fig.data:
+        if trace.type == "parcoords":
+            trace.dimensions = [{**d.to_plotly_json(), "label": names.get(d.label, d.label)}
+                                for d in trace.dimensions]
+        elif trace.type == "bar" and trace.orientation == "h" and trace.y is not None:
+            trace.y = [names.get(str(y), y) for y in trace.y]
+    layout = fig.layout
+    for axis in [a for a in dir(layout) if a.startswith(("xaxis", "yaxis"))]:
+        obj = getattr(layout, axis, None)
+        if obj is None:
+            continue
+        if obj.title is not None and obj.title.text in names:
+            obj.title.text = names[obj.title.text]
+        if obj.ticktext is not None:  # parallel coordinates: one tick per dimension
+            obj.ticktext = [names.get(str(t), t) for t in obj.ticktext]
+    for note in layout.annotations or ():
+        if note.text in names:
+            note.text = names[note.text]
+
+
+def importance_caveat(study: StudyResults) -> str:
+    """What the importance figure rests on, and a caveat below IMPORTANCE_MIN_TRIALS."""
+    n = int((study.trials["status"] == DONE).sum())
+    text = (f"Parameter importance by Optuna's {IMPORTANCE_EVALUATOR} evaluator from {n} "
+            "complete trial(s): the share of the objective's variation each parameter "
+            "explains among these trials.")
+    if n < IMPORTANCE_MIN_TRIALS:
+        text += (f" Caveat: fewer than about {IMPORTANCE_MIN_TRIALS} trials stand behind it, "
+                 "so the ranking can change with more trials or another sampler seed; read "
+                 "it as a hint, not a finding.")
+    return text
+
+
 def _importance_figure(ost, names: list[str], study: StudyResults) -> go.Figure | None:
-    """Optuna's default importance evaluator, per objective. The evaluator ranks
-    parameters by how they reach *low* target values when given a target, so maximised
-    objectives are handed to it negated."""
+    """Importance by PED-ANOVA (Optuna's default evaluator, named so a later default does
+    not change what the caveat says), per objective. The evaluator ranks parameters by how
+    they reach *low* target values when given a target, so maximised objectives are handed
+    to it negated."""
     import optuna
     import optuna.visualization as vis
+    from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.study import StudyDirection
 
     try:
@@ -191,14 +238,16 @@ def _importance_figure(ost, names: list[str], study: StudyResults) -> go.Figure 
             with warnings.catch_warnings():
                 # Few trials per regime is the normal state of a small search.
                 warnings.simplefilter("ignore", UserWarning)
-                return vis.plot_param_importances(ost, target_name=names[0])
+                return vis.plot_param_importances(
+                    ost, evaluator=PedAnovaImportanceEvaluator(), target_name=names[0])
         fig = None
         for i, (name, direction) in enumerate(zip(names, ost.directions)):
             sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 part = vis.plot_param_importances(
-                    ost, target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name)
+                    ost, evaluator=PedAnovaImportanceEvaluator(),
+                    target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name)
             if fig is None:
                 fig = part
             else:

@@ -262,6 +262,16 @@ def test_the_imbalance_sweep_is_laid_out_as_table_2_and_never_compared_across_fa
     ce = rows[0].split("</td>")
     assert "<b>" not in "".join(ce[1:5]) and "<b>" in "".join(ce[5:9])
     assert "bold: better than every other row of its column within its imbalance factor γ" in page
+    # The best configuration, and the per-class figure, per imbalance factor.
+    best = page.split(">Best configuration</h2>")[1].split("</table>")[0]
+    lines = best.split("<tbody>")[1].split("<tr>")[1:]
+    assert [re.findall(r"<td>([^<]*)</td>", r)[1:3] for r in lines] == [
+        ["imbalance factor γ = 10", "method LFM + CE"], ["imbalance factor γ = 100", "method CE"]]
+    assert "method LFM + CE is better than every other configuration" in lines[0]
+    assert "method CE is better than every other configuration" in lines[1]
+    for factor in (10, 100):
+        assert f">Per-class accuracy against training count, imbalance factor γ = {factor}</h2>" \
+            in page
 
 
 def test_the_first_column_is_named_after_what_it_holds(tmp_path):

@@ -310,7 +310,9 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
             hovertemplate=html.escape(verdict_text(sep, {sep.best: setting(param, best_x)}))
                           + "<extra></extra>"))
     else:
-        fig.add_annotation(text=f"{NO_BEST} ({metric}): no star", xref="paper", yref="paper",
+        why = f"{NO_BEST} ({metric}): no star" if fewest > 1 else \
+            "one seed: no interval to tell the values apart, no star"
+        fig.add_annotation(text=why, xref="paper", yref="paper",
                            x=0.0, y=1.0, xanchor="left", yanchor="bottom", showarrow=False,
                            font={"size": 12, "color": "#7a5b00"})
     if fewest == 1:
@@ -569,7 +571,8 @@ def comparison_table_figure(table: pd.DataFrame, mode: str = "max",
     facet_values = list(dict.fromkeys(table[facet].tolist())) if facet else [None]
     for fv in facet_values:
         for g in GROUPS:
-            headers.append(f"{setting(facet, fv)}<br>{g} (%)" if facet else f"{g} (%)")
+            headers.append(f"{param_short(facet)} = {fmt_value(fv)}<br>{g} (%)" if facet
+                           else f"{g} (%)")
             col = []
             for key in keys:
                 match = [i for i, (_, r) in enumerate(table.iterrows())
@@ -583,12 +586,14 @@ def comparison_table_figure(table: pd.DataFrame, mode: str = "max",
             columns.append(col)
     fig = go.Figure(go.Table(
         header={"values": [f"<b>{h}</b>" for h in headers], "fill_color": "#e8eef7",
+                "height": 44 if facet else 28,
                 "align": ["left"] * len(firsts) + ["right"] * (len(headers) - len(firsts))},
         cells={"values": columns, "height": 26,
                "align": ["left"] * len(firsts) + ["right"] * (len(headers) - len(firsts))}))
     caption = table_caption(table, mode)
     fig.update_layout(title=(title or "comparison") + f"<br><sup>{html.escape(caption)}</sup>",
                       template=TEMPLATE, height=170 + 28 * len(keys) + (24 if facet else 0),
+                      width=max(800, 170 * len(firsts) + 115 * (len(headers) - len(firsts))),
                       margin={"t": 80, "b": 10, "l": 10, "r": 10})
     return fig
 

@@ -35,7 +35,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from lfm_ray.analysis.figures import (
-    NO_BEST, ablation_figure, comparison_figure, comparison_html, comparison_table,
+    NO_BEST, ablation_figure, facet_of, comparison_figure, comparison_html, comparison_table,
     comparison_table_figure, describe, effective_imbalance_figure, fmt_value, headline_metric,
     learning_curves_figure, param_label, per_class_figure, sampling_confusion_figure,
     seeds_text, selection_metric, selection_text, separation, setting, table_caption,
@@ -50,6 +50,8 @@ from lfm_ray.errors import LfmError
 CHROMES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 # Figures not exported as PNG (they are for exploring in the page, not for a slide).
 NOT_HEADLINE = ("learning_curves",)
+# Figures only written as PNG (the page shows the same as an HTML table).
+PNG_ONLY = ("comparison_table",)
 TITLES = {
     "comparison_table": "Comparison table", "comparison": "Accuracy per configuration",
     "learning_curves": "Learning curves", "per_class": "Per-class accuracy against training count",
@@ -96,6 +98,9 @@ class Best:
     def label(self) -> str:
         return describe(self.keys, 3) or "the one configuration"
 
+    def label_without(self, facet: str | None) -> str:
+        return describe({k: v for k, v in self.keys.items() if k != facet}, 3) or self.label
+
     @property
     def seeds(self) -> list[Any]:
         if SEED not in self.rows.columns:
@@ -104,19 +109,46 @@ class Best:
                       for s in self.rows[SEED].dropna().unique())
 
 
-def best_configuration(study: StudyResults, metric: str | None = None) -> Best:
+def study_facet(study: StudyResults) -> str | None:
+    """The parameter (imbalance factor, data set) whose values are never compared with
+    each other: each has its own best configuration."""
+    return facet_of(varying_params(study)) if study.search == "grid" else None
+
+
+def facet_values(study: StudyResults) -> list[Any]:
+    """The facet's values in the study's declared order ([None] without a facet)."""
+    facet = study_facet(study)
+    if facet is None:
+        return [None]
+    seen = list(dict.fromkeys(study.finished[facet].tolist()))
+    declared = study.declared_values(facet) or []
+    return sorted(seen, key=lambda v: next((i for i, d in enumerate(declared)
+                                            if fmt_value(d) == fmt_value(v)), len(declared)))
+
+
+def _where(rows: pd.DataFrame, keys: dict[str, Any]) -> pd.DataFrame:
+    for p, v in keys.items():
+        rows = rows[rows[p].isna()] if pd.isna(v) else rows[rows[p] == v]
+    return rows
+
+
+def best_configuration(study: StudyResults, metric: str | None = None,
+                       facet_value: Any = None) -> Best:
     """The configuration with the best mean of `metric` (default: the selection metric)
-    over its seeds, and whether better_than_rest separates it from every other one."""
+    over its seeds, within one value of the study's facet (imbalance factor, data set; the
+    first when not given), and whether better_than_rest separates it from every other
+    configuration there."""
     done = study.require_finished()
     metric = metric or selection_metric(study)
     params = varying_params(study)
+    facet = study_facet(study)
+    if facet is not None:
+        value = facet_values(study)[0] if facet_value is None else facet_value
+        done = _where(done, {facet: value})
     agg = aggregate(done, params, metrics=[metric], sort=False)
     best = agg.iloc[best_row(agg, metric, study.mode)]
     keys = {p: best[p] for p in params}
-    rows = done
-    for p, v in keys.items():
-        rows = rows[rows[p].isna()] if pd.isna(v) else rows[rows[p] == v]
-    return Best(keys, rows, separation(study, done, params, metric), metric)
+    return Best(keys, _where(done, keys), separation(study, done, params, metric), metric)
 
 
 @dataclass
@@ -125,6 +157,7 @@ class Figures:
 
     figs: dict[str, go.Figure] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)  # section titles beyond TITLES
 
 
 def study_figures(study: StudyResults, params: Sequence[str] | None = None,
@@ -160,9 +193,8 @@ def build_figures(study: StudyResults, params: Sequence[str] | None = None,
     else:
         for p in numeric:
             out.figs[f"ablation_{p}"] = ablation_figure(study, p, band=band)
-    per_class = per_class_view(study)
-    if per_class is not None:
-        out.figs["per_class"], out.captions["per_class"] = per_class
+    for name, (fig, caption, title) in per_class_views(study).items():
+        out.figs[name], out.captions[name], out.titles[name] = fig, caption, title
     confusion = confusion_view(study)
     if confusion is not None:
         out.figs["sampling_confusion"], out.captions["sampling_confusion"] = confusion
@@ -194,30 +226,48 @@ def config_results(study: StudyResults, rows: pd.DataFrame) -> dict[Any, dict[st
     return out
 
 
-def per_class_view(study: StudyResults) -> tuple[go.Figure, str] | None:
-    """Per-class accuracy of the best configuration by the selection metric, every seed;
-    in a comparison study the first row of the table beside it in grey."""
-    best = best_configuration(study)
+def per_class_views(study: StudyResults) -> dict[str, tuple[go.Figure, str, str]]:
+    """name → (figure, caption, section title): per-class accuracy of the best
+    configuration by the selection metric with every seed; one figure per imbalance factor
+    or data set (their classes and counts differ), each named after it."""
+    out = {}
+    facet = study_facet(study)
+    for value in facet_values(study):
+        view = per_class_view(study, value)
+        if view is None:
+            continue
+        if facet is None:
+            out["per_class"] = (*view, TITLES["per_class"])
+        else:
+            out[f"per_class_{fmt_value(value)}"] = (
+                *view, f"{TITLES['per_class']}, {setting(facet, value)}")
+    return out
+
+
+def per_class_view(study: StudyResults, facet_value: Any = None
+                   ) -> tuple[go.Figure, str] | None:
+    """Per-class accuracy of the best configuration (within `facet_value`), every seed."""
+    best = best_configuration(study, facet_value=facet_value)
     runs = config_results(study, best.rows)
     if not runs:
         return None
     seeds = [s for s in runs]
     n = len(runs)
-    how = "mean over seeds with the seeds' range, each seed a small point" if n > 1 else \
-        "one seed"
+    how = "; mean over seeds with the seeds' range, each seed a small point" if n > 1 else ""
+    facet = study_facet(study)
+    among = f" among the {setting(facet, facet_value)} runs" if facet else ""
     title = (f"{study.name}: per-class test accuracy of {best.label}<br><sup>the highest "
-             f"mean {selection_text(study)}; {seeds_text(seeds)}; {how}</sup>")
+             f"mean {selection_text(study)}{among}; {seeds_text(seeds)}{how}</sup>")
     reference, ref_label = None, ""
     _, categorical = kinds_of_params(study)
     params = varying_params(study)
     if categorical and study.search == "grid" and params:
         table = comparison_table(study, params)
+        if facet:
+            table = table[[fmt_value(v) == fmt_value(best.keys[facet]) for v in table[facet]]]
         first = {p: table[p].iloc[0] for p in params}
         if config_key(first, params) != config_key(best.keys, params):
-            rows = study.finished
-            for p, v in first.items():
-                rows = rows[rows[p].isna()] if pd.isna(v) else rows[rows[p] == v]
-            reference = config_results(study, rows) or None
+            reference = config_results(study, _where(study.finished, first)) or None
             if reference:
                 ref_label = f"{describe(first, 3)} (first row of the table), mean of " \
                             f"{seeds_text(list(reference))}"
@@ -228,7 +278,7 @@ def per_class_view(study: StudyResults) -> tuple[go.Figure, str] | None:
         study.notes.append(f"per-class accuracy not drawn: {exc}")
         return None
     caption = (f"Shown: {best.label}, the configuration with the highest mean "
-               f"{selection_text(study)} over its seeds; {seeds_text(seeds)}. "
+               f"{selection_text(study)} over its seeds{among}; {seeds_text(seeds)}. "
                + ("It is better than every other configuration at 95 %. "
                   if best.separation.separated else
                   f"Note: {NO_BEST}; it is shown as the highest mean, not as a winner. "))
@@ -260,7 +310,10 @@ def confusion_view(study: StudyResults) -> tuple[go.Figure, str] | None:
         keys = {p: zero.iloc[0][p] for p in params}
     else:
         best = best_configuration(study)
-        rows, which, keys = best.rows, "the best configuration", best.keys
+        rows, keys = best.rows, best.keys
+        which = "the best configuration" + (
+            f" among the {setting(study_facet(study), best.keys[study_facet(study)])} runs"
+            if study_facet(study) else "")
     sort = SEED if SEED in rows.columns else "trial_id"
     for _, row in rows.sort_values(sort).iterrows():
         path = trial_confusion(study, row)
@@ -426,7 +479,7 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px a
 h1{margin-bottom:4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:14px;margin:8px 0}
 td,th{border:1px solid #ccc;padding:3px 8px} th{background:#f2f5fa}
-table.cmp td{text-align:right;white-space:nowrap} table.cmp td.name{text-align:left}
+table.cmp{font-size:13px} table.cmp td{text-align:right;white-space:nowrap} table.cmp td.name{text-align:left}
 table.cmp th.group{text-align:center} table.cmp td.gstart{border-left:2px solid #999}
 table.record th{text-align:left;vertical-align:top;width:190px} table.record td{vertical-align:top}
 table.config td.set{font-weight:bold;background:#fff4d6}
@@ -581,52 +634,57 @@ def _one(t: pd.DataFrame, col: str) -> str | None:
 
 # ---- the page: results ---------------------------------------------------------------------
 def _best_html(study: StudyResults) -> str:
-    """The best configuration per objective (mean over seeds), its test figures, and
-    whether it is better than the others at these seeds."""
+    """The best configuration per objective (mean over seeds; within each imbalance factor
+    or data set), its test figures, and whether it is better than the others at these
+    seeds."""
+    from lfm_ray.analysis.load import t_interval
+
     done = study.finished
-    out = []
     rows = []
+    facet = study_facet(study)
     metrics = [selection_metric(study), *study.objectives]
     for metric in dict.fromkeys(metrics):
         if metric not in done.columns or pd.to_numeric(done[metric], errors="coerce").isna().all():
             continue
-        best = best_configuration(study, metric)
-        values = pd.to_numeric(best.rows[metric], errors="coerce").dropna() * 100
-        n = len(values)
-        value = f"{values.mean():.2f}"
-        if n > 1:
-            from lfm_ray.analysis.load import t_interval
-
-            _, low, high = t_interval(values.to_numpy(float))
-            value += f" ± {values.std(ddof=1):.2f} (95 % t-interval [{low:.2f}, {high:.2f}])"
-        test = " / ".join(
-            f"{pd.to_numeric(best.rows[m], errors='coerce').mean() * 100:.2f}" for m in METRICS)
-        sep = best.separation
-        if sep.separated:
-            verdict = verdict_text(sep, {sep.best: best.label,
-                                         sep.runner_up: _key_label(study, sep.runner_up)})
-        elif sep.runner_up is None:
-            verdict = "one configuration: nothing to compare"
-        elif n < 2:
-            verdict = f"{NO_BEST}: one seed per configuration gives no interval"
-        else:
-            verdict = verdict_text(sep, {sep.best: best.label,
-                                         sep.runner_up: _key_label(study, sep.runner_up)})
-        rows.append(f"<tr><td>{_esc(metric)}</td><td>{_esc(best.label)}</td>"
-                    f"<td class='num'>{value}</td><td class='num'>{n}</td>"
-                    f"<td class='num'>{test}</td><td>{_esc(verdict)}</td></tr>")
-    out.append("<table><thead><tr><th>selected on</th><th>highest mean</th>"
-               "<th>its mean (%)</th><th>seeds</th><th>its test many / medium / few / all (%)"
-               "</th><th>better than the others?</th></tr></thead>"
-               f"<tbody>{''.join(rows)}</tbody></table>")
-    return "".join(out)
+        for value in facet_values(study):
+            best = best_configuration(study, metric, value)
+            values = pd.to_numeric(best.rows[metric], errors="coerce").dropna() * 100
+            n = len(values)
+            mean = f"{values.mean():.2f}"
+            if n > 1:
+                _, low, high = t_interval(values.to_numpy(float))
+                mean += f" ± {values.std(ddof=1):.2f} (95 % t-interval [{low:.2f}, {high:.2f}])"
+            test = " / ".join(f"{pd.to_numeric(best.rows[m], errors='coerce').mean() * 100:.2f}"
+                              for m in METRICS)
+            sep = best.separation
+            names = {k: _key_label(study, k) for k in (sep.best, sep.runner_up, sep.against)}
+            if sep.runner_up is None:
+                verdict = "one configuration: nothing to compare"
+            elif n < 2 and not sep.separated:
+                verdict = f"{NO_BEST}: one seed per configuration gives no interval"
+            else:
+                verdict = verdict_text(sep, names)
+            where = f"<td>{_esc(setting(facet, value))}</td>" if facet else ""
+            rows.append(f"<tr><td>{_esc(metric)}</td>{where}<td>{_esc(best.label_without(facet))}</td>"
+                        f"<td class='num'>{mean}</td><td class='num'>{n}</td>"
+                        f"<td class='num'>{test}</td><td>{_esc(verdict)}</td></tr>")
+    facet_head = f"<th>{_esc(param_label(facet))}</th>" if facet else ""
+    note = (f"<p class='caption'>Each {_esc(param_label(facet))} has its own best "
+            "configuration; configurations are compared only within one.</p>" if facet else "")
+    return (note + "<div class='scroll'><table><thead><tr><th>selected on</th>"
+            f"{facet_head}<th>highest mean</th><th>its mean (%)</th><th>seeds</th>"
+            "<th>its test many / medium / few / all (%)</th><th>better than the others?</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _key_label(study: StudyResults, key: Any) -> str:
+    """A configuration key (config_key over the varying parameters) as text; the facet,
+    the same for every configuration compared, left out."""
     params = varying_params(study)
     if key is None:
         return ""
-    return describe(dict(zip(params, key)), 3) or str(key)
+    facet = study_facet(study)
+    return describe({p: v for p, v in zip(params, key) if p != facet}, 3) or str(key)
 
 
 def _results_html(study: StudyResults) -> str:
@@ -634,7 +692,7 @@ def _results_html(study: StudyResults) -> str:
     if study.search == "grid" and (numeric or categorical):
         table = comparison_table(study)
         return (f"<p class='caption'>{_esc(table_caption(table, study.mode))}</p>"
-                + comparison_html(table, study.mode))
+                "<div class='scroll'>" + comparison_html(table, study.mode) + "</div>")
     return _top_k_html(study)
 
 
@@ -869,10 +927,13 @@ def render_page(study: StudyResults, figs: dict[str, go.Figure] | Figures,
     sections.append(("best", "Best configuration", _best_html(study)))
     sections.append(("results", "Results", _results_html(study)))
     for name, fig in built.figs.items():
+        if name in PNG_ONLY:
+            continue
         caption = built.captions.get(name)
         body = (f"<p class='caption'>{_esc(caption)}</p>" if caption else "") + \
             _figure_html(name, fig)
-        sections.append((f"sec-{_png_name(name)[:-4]}", _section_title(name), body))
+        sections.append((f"sec-{_png_name(name)[:-4]}",
+                         built.titles.get(name) or _section_title(name), body))
     for name, caption in built.captions.items():
         if name not in built.figs:  # a figure that could not be drawn, and why
             sections.append((f"sec-{_png_name(name)[:-4]}", _section_title(name),

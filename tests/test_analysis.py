@@ -458,11 +458,15 @@ def test_optuna_study_rebuilt_with_distributions_inferred_from_the_table(tmp_pat
     figs = optuna_figures(study)
     assert {"history", "parallel", "importance"} <= set(figs) and "pareto" not in figs
     assert len(figs["history"].data[0].x) == 11
+    assert np.allclose(sorted(figs["history"].data[0].y), sorted(study.finished["acc_all"] * 100))
+    assert figs["history"].layout.yaxis.title.text == "acc_all (%)"
     # Parameters by their symbols, on every view.
     assert set(figs["importance"].data[0].y) == {"τ (stage 1)", "learning rate (stage 1)",
                                                  "loss", "focal γ"}
     labels = set(figs["parallel"].layout.xaxis.ticktext)
-    assert {"τ (stage 1)", "learning rate (stage 1)", "loss", "focal γ"} <= labels
+    assert {"τ (stage 1)", "learning rate (stage 1)", "loss"} <= labels
+    # focal γ is conditional: named in the title, not drawn at a "None" tick.
+    assert "focal γ" not in labels and "not drawn: focal γ" in figs["parallel"].layout.title.text
 
 
 def test_pareto_front_of_a_multi_objective_search(tmp_path):
@@ -475,9 +479,10 @@ def test_pareto_front_of_a_multi_objective_search(tmp_path):
              if not any((q >= p).all() and (q > p).any() for q in pts)}
     traces = figs["pareto"].data
     assert sum(len(t.x) for t in traces) == len(pts) == 11
-    assert sorted(pts[sorted(front), 0]) in [sorted(t.x) for t in traces]  # the front drawn
+    front_x = sorted(pts[sorted(front), 0] * 100)  # drawn in percent
+    assert any(np.allclose(front_x, sorted(t.x)) for t in traces if len(t.x) == len(front_x))
     names = [t.name for t in figs["importance"].data]
-    assert names == ["acc_few", "acc_many"]
+    assert names == ["acc_few (%)", "acc_many (%)"]
 
 
 def test_optuna_views_load_the_recorded_storage(tmp_path):

@@ -997,8 +997,9 @@ def sampling_confusion_figure(sampling_matrix: Any, counts: Any, class_names: Se
     fig.update_xaxes(title_text="predicted class", row=1, col=2)
     fig.update_yaxes(title_text="true class", row=1, col=2)
     fig.update_layout(
-        title=f"{run}: sampling matrix P beside the {split} confusion matrix{when}",
-        template=TEMPLATE, height=max(520, min(1400, 260 + 14 * C)),
+        title=f"{run}:{'<br>' if len(run) > 45 else ' '}sampling matrix P beside the "
+              f"{split} confusion matrix{when}",
+        margin={"t": 100 + 24 * (run.count("<br>") + (len(run) > 45))}, template=TEMPLATE, height=max(520, min(1400, 260 + 14 * C)),
         width=max(1000, min(2400, 380 + 28 * C)))
     return fig
 

@@ -11,6 +11,7 @@ the values span more than 1.5 decades; anything else: categorical).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -26,6 +27,19 @@ from lfm_ray.analysis.load import DONE, FAILED, StudyResults
 IMPORTANCE_MIN_TRIALS = 50
 IMPORTANCE_EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator
 from lfm_ray.errors import LfmError
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    """No "A new study created in memory" line for the in-memory studies the views build."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def _plain(value: Any) -> Any:
@@ -101,7 +115,8 @@ def rebuild_optuna_study(study: StudyResults):
     if missing:
         raise LfmError(f"the trials table of {study.name!r} has no column {missing[0]!r} "
                        "to rebuild its Optuna study from")
-    ost = optuna.create_study(study_name=study.name, directions=directions)
+    with _quiet_optuna():
+        ost = optuna.create_study(study_name=study.name, directions=directions)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ost.set_metric_names(metrics)  # the axis titles of Optuna's plots
@@ -148,40 +163,82 @@ def optuna_study(study: StudyResults):
 
 def optuna_figures(study: StudyResults) -> dict[str, go.Figure]:
     """history, parallel, importance (when Optuna can assess it) and, for several
-    objectives, pareto."""
+    objectives, pareto; accuracies in percent, parameters by their symbols. The parallel
+    coordinates show the parameters every trial drew; conditional ones are named in its
+    title instead of drawn at a "None" tick."""
     import optuna
     import optuna.visualization as vis
     from optuna.trial import TrialState
 
     study.require_finished()
-    ost = optuna_study(study)
+    metrics, directions = _directions(study)
+    stored = optuna_study(study)
+    names = list(stored.metric_names or metrics)
+    ost, shown = in_percent(stored, names)
     complete = ost.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise LfmError(f"the Optuna study of {study.name!r} has no complete trial")
-    metrics, directions = _directions(study)
     multi = len(ost.directions) > 1
-    names = list(ost.metric_names or metrics)
+    common = [p for p in dict.fromkeys(p for t in complete for p in t.params)
+              if all(p in t.params for t in complete)]
+    conditional = [p for p in dict.fromkeys(p for t in complete for p in t.params)
+                   if p not in common]
     figs: dict[str, go.Figure] = {}
+    first = (lambda t: t.values[0]) if multi else None  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if multi:
-            figs["pareto"] = vis.plot_pareto_front(ost, target_names=names)
-            first = lambda t: t.values[0]  # noqa: E731
-            figs["history"] = vis.plot_optimization_history(ost, target=first,
-                                                            target_name=names[0])
-            figs["parallel"] = vis.plot_parallel_coordinate(ost, target=first,
-                                                            target_name=names[0])
-        else:
-            figs["history"] = vis.plot_optimization_history(ost, target_name=names[0])
-            figs["parallel"] = vis.plot_parallel_coordinate(ost, target_name=names[0])
-        importance = _importance_figure(ost, names, study)
+            figs["pareto"] = vis.plot_pareto_front(ost, target_names=shown)
+        figs["history"] = vis.plot_optimization_history(ost, target=first,
+                                                        target_name=shown[0])
+        figs["parallel"] = vis.plot_parallel_coordinate(ost, params=common, target=first,
+                                                        target_name=shown[0])
+        importance = _importance_figure(ost, shown, study)
         if importance is not None:
             figs["importance"] = importance
     for key, fig in figs.items():
         title = fig.layout.title.text or key
         fig.update_layout(title=f"{study.name}: {title}", template="plotly_white")
         _relabel(fig, study)
+    if "importance" in figs and len(complete) < IMPORTANCE_MIN_TRIALS:
+        figs["importance"].update_layout(
+            title=f"{figs['importance'].layout.title.text}<br><sup>{IMPORTANCE_EVALUATOR} "
+                  f"over {len(complete)} trials: below about {IMPORTANCE_MIN_TRIALS}, a hint, "
+                  "not a finding</sup>", margin={"t": 90})
+    if conditional:
+        labels = ", ".join(param_label(p.removeprefix("params/")) for p in conditional)
+        figs["parallel"].update_layout(
+            title=f"{figs['parallel'].layout.title.text}<br><sup>not drawn: {labels} "
+                  "(conditional: only some trials draw them)</sup>", margin={"t": 90})
     return figs
+
+
+def in_percent(ost, names: list[str]):
+    """(an Optuna study whose accuracy objectives are in percent, the objectives' names
+    with their unit): a copy of `ost` for the figures; the stored study is left alone."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lfm_ray.analysis.load import METRICS, VAL_METRICS
+
+    scale = [100.0 if n in (*METRICS, *VAL_METRICS) else 1.0 for n in names]
+    shown = [f"{n} (%)" if k == 100.0 else n for n, k in zip(names, scale)]
+    with _quiet_optuna():
+        copy = optuna.create_study(study_name=ost.study_name, directions=ost.directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        copy.set_metric_names(shown)
+    trials = []
+    for t in ost.get_trials(deepcopy=False):
+        if t.state not in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
+            continue  # still running: no value yet
+        values = [v * k for v, k in zip(t.values, scale)] \
+            if t.state == TrialState.COMPLETE and t.values is not None else None
+        trials.append(optuna.trial.create_trial(
+            state=t.state, params=t.params, distributions=t.distributions, values=values,
+            user_attrs=t.user_attrs))
+    copy.add_trials(trials)
+    return copy, shown
 
 
 def _relabel(fig: go.Figure, study: StudyResults) -> None:

@@ -109,6 +109,27 @@ class Best:
                       for s in self.rows[SEED].dropna().unique())
 
 
+def runs_text(rows: pd.DataFrame) -> str:
+    """"seeds 0, 1, 2", or "trial <id>" for trials without a seed (a search's)."""
+    seeds = rows[SEED].dropna().tolist() if SEED in rows.columns else []
+    if len(seeds) == len(rows) and seeds:
+        return seeds_text(sorted(int(s) if float(s).is_integer() else s for s in seeds))
+    ids = rows["trial_id"].astype(str).tolist()
+    return ("trial " if len(ids) == 1 else "trials ") + ", ".join(ids)
+
+
+def wrap(text: str, width: int = 95) -> str:
+    """A long title line broken at ", " into lines of about `width` characters (<br>)."""
+    lines, line = [], ""
+    for part in text.split(", "):
+        if line and len(line) + len(part) + 2 > width:
+            lines.append(line + ",")
+            line = part
+        else:
+            line = f"{line}, {part}" if line else part
+    return "<br>".join([*lines, line])
+
+
 def study_facet(study: StudyResults) -> str | None:
     """The parameter (imbalance factor, data set) whose values are never compared with
     each other: each has its own best configuration."""
@@ -251,13 +272,25 @@ def per_class_view(study: StudyResults, facet_value: Any = None
     runs = config_results(study, best.rows)
     if not runs:
         return None
-    seeds = [s for s in runs]
-    n = len(runs)
-    how = "; mean over seeds with the seeds' range, each seed a small point" if n > 1 else ""
+    shown = best.rows[best.rows["trial_id"].isin(
+        [r for r in best.rows["trial_id"] if _has_result(study, best.rows, r)])]
+    who = runs_text(shown)
+    how = "; mean over seeds with the seeds' range, each seed a small point" \
+        if len(runs) > 1 else ""
     facet = study_facet(study)
     among = f" among the {setting(facet, facet_value)} runs" if facet else ""
-    title = (f"{study.name}: per-class test accuracy of {best.label}<br><sup>the highest "
-             f"mean {selection_text(study)}{among}; {seeds_text(seeds)}{how}</sup>")
+    if study.search != "grid" and len(shown) == 1:  # a search: one trial per configuration
+        name = f"trial {shown['trial_id'].iloc[0]}"
+        chosen = f"the best trial by {selection_text(study)}"
+        sub = f"{chosen}: {best.label}"
+        said = f"{name}, {chosen} ({best.label})"
+    else:
+        name = best.label
+        chosen = f"the highest mean {selection_text(study)}{among}"
+        sub = f"{chosen}; {who}{how}"
+        said = f"{name}, {chosen} over its seeds; {who}"
+    title = (f"{study.name}: per-class test accuracy of {name}<br><sup>"
+             + wrap(sub, 150) + "</sup>")
     reference, ref_label = None, ""
     _, categorical = kinds_of_params(study)
     params = varying_params(study)
@@ -267,24 +300,30 @@ def per_class_view(study: StudyResults, facet_value: Any = None
             table = table[[fmt_value(v) == fmt_value(best.keys[facet]) for v in table[facet]]]
         first = {p: table[p].iloc[0] for p in params}
         if config_key(first, params) != config_key(best.keys, params):
-            reference = config_results(study, _where(study.finished, first)) or None
+            rows = _where(study.finished, first)
+            reference = config_results(study, rows) or None
             if reference:
                 ref_label = f"{describe(first, 3)} (first row of the table), mean of " \
-                            f"{seeds_text(list(reference))}"
+                            f"{runs_text(rows)}"
     try:
         fig = per_class_figure(runs, title=title, reference=reference,
                                reference_label=ref_label)
     except LfmError as exc:
         study.notes.append(f"per-class accuracy not drawn: {exc}")
         return None
-    caption = (f"Shown: {best.label}, the configuration with the highest mean "
-               f"{selection_text(study)} over its seeds{among}; {seeds_text(seeds)}. "
+    fig.update_layout(margin={"t": 100 + 32 * title.split("<sup>")[1].count("<br>")})
+    caption = (f"Shown: {said}. "
                + ("It is better than every other configuration at 95 %. "
                   if best.separation.separated else
-                  f"Note: {NO_BEST}; it is shown as the highest mean, not as a winner. "))
+                  f"Note: {NO_BEST}; it is shown as the highest value, not as a winner. "))
     if reference:
         caption += f"Grey diamonds: {ref_label}."
     return fig, caption
+
+
+def _has_result(study: StudyResults, rows: pd.DataFrame, trial_id: str) -> bool:
+    row = rows[rows["trial_id"] == trial_id].iloc[0]
+    return trial_result(study, row) is not None
 
 
 # ---- the sampling matrix P beside a confusion matrix --------------------------------------
@@ -326,17 +365,21 @@ def confusion_view(study: StudyResults) -> tuple[go.Figure, str] | None:
         except (LfmError, OSError, ValueError, KeyError) as exc:
             study.notes.append(f"confusion matrix of trial {row['trial_id']} not read: {exc}")
             continue
-        seed = row.get(SEED)
-        run = (describe(keys, 3) or "the one configuration") + \
-            (f", {seeds_text([seed])}" if seed is not None and not pd.isna(seed) else "")
+        one = rows[rows["trial_id"] == row["trial_id"]]
+        seed_part = runs_text(one) if runs_text(one).startswith("seed") else ""
+        run = (describe(keys, 3) or "the one configuration") + f", {runs_text(one)}"
+        if study.search != "grid":  # the parameters are in the caption
+            which, run = f"the best trial by {selection_text(study)}", f"trial {row['trial_id']}"
         fig = sampling_confusion_figure(
             saved["sampling_matrix"], saved["counts"], saved["class_names"],
-            run=f"{study.name}: {which} ({run})",
+            run=wrap(f"{study.name}: {which} ({run})", 110),
             split=saved["split"], tau=saved["tau"], epoch=saved["epoch"])
         caption = (f"Left: LFM's sampling matrix P of the text features at the run's "
                    f"stage-1 τ = {saved['tau']:g} (row: the first image's class, column: "
                    f"the partner's). Right: the {saved['split']} confusion matrix of "
-                   f"{which} ({run}, trial {row['trial_id']}, epoch {saved['epoch']}), each "
+                   f"{which} ({', '.join(t for t in (describe(keys, 3), seed_part) if t)}"
+                   f"{', ' if describe(keys, 3) or seed_part else ''}trial {row['trial_id']}, "
+                   f"epoch {saved['epoch']}), each "
                    "row divided by its class's test images.")
         return fig, caption
     return None
@@ -513,7 +556,9 @@ def _space_text(study: StudyResults) -> str:
     if meta.get("grid"):
         for p, values in meta["grid"].items():
             lines.append(f"{param_label(p)}: {', '.join(fmt_value(v) for v in values)}")
-    for p, dim in (meta.get("space") or {}).items():
+    space = meta.get("space") or {}
+    order = [p for p in study.swept if p in space] + [p for p in space if p not in study.swept]
+    for p, dim in ((p, space[p]) for p in order):
         kind = dim.get("kind")
         if kind == "choice":
             text = "one of " + ", ".join(fmt_value(c) for c in dim.get("choices") or [])

@@ -142,7 +142,7 @@ def test_overlapping_seeds_get_no_star_no_bold_and_say_so(tmp_path):
     best = page.split(">Best configuration</h2>")[1].split("</table>")[0]
     assert NO_BEST in best and "better than every other" not in best
     # The per-class figure still shows the highest mean, and says it is no winner.
-    assert "it is shown as the highest mean, not as a winner" in page
+    assert "it is shown as the highest value, not as a winner" in page
 
 
 def test_one_seed_prints_no_spread_and_claims_nothing(tmp_path):
@@ -236,6 +236,7 @@ def test_gamma_figure_of_a_tau_sweep_matches_a_direct_computation(tmp_path):
     figs = build_figures(load_study(d))
     assert "gamma_mix.tau" not in figs.figs
     assert "not at hand on this machine" in figs.captions["gamma_mix.tau"]
+    assert str(tmp_path) not in figs.captions["gamma_mix.tau"]
 
 
 # ---- tables --------------------------------------------------------------------------------------

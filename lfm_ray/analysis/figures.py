@@ -240,7 +240,7 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     x = agg[param].to_numpy(float)
     log = use_log_axis(x)
     seeds_per_point = agg["acc_all_n"].to_numpy(int)
-    fewest = int(seeds_per_point.min())
+    fewest, most = int(seeds_per_point.min()), int(seeds_per_point.max())
     if band == "auto":
         band = "ci" if fewest >= 3 else "std"
     spread = {"ci": "95 % t-interval of the mean", "std": "± 1 std over seeds"}[band]
@@ -264,7 +264,7 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
                           "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
                           "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]<br>seeds: "
                           "%{customdata[3]}<extra></extra>"))
-        if fewest > 1:
+        if most > 1:
             # The spread beside the line, each group's a little to the side, so four
             # groups' bars never pile up on one vertical line.
             fig.add_trace(go.Scatter(
@@ -280,7 +280,7 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
                 marker={"color": COLORS[g], "size": 5, "opacity": 0.6, "line": {"width": 0}},
                 hovertemplate=f"{g}, %{{text}}: %{{y:.2f}} %<extra></extra>"))
         above, below = upper > 100.0 + 1e-9, lower < -1e-9
-        if fewest > 1 and (above.any() or below.any()):
+        if most > 1 and (above.any() or below.any()):
             clipped_any = True
             fx = np.concatenate([dodge[above], dodge[below]])
             fy = np.concatenate([np.full(above.sum(), 100.0), np.zeros(below.sum())])
@@ -310,18 +310,18 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
             hovertemplate=html.escape(verdict_text(sep, {sep.best: setting(param, best_x)}))
                           + "<extra></extra>"))
     else:
-        why = f"{NO_BEST} ({metric}): no star" if fewest > 1 else \
+        why = f"{NO_BEST} ({metric}): no star" if most > 1 else \
             "one seed: no interval to tell the values apart, no star"
         fig.add_annotation(text=why, xref="paper", yref="paper",
                            x=0.0, y=1.0, xanchor="left", yanchor="bottom", showarrow=False,
                            font={"size": 12, "color": "#7a5b00"})
-    if fewest == 1:
-        what = "one seed per value (no spread)" if int(seeds_per_point.max()) == 1 else \
-            f"mean of {fewest}-{int(seeds_per_point.max())} seeds"
+    if most == 1:
+        what = "one seed per value (no spread)"
     else:
-        n = f"{fewest}" if fewest == int(seeds_per_point.max()) else \
-            f"{fewest}-{int(seeds_per_point.max())}"
+        n = f"{fewest}" if fewest == most else f"{fewest}-{most}"
         what = f"mean of {n} seeds (line), each seed (points), error bars {spread}"
+        if fewest == 1:
+            what += " (none where one seed)"
     title = f"{study.name}: test accuracy against {param_label(param)}<br><sup>{what}"
     if clipped_any:
         title += "; ▲▼ an interval cut at 0 or 100 %"

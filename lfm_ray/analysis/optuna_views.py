@@ -155,7 +155,12 @@ def optuna_study(study: StudyResults):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             return optuna.load_study(study_name=study.name, storage=storage)
         except Exception as exc:  # noqa: BLE001 - the table holds the same trials
-            study.notes.append(f"Optuna storage {storage} could not be read "
+            from lfm_ray.analysis.load import shown_path
+
+            shown = "sqlite:///" + shown_path(str(storage).removeprefix("sqlite:///"),
+                                              study.path) \
+                if str(storage).startswith("sqlite:///") else storage
+            study.notes.append(f"Optuna storage {shown} could not be read "
                                f"({str(exc).splitlines()[0] if str(exc) else exc!r}); "
                                "the Optuna views are rebuilt from the trials table")
     return rebuild_optuna_study(study)

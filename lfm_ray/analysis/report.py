@@ -446,8 +446,10 @@ def effective_imbalance_view(study: StudyResults, param: str
                                      "cpu")
             feats = text_features(clip, names, cfg.model.templates, "cpu")
         except LfmError as exc:
+            # The first clause: what is missing, without this machine's cache folders.
             return None, (f"γ′ against {param_label(param)} is not drawn: the text features "
-                          f"of {model} are not at hand on this machine ({exc})")
+                          f"of {model} are not at hand on this machine "
+                          f"({str(exc).split(';')[0]}; a report never downloads weights)")
         label = f"text features of {model}" if cfg.model.pretrained else \
             f"{seeds_text([seed])} (random-init text tower)"
         curves[label] = effective_imbalance_sweep(
@@ -931,17 +933,18 @@ def _json_block(value: Any) -> str:
 
 
 def _study_settings(study: StudyResults) -> dict[str, Any]:
-    """study.json's settings for the page, with every path as a report may print it."""
+    """study.json's settings for the page."""
     meta = study.meta
     out = {k: meta[k] for k in ("grid", "space", "variants", "seeds", "num_samples",
                                 "scheduler", "sampler", "optuna_storage", "storage_path",
                                 "experiments", "share_stage1", "protocol", "max_concurrent",
                                 "max_failures", "trackers", "started")
            if meta.get(k) not in (None, {}, [])}
-    for k in ("optuna_storage", "storage_path"):
-        if k in out and isinstance(out[k], str):
-            out[k] = shown_path(out[k], study.path) if not out[k].startswith("sqlite:") else \
-                "sqlite:///" + shown_path(out[k].removeprefix("sqlite:///"), study.path)
+    # storage_path is as the user typed it (like the command); the Optuna database URL is
+    # one the study may have made from it, so it is shown relative.
+    if isinstance(out.get("optuna_storage"), str) and out["optuna_storage"].startswith("sqlite:///"):
+        out["optuna_storage"] = "sqlite:///" + shown_path(
+            out["optuna_storage"].removeprefix("sqlite:///"), study.path)
     return out
 
 

@@ -24,7 +24,7 @@ from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
 
 from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see conftest.py)
-    COUNTS, E1, E2, GROUPS, NAMES, TAUS, drop_ray_folders, make_study, tau_accuracy,
+    COUNTS, E1, E2, GROUPS, NAMES, TAUS, drop_ray_folders, make_study,
 )
 
 

@@ -152,7 +152,8 @@ def test_one_seed_prints_no_spread_and_claims_nothing(tmp_path):
     assert not _star(fig) and "one seed per value (no spread)" in fig.layout.title.text
     assert not [t for t in fig.data if "interval" in (t.name or "") or "std" in (t.name or "")]
     page = write_report(d, png=False).read_text()
-    assert "mean ± std" not in page and "± " not in page.split(">Results</h2>")[1].split("</table>")[0]
+    results = page.split(">Results</h2>")[1].split("</table>")[0]
+    assert "mean ± std" not in page and "± " not in results
     assert "Top-1 test accuracy (%), one seed; no cell is marked best" in page
     assert "one seed per configuration gives no interval" in page
     assert "(one seed: no spread, no claim that one configuration is better)" in page
@@ -383,3 +384,20 @@ def test_no_absolute_path_in_the_report(tmp_path):
     page = write_report(d, png=False).read_text()
     assert str(tmp_path) not in page and str(Path(tmp_path).resolve()) not in page
     assert ">Per-class accuracy against training count</h2>" in page  # read from the checkpoints
+
+
+def test_an_imbalance_factor_alone_is_never_called_best(tmp_path):
+    def acc(params, seed):
+        b = {10: 0.8, 50: 0.6, 100: 0.4}[int(params["data.imbalance_factor"])] + 0.01 * seed
+        return {f"acc_{g}": b for g in GROUPS}
+
+    d = make_study(tmp_path, "gam", {"data.imbalance_factor": [10, 50, 100]}, seeds=(0, 1, 2),
+                   acc=acc)
+    study = load_study(d)
+    fig = ablation_figure(study, "data.imbalance_factor")
+    assert not _star(fig) and not fig.layout.annotations  # a setting, not a choice
+    assert fig.layout.xaxis.title.text == "imbalance factor γ"  # one decade: linear
+    page = write_report(d, png=False).read_text()
+    best = page.split(">Best configuration</h2>")[1].split("</table>")[0]
+    assert best.count("one configuration: nothing to compare") == 3
+    assert "better than every other" not in page

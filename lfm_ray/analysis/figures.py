@@ -300,7 +300,9 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     sep = separation(study, rows, [param], metric)
     group = metric.removeprefix("val_").removeprefix("acc_")
     group = group if group in GROUPS else "all"
-    if sep.separated:
+    if param in FACETS:
+        pass  # an imbalance factor or data set is a setting, not a choice: no best to mark
+    elif sep.separated:
         best_x = float(sep.best[0])
         best_y = agg.loc[np.isclose(x, best_x), f"acc_{group}_mean"].iloc[0] * 100
         fig.add_trace(go.Scatter(
@@ -410,6 +412,11 @@ def facet_of(params: Sequence[str]) -> str | None:
     return next((f for f in FACETS if f in params), None)
 
 
+def only_facets(params: Sequence[str]) -> bool:
+    """Every compared parameter is a setting (imbalance factor, data set): nothing is best."""
+    return bool(params) and all(p in FACETS for p in params)
+
+
 def comparison_table(study: StudyResults, params: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper's table layout (Tables 1, 2, 5): one row per configuration of the
     compared parameters (seeds pooled) in the study's declared order; columns `label` (the
@@ -443,6 +450,7 @@ def comparison_table(study: StudyResults, params: Sequence[str] | None = None) -
     table["seeds"] = agg["acc_all_n"].to_numpy(int)
     table.attrs["params"] = params
     table.attrs["facet"] = facet_of(params)
+    table.attrs["no_best"] = only_facets(params)
     return table
 
 
@@ -461,6 +469,8 @@ def best_cells(table: pd.DataFrame, mode: str = "max") -> dict[str, np.ndarray]:
     parts = [np.flatnonzero(_same(table[facet], v).to_numpy())
              for v in dict.fromkeys(table[facet].tolist())] if facet else [np.arange(len(table))]
     out = {g: np.zeros(len(table), dtype=bool) for g in GROUPS}
+    if table.attrs.get("no_best"):
+        return out
     for g in GROUPS:
         for idx in parts:
             values = {int(i): list(table[f"{g}_values"].iloc[i].values()) for i in idx
@@ -493,7 +503,10 @@ def table_caption(table: pd.DataFrame, mode: str = "max") -> str:
     bold = best_cells(table, mode)
     facet = table.attrs.get("facet")
     where = f" within its {param_label(facet)}" if facet else ""
-    if n <= 1:
+    if table.attrs.get("no_best"):
+        settings = " and ".join(map(param_label, table.attrs["params"]))
+        marks = f"no cell is marked best: each {settings} is a setting of its own, not compared"
+    elif n <= 1:
         marks = "no cell is marked best: with one seed there is no interval to compare"
     elif any(b.any() for b in bold.values()):
         marks = (f"bold: better than every other row of its column{where} at 95 % (paired "
@@ -550,7 +563,8 @@ def comparison_html(table: pd.DataFrame, mode: str = "max") -> str:
                 i = match[0]
                 text = _cell(table.iloc[i], g, n)
                 cls = " class='gstart'" if g == GROUPS[0] else ""
-                tds.append(f"<td{cls}><b>{text}</b></td>" if bold[g][i] else f"<td{cls}>{text}</td>")
+                text = f"<b>{text}</b>" if bold[g][i] else text
+                tds.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     return (f"<table class='cmp'><thead><tr>{top}</tr><tr>{sub}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>")
@@ -733,7 +747,8 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
     fig = go.Figure()
     ys: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
     shown_configs: set[tuple] = set()
-    order = sorted(present, key=lambda t: (configs.index(keys[t]), _seed_order(_seed_of(trials.loc[t]))))
+    order = sorted(present, key=lambda t: (configs.index(keys[t]),
+                                           _seed_order(_seed_of(trials.loc[t]))))
     for trial_id in order:
         df = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
         key, seed = keys[trial_id], _seed_of(trials.loc[trial_id])
@@ -999,7 +1014,8 @@ def sampling_confusion_figure(sampling_matrix: Any, counts: Any, class_names: Se
     fig.update_layout(
         title=f"{run}:{'<br>' if len(run) > 45 else ' '}sampling matrix P beside the "
               f"{split} confusion matrix{when}",
-        margin={"t": 100 + 24 * (run.count("<br>") + (len(run) > 45))}, template=TEMPLATE, height=max(520, min(1400, 260 + 14 * C)),
+        margin={"t": 100 + 24 * (run.count("<br>") + (len(run) > 45))}, template=TEMPLATE,
+        height=max(520, min(1400, 260 + 14 * C)),
         width=max(1000, min(2400, 380 + 28 * C)))
     return fig
 

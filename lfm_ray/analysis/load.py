@@ -357,9 +357,10 @@ def _epochs_for(study: StudyResults, experiments: list[str]) -> pd.DataFrame:
             try:
                 got = _tidy_epochs([tune_epochs(e, wanted) for e in readable])
             except Exception as exc:  # noqa: BLE001 - curves are optional; say why they are absent
+                why = str(exc).splitlines()[0] if str(exc) else repr(exc)
                 study.notes.append(f"Tune experiment {shown_path(readable[0], study.path)} "
-                                   f"could not be read ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                                   "learning curves come from the checkpoints instead")
+                                   f"could not be read ({why}); learning curves come from "
+                                   "the checkpoints instead")
         if not got.empty:
             frames.append(got)
             wanted -= set(got["trial_id"])

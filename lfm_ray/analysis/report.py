@@ -35,14 +35,15 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from lfm_ray.analysis.figures import (
-    NO_BEST, ablation_figure, facet_of, comparison_figure, comparison_html, comparison_table,
-    comparison_table_figure, describe, effective_imbalance_figure, fmt_value, headline_metric,
+    NO_BEST, ablation_figure, comparison_figure, comparison_html, comparison_table,
+    comparison_table_figure, describe, effective_imbalance_figure, facet_of, fmt_value,
+    only_facets,
     learning_curves_figure, param_label, per_class_figure, sampling_confusion_figure,
     seeds_text, selection_metric, selection_text, separation, setting, table_caption,
     verdict_text,
 )
 from lfm_ray.analysis.load import (
-    DONE, GROUPS, METRICS, SEED, VAL_METRICS, StudyResults, aggregate, best_row, config_key,
+    DONE, METRICS, SEED, VAL_METRICS, StudyResults, aggregate, best_row, config_key,
     is_numeric_param, load_study, shown_path, trial_confusion, trial_result,
 )
 from lfm_ray.errors import LfmError
@@ -132,8 +133,12 @@ def wrap(text: str, width: int = 95) -> str:
 
 def study_facet(study: StudyResults) -> str | None:
     """The parameter (imbalance factor, data set) whose values are never compared with
-    each other: each has its own best configuration."""
-    return facet_of(varying_params(study)) if study.search == "grid" else None
+    each other: each has its own best configuration (a study that varies nothing else has
+    one configuration per value)."""
+    if study.search != "grid":
+        return None
+    params = varying_params(study)
+    return facet_of(params) or (params[0] if len(params) == 1 and only_facets(params) else None)
 
 
 def facet_values(study: StudyResults) -> list[Any]:
@@ -421,7 +426,8 @@ def effective_imbalance_view(study: StudyResults, param: str
         return None, (f"γ′ against {param_label(param)} is not drawn: no trial's class counts "
                       "and names are at hand (result.json)")
     if not study.meta.get("base_config"):
-        return None, f"γ′ against {param_label(param)} is not drawn: study.json has no base_config"
+        return None, (f"γ′ against {param_label(param)} is not drawn: study.json has no "
+                      "base_config")
     best = best_configuration(study)
     others = {k: v for k, v in best.keys.items() if k != param and not pd.isna(v)}
     try:
@@ -524,7 +530,8 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px a
 h1{margin-bottom:4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:14px;margin:8px 0}
 td,th{border:1px solid #ccc;padding:3px 8px} th{background:#f2f5fa}
-table.cmp{font-size:13px} table.cmp td{text-align:right;white-space:nowrap} table.cmp td.name{text-align:left}
+table.cmp{font-size:13px} table.cmp td{text-align:right;white-space:nowrap}
+table.cmp td.name{text-align:left}
 table.cmp th.group{text-align:center} table.cmp td.gstart{border-left:2px solid #999}
 table.record th{text-align:left;vertical-align:top;width:190px} table.record td{vertical-align:top}
 table.config td.set{font-weight:bold;background:#fff4d6}
@@ -635,7 +642,8 @@ def _record_html(study: StudyResults) -> str:
     if data or model:
         rows.append(("data and model", _esc(
             f"{data or '?'}; {model or '?'}"
-            + (f" with weights {pretrained}" if pretrained else " (random init)" if model else ""))))
+            + (f" with weights {pretrained}" if pretrained else
+               " (random init)" if model else ""))))
     rows.append(("machine", _esc(_machine_text(meta.get("machine") or {}))))
     versions = meta.get("versions") or {}
     if versions:
@@ -712,7 +720,8 @@ def _best_html(study: StudyResults) -> str:
             else:
                 verdict = verdict_text(sep, names)
             where = f"<td>{_esc(setting(facet, value))}</td>" if facet else ""
-            rows.append(f"<tr><td>{_esc(metric)}</td>{where}<td>{_esc(best.label_without(facet))}</td>"
+            rows.append(f"<tr><td>{_esc(metric)}</td>{where}"
+                        f"<td>{_esc(best.label_without(facet))}</td>"
                         f"<td class='num'>{mean}</td><td class='num'>{n}</td>"
                         f"<td class='num'>{test}</td><td>{_esc(verdict)}</td></tr>")
     facet_head = f"<th>{_esc(param_label(facet))}</th>" if facet else ""
@@ -942,7 +951,8 @@ def _study_settings(study: StudyResults) -> dict[str, Any]:
            if meta.get(k) not in (None, {}, [])}
     # storage_path is as the user typed it (like the command); the Optuna database URL is
     # one the study may have made from it, so it is shown relative.
-    if isinstance(out.get("optuna_storage"), str) and out["optuna_storage"].startswith("sqlite:///"):
+    url = out.get("optuna_storage")
+    if isinstance(url, str) and url.startswith("sqlite:///"):
         out["optuna_storage"] = "sqlite:///" + shown_path(
             out["optuna_storage"].removeprefix("sqlite:///"), study.path)
     return out
@@ -993,7 +1003,8 @@ def render_page(study: StudyResults, figs: dict[str, go.Figure] | Figures,
                      _config_html(study) + "<h3>Study settings</h3>"
                      + _json_block(_study_settings(study))))
     sections.append(("machine", "Machine and versions",
-                     f"<h3>Where the study ran</h3>{_json_block(study.meta.get('machine') or 'not recorded')}"
+                     "<h3>Where the study ran</h3>"
+                     f"{_json_block(study.meta.get('machine') or 'not recorded')}"
                      f"{_json_block(study.meta.get('versions') or {})}"
                      f"<h3>Where this report was made</h3>{_json_block(_versions_now())}"))
     nav = "".join(f"<a href='#{a}'>{_esc(t)}</a>" for a, t, _ in sections)

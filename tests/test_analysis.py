@@ -294,6 +294,20 @@ def test_a_bar_at_zero_is_told_apart_from_a_missing_one(tmp_path):
     assert "n/a" in comparison_html(comparison_table(study))
 
 
+def test_comparison_error_bars_stop_at_the_axis(tmp_path):
+    def acc(params, seed):  # CE's many-shot: 0 % or 90 %, mean 45 ± 63.6 (std)
+        many = {0: 0.0, 1: 0.9}[seed] if params["method"] == "CE" else 0.5 + 0.01 * seed
+        return {"acc_many": many, "acc_medium": 0.5, "acc_few": 0.2, "acc_all": 0.5}
+
+    study = load_study(make_study(tmp_path, "e", {"method": ["CE", "LFM"]}, acc=acc))
+    fig = comparison_figure(study)
+    many = next(t for t in fig.data if t.name == "many")
+    assert np.std([0, 90], ddof=1) > 55  # the bar would reach past both ends
+    assert np.allclose(many.error_y.array[0], 55) and np.allclose(many.error_y.arrayminus[0], 45)
+    assert np.allclose(many.error_y.array[1], np.std([50, 51], ddof=1))  # LFM's: uncut
+    assert "(cut at 0 and 100 %)" in fig.layout.title.text
+
+
 # ---- learning curves and per-class accuracy -----------------------------------------------
 def test_learning_curves_mark_stage_boundary_and_stopped_trials(tau_study):
     study = load_study(tau_study)

@@ -638,14 +638,19 @@ def comparison_figure(study: StudyResults, params: Sequence[str] | None = None,
                         horizontal_spacing=0.03)
     n = int(table["seeds"].max())
     show_errors = n > 1
+    cut = False
     for col, (_, part) in enumerate(panels, start=1):
         for g in GROUPS:
             y = part[f"{g}_mean"].to_numpy(float)
             err = part[f"{g}_{error}"].fillna(0.0).to_numpy(float)
+            # An accuracy's bar stops at 0 and 100 %; the subtitle says where one was cut.
+            up, down = np.minimum(err, 100 - np.nan_to_num(y)), np.minimum(err, np.nan_to_num(y))
+            cut = cut or bool(show_errors and ((up < err - 1e-9) | (down < err - 1e-9)).any())
             text = ["n/a" if np.isnan(v) else ("0" if abs(v) < 0.005 else "") for v in y]
             fig.add_trace(go.Bar(
                 name=g, x=part["label"].tolist(), y=np.nan_to_num(y, nan=0.0),
-                error_y={"type": "data", "array": err, "visible": show_errors},
+                error_y={"type": "data", "symmetric": False, "array": up, "arrayminus": down,
+                         "visible": show_errors},
                 text=text, textposition="outside", textfont={"size": 10, "color": COLORS[g]},
                 cliponaxis=False, marker_color=COLORS[g], legendgroup=g, showlegend=col == 1,
                 customdata=np.where(np.isnan(y), "missing", np.round(y, 2).astype(str)),
@@ -653,6 +658,8 @@ def comparison_figure(study: StudyResults, params: Sequence[str] | None = None,
                 row=1, col=col)
     spread = ("error bars ± 1 std over seeds" if error == "std" else
               "error bars 95 % t-interval of the mean") if show_errors else "one seed, no spread"
+    if cut:
+        spread += " (cut at 0 and 100 %)"
     name = param_label(params[0]) if len(params) == 1 else \
         " × ".join(param_label(p) for p in params if p != facet)
     fig.update_layout(barmode="group", template=TEMPLATE, legend_title="shot group",

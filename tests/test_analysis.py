@@ -4,12 +4,10 @@ the report file, t-SNE of a checkpoint, and one clear message per bad input."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -25,74 +23,9 @@ from lfm_ray.cli import main
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
 
-GROUPS = ("many", "medium", "few", "all")
-COUNTS = [124, 96, 74, 57, 44, 34, 26, 20, 16, 12]  # digits-lt's training counts
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-E1, E2 = 2, 2  # epochs of the two stages in the fabricated studies
-
-
-def tau_accuracy(params: dict[str, Any], seed: int) -> dict[str, float]:
-    """A peak at τ = 0.05 plus seed noise, so the best value is known."""
-    rng = np.random.default_rng(1000 * seed + int(1e4 * float(params.get("mix.tau", 1))))
-    peak = -abs(math.log10(float(params.get("mix.tau", 0.05))) - math.log10(0.05))
-    bonus = 0.05 * float(params.get("mix.alpha", 0))
-    return {f"acc_{g}": float(np.clip(0.6 + 0.1 * peak + bonus + (0.1 if g == "many" else 0)
-                                      + rng.normal(0, 0.02), 0, 1)) for g in GROUPS}
-
-
-def make_study(root: Path, name: str, grid: dict[str, list], seeds=(0, 1),
-               acc: Callable[[dict, int], dict] = tau_accuracy, failed: int = 0,
-               stopped: tuple[int, ...] = (), search: str = "grid",
-               meta: dict | None = None) -> Path:
-    """A results directory in the formats lfm_ray.study writes: trials.csv, study.json, and
-    each trial's last checkpoint directory with result.json (per-class accuracy) and
-    history.json (every epoch), as the trainer leaves them."""
-    keys = list(grid)
-    rows = []
-    combos = list(itertools.product(*grid.values())) if keys else [()]
-    for i, (values, seed) in enumerate(itertools.product(combos, seeds)):
-        params = dict(zip(keys, values))
-        final = acc(params, seed)
-        early = i in stopped
-        last = 2 if early else E1 + E2
-        ckpt = root / "ray" / f"{name}_train" / f"train_{i:05d}" / f"epoch_{last:04d}"
-        ckpt.mkdir(parents=True)
-        history = [{"epoch": e, "stage": 1 if e <= E1 else 2, "train_loss": 2.0 / e,
-                    **{k: v * e / (E1 + E2) for k, v in final.items()}} for e in range(1, last + 1)]
-        per_class = [float(np.clip(final["acc_all"] + 0.002 * (c - 50), 0, 1)) for c in COUNTS]
-        (ckpt / "result.json").write_text(json.dumps({
-            **history[-1], "per_class_acc": per_class, "class_counts": COUNTS,
-            "class_names": NAMES}))
-        (ckpt / "history.json").write_text(json.dumps(history))
-        rows.append({"trial_id": f"{name[:3]}_{i:05d}", "status": "TERMINATED", "error": "",
-                     **params, "runtime.seed": seed, "data.name": "digits-lt",
-                     "model.name": "tiny", "loss.name": params.get("loss.name", "ce"),
-                     "mix.method": params.get("mix.method", "lfm"), "epoch": last,
-                     "stage": 1 if last <= E1 else 2, "train_loss": 2.0 / last,
-                     **history[-1], "wall_time_s": 30.0 + i, "train_time_s": 8.0,
-                     "gpu_hours": 0.0, "stopped_early": early, "checkpoint_path": str(ckpt),
-                     "node_id": "n0"})
-    for j in range(failed):
-        rows.append({"trial_id": f"bad_{j}", "status": "ERROR",
-                     "error": "RuntimeError: CUDA out of memory", **dict(zip(keys, combos[0])),
-                     "runtime.seed": 99, "data.name": "digits-lt", "model.name": "tiny"})
-    d = root / name
-    d.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(d / "trials.csv", index=False)
-    base = RunConfig().override({"stage1.epochs": E1, "stage2.epochs": E2}).to_dict()
-    swept = [*keys, "runtime.seed"] if search == "grid" else keys
-    (d / "study.json").write_text(json.dumps({
-        "name": name, "command": ["python", f"studies/{name}.py"], "search": search,
-        "swept": swept, "grid": grid if search == "grid" else {}, "space": {},
-        "variants": {}, "seeds": list(seeds), "metric": "acc_all", "mode": "max",
-        "objectives": [], "scheduler": "none", "optuna_storage": None,
-        "experiment_path": str(root / "ray" / "not_there"), "base_config": base,
-        "machine": {"platform": "Linux-test", "cpus": 2, "python": "3.11"},
-        "versions": {"ray": "2.60.0", "plotly": "7"}, **(meta or {})}))
-    return d
-
-
-TAUS = [0.002, 0.05, 1.25]
+from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+    COUNTS, E1, E2, GROUPS, NAMES, TAUS, drop_ray_folders, make_study,
+)
 
 
 @pytest.fixture()
@@ -106,11 +39,78 @@ def test_results_dir_loads_trials_epochs_and_meta(tau_study):
     assert study.name == "tau_sweep" and study.swept == ["mix.tau", "runtime.seed"]
     assert len(study.trials) == 7 and len(study.finished) == 6 and len(study.failed) == 1
     assert study.trials["stopped_early"].dtype == bool and study.trials["stopped_early"].sum() == 1
-    # The Tune experiment is not reachable: the curves come from each checkpoint's history.
+    # No Tune experiment: the curves come from each trial's copied history.json.
     assert len(study.epochs) == 5 * (E1 + E2) + 2
     first = study.epochs[study.epochs["trial_id"] == "tau_00000"]
     assert list(first["epoch"]) == [1, 2, 3, 4] and list(first["stage"]) == [1, 1, 2, 2]
-    assert study.meta["command"] == ["python", "studies/tau_sweep.py"]
+    assert study.meta["command"][:2] == ["python", "studies/tau_sweep.py"]
+    assert study.selection_split == "test" and not study.notes
+
+
+def _history_of(folder: Path) -> list[dict]:
+    return json.loads((folder / "history.json").read_text())
+
+
+def test_per_trial_files_come_from_the_copies_first(tmp_path):
+    from lfm_ray.analysis.load import checkpoint_dir, copy_dir, trial_confusion, trial_result
+
+    d = make_study(tmp_path, "s", {"mix.tau": TAUS}, seeds=(0,))
+    study = load_study(d)
+    row = study.trials.iloc[0]
+    copy, ckpt = copy_dir(study, row), checkpoint_dir(study, row)
+    assert copy == d / "trials" / "s_00000"
+    # checkpoint_path is relative to the storage path ("results/ray", as typed): found from
+    # the folder above the results folder.
+    assert ckpt == tmp_path / "results" / "ray" / "s_train" / "train_00000" / "epoch_0004"
+    # The copy wins: change the checkpoint's files and nothing the loader reads changes.
+    (ckpt / "result.json").write_text(json.dumps({"per_class_acc": [0.0] * 10,
+                                                  "class_counts": COUNTS}))
+    assert trial_result(study, row)["per_class_acc"] == json.loads(
+        (copy / "result.json").read_text())["per_class_acc"]
+    assert trial_confusion(study, row) == copy / "confusion.npz"
+
+
+def test_a_moved_results_folder_renders_fully_without_the_ray_folders(tmp_path):
+    d = make_study(tmp_path / "cluster", "tau_sweep", {"mix.tau": TAUS}, seeds=(0, 1))
+    moved = tmp_path / "laptop" / "tau_sweep"
+    moved.parent.mkdir()
+    d.rename(moved)
+    drop_ray_folders(tmp_path / "cluster")
+    study = load_study(moved)
+    assert len(study.epochs) == 6 * (E1 + E2) and not study.notes
+    page = write_report(moved, png=False).read_text()
+    for section in ("Per-class accuracy against training count", "Learning curves",
+                    "Sampling matrix P beside a confusion matrix"):
+        assert f">{section}</h2>" in page, section
+    assert str(tmp_path) not in page
+
+
+def test_without_copies_the_checkpoints_are_read(tmp_path):
+    d = make_study(tmp_path, "old", {"mix.tau": TAUS}, seeds=(0,), copies=False)
+    study = load_study(d)
+    assert len(study.epochs) == 3 * (E1 + E2) and not study.notes
+    figs = study_figures(study)
+    assert {"per_class", "sampling_confusion", "learning_curves"} <= set(figs)
+    # An older table with absolute checkpoint paths reads the same, and prints none.
+    table = pd.read_csv(d / "trials.csv").drop(columns=["artifacts"])
+    table["checkpoint_path"] = [str(tmp_path / "results" / "ray" / p)
+                                for p in table["checkpoint_path"]]
+    table.to_csv(d / "trials.csv", index=False)
+    study = load_study(d)
+    assert len(study.epochs) == 3 * (E1 + E2)
+    page = write_report(d, png=False).read_text()
+    assert str(tmp_path) not in page and ">Per-class accuracy against training count</h2>" in page
+
+
+def test_without_copies_or_checkpoints_the_report_says_what_is_missing(tmp_path):
+    d = make_study(tmp_path, "bare", {"mix.tau": TAUS}, seeds=(0,), copies=False,
+                   checkpoints=False)
+    study = load_study(d)
+    assert study.epochs.empty
+    assert any("no per-epoch results" in n for n in study.notes)
+    page = write_report(d, png=False).read_text()
+    assert "no per-epoch results" in page and ">Learning curves</h2>" not in page
+    assert str(tmp_path) not in page
 
 
 def test_trials_csv_loads_alone_and_with_its_study_json(tau_study, tmp_path):
@@ -154,33 +154,60 @@ def _lines(fig):
     return {t.name: t for t in fig.data if t.mode == "lines+markers"}
 
 
+def _trace(fig, name):
+    return next(t for t in fig.data if t.name == name)
+
+
 def test_ablation_figure_contents(tau_study):
     study = load_study(tau_study)
     fig = ablation_figure(study, "mix.tau", band="std")
-    assert len(fig.data) == 4 + 4 + 1  # a band and a line per shot group, the best marker
     lines = _lines(fig)
     assert list(lines) == list(GROUPS)
     assert list(lines["all"].x) == TAUS
     agg = aggregate(study.trials, ["mix.tau"])
     assert np.allclose(lines["few"].y, agg["acc_few_mean"] * 100)
-    band = next(t for t in fig.data if t.name == "all ± std")
-    upper = np.clip((agg["acc_all_mean"] + agg["acc_all_std"]) * 100, 0, 100)
-    assert np.allclose(np.asarray(band.y)[:3], upper)
+    # The spread: ± std as error bars beside the line, cut at 0 and 100 %.
+    bars = _trace(fig, "all: ± 1 std over seeds")
+    mean, std = agg["acc_all_mean"] * 100, agg["acc_all_std"] * 100
+    assert np.allclose(bars.error_y.array, np.minimum(mean + std, 100) - mean)
+    assert np.allclose(bars.error_y.arrayminus, mean - np.maximum(mean - std, 0))
+    # Each seed is a point: the finished trials' values.
+    seeds = _trace(fig, "few: seeds")
+    assert sorted(seeds.y) == sorted(study.finished["acc_few"] * 100)
     assert fig.layout.xaxis.type == "log"  # 0.002 .. 1.25 spans 2.8 decades
-    star = fig.data[-1]
-    assert star.marker.symbol == "star"
-    assert star.x[0] == TAUS[int(np.argmax(agg["acc_all_mean"]))] == 0.05
-    assert star.y[0] == pytest.approx(agg["acc_all_mean"].max() * 100)
+    assert fig.layout.xaxis.title.text == "τ (log scale)"
+    assert list(fig.layout.xaxis.tickvals) == TAUS
+    assert list(fig.layout.xaxis.ticktext) == ["0.002", "0.05", "1.25"]
+    assert list(fig.layout.yaxis.range) == [-2, 102]
+    assert "mean of 2 seeds" in fig.layout.title.text and "± 1 std" in fig.layout.title.text
 
 
 def test_ablation_band_is_the_t_interval_with_three_seeds(tmp_path):
     study = load_study(make_study(tmp_path, "s3", {"mix.tau": TAUS}, seeds=(0, 1, 2)))
     fig = ablation_figure(study, "mix.tau")  # auto: 3 seeds → 95% interval
-    band = next(t for t in fig.data if t.name == "many 95% CI")
+    bars = _trace(fig, "many: 95 % t-interval of the mean")
     agg = aggregate(study.trials, ["mix.tau"])
-    lower = np.clip((agg["acc_many_mean"] - agg["acc_many_ci"]) * 100, 0, 100)
-    assert np.allclose(np.asarray(band.y)[3:][::-1], lower)
-    assert "95% CI" in fig.layout.title.text
+    mean = agg["acc_many_mean"].to_numpy() * 100
+    lower = np.maximum(mean - agg["acc_many_ci"].to_numpy() * 100, 0)
+    assert np.allclose(bars.error_y.arrayminus, mean - lower)
+    assert "95 % t-interval of the mean" in fig.layout.title.text
+
+
+def test_ablation_intervals_past_the_axis_are_cut_and_flagged(tmp_path):
+    def wide(params, seed):  # two seeds far apart: the 95 % interval spans past 0 and 100
+        v = {0: 0.05, 1: 0.95}[seed] if params["mix.tau"] == 0.05 else 0.5 + 0.01 * seed
+        return {f"acc_{g}": v for g in GROUPS}
+
+    study = load_study(make_study(tmp_path, "w", {"mix.tau": TAUS}, seeds=(0, 1), acc=wide))
+    fig = ablation_figure(study, "mix.tau", band="ci")
+    bars = _trace(fig, "all: 95 % t-interval of the mean")
+    top = np.asarray(bars.y) + np.asarray(bars.error_y.array)
+    bottom = np.asarray(bars.y) - np.asarray(bars.error_y.arrayminus)
+    assert top.max() == pytest.approx(100) and bottom.min() == pytest.approx(0)
+    flags = _trace(fig, "all: interval cut at the axis")
+    assert sorted(flags.y) == [0.0, 100.0]
+    assert set(flags.marker.symbol) == {"triangle-up", "triangle-down"}
+    assert "▲▼ an interval cut at 0 or 100 %" in fig.layout.title.text
 
 
 def test_ablation_axis_is_linear_for_alpha_and_other_params_held_at_best(tmp_path):
@@ -188,14 +215,18 @@ def test_ablation_axis_is_linear_for_alpha_and_other_params_held_at_best(tmp_pat
     study = load_study(d)
     fig = ablation_figure(study, "mix.alpha")
     assert fig.layout.xaxis.type != "log"  # zero is on the axis
+    assert fig.layout.xaxis.title.text == "α"
     assert list(_lines(fig)["all"].x) == [0.0, 0.5, 1.0, 2.0]
-    assert "mix.tau (best)=0.05" in fig.layout.title.text
+    assert "other parameters at the best configuration's τ = 0.05" in fig.layout.title.text
     held = ablation_figure(study, "mix.alpha", where={"mix.tau": 1.25})
     at = study.finished[study.finished["mix.tau"] == 1.25]
     expect = aggregate(at, ["mix.alpha"])["acc_all_mean"] * 100
     assert np.allclose(_lines(held)["all"].y, expect)
+    assert "at τ = 1.25" in held.layout.title.text
     narrow = load_study(make_study(tmp_path, "narrow", {"mix.tau": [0.5, 1.0, 2.0]}))
     assert ablation_figure(narrow, "mix.tau").layout.xaxis.type != "log"
+    stage2 = load_study(make_study(tmp_path, "branch", {"stage2.tau": TAUS}))
+    assert ablation_figure(stage2, "stage2.tau").layout.xaxis.title.text == "τ (stage 2) (log scale)"
 
 
 # ---- comparisons --------------------------------------------------------------------------
@@ -215,10 +246,13 @@ def test_comparison_table_keeps_declared_order_and_bolds_the_best(tmp_path):
     # Means over seeds 0 and 1 (see method_accuracy).
     assert np.allclose(table["all_mean"], [40.25, 45.25, 50.25, 55.25])
     assert np.allclose(table["few_mean"], [10.5, 20.5, 30.5, 25.5])
+    assert table["few_values"].iloc[2] == pytest.approx({0: 30.0, 1: 31.0})
     page = comparison_html(table)
+    assert "<th>method</th><th>many (%)</th>" in page  # the first column is named for what it holds
     rows = page.split("<tr>")[2:]
     bold = [re.findall(r"<td><b>([^<]*)</b></td>", r) for r in rows]
-    # many: CE; medium and all: LFM + MMS; few: LFM + CE; BalCE nowhere.
+    # The seeds move every method alike (paired differences of zero spread): each column's
+    # best is better than the rest. many: CE; medium and all: LFM + MMS; few: LFM + CE.
     assert [len(b) for b in bold] == [1, 0, 1, 2]
     assert bold[0][0].startswith("86.50 ± ") and bold[2][0].startswith("30.50 ± ")
     assert bold[3][0].startswith("55.50 ± ") and bold[3][1].startswith("55.25 ± ")
@@ -226,6 +260,7 @@ def test_comparison_table_keeps_declared_order_and_bolds_the_best(tmp_path):
     cells = fig.data[0].cells.values
     assert list(cells[0]) == methods and cells[3][2].startswith("<b>30.50")
     assert sum(c.startswith("<b>") for col in cells[1:5] for c in col) == 4
+    assert fig.data[0].header.values[0] == "<b>method</b>"
     lowest = [re.findall(r"<td><b>([^<]*)</b></td>", r) for r in
               comparison_html(table, mode="min").split("<tr>")[2:]]
     assert [len(b) for b in lowest] == [3, 0, 0, 1]  # CE lowest but for many
@@ -238,26 +273,52 @@ def test_comparison_bars_split_imbalance_factor_into_panels(tmp_path):
     fig = comparison_figure(study)
     assert len(fig.data) == 3 * 4  # three panels, a bar per shot group in each
     assert [a.text for a in fig.layout.annotations] == [
-        "data.imbalance_factor=10", "data.imbalance_factor=50", "data.imbalance_factor=100"]
+        "imbalance factor γ = 10", "imbalance factor γ = 50", "imbalance factor γ = 100"]
     assert sum(bool(t.showlegend) for t in fig.data) == 4
     assert list(fig.data[3].x) == ["CE", "LFM + MMS"] and fig.data[3].name == "all"
     assert fig.data[3].y[1] == pytest.approx((0.55 - 0.01) * 100)
     assert not fig.data[0].error_y.visible  # one seed: no spread to show
+    assert "one seed, no spread" in fig.layout.title.text
     figs = study_figures(study)
     assert "comparison" in figs and "comparison_table" in figs and "ablation_mix.tau" not in figs
+
+
+def test_a_bar_at_zero_is_told_apart_from_a_missing_one(tmp_path):
+    def acc(params, seed):
+        few = {"CE": 0.0, "LFM": float("nan")}[params["method"]]
+        return {"acc_many": 0.9, "acc_medium": 0.5, "acc_few": few, "acc_all": 0.5}
+
+    study = load_study(make_study(tmp_path, "z", {"method": ["CE", "LFM"]}, seeds=(0,), acc=acc))
+    few = next(t for t in comparison_figure(study).data if t.name == "few")
+    assert list(few.text) == ["0", "n/a"] and list(few.customdata) == ["0.0", "missing"]
+    assert "n/a" in comparison_html(comparison_table(study))
+
+
+def test_comparison_error_bars_stop_at_the_axis(tmp_path):
+    def acc(params, seed):  # CE's many-shot: 0 % or 90 %, mean 45 ± 63.6 (std)
+        many = {0: 0.0, 1: 0.9}[seed] if params["method"] == "CE" else 0.5 + 0.01 * seed
+        return {"acc_many": many, "acc_medium": 0.5, "acc_few": 0.2, "acc_all": 0.5}
+
+    study = load_study(make_study(tmp_path, "e", {"method": ["CE", "LFM"]}, acc=acc))
+    fig = comparison_figure(study)
+    many = next(t for t in fig.data if t.name == "many")
+    assert np.std([0, 90], ddof=1) > 55  # the bar would reach past both ends
+    assert np.allclose(many.error_y.array[0], 55) and np.allclose(many.error_y.arrayminus[0], 45)
+    assert np.allclose(many.error_y.array[1], np.std([50, 51], ddof=1))  # LFM's: uncut
+    assert "(cut at 0 and 100 %)" in fig.layout.title.text
 
 
 # ---- learning curves and per-class accuracy -----------------------------------------------
 def test_learning_curves_mark_stage_boundary_and_stopped_trials(tau_study):
     study = load_study(tau_study)
     fig = learning_curves_figure(study)
-    curves = [t for t in fig.data if not t.name.endswith(": stopped")]
+    curves = [t for t in fig.data if t.mode in ("lines", "lines+markers") and t.x[0] is not None]
     assert len(curves) == 6
-    stopped = [t for t in curves if t.line.dash == "dash"]
-    assert len(stopped) == 1 and "stopped early" in stopped[0].name
-    marker = [t for t in fig.data if t.name.endswith(": stopped")]
-    assert len(marker) == 1 and marker[0].text[0] == "stopped at epoch 2"
+    stopped = [t for t in fig.data if t.name.endswith(": stopped")]
+    assert len(stopped) == 1 and stopped[0].text[0] == "stopped at epoch 2"
+    assert "(stopped early)" in stopped[0].name
     assert [s.x0 for s in fig.layout.shapes] == [E1 + 0.5]
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"
     buttons = fig.layout.updatemenus[0].buttons
     assert [b.label for b in buttons] == ["all", "many", "medium", "few", "train loss"]
     few = buttons[3].args[0]["y"]
@@ -266,16 +327,49 @@ def test_learning_curves_mark_stage_boundary_and_stopped_trials(tau_study):
     assert np.allclose(buttons[4].args[0]["y"][0], e["train_loss"])
 
 
+def test_learning_curves_stay_readable_with_sixteen_trials(tmp_path):
+    taus = [0.002, 0.01, 0.05, 0.25, 1.25, 6.25, 31.25, 100.0]
+    study = load_study(make_study(tmp_path, "t16", {"mix.tau": taus}, seeds=(0, 1)))
+    fig = learning_curves_figure(study)
+    curves = [t for t in fig.data if t.x[0] is not None]
+    assert len(curves) == 16
+    # A colour per configuration, a line style per seed; the legend names the values only.
+    by_tau: dict[str, set] = {}
+    for t in curves:
+        by_tau.setdefault(t.name, set()).add(t.line.color)
+    assert sorted(by_tau, key=float) == [f"{v:g}" for v in taus]
+    assert all(len(c) == 1 for c in by_tau.values())
+    assert len({next(iter(c)) for c in by_tau.values()}) == 8
+    assert {t.line.dash for t in curves} == {"solid", "dash"}
+    assert sum(bool(t.showlegend) for t in curves) == 8  # one entry per configuration
+    seeds = [t for t in fig.data if t.x[0] is None]
+    assert [(t.name, t.line.dash) for t in seeds] == [("seed 0", "solid"), ("seed 1", "dash")]
+    assert fig.layout.legend.title.text == "τ (colour); seed (line style)"
+
+
 def test_per_class_figure_against_training_count():
     result = {"per_class_acc": [0.9, 0.6, 0.1], "class_counts": [500, 50, 5],
               "class_names": ["a", "b", "c"]}
     fig = per_class_figure(result)
     assert fig.layout.xaxis.type == "log"
+    assert fig.layout.xaxis.title.text == "training images of the class (log scale)"
+    assert "5" in fig.layout.xaxis.ticktext and "500" in fig.layout.xaxis.ticktext
     assert [(t.name, list(t.x)) for t in fig.data] == [
-        ("many (1)", [500.0]), ("medium (1)", [50.0]), ("few (1)", [5.0])]
+        ("many: 1 class (n > 100)", [500.0]), ("medium: 1 class (20 ≤ n ≤ 100)", [50.0]),
+        ("few: 1 class (n < 20)", [5.0])]
     assert np.allclose([t.y[0] for t in fig.data], [90, 60, 10])
-    two = per_class_figure({"CE": result, "LFM": {**result, "per_class_acc": [0.9, 0.7, 0.4]}})
-    assert [t.name for t in two.data] == ["CE", "LFM"] and np.allclose(two.data[1].y, [90, 70, 40])
+    # Several seeds of one configuration: the mean, the seeds' range, each seed a point.
+    seeds = per_class_figure({0: result, 1: {**result, "per_class_acc": [0.7, 0.8, 0.3]}})
+    many = seeds.data[0]
+    assert np.allclose(many.y, [80]) and np.allclose(many.error_y.array, [10])
+    assert np.allclose(many.error_y.arrayminus, [10])
+    points = next(t for t in seeds.data if t.name == "many: seeds")
+    assert sorted(points.y) == [70, 90]
+    ref = per_class_figure(result, reference={0: {**result, "per_class_acc": [0.5, 0.5, 0.5]}},
+                           reference_label="CE")
+    assert ref.data[-1].name == "CE" and np.allclose(ref.data[-1].y, [50, 50, 50])
+    with pytest.raises(LfmError, match="must share their classes"):
+        per_class_figure({0: result, 1: {**result, "per_class_acc": [0.5]}})
 
 
 def test_sampling_matrix_beside_the_confusion_matrix():
@@ -326,14 +420,15 @@ def test_effective_imbalance_figure():
 
     taus = [0.002, 0.05, 1.25, 31.25]
     fig = effective_imbalance_figure("mix.tau", taus, [40.0, 12.5, 30.1, 33.0], imbalance=100)
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "mix.tau"
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "τ (log scale)"
+    assert list(fig.layout.xaxis.ticktext) == ["0.002", "0.05", "1.25", "31.25"]
     assert list(fig.data[0].x) == taus and list(fig.data[0].y) == [40.0, 12.5, 30.1, 33.0]
     assert fig.layout.shapes[0].y0 == 100 and "γ = 100" in fig.layout.annotations[0].text
     two = effective_imbalance_figure("mix.alpha", [0, 1, 2], {"CIFAR-10-LT": [10, 5, 3],
                                                               "CIFAR-100-LT": [100, 40, 20]})
     assert two.layout.xaxis.type == "linear"
     assert [t.name for t in two.data] == ["CIFAR-10-LT", "CIFAR-100-LT"]
-    assert list(two.data[1].y) == [100, 40, 20] and "mix.alpha" in two.layout.title.text
+    assert list(two.data[1].y) == [100, 40, 20] and "against α" in two.layout.title.text
     with pytest.raises(LfmError, match="has 2 values for 3 mix.alpha values"):
         effective_imbalance_figure("mix.alpha", [0, 1, 2], [1, 2])
 
@@ -377,8 +472,15 @@ def test_optuna_study_rebuilt_with_distributions_inferred_from_the_table(tmp_pat
     figs = optuna_figures(study)
     assert {"history", "parallel", "importance"} <= set(figs) and "pareto" not in figs
     assert len(figs["history"].data[0].x) == 11
-    assert set(figs["importance"].data[0].y) == {"stage1.tau", "stage1.lr", "loss.name",
-                                                 "loss.focal_gamma"}
+    assert np.allclose(sorted(figs["history"].data[0].y), sorted(study.finished["acc_all"] * 100))
+    assert figs["history"].layout.yaxis.title.text == "acc_all (%)"
+    # Parameters by their symbols, on every view.
+    assert set(figs["importance"].data[0].y) == {"τ (stage 1)", "learning rate (stage 1)",
+                                                 "loss", "focal γ"}
+    labels = set(figs["parallel"].layout.xaxis.ticktext)
+    assert {"τ (stage 1)", "learning rate (stage 1)", "loss"} <= labels
+    # focal γ is conditional: named in the title, not drawn at a "None" tick.
+    assert "focal γ" not in labels and "not drawn: focal γ" in figs["parallel"].layout.title.text
 
 
 def test_pareto_front_of_a_multi_objective_search(tmp_path):
@@ -391,9 +493,10 @@ def test_pareto_front_of_a_multi_objective_search(tmp_path):
              if not any((q >= p).all() and (q > p).any() for q in pts)}
     traces = figs["pareto"].data
     assert sum(len(t.x) for t in traces) == len(pts) == 11
-    assert sorted(pts[sorted(front), 0]) in [sorted(t.x) for t in traces]  # the front drawn
+    front_x = sorted(pts[sorted(front), 0] * 100)  # drawn in percent
+    assert any(np.allclose(front_x, sorted(t.x)) for t in traces if len(t.x) == len(front_x))
     names = [t.name for t in figs["importance"].data]
-    assert names == ["acc_few", "acc_many"]
+    assert names == ["acc_few (%)", "acc_many (%)"]
 
 
 def test_optuna_views_load_the_recorded_storage(tmp_path):
@@ -410,6 +513,8 @@ def test_optuna_views_load_the_recorded_storage(tmp_path):
 
 # ---- the report ---------------------------------------------------------------------------
 def test_report_is_self_contained_and_lists_failures(tau_study, capsys):
+    from lfm_ray.analysis.report import png_blocker
+
     path = write_report(tau_study)
     assert path == tau_study / "report.html"
     page = path.read_text()
@@ -418,17 +523,24 @@ def test_report_is_self_contained_and_lists_failures(tau_study, capsys):
     assert get_plotlyjs()[:2000] in page  # plotly.js itself is embedded
     assert not re.search(r"<script[^>]+src=", page)
     assert not re.search(r"<(link|img|iframe)[^>]+(src|href)=['\"]?https?:", page)
-    for section in ("Best configuration", "Results", "Ablation: accuracy against mix.tau",
-                    "Learning curves", "Per-class accuracy against training count",
-                    "Failed trials", "All trials",
-                    "Command and configuration", "Machine and versions"):
+    for section in ("Best configuration", "Results", "Ablation: test accuracy against τ",
+                    "Per-class accuracy against training count",
+                    "Sampling matrix P beside a confusion matrix",
+                    "Effective imbalance γ′ against τ", "Learning curves",
+                    "Failed trials", "All trials", "Configuration", "Machine and versions"):
         assert f">{section}</h2>" in page, section
     assert "CUDA out of memory" in page and "bad_0" in page
     assert "python studies/tau_sweep.py" in page and "Linux-test" in page
-    assert page.count("Plotly.newPlot") == 3  # ablation, learning curves, per class
+    # ablation, per class, P beside the confusion matrix, γ′, learning curves
+    assert page.count("Plotly.newPlot") == 5
     pngs = sorted(p.name for p in tau_study.glob("*.png"))
-    warned = "warning: no PNGs" in capsys.readouterr().out
-    assert pngs == ["ablation_mix.tau.png", "per_class.png"] or warned
+    out = capsys.readouterr().out
+    if png_blocker() is None:  # kaleido and a Chromium are here: every headline PNG is written
+        assert pngs == ["ablation_mix.tau.png", "gamma_mix.tau.png", "per_class.png",
+                        "sampling_confusion.png"], out
+        assert "PNG files beside this report: ablation_mix.tau.png" in page
+    else:
+        assert pngs == [] and "warning: no PNGs" in out
 
 
 def test_report_without_a_browser_warns_once_and_still_writes(tau_study, monkeypatch, capsys):
@@ -445,13 +557,13 @@ def test_report_command(tau_study, tmp_path, capsys):
     assert main(["report", str(tau_study), "--out", str(out), "--no-png", "--band", "std"]) == 0
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
     page = out.read_text()
-    assert "band ± std" in page or "band \\u00b1 std" in page  # the figure's JSON escapes ±
+    assert "± 1 std over seeds" in page or "\\u00b1 1 std over seeds" in page  # JSON escapes ±
 
 
 # ---- bad input ----------------------------------------------------------------------------
 def test_bad_input_gives_one_clear_message(tau_study, tmp_path, capsys):
     with pytest.raises(LfmError, match="is not a study: it holds no study.json"):
-        load_study(tmp_path / "ray")
+        load_study(tmp_path / "results" / "ray")
     with pytest.raises(LfmError, match="does not exist"):
         load_study(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("x")
@@ -539,16 +651,19 @@ def test_tune_experiment_is_read_with_tunes_reader(tune_experiment):
     assert sorted(study.epochs["epoch"].unique()) == [1, 2, 3]
     fig = ablation_figure(study, "mix.tau")
     assert fig.layout.xaxis.type == "log" and list(_lines(fig)["all"].x) == TUNE_TAUS
-    assert fig.data[-1].x[0] == 0.1
+    # τ = 0.1 has the highest mean, but two seeds (one of them stopped early) cannot tell it
+    # from τ = 0.01: no star.
+    assert not [t for t in fig.data if t.marker.symbol == "star"]
+    assert any("no configuration is better" in (a.text or "") for a in fig.layout.annotations)
     curves = learning_curves_figure(study)
     assert [s.x0 for s in curves.layout.shapes] == [2.5]
-    assert sum(t.line.dash == "dash" for t in curves.data if t.mode != "markers+text") == 1
+    assert sum((t.name or "").endswith(": stopped") for t in curves.data) == 1
 
 
 def test_report_of_a_tune_experiment_lists_its_failed_trial(tune_experiment, tmp_path):
     page = write_report(tune_experiment, out=tmp_path / "r.html", png=False).read_text()
     assert ">Failed trials</h2>" in page and "diverged at tau=10" in page
-    assert ">Learning curves</h2>" in page and "Ablation: accuracy against mix.tau" in page
+    assert ">Learning curves</h2>" in page and "Ablation: test accuracy against τ" in page
 
 
 # ---- t-SNE of a checkpoint ----------------------------------------------------------------

@@ -1,7 +1,13 @@
 """Interactive Plotly figures of a study: ablation curves, comparison tables and bars,
-learning curves, per-class accuracy against training count.
+learning curves, per-class accuracy against training count, the sampling matrix beside a
+confusion matrix, and the effective imbalance γ′.
 
-Accuracies are stored as fractions and shown in percent.
+Accuracies are stored as fractions and shown in percent. Every figure names what it shows:
+parameters by their symbol and axis scale (PARAM_LABELS), a per-trial figure by its
+configuration and seeds, a spread by what it is (± std, 95 % t-interval, the seeds' range).
+A "best" mark (the ablation's star, a table's bold cell) appears only where
+`better_than_rest` finds the best configuration better than every other one at the seeds
+the study ran; otherwise the figure says that none is.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lfm_ray.analysis.load import (
-    GROUPS, METRICS, SEED, StudyResults, aggregate, best_row, is_numeric_param,
+    GROUPS, METRICS, SEED, Separation, StudyResults, aggregate, best_row, better_than_rest,
+    config_key, is_numeric_param, seed_values,
 )
 from lfm_ray.errors import LfmError
 
@@ -25,6 +32,49 @@ BANDS = ("auto", "ci", "std")
 # τ-like parameters (spanning more than this many decades) get a log axis.
 LOG_DECADES = 1.5
 TEMPLATE = "plotly_white"
+NO_BEST = "no configuration is better than the others at these seeds"
+PERCENT = "top-1 accuracy (%)"
+
+# What a parameter is called on an axis, in a table header and in a legend: (name, short).
+# Parameters not listed keep their dotted name.
+PARAM_LABELS: dict[str, tuple[str, str]] = {
+    "mix.tau": ("τ", "τ"), "stage1.tau": ("τ (stage 1)", "τ₁"),
+    "stage2.tau": ("τ (stage 2)", "τ₂"),
+    "mix.alpha": ("α", "α"), "stage1.alpha": ("α (stage 1)", "α₁"),
+    "stage2.alpha": ("α (stage 2)", "α₂"),
+    "mix.beta": ("β of λ ~ Beta(β, β)", "β"), "stage1.beta": ("β (stage 1)", "β₁"),
+    "stage2.beta": ("β (stage 2)", "β₂"),
+    "stage1.lr": ("learning rate (stage 1)", "lr₁"),
+    "stage2.lr": ("learning rate (stage 2)", "lr₂"),
+    "stage1.min_lr": ("minimum learning rate (stage 1)", "min lr₁"),
+    "stage2.min_lr": ("minimum learning rate (stage 2)", "min lr₂"),
+    "stage1.epochs": ("epochs (stage 1)", "epochs₁"),
+    "stage2.epochs": ("epochs (stage 2)", "epochs₂"),
+    "data.imbalance_factor": ("imbalance factor γ", "γ"), "data.name": ("data set", "data"),
+    "model.name": ("model", "model"), "model.logit_scale": ("logit scale s", "s"),
+    "loss.name": ("loss", "loss"), "loss.focal_gamma": ("focal γ", "focal γ"),
+    "loss.mms_margin": ("MMS margin", "MMS margin"),
+    "loss.ldam_max_margin": ("LDAM maximum margin", "LDAM margin"),
+    "mix.method": ("mixing method", "mixing"), "method": ("method", "method"),
+    "mix.remix_kappa": ("Remix κ", "κ"), "mix.remix_tau": ("Remix τ_r", "τ_r"),
+    "mix.concutmix_omega": ("ConCutMix ω", "ω"), "mix.concutmix_topk": ("ConCutMix k", "k"),
+    "runtime.batch_size": ("batch size", "batch"), SEED: ("seed", "seed"),
+}
+
+
+def param_label(name: str) -> str:
+    """A parameter's name for a reader: its symbol ("τ (stage 2)"), else its dotted name."""
+    return PARAM_LABELS.get(name, (name, name))[0]
+
+
+def param_short(name: str) -> str:
+    """The short symbol of a parameter, for legends ("τ₂", "lr₁")."""
+    return PARAM_LABELS.get(name, (name, name.rsplit(".", 1)[-1]))[1]
+
+
+def axis_title(name: str, log: bool) -> str:
+    """A parameter axis: its symbol and scale, "τ (log scale)"."""
+    return param_label(name) + (" (log scale)" if log else "")
 
 
 def _rgba(hex_color: str, a: float = 0.13) -> str:
@@ -32,15 +82,41 @@ def _rgba(hex_color: str, a: float = 0.13) -> str:
     return f"rgba({r},{g},{b},{a})"
 
 
-def fmt_value(value: Any) -> str:
-    """A parameter value as a label: numbers short (0.05, 1e-05), NaN as 'unset'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def fmt_value(value: Any, digits: int | None = None) -> str:
+    """A parameter value as a label: numbers short (0.05, 1e-05; `digits` significant
+    digits when given), NaN as 'unset'."""
+    if _missing(value):
         return "unset"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
     if isinstance(value, (float, np.floating)):
-        return f"{float(value):g}"
+        return f"{float(value):.{digits}g}" if digits else f"{float(value):g}"
     if isinstance(value, np.integer):
         return str(int(value))
     return str(value)
+
+
+def setting(name: str, value: Any, digits: int | None = None) -> str:
+    """"τ = 0.05", "method CE": a parameter and its value as a reader reads it."""
+    if name in ("method", "mix.method", "loss.name", "data.name", "model.name"):
+        return f"{param_label(name)} {fmt_value(value, digits)}"
+    return f"{param_label(name)} = {fmt_value(value, digits)}"
+
+
+def describe(keys: Mapping[str, Any], digits: int | None = None) -> str:
+    """A configuration as text: "τ = 0.05, α = 1"."""
+    return ", ".join(setting(k, v, digits) for k, v in keys.items() if not _missing(v))
+
+
+def seeds_text(seeds: Sequence[Any]) -> str:
+    """"seed 0" or "seeds 0, 1, 2"."""
+    shown = [fmt_value(int(s) if isinstance(s, (float, np.floating)) and float(s).is_integer()
+                       else s) for s in seeds]
+    return ("seed " if len(shown) == 1 else "seeds ") + ", ".join(shown)
 
 
 def use_log_axis(x: Sequence[float]) -> bool:
@@ -49,28 +125,100 @@ def use_log_axis(x: Sequence[float]) -> bool:
     return bool(len(x) > 1 and (x > 0).all() and math.log10(x.max() / x.min()) > LOG_DECADES)
 
 
+def value_ticks(x: Sequence[float]) -> dict[str, Any]:
+    """Ticks at the swept values, written out (0.002, not Plotly's log-axis "2")."""
+    values = sorted(set(float(v) for v in x))
+    return {"tickmode": "array", "tickvals": values, "ticktext": [fmt_value(v) for v in values]}
+
+
+def log_ticks(low: float, high: float) -> dict[str, Any]:
+    """Ticks 1, 2, 5, 10, 20, 50, ... between low and high on a log axis, written out."""
+    out = []
+    for e in range(math.floor(math.log10(max(low, 1e-12))) - 1, math.ceil(math.log10(high)) + 1):
+        for m in (1, 2, 5):
+            v = m * 10.0 ** e
+            if low / 1.5 <= v <= high * 1.5:
+                out.append(v)
+    return {"tickmode": "array", "tickvals": out, "ticktext": [fmt_value(v) for v in out]}
+
+
+def epoch_ticks(last_epoch: float) -> dict[str, Any]:
+    """Whole-number epoch ticks, at most about 15 of them."""
+    step = max(1, math.ceil(float(last_epoch) / 15))
+    return {"tickmode": "linear", "tick0": 0, "dtick": step, "tickformat": "d"}
+
+
 def _same(series: pd.Series, value: Any) -> pd.Series:
     """Rows equal to `value`, NaN matching NaN (a conditional parameter a trial lacks)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return series.isna()
     return series == value
 
 
 def headline_metric(study: StudyResults) -> str:
-    """The accuracy the study optimised, when it is one of many/medium/few/all."""
-    return study.metric if study.metric in METRICS else "acc_all"
+    """The test accuracy that goes with the study's selection metric (val_acc_few → acc_few)."""
+    m = study.metric.removeprefix("val_")
+    return m if m in METRICS else "acc_all"
+
+
+def selection_metric(study: StudyResults) -> str:
+    """The metric "best" is decided on: the study's selection metric where the table has
+    it, else the test accuracy that goes with it."""
+    m = study.metric
+    if m in study.trials.columns and pd.to_numeric(study.trials[m], errors="coerce").notna().any():
+        return m
+    return headline_metric(study)
+
+
+def selection_text(study: StudyResults) -> str:
+    """"acc_all (test split)": the metric best is decided on and its split."""
+    m = selection_metric(study)
+    return f"{m} ({'validation' if m.startswith('val_') else 'test'} split)"
+
+
+def separation(study: StudyResults, rows: pd.DataFrame, by: Sequence[str],
+               metric: str | None = None) -> Separation:
+    """better_than_rest over the configurations of `by` among `rows` (keys: config_key)."""
+    values, seeds = seed_values(rows, list(by), metric or selection_metric(study))
+    return better_than_rest(values, seeds, mode=study.mode)
+
+
+def verdict_text(sep: Separation, label: Mapping[Any, str] | None = None,
+                 unit: float = 100.0) -> str:
+    """One sentence: which configuration is better than the rest and by how much, or that
+    none is."""
+    names = label or {}
+    name = names.get(sep.best, str(sep.best))
+    other = names.get(sep.runner_up, str(sep.runner_up))
+    if sep.runner_up is None:
+        return "one configuration: nothing to compare"
+    if not sep.separated:
+        against = names.get(sep.against, str(sep.against))
+        why = f" ({name} against {against}: {sep.reason})" if sep.reason else ""
+        return NO_BEST + why
+    if sep.test == "paired":
+        return (f"{name} is better than every other configuration at 95 %: over the "
+                f"{sep.n} seeds it shares with the runner-up {other}, the mean paired "
+                f"difference is {sep.diff * unit:+.2f} points, 95 % t-interval "
+                f"[{sep.low * unit:+.2f}, {sep.high * unit:+.2f}]")
+    return (f"{name} is better than every other configuration at 95 %: its mean is "
+            f"{sep.diff * unit:+.2f} points from the runner-up {other}, and the 95 % "
+            "t-intervals of the means do not overlap")
 
 
 # ---- ablation curves ----------------------------------------------------------------------
 def ablation_figure(study: StudyResults, param: str, band: str = "auto",
                     where: Mapping[str, Any] | None = None) -> go.Figure:
-    """Many / medium / few / all accuracy against a swept numeric parameter (paper Fig. 9
-    and 10): the mean over seeds, a band of the 95% t-interval of the mean (`band="ci"`)
-    or ± one standard deviation (`band="std"`), a log x axis when the values span more than
-    1.5 decades, and the best value of the study's metric starred. `band="auto"` draws the
-    interval when every point has at least 3 seeds and ± std otherwise (with 2 seeds the
-    95% interval is ±12.7 std/√2 and fills the whole axis). Other swept parameters are held
-    at `where`, or else at the best configuration's values."""
+    """Many / medium / few / all test accuracy against a swept numeric parameter (paper
+    Fig. 9 and 10): the mean over seeds as a line, each seed as a point beside it, and
+    error bars of the 95 % t-interval of the mean (`band="ci"`) or ± one standard deviation
+    (`band="std"`); `"auto"` takes the interval with three or more seeds per point and
+    ± std with two (the 95 % interval of two seeds is ± 12.7 std/√2), none with one. The
+    y axis is 0-100 %: a bar reaching past it is cut there and flagged with a triangle. The
+    x axis is the parameter's symbol and scale, ticks at the swept values. The best value
+    of the selection metric is starred only when better_than_rest separates it from every
+    other value; otherwise the figure says no value is better. Other swept parameters are
+    held at `where`, or else at the best configuration's values."""
     if band not in BANDS:
         raise LfmError(f"band {band!r} is not known; expected one of {', '.join(BANDS)}")
     study.require_param(param)
@@ -83,60 +231,139 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
                        f"{', '.join(map(fmt_value, done[param].unique()[:6]))}); compare it "
                        "with comparison_figure / the comparison table instead")
     rows, fixed = _hold_others(study, done, param, where)
+    rows = rows.assign(**{param: pd.to_numeric(rows[param])})
     agg = aggregate(rows, [param])
-    agg[param] = pd.to_numeric(agg[param])
     agg = agg.dropna(subset=[param]).sort_values(param).reset_index(drop=True)
     if len(agg) < 2:
-        raise LfmError(f"parameter {param!r} has fewer than two finished values "
-                       f"{'at ' + _describe(fixed) if fixed else ''}; nothing to plot")
+        raise LfmError(f"parameter {param!r} has fewer than two finished values"
+                       f"{' (' + fixed + ')' if fixed else ''}; nothing to plot")
     x = agg[param].to_numpy(float)
+    log = use_log_axis(x)
+    seeds_per_point = agg["acc_all_n"].to_numpy(int)
+    fewest, most = int(seeds_per_point.min()), int(seeds_per_point.max())
     if band == "auto":
-        band = "ci" if (agg[[f"{m}_n" for m in METRICS]] >= 3).all(axis=None) else "std"
-    label = "95% CI" if band == "ci" else "± std"
+        band = "ci" if fewest >= 3 else "std"
+    spread = {"ci": "95 % t-interval of the mean", "std": "± 1 std over seeds"}[band]
     fig = go.Figure()
-    for g in GROUPS:
+    clipped_any = False
+    for k, g in enumerate(GROUPS):
         m = f"acc_{g}"
         mean = agg[f"{m}_mean"].to_numpy(float) * 100
         half = agg[f"{m}_{band}"].to_numpy(float) * 100
         half = np.where(np.isnan(half), 0.0, half)  # one seed: no spread to draw
-        upper, lower = np.clip(mean + half, 0, 100), np.clip(mean - half, 0, 100)
-        fig.add_trace(go.Scatter(
-            x=np.concatenate([x, x[::-1]]), y=np.concatenate([upper, lower[::-1]]),
-            mode="lines", fill="toself", fillcolor=_rgba(COLORS[g]), line={"width": 0},
-            hoverinfo="skip", showlegend=False, legendgroup=g, name=f"{g} {label}"))
+        upper, lower = mean + half, mean - half
+        top, bottom = np.minimum(upper, 100.0), np.maximum(lower, 0.0)
         custom = np.stack([agg[f"{m}_std"] * 100, agg[f"{m}_ci_low"] * 100,
                            agg[f"{m}_ci_high"] * 100, agg[f"{m}_n"]], axis=1)
+        dodge = _dodge(x, log, k)
         fig.add_trace(go.Scatter(
             x=x, y=mean, mode="lines+markers", name=g, legendgroup=g,
-            line={"color": COLORS[g]}, customdata=custom,
-            hovertemplate=f"{param}=%{{x}}<br>{g}: %{{y:.2f}}%  std %{{customdata[0]:.2f}}"
-                          "<br>95% CI [%{customdata[1]:.2f}, %{customdata[2]:.2f}]"
-                          "<br>seeds: %{customdata[3]}<extra></extra>"))
-    metric = headline_metric(study)
-    best = best_row(agg, metric, study.mode)
-    best_y = agg[f"{metric}_mean"].iloc[best] * 100
-    fig.add_trace(go.Scatter(
-        x=[x[best]], y=[best_y], mode="markers", name=f"best {param}={x[best]:g}",
-        marker={"symbol": "star", "size": 18, "color": "black"},
-        hovertemplate=f"best {metric}: %{{y:.2f}}% at {param}=%{{x}}<extra></extra>"))
-    seeds = int(agg[f"{metric}_n"].max())
-    title = f"{study.name}: accuracy against {param} (mean of {seeds} seed(s), band {label})"
+            line={"color": COLORS[g], "width": 2.5}, marker={"size": 8},
+            customdata=custom,
+            hovertemplate=f"{html.escape(param_label(param))} = %{{x}}<br>{g}: mean "
+                          "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
+                          "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]<br>seeds: "
+                          "%{customdata[3]}<extra></extra>"))
+        if most > 1:
+            # The spread beside the line, each group's a little to the side, so four
+            # groups' bars never pile up on one vertical line.
+            fig.add_trace(go.Scatter(
+                x=dodge, y=mean, mode="markers", name=f"{g}: {spread}", legendgroup=g,
+                showlegend=False, marker={"size": 1, "color": COLORS[g]},
+                error_y={"type": "data", "symmetric": False, "array": top - mean,
+                         "arrayminus": mean - bottom, "thickness": 1.2, "width": 3,
+                         "color": COLORS[g]}, hoverinfo="skip"))
+            seeds_x, seeds_y, seeds_t = _seed_points(rows, param, m, dict(zip(x, dodge)))
+            fig.add_trace(go.Scatter(
+                x=seeds_x, y=seeds_y, mode="markers", name=f"{g}: seeds",
+                legendgroup=g, showlegend=False, text=seeds_t,
+                marker={"color": COLORS[g], "size": 5, "opacity": 0.6, "line": {"width": 0}},
+                hovertemplate=f"{g}, %{{text}}: %{{y:.2f}} %<extra></extra>"))
+        above, below = upper > 100.0 + 1e-9, lower < -1e-9
+        if most > 1 and (above.any() or below.any()):
+            clipped_any = True
+            fx = np.concatenate([dodge[above], dodge[below]])
+            fy = np.concatenate([np.full(above.sum(), 100.0), np.zeros(below.sum())])
+            bounds = np.concatenate([np.stack([lower, upper], axis=1)[above],
+                                     np.stack([lower, upper], axis=1)[below]])
+            fig.add_trace(go.Scatter(
+                x=fx, y=fy, mode="markers", legendgroup=g, showlegend=False,
+                name=f"{g}: interval cut at the axis",
+                marker={"symbol": ["triangle-up"] * int(above.sum())
+                        + ["triangle-down"] * int(below.sum()),
+                        "size": 9, "color": COLORS[g], "line": {"color": "black", "width": 1}},
+                customdata=bounds,
+                hovertemplate=f"{g}: the interval [%{{customdata[0]:.1f}}, "
+                              "%{customdata[1]:.1f}] % reaches past the axis and is cut"
+                              "<extra></extra>"))
+    metric = selection_metric(study)
+    sep = separation(study, rows, [param], metric)
+    group = metric.removeprefix("val_").removeprefix("acc_")
+    group = group if group in GROUPS else "all"
+    if param in FACETS:
+        pass  # an imbalance factor or data set is a setting, not a choice: no best to mark
+    elif sep.separated:
+        best_x = float(sep.best[0])
+        best_y = agg.loc[np.isclose(x, best_x), f"acc_{group}_mean"].iloc[0] * 100
+        fig.add_trace(go.Scatter(
+            x=[best_x], y=[best_y], mode="markers",
+            name=f"best {setting(param, best_x)} (by {metric})",
+            marker={"symbol": "star", "size": 18, "color": "black"},
+            hovertemplate=html.escape(verdict_text(sep, {sep.best: setting(param, best_x)}))
+                          + "<extra></extra>"))
+    else:
+        why = f"{NO_BEST} ({metric}): no star" if most > 1 else \
+            "one seed: no interval to tell the values apart, no star"
+        fig.add_annotation(text=why, xref="paper", yref="paper",
+                           x=0.0, y=1.0, xanchor="left", yanchor="bottom", showarrow=False,
+                           font={"size": 12, "color": "#7a5b00"})
+    if most == 1:
+        what = "one seed per value (no spread)"
+    else:
+        n = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+        what = f"mean of {n} seeds (line), each seed (points), error bars {spread}"
+        if fewest == 1:
+            what += " (none where one seed)"
+    title = f"{study.name}: test accuracy against {param_label(param)}<br><sup>{what}"
+    if clipped_any:
+        title += "; ▲▼ an interval cut at 0 or 100 %"
     if fixed:
-        title += f"<br><sup>{html.escape(_describe(fixed))}</sup>"
-    fig.update_layout(title=title, xaxis_title=param, yaxis_title="top-1 accuracy (%)",
-                      template=TEMPLATE, legend_title="shot group")
-    if use_log_axis(x):
-        fig.update_xaxes(type="log")
+        title += f"<br>{html.escape(fixed, quote=False)}"
+    title += "</sup>"
+    fig.update_layout(title=title, yaxis_title=f"test {PERCENT}", template=TEMPLATE,
+                      legend_title="shot group", margin={"t": 110})
+    fig.update_yaxes(range=[-2, 102], ticksuffix="")
+    fig.update_xaxes(title=axis_title(param, log), type="log" if log else "linear",
+                     **value_ticks(x))
     return fig
 
 
-def _describe(fixed: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={fmt_value(v)}" for k, v in fixed.items())
+def _dodge(x: np.ndarray, log: bool, k: int) -> np.ndarray:
+    """x moved a little to the side for shot group k (of four): 1.5 % of the axis per step."""
+    span = (math.log10(x.max()) - math.log10(x.min())) if log else float(x.max() - x.min())
+    step = 0.015 * span * (k - 1.5)
+    return x * 10 ** step if log else x + step
+
+
+def _seed_points(rows: pd.DataFrame, param: str, metric: str,
+                 where: Mapping[float, float]) -> tuple[list[float], list[float], list[str]]:
+    """Each finished trial's value of `metric` (percent) at its value's dodged x."""
+    xs, ys, texts = [], [], []
+    for _, r in rows.iterrows():
+        v = pd.to_numeric(pd.Series([r[metric]]), errors="coerce").iloc[0]
+        if np.isnan(v):
+            continue
+        xs.append(where[float(r[param])])
+        ys.append(float(v) * 100)
+        seed = r.get(SEED)
+        texts.append(seeds_text([seed]) if not _missing(seed) else str(r["trial_id"]))
+    return xs, ys, texts
 
 
 def _hold_others(study: StudyResults, done: pd.DataFrame, param: str,
-                 where: Mapping[str, Any] | None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The trials with every other varying parameter at one value: `where`, else the best."""
+                 where: Mapping[str, Any] | None) -> tuple[pd.DataFrame, str]:
+    """The trials with every other varying parameter at one value: `where`, else the best
+    configuration's; and a sentence saying which."""
     where = dict(where or {})
     for name in where:
         study.require_param(name)
@@ -147,21 +374,29 @@ def _hold_others(study: StudyResults, done: pd.DataFrame, param: str,
         rows = rows[_same(rows[name], value)]
     rest = [p for p in others if p not in where]
     fixed = dict(where)
+    metric = selection_metric(study)
     if rest and not rows.empty:
-        agg = aggregate(rows, rest, metrics=[headline_metric(study)])
-        best = agg.iloc[best_row(agg, headline_metric(study), study.mode)]
+        agg = aggregate(rows, rest, metrics=[metric])
+        best = agg.iloc[best_row(agg, metric, study.mode)]
         for name in rest:
             fixed[name] = best[name]
             rows = rows[_same(rows[name], best[name])]
     if rows.empty:
-        raise LfmError(f"no finished trial of study {study.name!r} has {_describe(where)}")
-    if fixed and any(k not in where for k in fixed):
-        fixed = {**{k: v for k, v in fixed.items() if k in where},
-                 **{f"{k} (best)": v for k, v in fixed.items() if k not in where}}
-    return rows, fixed
+        raise LfmError(f"no finished trial of study {study.name!r} has {describe(where)}")
+    held = describe({k: v for k, v in fixed.items() if k in where})
+    best = describe({k: v for k, v in fixed.items() if k not in where})
+    text = "; ".join(t for t in (f"at {held}" if held else "",
+                                 f"other parameters at the best configuration's {best}"
+                                 if best else "") if t)
+    return rows, text
 
 
 # ---- comparison tables and bars -----------------------------------------------------------
+# A compared parameter that splits a comparison into column groups (paper Table 2) and bar
+# panels, never compared across: the first of these a study sweeps beside another one.
+FACETS = ("data.imbalance_factor", "data.name", "model.name")
+
+
 def _declared_rank(study: StudyResults, param: str, value: Any, seen: list[Any]) -> tuple[int, int]:
     declared = study.declared_values(param) or []
     for i, v in enumerate(declared):
@@ -170,11 +405,24 @@ def _declared_rank(study: StudyResults, param: str, value: Any, seen: list[Any])
     return (1, seen.index(value) if value in seen else len(seen))
 
 
+def facet_of(params: Sequence[str]) -> str | None:
+    """The parameter a comparison is split by (imbalance factor, data set), if any."""
+    if len(params) < 2:
+        return None
+    return next((f for f in FACETS if f in params), None)
+
+
+def only_facets(params: Sequence[str]) -> bool:
+    """Every compared parameter is a setting (imbalance factor, data set): nothing is best."""
+    return bool(params) and all(p in FACETS for p in params)
+
+
 def comparison_table(study: StudyResults, params: Sequence[str] | None = None) -> pd.DataFrame:
-    """The paper's table layout (Tables 1, 2, 5): one row per method (configuration of the
-    swept parameters, seeds pooled) in the study's declared order; columns `label` (the
-    row's name), the parameters, `<g>_mean`,
-    `<g>_std`, `<g>_ci` in percent for g in many/medium/few/all, and `seeds`."""
+    """The paper's table layout (Tables 1, 2, 5): one row per configuration of the
+    compared parameters (seeds pooled) in the study's declared order; columns `label` (the
+    row's values), the parameters, `<g>_mean`, `<g>_std`, `<g>_ci` in percent and
+    `<g>_values` (seed → value in percent) for g in many/medium/few/all, and `seeds`.
+    `table.attrs` holds `params` and `facet` (the parameter the table is split by)."""
     done = study.require_finished()
     params = list(params) if params else study.params
     if not params:
@@ -194,139 +442,256 @@ def comparison_table(study: StudyResults, params: Sequence[str] | None = None) -
     for g in GROUPS:
         for stat in ("mean", "std", "ci"):
             table[f"{g}_{stat}"] = agg[f"acc_{g}_{stat}"].to_numpy(float) * 100
+        values, seeds = seed_values(done, params, f"acc_{g}")
+        table[f"{g}_values"] = [
+            {s: v * 100 for s, v in zip(seeds.get(config_key(r, params), []),
+                                        values.get(config_key(r, params), []))
+             if not np.isnan(v)} for _, r in agg.iterrows()]
     table["seeds"] = agg["acc_all_n"].to_numpy(int)
+    table.attrs["params"] = params
+    table.attrs["facet"] = facet_of(params)
+    table.attrs["no_best"] = only_facets(params)
     return table
 
 
 def _row_label(row: pd.Series, params: Sequence[str]) -> str:
     if len(params) == 1:
         return fmt_value(row[params[0]])
-    parts = []
-    for p in params:
-        short = p.rsplit(".", 1)[-1]
-        parts.append(fmt_value(row[p]) if p == "method" else f"{short}={fmt_value(row[p])}")
-    return " · ".join(parts)
+    return " · ".join(fmt_value(row[p]) if p in ("method", "mix.method", "loss.name")
+                      else setting(p, row[p]) for p in params if not _missing(row[p]))
 
 
 def best_cells(table: pd.DataFrame, mode: str = "max") -> dict[str, np.ndarray]:
-    """Per shot group, which rows hold the best mean (ties all count)."""
-    out = {}
+    """Per shot group, the row better than every other row of its column (within its
+    facet: an imbalance factor is never compared with another) by better_than_rest over
+    the seeds; no row where none is."""
+    facet = table.attrs.get("facet")
+    parts = [np.flatnonzero(_same(table[facet], v).to_numpy())
+             for v in dict.fromkeys(table[facet].tolist())] if facet else [np.arange(len(table))]
+    out = {g: np.zeros(len(table), dtype=bool) for g in GROUPS}
+    if table.attrs.get("no_best"):
+        return out
     for g in GROUPS:
-        values = table[f"{g}_mean"].to_numpy(float)
-        best = np.nanmin(values) if mode == "min" else np.nanmax(values)
-        out[g] = np.isclose(values, best, rtol=0, atol=1e-9)
+        for idx in parts:
+            values = {int(i): list(table[f"{g}_values"].iloc[i].values()) for i in idx
+                      if table[f"{g}_values"].iloc[i]}
+            seeds = {int(i): list(table[f"{g}_values"].iloc[i].keys()) for i in values}
+            if len(values) < 2:
+                continue
+            sep = better_than_rest(values, seeds, mode=mode)
+            if sep.separated:
+                out[g][sep.best] = True
     return out
 
 
-def _cell_texts(table: pd.DataFrame, mode: str) -> dict[str, list[tuple[str, bool]]]:
+def _cell(row: pd.Series, g: str, seeds: int) -> str:
+    mean = row[f"{g}_mean"]
+    if _missing(mean):
+        return "n/a"
+    text = f"{mean:.2f}"
+    if row["seeds"] > 1 and not _missing(row[f"{g}_std"]):
+        text += f" ± {row[f'{g}_std']:.2f}"
+    if int(row["seeds"]) != seeds:
+        text += f" (n={int(row['seeds'])})"
+    return text
+
+
+def table_caption(table: pd.DataFrame, mode: str = "max") -> str:
+    """What the table's numbers and bold cells are."""
+    n = int(table["seeds"].max()) if len(table) else 0
+    spread = "one seed" if n <= 1 else f"mean ± std over {n} seeds"
     bold = best_cells(table, mode)
-    out: dict[str, list[tuple[str, bool]]] = {}
-    for g in GROUPS:
-        cells = []
-        for i, (_, row) in enumerate(table.iterrows()):
-            text = f"{row[f'{g}_mean']:.2f}"
-            if row["seeds"] > 1 and not math.isnan(row[f"{g}_std"]):
-                text += f" ± {row[f'{g}_std']:.2f}"
-            cells.append((text, bool(bold[g][i])))
-        out[g] = cells
-    return out
+    facet = table.attrs.get("facet")
+    where = f" within its {param_label(facet)}" if facet else ""
+    if table.attrs.get("no_best"):
+        settings = " and ".join(map(param_label, table.attrs["params"]))
+        marks = f"no cell is marked best: each {settings} is a setting of its own, not compared"
+    elif n <= 1:
+        marks = "no cell is marked best: with one seed there is no interval to compare"
+    elif any(b.any() for b in bold.values()):
+        marks = (f"bold: better than every other row of its column{where} at 95 % (paired "
+                 "t-interval over the seeds both ran)")
+    else:
+        marks = f"no cell is bold: {NO_BEST}"
+    return f"Top-1 test accuracy (%), {spread}; {marks}."
+
+
+def _first_columns(table: pd.DataFrame) -> list[str]:
+    params = list(table.attrs.get("params") or [])
+    facet = table.attrs.get("facet")
+    return [p for p in params if p != facet] or ["label"]
 
 
 def comparison_html(table: pd.DataFrame, mode: str = "max") -> str:
-    """The comparison table as HTML (top-1 %, mean ± std over seeds), best of each column
-    in bold."""
-    cells = _cell_texts(table, mode)
-    head = "".join(f"<th>{h}</th>" for h in ("method", *GROUPS, "seeds"))
+    """The comparison table as HTML: a column per compared parameter named by its symbol,
+    then many/medium/few/all (top-1 %, mean ± std over seeds); a facet (imbalance factor)
+    becomes column groups, as the paper's Table 2. Bold: see best_cells."""
+    bold = best_cells(table, mode)
+    n = int(table["seeds"].max()) if len(table) else 0
+    facet = table.attrs.get("facet")
+    firsts = _first_columns(table)
+    heads = [param_label(p) if p != "label" else "configuration" for p in firsts]
+    if not facet:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in heads) + \
+            "".join(f"<th>{g} (%)</th>" for g in GROUPS)
+        body = []
+        for i, (_, row) in enumerate(table.iterrows()):
+            tds = [f"<td class='name'>{html.escape(fmt_value(row[p]) if p != 'label' else row[p])}"
+                   "</td>" for p in firsts]
+            for g in GROUPS:
+                text = _cell(row, g, n)
+                tds.append(f"<td><b>{text}</b></td>" if bold[g][i] else f"<td>{text}</td>")
+            body.append("<tr>" + "".join(tds) + "</tr>")
+        return (f"<table class='cmp'><thead><tr>{head}</tr></thead>"
+                f"<tbody>{''.join(body)}</tbody></table>")
+    facet_values = list(dict.fromkeys(table[facet].tolist()))
+    top = "".join(f"<th rowspan='2'>{html.escape(h)}</th>" for h in heads) + "".join(
+        f"<th colspan='4' class='group'>{html.escape(setting(facet, v))}</th>"
+        for v in facet_values)
+    sub = "".join(f"<th>{g} (%)</th>" for _ in facet_values for g in GROUPS)
     body = []
-    for i, (_, row) in enumerate(table.iterrows()):
-        tds = [f"<td class='name'>{html.escape(str(row['label']))}</td>"]
-        for g in GROUPS:
-            text, bold = cells[g][i]
-            tds.append(f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>")
-        tds.append(f"<td>{int(row['seeds'])}</td>")
+    rows = list(dict.fromkeys(tuple(config_key(r, firsts)) for _, r in table.iterrows()))
+    for key in rows:
+        tds = [f"<td class='name'>{html.escape(fmt_value(v))}</td>" for v in key]
+        for fv in facet_values:
+            match = [i for i, (_, r) in enumerate(table.iterrows())
+                     if config_key(r, firsts) == key and _same(pd.Series([r[facet]]), fv).iloc[0]]
+            for g in GROUPS:
+                if not match:
+                    tds.append("<td>n/a</td>")
+                    continue
+                i = match[0]
+                text = _cell(table.iloc[i], g, n)
+                cls = " class='gstart'" if g == GROUPS[0] else ""
+                text = f"<b>{text}</b>" if bold[g][i] else text
+                tds.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
-    return (f"<table class='cmp'><thead><tr>{head}</tr></thead>"
+    return (f"<table class='cmp'><thead><tr>{top}</tr><tr>{sub}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def comparison_table_figure(table: pd.DataFrame, mode: str = "max",
                             title: str = "") -> go.Figure:
-    """The comparison table as a Plotly table, best of each column in bold."""
-    cells = _cell_texts(table, mode)
-    columns = [[html.escape(str(m)) for m in table["label"]]]
-    for g in GROUPS:
-        columns.append([f"<b>{t}</b>" if b else t for t, b in cells[g]])
-    columns.append([str(int(s)) for s in table["seeds"]])
+    """The comparison table as a Plotly table (for its PNG), laid out and marked as
+    comparison_html."""
+    bold = best_cells(table, mode)
+    n = int(table["seeds"].max()) if len(table) else 0
+    facet = table.attrs.get("facet")
+    firsts = _first_columns(table)
+    headers = [param_label(p) if p != "label" else "configuration" for p in firsts]
+    keys = list(dict.fromkeys(tuple(config_key(r, firsts)) for _, r in table.iterrows()))
+    columns: list[list[str]] = [[html.escape(fmt_value(k[j])) for k in keys]
+                                for j in range(len(firsts))]
+    facet_values = list(dict.fromkeys(table[facet].tolist())) if facet else [None]
+    for fv in facet_values:
+        for g in GROUPS:
+            headers.append(f"{param_short(facet)} = {fmt_value(fv)}<br>{g} (%)" if facet
+                           else f"{g} (%)")
+            col = []
+            for key in keys:
+                match = [i for i, (_, r) in enumerate(table.iterrows())
+                         if config_key(r, firsts) == key and
+                         (fv is None or _same(pd.Series([r[facet]]), fv).iloc[0])]
+                if not match:
+                    col.append("n/a")
+                    continue
+                text = _cell(table.iloc[match[0]], g, n)
+                col.append(f"<b>{text}</b>" if bold[g][match[0]] else text)
+            columns.append(col)
     fig = go.Figure(go.Table(
-        header={"values": [f"<b>{h}</b>" for h in ("method", *GROUPS, "seeds")],
-                "fill_color": "#e8eef7", "align": ["left", *["right"] * 5]},
-        cells={"values": columns, "align": ["left", *["right"] * 5], "height": 26}))
-    fig.update_layout(title=title or "top-1 accuracy (%), mean ± std over seeds",
-                      template=TEMPLATE, height=120 + 28 * len(table),
-                      margin={"t": 50, "b": 10})
+        header={"values": [f"<b>{h}</b>" for h in headers], "fill_color": "#e8eef7",
+                "height": 44 if facet else 28,
+                "align": ["left"] * len(firsts) + ["right"] * (len(headers) - len(firsts))},
+        cells={"values": columns, "height": 26,
+               "align": ["left"] * len(firsts) + ["right"] * (len(headers) - len(firsts))}))
+    caption = table_caption(table, mode)
+    fig.update_layout(title=(title or "comparison") + f"<br><sup>{html.escape(caption)}</sup>",
+                      template=TEMPLATE, height=170 + 28 * len(keys) + (24 if facet else 0),
+                      width=max(800, 170 * len(firsts) + 115 * (len(headers) - len(firsts))),
+                      margin={"t": 80, "b": 10, "l": 10, "r": 10})
     return fig
 
 
 def comparison_figure(study: StudyResults, params: Sequence[str] | None = None,
                       error: str = "std") -> go.Figure:
-    """Grouped bars: one group per method, one bar per shot group, error bars over seeds
-    (± std, or the 95% interval with `error="ci"`). With two or more compared parameters
-    (imbalance factor × method) the first one splits the figure into panels."""
+    """Grouped bars: one group per configuration, one bar per shot group, error bars over
+    seeds (± std, or the 95 % interval with `error="ci"`) where there are two or more. A
+    facet (imbalance factor, data set) splits the figure into panels. A bar at 0 % is
+    labelled "0", a missing value "n/a", so the two are told apart."""
     if error not in ("ci", "std"):
         raise LfmError(f"error {error!r} is not known; expected ci or std")
-    params = list(params) if params else study.params
     table = comparison_table(study, params)
+    params = table.attrs["params"]
+    facet = table.attrs["facet"]
     panels: list[tuple[str, pd.DataFrame]]
-    if len(params) >= 2:
-        facet, rest = params[0], params[1:]
-        values = list(dict.fromkeys(table[facet].tolist()))
+    if facet:
+        rest = [p for p in params if p != facet]
         panels = []
-        for v in values:
+        for v in dict.fromkeys(table[facet].tolist()):
             part = table[_same(table[facet], v)].copy()
             part["label"] = [_row_label(r, rest) for _, r in part.iterrows()]
-            panels.append((f"{facet}={fmt_value(v)}", part))
+            panels.append((setting(facet, v), part))
     else:
         panels = [("", table)]
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
                         subplot_titles=[t for t, _ in panels] if len(panels) > 1 else None,
                         horizontal_spacing=0.03)
-    show_errors = bool((table["seeds"] > 1).any())
+    n = int(table["seeds"].max())
+    show_errors = n > 1
+    cut = False
     for col, (_, part) in enumerate(panels, start=1):
         for g in GROUPS:
+            y = part[f"{g}_mean"].to_numpy(float)
             err = part[f"{g}_{error}"].fillna(0.0).to_numpy(float)
+            # An accuracy's bar stops at 0 and 100 %; the subtitle says where one was cut.
+            up, down = np.minimum(err, 100 - np.nan_to_num(y)), np.minimum(err, np.nan_to_num(y))
+            cut = cut or bool(show_errors and ((up < err - 1e-9) | (down < err - 1e-9)).any())
+            text = ["n/a" if np.isnan(v) else ("0" if abs(v) < 0.005 else "") for v in y]
             fig.add_trace(go.Bar(
-                name=g, x=part["label"].tolist(), y=part[f"{g}_mean"].to_numpy(float),
-                error_y={"type": "data", "array": err, "visible": show_errors},
-                marker_color=COLORS[g], legendgroup=g, showlegend=col == 1,
-                hovertemplate=f"%{{x}}<br>{g}: %{{y:.2f}}%<extra></extra>"), row=1, col=col)
-    spread = ("± std" if error == "std" else "95% CI") if show_errors else "one seed"
+                name=g, x=part["label"].tolist(), y=np.nan_to_num(y, nan=0.0),
+                error_y={"type": "data", "symmetric": False, "array": up, "arrayminus": down,
+                         "visible": show_errors},
+                text=text, textposition="outside", textfont={"size": 10, "color": COLORS[g]},
+                cliponaxis=False, marker_color=COLORS[g], legendgroup=g, showlegend=col == 1,
+                customdata=np.where(np.isnan(y), "missing", np.round(y, 2).astype(str)),
+                hovertemplate=f"%{{x}}<br>{g}: %{{customdata}} %<extra></extra>"),
+                row=1, col=col)
+    spread = ("error bars ± 1 std over seeds" if error == "std" else
+              "error bars 95 % t-interval of the mean") if show_errors else "one seed, no spread"
+    if cut:
+        spread += " (cut at 0 and 100 %)"
+    name = param_label(params[0]) if len(params) == 1 else \
+        " × ".join(param_label(p) for p in params if p != facet)
     fig.update_layout(barmode="group", template=TEMPLATE, legend_title="shot group",
-                      title=f"{study.name}: top-1 accuracy per method ({spread})")
-    fig.update_yaxes(title_text="top-1 accuracy (%)", row=1, col=1)
+                      title=f"{study.name}: test accuracy per {name}<br><sup>"
+                            f"{'mean of ' + str(n) + ' seeds, ' if n > 1 else ''}{spread}; "
+                            "\"0\" marks a bar at 0 %, \"n/a\" a missing value</sup>",
+                      margin={"t": 100})
+    fig.update_yaxes(title_text=f"test {PERCENT}", row=1, col=1)
+    fig.update_yaxes(range=[0, 105])
     return fig
 
 
 # ---- learning curves ----------------------------------------------------------------------
-CURVE_METRICS = ("acc_all", "acc_many", "acc_medium", "acc_few", "train_loss")
+CURVE_METRICS = ("acc_all", "acc_many", "acc_medium", "acc_few", "val_acc_all", "train_loss")
+SEED_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
-def trial_labels(study: StudyResults) -> dict[str, str]:
-    """A short label per trial: its swept values (3 significant digits; a conditional
-    parameter the trial did not draw left out)."""
-    shorts = [p.rsplit(".", 1)[-1] for p in study.swept]
-    # The field name alone, unless two swept parameters share it (stage1.lr, stage2.lr).
-    label = {p: (s if shorts.count(s) == 1 else p) for p, s in zip(study.swept, shorts)}
+def trial_labels(study: StudyResults, digits: int | None = 3) -> dict[str, str]:
+    """A short label per trial: its swept values without names, in the order of
+    `curve_legend_title` (`digits` significant digits, None: as declared; a conditional
+    parameter the trial did not draw shown as "–"); the seed is left out (curves show it
+    by line style)."""
+    params = study.params
     out = {}
     for _, r in study.trials.iterrows():
-        parts = []
-        for p in study.swept:
-            v = r[p]
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            text = f"{float(v):.3g}" if isinstance(v, (float, np.floating)) else fmt_value(v)
-            parts.append(text if p == "method" else f"{label[p]}={text}")
-        out[str(r["trial_id"])] = ", ".join(parts) or str(r["trial_id"])
+        parts = ["–" if _missing(r[p]) else fmt_value(r[p], digits) for p in params]
+        out[str(r["trial_id"])] = " · ".join(parts) or str(r["trial_id"])
     return out
+
+
+def curve_legend_title(study: StudyResults) -> str:
+    return " · ".join(param_short(p) for p in study.params) or "trial"
 
 
 def _curve_y(df: pd.DataFrame, metric: str) -> np.ndarray:
@@ -336,9 +701,11 @@ def _curve_y(df: pd.DataFrame, metric: str) -> np.ndarray:
     return y if metric == "train_loss" else y * 100
 
 
-def _axis_title(metric: str) -> str:
-    return "training loss" if metric == "train_loss" else \
-        f"top-1 accuracy, {metric.removeprefix('acc_')} (%)"
+def _curve_axis_title(metric: str) -> str:
+    if metric == "train_loss":
+        return "training loss"
+    split = "validation" if metric.startswith("val_") else "test"
+    return f"{split} top-1 accuracy, {metric.removeprefix('val_').removeprefix('acc_')} (%)"
 
 
 def stage_boundaries(epochs: pd.DataFrame) -> list[float]:
@@ -355,47 +722,74 @@ def stage_boundaries(epochs: pd.DataFrame) -> list[float]:
 
 
 def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.Figure:
-    """Every trial's curve across both stages against the global epoch; the stage boundary
-    dotted; trials ASHA stopped early dashed and ended with an ✕ saying where. A menu
-    switches between accuracies (all/many/medium/few) and the training loss."""
+    """Every trial's curve across both stages against the global epoch: a colour per
+    configuration (legend: its swept values), a line style per seed; the stage boundary
+    dotted; a trial ASHA stopped early ends in an ✕ saying where. A menu switches between
+    accuracies (all/many/medium/few, the validation split's where there is one) and the
+    training loss. Epoch ticks are whole numbers."""
     epochs = study.epochs
     if epochs is None or epochs.empty:
-        raise LfmError(f"study {study.name!r} has no per-epoch results (neither its Tune "
-                       "experiment directory nor its checkpoints are reachable)")
+        raise LfmError(f"study {study.name!r} has no per-epoch results (neither copies of "
+                       "its trials nor its Tune experiment or checkpoints are reachable)")
     if metric not in CURVE_METRICS:
         raise LfmError(f"metric {metric!r} is not known; expected one of "
                        f"{', '.join(CURVE_METRICS)}")
     trials = study.trials.set_index("trial_id")
     stopped = set(trials.index[trials["stopped_early"].fillna(False).astype(bool)]) \
         if "stopped_early" in trials.columns else set()
-    labels = trial_labels(study)
-    order = sorted(epochs["trial_id"].unique(), key=lambda t: (labels.get(t, t), t))
-    metrics = [m for m in CURVE_METRICS if m in epochs.columns]
+    labels = trial_labels(study, digits=None if study.search == "grid" else 3)
+    params = study.params
+    present = [t for t in epochs["trial_id"].unique() if t in trials.index]
+    keys = {t: config_key(trials.loc[t], params) for t in present}
+    configs: list[tuple] = []
+    for t in sorted(present, key=lambda t: _sort_key(study, trials.loc[t], params)):
+        if keys[t] not in configs:
+            configs.append(keys[t])
+    seeds = sorted({_seed_of(trials.loc[t]) for t in present}, key=_seed_order)
+    dash = {s: SEED_DASHES[i % len(SEED_DASHES)] for i, s in enumerate(seeds)}
+    palette = _palette(len(configs))
+    colour = {c: palette[i] for i, c in enumerate(configs)}
+    metrics = [m for m in CURVE_METRICS if m in epochs.columns and
+               pd.to_numeric(epochs[m], errors="coerce").notna().any()]
     fig = go.Figure()
     ys: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    palette = _palette(len(order))
-    for k, trial_id in enumerate(order):
+    shown_configs: set[tuple] = set()
+    order = sorted(present, key=lambda t: (configs.index(keys[t]),
+                                           _seed_order(_seed_of(trials.loc[t]))))
+    for trial_id in order:
         df = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
+        key, seed = keys[trial_id], _seed_of(trials.loc[trial_id])
         early = trial_id in stopped
-        name = labels.get(trial_id, trial_id) + (" (stopped early)" if early else "")
+        label = labels.get(trial_id, trial_id)
+        full = label + (f", {seeds_text([seed])}" if len(seeds) > 1 and seed is not None else "")
+        full += " (stopped early)" if early else ""
         fig.add_trace(go.Scatter(
             x=df["epoch"].to_numpy(), y=_curve_y(df, metric),
             mode="lines+markers" if len(df) == 1 else "lines",
-            line={"dash": "dash" if early else "solid", "color": palette[k]},
-            name=name, legendgroup=trial_id,
-            hovertemplate=f"{html.escape(name)}<br>epoch %{{x}}: %{{y:.3f}}<extra></extra>"))
+            line={"dash": dash.get(seed, "solid"), "color": colour[key], "width": 2},
+            name=label, legendgroup=str(key), showlegend=key not in shown_configs,
+            hovertemplate=f"{html.escape(full)}<br>epoch %{{x}}: %{{y:.2f}}<extra></extra>"))
+        shown_configs.add(key)
         for m in metrics:
             ys[m].append(_curve_y(df, m))
         if early:
             last = df.iloc[[-1]]
             fig.add_trace(go.Scatter(
                 x=last["epoch"].to_numpy(), y=_curve_y(last, metric), mode="markers+text",
-                marker={"symbol": "x", "size": 11, "color": palette[k]},
+                marker={"symbol": "x", "size": 11, "color": colour[key]},
                 text=[f"stopped at epoch {int(last['epoch'].iloc[0])}"],
-                textposition="top center", showlegend=False, legendgroup=trial_id,
-                name=f"{name}: stopped", hoverinfo="skip"))
+                textposition="top center", showlegend=False, legendgroup=str(key),
+                name=f"{full}: stopped", hoverinfo="skip"))
             for m in metrics:
                 ys[m].append(_curve_y(last, m))
+    if len(seeds) > 1:
+        for s in seeds:  # the line style of each seed, once
+            fig.add_trace(go.Scatter(
+                x=[None], y=[None], mode="lines", name=seeds_text([s]),
+                line={"dash": dash[s], "color": "#555", "width": 2},
+                legendgroup=f"seed {s}", showlegend=True, hoverinfo="skip"))
+            for m in metrics:
+                ys[m].append(np.array([np.nan]))
     bounds = stage_boundaries(epochs)
     if not bounds:
         e1 = (study.meta.get("base_config") or {}).get("stage1", {}).get("epochs")
@@ -405,80 +799,166 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
                       annotation_text="stage 1 | stage 2" if len(bounds) == 1
                       else f"stage 2 from epoch {int(b + 0.5)}",
                       annotation_position="top")
-    if max((len(labels.get(t, t)) for t in order), default=0) > 40:
-        # Long labels (many searched parameters) go below the plot, not beside it.
-        fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.18,
-                                  "xanchor": "left", "x": 0},
-                          height=480 + 22 * len(order))
-    buttons = [{"label": m.removeprefix("acc_") if m != "train_loss" else "train loss",
-                "method": "update",
-                "args": [{"y": ys[m]}, {"yaxis.title.text": _axis_title(m)}]} for m in metrics]
+    legend_title = curve_legend_title(study) + \
+        (" (colour); seed (line style)" if len(seeds) > 1 else "")
+    legend: dict[str, Any] = {"title": {"text": legend_title}}
+    entries = len(configs) + (len(seeds) if len(seeds) > 1 else 0)
+    if entries > 9 or max((len(labels.get(t, t)) for t in present), default=0) > 28:
+        # Many or long entries go below the plot, in columns, not beside it.
+        legend.update({"orientation": "h", "yanchor": "top", "y": -0.16, "xanchor": "left",
+                       "x": 0})
+        fig.update_layout(height=520 + 24 * math.ceil(entries / 5))
+    buttons = [{"label": _button_label(m), "method": "update",
+                "args": [{"y": ys[m]}, {"yaxis.title.text": _curve_axis_title(m)}]}
+               for m in metrics]
+    last_epoch = float(pd.to_numeric(epochs["epoch"], errors="coerce").max())
+    n_cfg = f"{len(configs)} configuration{'s' if len(configs) != 1 else ''}"
     fig.update_layout(
-        title=f"{study.name}: learning curves over both stages"
-              + (f" ({len(stopped)} stopped early by ASHA, dashed)" if stopped else ""),
-        xaxis_title="epoch (stage 1, then stage 2)", yaxis_title=_axis_title(metric),
-        template=TEMPLATE,
+        title=f"{study.name}: learning curves over both stages<br><sup>{n_cfg}"
+              + (f" × {len(seeds)} seeds" if len(seeds) > 1 else "")
+              + (f"; {len(stopped)} stopped early by ASHA (✕)" if stopped else "") + "</sup>",
+        xaxis_title="epoch (stage 1, then stage 2)", yaxis_title=_curve_axis_title(metric),
+        template=TEMPLATE, legend=legend, margin={"t": 90},
         updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right",
                       "y": 1.02, "yanchor": "bottom", "showactive": True,
                       "active": metrics.index(metric) if metric in metrics else 0}])
+    fig.update_xaxes(**epoch_ticks(last_epoch))
     return fig
+
+
+def _button_label(metric: str) -> str:
+    if metric == "train_loss":
+        return "train loss"
+    group = metric.removeprefix("val_").removeprefix("acc_")
+    return f"{group} (val)" if metric.startswith("val_") else group
+
+
+def _seed_of(row: pd.Series) -> Any:
+    v = row.get(SEED) if SEED in row.index else None
+    if _missing(v):
+        return None
+    return int(v) if isinstance(v, (float, np.floating)) and float(v).is_integer() else v
+
+
+def _seed_order(seed: Any) -> tuple[int, str]:
+    return (0, f"{seed:012d}") if isinstance(seed, int) else (1, str(seed))
+
+
+def _sort_key(study: StudyResults, row: pd.Series, params: Sequence[str]) -> tuple:
+    out = []
+    for p in params:
+        declared = study.declared_values(p) or []
+        v = row[p]
+        hit = next((i for i, d in enumerate(declared) if fmt_value(d) == fmt_value(v)), None)
+        if hit is not None:
+            out.append((0, hit, ""))
+        elif isinstance(v, (int, float, np.number)) and not _missing(v):
+            out.append((1, float(v), ""))
+        else:
+            out.append((2, 0, str(v)))
+    return tuple(out)
 
 
 def _palette(n: int) -> list[str]:
     import plotly.colors as pc
 
     base = pc.qualitative.Plotly + pc.qualitative.D3 + pc.qualitative.Set2
+    if n > len(pc.qualitative.Plotly):
+        base = pc.qualitative.Dark24 + pc.qualitative.Light24
     return [base[i % len(base)] for i in range(n)]
 
 
 # ---- per-class accuracy -------------------------------------------------------------------
 SHOT_EDGES = (19.5, 100.5)  # few n < 20 ≤ medium ≤ 100 < many
+SHOT_RULES = {"many": "n > 100", "medium": "20 ≤ n ≤ 100", "few": "n < 20"}
 
 
-def _shot_group(n: float) -> str:
-    return "many" if n > 100 else ("medium" if n >= 20 else "few")
+def per_class_figure(results: Mapping[Any, Any], title: str = "per-class test accuracy",
+                     reference: Mapping[Any, Any] | None = None,
+                     reference_label: str = "reference") -> go.Figure:
+    """Per-class top-1 accuracy against the class's training count (log x): where the tail
+    gains are. `results`: one result (per_class_acc, class_counts, optional class_names),
+    or a mapping seed → result of one configuration. Classes are coloured by shot group
+    with the group's class count in the legend; with several seeds each class shows the
+    mean over seeds with the seeds' range as a bar and each seed as a small point.
+    `reference` (same forms) is drawn as grey diamonds: its mean per class."""
+    runs = _runs(results)
+    counts, names, acc = _per_class_matrix(runs)
+    from lfm_ray.data.counts import shot_groups
 
-
-def per_class_figure(results: Mapping[str, Any], title: str = "per-class accuracy") -> go.Figure:
-    """Per-class top-1 accuracy against the class's training count (log x), which shows
-    where the tail gains are. `results`: one checkpoint result (per_class_acc,
-    class_counts, optional class_names), or a mapping label → result to compare runs."""
-    runs = {"": results} if "per_class_acc" in results else dict(results)
-    if not runs:
-        raise LfmError("per_class_figure needs at least one result with per_class_acc")
+    mean = np.nanmean(acc, axis=0) if len(runs) > 1 else acc[0]
+    low, high = np.nanmin(acc, axis=0), np.nanmax(acc, axis=0)
     fig = go.Figure()
-    palette = _palette(len(runs))
-    for k, (label, result) in enumerate(runs.items()):
-        counts = np.asarray(result["class_counts"], dtype=float)
-        acc = np.asarray(result["per_class_acc"], dtype=float) * 100
-        if len(counts) != len(acc):
-            raise LfmError(f"per-class accuracy has {len(acc)} classes but the class counts "
-                           f"{len(counts)}")
-        names = list(result.get("class_names") or [str(i) for i in range(len(counts))])
-        if label == "":  # one run: colour by shot group
-            for g in ("many", "medium", "few"):
-                m = np.array([_shot_group(n) == g for n in counts])
-                if m.any():
-                    fig.add_trace(go.Scatter(
-                        x=counts[m], y=acc[m], mode="markers", name=f"{g} ({int(m.sum())})",
-                        marker={"color": COLORS[g], "size": 9},
-                        text=[names[i] for i in np.flatnonzero(m)],
-                        hovertemplate="%{text}: %{y:.1f}% (n=%{x})<extra></extra>"))
-        else:
+    seeds = list(runs)
+    for g, idx in shot_groups(counts).items():
+        if not len(idx):
+            continue
+        k = len(idx)
+        fig.add_trace(go.Scatter(
+            x=counts[idx], y=mean[idx], mode="markers",
+            name=f"{g}: {k} class{'es' if k != 1 else ''} ({SHOT_RULES[g]})",
+            legendgroup=g, marker={"color": COLORS[g], "size": 10,
+                                   "line": {"color": "white", "width": 1}},
+            error_y={"type": "data", "symmetric": False, "array": high[idx] - mean[idx],
+                     "arrayminus": mean[idx] - low[idx], "visible": len(runs) > 1,
+                     "color": COLORS[g], "thickness": 1.2, "width": 3},
+            text=[names[i] for i in idx],
+            hovertemplate="%{text}: %{y:.1f} %" + (" (mean over seeds)" if len(runs) > 1 else "")
+                          + " (n=%{x})<extra></extra>"))
+        if len(runs) > 1:
+            xs = np.tile(counts[idx], len(runs))
             fig.add_trace(go.Scatter(
-                x=counts, y=acc, mode="markers", name=label, text=names,
-                marker={"color": palette[k], "size": 9, "opacity": 0.8},
-                hovertemplate=f"{html.escape(label)}<br>%{{text}}: %{{y:.1f}}% (n=%{{x}})"
+                x=xs * 1.04, y=acc[:, idx].reshape(-1), mode="markers", legendgroup=g,
+                showlegend=False, name=f"{g}: seeds",
+                marker={"color": COLORS[g], "size": 4, "opacity": 0.6},
+                text=[f"{names[i]}, {seeds_text([s])}" for s in seeds for i in idx],
+                hovertemplate="%{text}: %{y:.1f} %<extra></extra>"))
+    if reference:
+        ref_runs = _runs(reference)
+        ref_counts, _, ref_acc = _per_class_matrix(ref_runs)
+        if len(ref_counts) == len(counts):
+            fig.add_trace(go.Scatter(
+                x=ref_counts * 0.96, y=np.nanmean(ref_acc, axis=0), mode="markers",
+                name=reference_label, text=names,
+                marker={"symbol": "diamond-open", "color": "#666", "size": 9},
+                hovertemplate=f"{html.escape(reference_label)}<br>%{{text}}: %{{y:.1f}} %"
                               "<extra></extra>"))
     for edge, text in zip(SHOT_EDGES, ("few | medium", "medium | many")):
         # Shapes take data coordinates, annotations on a log axis take log10 of them.
-        fig.add_vline(x=edge, line_dash="dot", line_color="gray")
-        fig.add_annotation(x=math.log10(edge), xref="x", y=1.0, yref="paper", text=text,
-                           showarrow=False, yanchor="bottom")
-    fig.update_xaxes(type="log", title="training images of the class (log)")
-    fig.update_layout(title=title, yaxis_title="top-1 accuracy (%)", template=TEMPLATE,
-                      yaxis_range=[-3, 103])
+        if counts.min() < edge < counts.max() * 1.5 or counts.min() / 1.5 < edge < counts.max():
+            fig.add_vline(x=edge, line_dash="dot", line_color="gray")
+            fig.add_annotation(x=math.log10(edge), xref="x", y=1.0, yref="paper", text=text,
+                               showarrow=False, yanchor="bottom")
+    low, high = float(counts.min()) / 1.3, float(counts.max()) * 1.3
+    fig.update_xaxes(type="log", title="training images of the class (log scale)",
+                     range=[math.log10(low), math.log10(high)], **log_ticks(low, high))
+    fig.update_layout(title=title, yaxis_title=f"test {PERCENT}", template=TEMPLATE,
+                      yaxis_range=[-3, 103], legend_title="shot group", margin={"t": 100})
     return fig
+
+
+def _runs(results: Mapping[Any, Any]) -> dict[Any, Mapping[str, Any]]:
+    runs = {None: results} if "per_class_acc" in results else dict(results)
+    if not runs:
+        raise LfmError("per_class_figure needs at least one result with per_class_acc")
+    return runs
+
+
+def _per_class_matrix(runs: Mapping[Any, Mapping[str, Any]]
+                      ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(class counts, class names, accuracy in percent: one row per run)."""
+    first = next(iter(runs.values()))
+    counts = np.asarray(first["class_counts"], dtype=float)
+    names = list(first.get("class_names") or [str(i) for i in range(len(counts))])
+    rows = []
+    for label, result in runs.items():
+        acc = np.asarray(result["per_class_acc"], dtype=float) * 100
+        if len(acc) != len(counts) or len(result["class_counts"]) != len(counts):
+            raise LfmError(f"per-class accuracy of {label!r} has {len(acc)} classes but the "
+                           f"class counts {len(counts)}; the runs of one figure must share "
+                           "their classes")
+        rows.append(acc)
+    return counts, names, np.vstack(rows)
 
 
 # ---- the sampling matrix beside the confusion matrix (paper Fig. 7) ------------------------
@@ -517,16 +997,16 @@ def sampling_confusion_figure(sampling_matrix: Any, counts: Any, class_names: Se
     pair_names = np.array([[f"{names[i]} → {names[j]}" for j in idx] for i in idx])
     tau_text = f" (τ = {tau:g})" if tau is not None else ""
     when = f", epoch {epoch}" if epoch is not None else ""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14, subplot_titles=(
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.22, subplot_titles=(
         f"sampling matrix P{tau_text}",
         f"{split} confusion ({'fraction of the row' if normalize else 'images'})"))
     fig.add_trace(go.Heatmap(
         z=P, x=idx, y=idx, colorscale="Blues", text=pair_names, name="P",
-        colorbar={"x": 0.43, "len": 0.9, "title": "P"},
+        colorbar={"x": 0.40, "xanchor": "left", "len": 0.9, "thickness": 14, "title": "P"},
         hovertemplate="%{text}: P = %{z:.4f}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Heatmap(
         z=shown, x=idx, y=idx, colorscale="Reds", text=pair_names, customdata=n,
-        name="confusion", colorbar={"x": 1.0, "len": 0.9,
+        name="confusion", colorbar={"x": 1.0, "xanchor": "left", "len": 0.9, "thickness": 14,
                                     "title": "fraction" if normalize else "images"},
         hovertemplate="%{text}: %{customdata:.0f} images"
                       + (" (%{z:.3f} of the row)" if normalize else "") + "<extra></extra>"),
@@ -539,8 +1019,10 @@ def sampling_confusion_figure(sampling_matrix: Any, counts: Any, class_names: Se
     fig.update_xaxes(title_text="predicted class", row=1, col=2)
     fig.update_yaxes(title_text="true class", row=1, col=2)
     fig.update_layout(
-        title=f"{run}: sampling matrix P beside the {split} confusion matrix{when}",
-        template=TEMPLATE, height=max(520, min(1400, 260 + 14 * C)),
+        title=f"{run}:{'<br>' if len(run) > 45 else ' '}sampling matrix P beside the "
+              f"{split} confusion matrix{when}",
+        margin={"t": 100 + 24 * (run.count("<br>") + (len(run) > 45))}, template=TEMPLATE,
+        height=max(520, min(1400, 260 + 14 * C)),
         width=max(1000, min(2400, 380 + 28 * C)))
     return fig
 
@@ -566,8 +1048,9 @@ def effective_imbalance_figure(param: str, values: Sequence[float],
                                imbalance: float | None = None,
                                title: str | None = None) -> go.Figure:
     """LFM's effective imbalance factor γ′ (lfm_ray.effective) against a swept α or τ:
-    one curve, or one per label of a mapping (data sets, the other parameter's values);
-    a log x axis where the values span decades (τ); the training counts' own γ dashed."""
+    one curve, or one per label of a mapping (data sets, seeds, the other parameter's
+    values); the parameter's symbol and scale on x, ticks at its values (a log axis where
+    they span decades, τ); the training counts' own γ dashed."""
     curves = dict(gammas) if isinstance(gammas, Mapping) else {"γ′": gammas}
     x = np.asarray(values, dtype=float)
     if len(x) == 0 or not curves:
@@ -580,15 +1063,17 @@ def effective_imbalance_figure(param: str, values: Sequence[float],
             raise LfmError(f"curve {label!r} has {len(y)} values for {len(x)} {param} values")
         fig.add_trace(go.Scatter(
             x=x, y=y, mode="lines+markers", name=str(label), line={"color": palette[k]},
-            hovertemplate=f"{html.escape(str(label))}<br>{html.escape(param)} = %{{x:g}}: "
-                          "γ′ = %{y:.2f}<extra></extra>"))
+            hovertemplate=f"{html.escape(str(label))}<br>{html.escape(param_label(param))} = "
+                          "%{x:g}: γ′ = %{y:.2f}<extra></extra>"))
     if imbalance is not None:
         fig.add_hline(y=float(imbalance), line_dash="dash", line_color="gray",
                       annotation_text=f"training counts: γ = {float(imbalance):.1f}",
                       annotation_position="top left")
-    fig.update_xaxes(title=param, type="log" if use_log_axis(x) else "linear")
+    log = use_log_axis(x)
+    fig.update_xaxes(title=axis_title(param, log), type="log" if log else "linear",
+                     **value_ticks(x))
     fig.update_layout(
-        title=title or f"effective imbalance factor γ′ against {param}",
+        title=title or f"effective imbalance factor γ′ against {param_label(param)}",
         yaxis_title="effective imbalance factor γ′ (max/min label mass)",
         template=TEMPLATE, showlegend=len(curves) > 1)
     return fig

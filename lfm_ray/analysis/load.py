@@ -7,10 +7,16 @@ trials.csv, written by `lfm_ray.study`), a Tune experiment directory (read throu
 - `trials`: one row per trial: the swept parameters by dotted name, the always-present
   columns (data.name, model.name, loss.name, mix.method), status, error, final metrics,
   wall time, GPU-hours, whether ASHA stopped it, its last checkpoint;
-- `epochs`: one row per trial per epoch (the learning curves), from Tune's per-trial result
-  frames when the experiment directory is reachable, else from the trainer's own
-  history.json beside each trial's last checkpoint;
+- `epochs`: one row per trial per epoch (the learning curves);
 - `meta`: study.json (or what can be recovered from the Tune experiment).
+
+What a report needs of each trial (final per-class accuracy, every epoch's metrics, the
+confusion matrix with the sampling matrix P) is read from the copies the study keeps in
+`results/<name>/trials/<trial_id>/` first (column `artifacts`), so a results folder that is
+moved, committed or downloaded renders without the Ray folders; only where a trial has no
+copy are its last checkpoint (`checkpoint_path`, relative to the study's storage path) and
+the Tune experiment read instead. `better_than_rest` decides whether a best configuration
+is better than the others at the study's seeds, for every "best" mark a report draws.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,11 +39,15 @@ SEED = "runtime.seed"
 DONE = "TERMINATED"
 FAILED = "ERROR"
 # Columns of the trials table that are not parameters (everything else may be one).
+VAL_METRICS = tuple(f"val_{m}" for m in METRICS)
 NOT_PARAMS = frozenset({
     "trial_id", "status", "error", "checkpoint_path", "node_id", "stopped_early", "epoch",
     "stage", "train_loss", "lr", "wall_time_s", "train_time_s", "gpu_hours", *METRICS,
+    *VAL_METRICS, "test_epoch", "selection_split", "artifacts", "experiment",
 })
-EPOCH_COLUMNS = ("epoch", "stage", "train_loss", *METRICS, "lr", "train_time_s")
+ARTIFACTS_DIR = "trials"  # results/<name>/trials/<trial_id>/: the copies of each trial
+RESULT_FILE, HISTORY_FILE, CONFUSION_FILE = "result.json", "history.json", "confusion.npz"
+EPOCH_COLUMNS = ("epoch", "stage", "train_loss", *METRICS, *VAL_METRICS, "lr", "train_time_s")
 
 
 @dataclass
@@ -57,6 +67,14 @@ class StudyResults:
     @property
     def metric(self) -> str:
         return str(self.meta.get("metric") or "acc_all")
+
+    @property
+    def selection_split(self) -> str:
+        """The split the metric is measured on: "val" for val_acc_*, else "test"."""
+        split = self.meta.get("selection_split")
+        if split in ("val", "test"):
+            return str(split)
+        return "val" if self.metric.startswith("val_") else "test"
 
     @property
     def mode(self) -> str:
@@ -196,18 +214,32 @@ def _from_results_dir(p: Path) -> StudyResults:
                        "yet: no trial has finished or failed; run or resume the study first")
     trials = read_trials_csv(p / "trials.csv")
     study = StudyResults(trials=trials, epochs=pd.DataFrame(), meta=meta, path=p)
-    study.epochs = _epochs_for(study, experiment_paths(meta))
+    study.epochs = _epochs_for(study, _experiments(study))
     return study
 
 
 def experiment_paths(meta: dict[str, Any]) -> list[str]:
     """The study's Tune experiments (one, or more for a study that was extended)."""
-    from lfm_ray.study.spec import join_path
-
     names, root = meta.get("experiments"), meta.get("storage_path")
     if names and root:
-        return [join_path(root, n) for n in names]
+        return [_join(root, n) for n in names]
     return [meta["experiment_path"]] if meta.get("experiment_path") else []
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if "://" in root else str(Path(root) / name)
+
+
+def _experiments(study: StudyResults) -> list[str]:
+    """experiment_paths, a relative storage path found from here (see storage_roots)."""
+    names = study.meta.get("experiments")
+    roots = storage_roots(study)
+    if names and roots:
+        for root in roots:
+            paths = [str(root / n) for n in names]
+            if all(is_tune_experiment(p) for p in paths):
+                return paths
+    return experiment_paths(study.meta)
 
 
 def _from_csv(p: Path) -> StudyResults:
@@ -215,26 +247,143 @@ def _from_csv(p: Path) -> StudyResults:
     beside = p.parent / "study.json"
     meta = _read_json(beside) if beside.is_file() else {"name": p.stem}
     study = StudyResults(trials=trials, epochs=pd.DataFrame(), meta=meta, path=p.parent)
-    study.epochs = _epochs_for(study, experiment_paths(meta))
+    study.epochs = _epochs_for(study, _experiments(study))
     return study
 
 
-def _epochs_for(study: StudyResults, experiments: list[str]) -> pd.DataFrame:
-    """Learning curves: Tune's per-trial frames, else the checkpoints' history.json."""
-    readable = [e for e in experiments if "://" in e or is_tune_experiment(e)]
-    if readable and len(readable) == len(experiments):
+# ---- each trial's files: the study's copies first, the checkpoint second --------------------
+def shown_path(path: str | os.PathLike, base: Path | None = None) -> str:
+    """A path as a report may print it: a URI or a relative path as it is, an absolute one
+    relative to `base` (the results folder) where it lies below it, else its last two parts,
+    so no report names a folder of the machine that ran or rendered it."""
+    text = os.fspath(path)
+    if "://" in text or not os.path.isabs(text):
+        return text
+    if base is not None:
         try:
-            wanted = set(study.trials["trial_id"])
-            return _tidy_epochs([tune_epochs(e, wanted) for e in readable])
-        except Exception as exc:  # noqa: BLE001 - curves are optional; say why they are absent
-            study.notes.append(f"Tune experiment {readable[0]} could not be read ({exc}); "
-                               "learning curves come from the checkpoints instead")
-    epochs = history_epochs(study.trials)
-    if epochs.empty:
-        study.notes.append("no per-epoch results: the Tune experiment directory "
-                           f"({', '.join(experiments) or 'not recorded'}) and the trials' "
-                           "checkpoints are not reachable")
+            return str(Path(text).relative_to(Path(base).resolve()))
+        except ValueError:
+            pass
+    return str(Path("…", *Path(text).parts[-2:]))
+
+
+def storage_roots(study: StudyResults) -> list[Path]:
+    """Where the study's storage path may be on this machine: as recorded when absolute;
+    a relative one (as the user typed it) from the working directory, or from a folder
+    above the results folder (results/<name>/ beside results/ray/)."""
+    root = study.meta.get("storage_path")
+    if not root or "://" in str(root):
+        return []
+    root = Path(str(root)).expanduser()
+    if root.is_absolute():
+        return [root]
+    out = [Path.cwd() / root]
+    if study.path is not None:
+        out += [parent / root for parent in list(Path(study.path).resolve().parents)[:3]]
+    return list(dict.fromkeys(out))
+
+
+def copy_dir(study: StudyResults, row: pd.Series | dict[str, Any]) -> Path | None:
+    """The trial's copy under the results folder (column `artifacts`, relative to it), if
+    it is there."""
+    if study.path is None:
+        return None
+    given = row.get("artifacts")
+    rel = given if isinstance(given, str) and given else f"{ARTIFACTS_DIR}/{row.get('trial_id')}"
+    copy = Path(study.path) / rel
+    return copy if copy.is_dir() else None
+
+
+def checkpoint_dir(study: StudyResults, row: pd.Series | dict[str, Any]) -> Path | None:
+    """The trial's last checkpoint on this machine (`checkpoint_path`: relative to the
+    storage path, or absolute in older tables), if it is reachable."""
+    ckpt = row.get("checkpoint_path")
+    if not isinstance(ckpt, str) or not ckpt or "://" in ckpt:
+        return None
+    path = Path(ckpt).expanduser()
+    candidates = [path] if path.is_absolute() else \
+        [r / path for r in storage_roots(study)] + [Path.cwd() / path]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def trial_dirs(study: StudyResults, row: pd.Series | dict[str, Any]) -> list[Path]:
+    """The folders that hold a trial's result.json, history.json and confusion.npz, in the
+    order to read them: its copy under the results folder, then its last checkpoint."""
+    return [d for d in (copy_dir(study, row), checkpoint_dir(study, row)) if d is not None]
+
+
+def trial_result(study: StudyResults, row: pd.Series | dict[str, Any]) -> dict[str, Any] | None:
+    """A trial's final result with per-class accuracy and class counts (load_checkpoint_result
+    of its copy, else of its checkpoint), or None."""
+    for folder in trial_dirs(study, row):
+        result = load_checkpoint_result(folder)
+        if result is not None:
+            return result
+    return None
+
+
+def trial_confusion(study: StudyResults, row: pd.Series | dict[str, Any]) -> Path | None:
+    """The trial's confusion.npz (the copy first), or None."""
+    for folder in trial_dirs(study, row):
+        if (folder / CONFUSION_FILE).is_file():
+            return folder / CONFUSION_FILE
+    return None
+
+
+def _history(folder: Path) -> list[dict[str, Any]]:
+    try:
+        history = json.loads((folder / HISTORY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return history if isinstance(history, list) else []
+
+
+def _epochs_for(study: StudyResults, experiments: list[str]) -> pd.DataFrame:
+    """Learning curves: each trial's copied history.json; for trials without a copy, Tune's
+    per-trial frames, else the history.json of their checkpoints."""
+    frames, missing = [], []
+    for _, row in study.trials.iterrows():
+        copy = copy_dir(study, row)
+        history = _history(copy) if copy is not None else []
+        if history:
+            frames.append(_history_frame(history, str(row["trial_id"])))
+        else:
+            missing.append(row)
+    if missing:
+        wanted = {str(r["trial_id"]) for r in missing}
+        readable = [e for e in experiments if "://" in e or is_tune_experiment(e)]
+        got = pd.DataFrame()
+        if readable and len(readable) == len(experiments):
+            try:
+                got = _tidy_epochs([tune_epochs(e, wanted) for e in readable])
+            except Exception as exc:  # noqa: BLE001 - curves are optional; say why they are absent
+                why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                study.notes.append(f"Tune experiment {shown_path(readable[0], study.path)} "
+                                   f"could not be read ({why}); learning curves come from "
+                                   "the checkpoints instead")
+        if not got.empty:
+            frames.append(got)
+            wanted -= set(got["trial_id"])
+        for row in missing:
+            if str(row["trial_id"]) not in wanted:
+                continue
+            for folder in trial_dirs(study, row):
+                history = _history(folder)
+                if history:
+                    frames.append(_history_frame(history, str(row["trial_id"])))
+                    break
+    epochs = _tidy_epochs(frames)
+    if epochs.empty and len(study.trials):
+        study.notes.append("no per-epoch results: the trials have no copies under "
+                           f"{ARTIFACTS_DIR}/ and their checkpoints and Tune experiment are "
+                           "not reachable from here")
     return epochs
+
+
+def _history_frame(history: list[dict[str, Any]], trial_id: str) -> pd.DataFrame:
+    df = pd.DataFrame(history)
+    keep = [c for c in EPOCH_COLUMNS if c in df.columns]
+    return df[keep].assign(trial_id=trial_id)
 
 
 def _analysis(path: str):
@@ -261,22 +410,15 @@ def tune_epochs(path: str, trial_ids: Iterable[str] | None = None, analysis=None
 
 def history_epochs(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per trial per epoch from history.json, which the trainer keeps beside every
-    checkpoint (its own file, every epoch's metrics so far)."""
+    checkpoint (its own file, every epoch's metrics so far); `checkpoint_path` as given."""
     frames = []
     if "checkpoint_path" not in trials.columns:
         return pd.DataFrame()
     for _, row in trials.iterrows():
         path = row["checkpoint_path"]
-        if not isinstance(path, str) or not (Path(path) / "history.json").is_file():
-            continue
-        try:
-            history = json.loads((Path(path) / "history.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+        history = _history(Path(path)) if isinstance(path, str) else []
         if history:
-            df = pd.DataFrame(history)
-            keep = [c for c in EPOCH_COLUMNS if c in df.columns]
-            frames.append(df[keep].assign(trial_id=str(row["trial_id"])))
+            frames.append(_history_frame(history, str(row["trial_id"])))
     return _tidy_epochs(frames)
 
 
@@ -477,3 +619,127 @@ def _dataset_class_info(checkpoint: Path) -> dict[str, Any] | None:
                 "class_names": list(ds.class_names)}
     except Exception:  # noqa: BLE001 - the figure is optional when the data set is absent
         return None
+
+
+# ---- is the best configuration better than the rest? ---------------------------------------
+@dataclass
+class Separation:
+    """Whether the best configuration (by mean) is better than every other at `confidence`.
+
+    `best` and `runner_up` are keys of the input; `diff` is best − runner-up (the mean
+    paired difference for a paired test, the difference of the means otherwise) and
+    [`low`, `high`] its interval for a paired test (NaN otherwise: an unpaired test compares
+    the two means' own intervals). `reason` says why no claim is made when `separated` is
+    False."""
+
+    best: Any
+    runner_up: Any
+    separated: bool
+    test: str              # "paired", "unpaired", or "" (no test possible)
+    diff: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+    n: int = 0             # seeds behind the runner-up comparison (shared ones when paired)
+    reason: str = ""
+    against: Any = None    # the configuration the best is not separated from, if any
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the two-sided Student-t interval of the mean; NaN bounds below two
+    values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    mean = float(v.mean()) if n else float("nan")
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half
+
+
+def better_than_rest(values_by_config: Mapping[Any, Sequence[float]],
+                     seeds: Mapping[Any, Sequence[Any]] | None = None, mode: str = "max",
+                     confidence: float = 0.95) -> Separation:
+    """Is the configuration with the best mean better than each other one at `confidence`?
+
+    Against each other configuration: over the seeds both ran (`seeds[c][i]` is the seed of
+    `values_by_config[c][i]`), the `confidence` t-interval of the mean paired difference must
+    exclude 0 on the best's side; with fewer than two shared seeds (or no `seeds`) the two
+    means' t-intervals must not overlap, which needs two or more seeds on each side. The
+    best is separated only when it is separated from every other configuration (the
+    runner-up's comparison is the one reported). NaN values are left out."""
+    sign = -1.0 if mode == "min" else 1.0
+    clean: dict[Any, dict[Any, float]] = {}
+    for key, values in values_by_config.items():
+        ids = list(seeds[key]) if seeds is not None else list(range(len(values)))
+        if len(ids) != len(values):
+            raise LfmError(f"configuration {key!r} has {len(values)} values but {len(ids)} seeds")
+        kept = {s: float(v) for s, v in zip(ids, values) if not _isnan(float(v))}
+        if kept:
+            clean[key] = kept
+    if not clean:
+        raise LfmError("better_than_rest needs at least one configuration with a value")
+    means = {k: float(np.mean(list(v.values()))) for k, v in clean.items()}
+    order = sorted(clean, key=lambda k: -sign * means[k])
+    best = order[0]
+    if len(order) == 1:
+        return Separation(best, None, False, "", reason="one configuration: nothing to compare")
+    paired = seeds is not None
+    results = [_compare(clean[best], clean[other], sign, paired, confidence)
+               for other in order[1:]]
+    first = results[0]
+    separated = all(r.separated for r in results)
+    failing = next((i for i, r in enumerate(results) if not r.separated), None)
+    return Separation(best, order[1], separated, first.test, first.diff, first.low,
+                      first.high, first.n,
+                      "" if failing is None else results[failing].reason,
+                      None if failing is None else order[1 + failing])
+
+
+def _compare(best: dict[Any, float], other: dict[Any, float], sign: float, paired: bool,
+             confidence: float) -> Separation:
+    shared = [s for s in best if s in other] if paired else []
+    if len(shared) >= 2:
+        diffs = [best[s] - other[s] for s in shared]
+        mean, low, high = t_interval(diffs, confidence)
+        ok = bool(low > 0) if sign > 0 else bool(high < 0)
+        return Separation(None, None, ok, "paired", mean, low, high, len(shared),
+                          "" if ok else "the interval of the paired difference includes 0")
+    a, b = list(best.values()), list(other.values())
+    diff = float(np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2:
+        return Separation(None, None, False, "", diff, n=min(len(a), len(b)),
+                          reason="fewer than two seeds: no interval")
+    _, a_low, a_high = t_interval(a, confidence)
+    _, b_low, b_high = t_interval(b, confidence)
+    ok = bool(a_low > b_high) if sign > 0 else bool(a_high < b_low)
+    return Separation(None, None, ok, "unpaired", diff, n=min(len(a), len(b)),
+                      reason="" if ok else "the intervals of the means overlap")
+
+
+def seed_values(trials: pd.DataFrame, by: Sequence[str], metric: str
+                ) -> tuple[dict[tuple, list[float]], dict[tuple, list[Any]]]:
+    """Per configuration of `by` (a tuple key, NaN as None), the finished trials' values of
+    `metric` and their seeds (the trial id where there is no seed column), for
+    better_than_rest."""
+    done = trials[trials["status"] == DONE] if "status" in trials.columns else trials
+    values: dict[tuple, list[float]] = {}
+    seeds: dict[tuple, list[Any]] = {}
+    for _, row in done.iterrows():
+        key = config_key(row, by)
+        v = pd.to_numeric(pd.Series([row.get(metric)]), errors="coerce").iloc[0]
+        values.setdefault(key, []).append(float(v))
+        seeds.setdefault(key, []).append(row[SEED] if SEED in row.index and not
+                                         _isnan(row[SEED]) else row["trial_id"])
+    return values, seeds
+
+
+def config_key(row: pd.Series | Mapping[str, Any], by: Sequence[str]) -> tuple:
+    """A configuration's values of `by` as a hashable key, a missing value (NaN) as None."""
+    out = []
+    for p in by:
+        v = row[p]
+        out.append(None if v is None or (isinstance(v, float) and math.isnan(v))
+                   else (v.item() if isinstance(v, np.generic) else v))
+    return tuple(out)

@@ -1,5 +1,6 @@
-"""Optuna's own views of a search: optimisation history, parameter importance (Optuna's
-default evaluator), parallel coordinates, and the Pareto front of a multi-objective search.
+"""Optuna's own views of a search: optimisation history, parameter importance (PED-ANOVA,
+with a caveat below IMPORTANCE_MIN_TRIALS complete trials), parallel coordinates, and the
+Pareto front of a multi-objective search; parameters named by their symbols.
 
 The Optuna study comes from its storage when the study recorded one (study.json
 "optuna_storage", e.g. sqlite:///results/optuna.db), else it is rebuilt from the trials
@@ -10,6 +11,7 @@ the values span more than 1.5 decades; anything else: categorical).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -18,9 +20,26 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from lfm_ray.analysis.figures import use_log_axis
+from lfm_ray.analysis.figures import param_label, use_log_axis
 from lfm_ray.analysis.load import DONE, FAILED, StudyResults
+
+# Below this many complete trials an importance ranking moves from one search to the next.
+IMPORTANCE_MIN_TRIALS = 50
+IMPORTANCE_EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator
 from lfm_ray.errors import LfmError
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    """No "A new study created in memory" line for the in-memory studies the views build."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def _plain(value: Any) -> Any:
@@ -96,7 +115,8 @@ def rebuild_optuna_study(study: StudyResults):
     if missing:
         raise LfmError(f"the trials table of {study.name!r} has no column {missing[0]!r} "
                        "to rebuild its Optuna study from")
-    ost = optuna.create_study(study_name=study.name, directions=directions)
+    with _quiet_optuna():
+        ost = optuna.create_study(study_name=study.name, directions=directions)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ost.set_metric_names(metrics)  # the axis titles of Optuna's plots
@@ -135,7 +155,12 @@ def optuna_study(study: StudyResults):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             return optuna.load_study(study_name=study.name, storage=storage)
         except Exception as exc:  # noqa: BLE001 - the table holds the same trials
-            study.notes.append(f"Optuna storage {storage} could not be read "
+            from lfm_ray.analysis.load import shown_path
+
+            shown = "sqlite:///" + shown_path(str(storage).removeprefix("sqlite:///"),
+                                              study.path) \
+                if str(storage).startswith("sqlite:///") else storage
+            study.notes.append(f"Optuna storage {shown} could not be read "
                                f"({str(exc).splitlines()[0] if str(exc) else exc!r}); "
                                "the Optuna views are rebuilt from the trials table")
     return rebuild_optuna_study(study)
@@ -143,47 +168,131 @@ def optuna_study(study: StudyResults):
 
 def optuna_figures(study: StudyResults) -> dict[str, go.Figure]:
     """history, parallel, importance (when Optuna can assess it) and, for several
-    objectives, pareto."""
+    objectives, pareto; accuracies in percent, parameters by their symbols. The parallel
+    coordinates show the parameters every trial drew; conditional ones are named in its
+    title instead of drawn at a "None" tick."""
     import optuna
     import optuna.visualization as vis
     from optuna.trial import TrialState
 
     study.require_finished()
-    ost = optuna_study(study)
+    metrics, directions = _directions(study)
+    stored = optuna_study(study)
+    names = list(stored.metric_names or metrics)
+    ost, shown = in_percent(stored, names)
     complete = ost.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise LfmError(f"the Optuna study of {study.name!r} has no complete trial")
-    metrics, directions = _directions(study)
     multi = len(ost.directions) > 1
-    names = list(ost.metric_names or metrics)
+    common = [p for p in dict.fromkeys(p for t in complete for p in t.params)
+              if all(p in t.params for t in complete)]
+    conditional = [p for p in dict.fromkeys(p for t in complete for p in t.params)
+                   if p not in common]
     figs: dict[str, go.Figure] = {}
+    first = (lambda t: t.values[0]) if multi else None  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if multi:
-            figs["pareto"] = vis.plot_pareto_front(ost, target_names=names)
-            first = lambda t: t.values[0]  # noqa: E731
-            figs["history"] = vis.plot_optimization_history(ost, target=first,
-                                                            target_name=names[0])
-            figs["parallel"] = vis.plot_parallel_coordinate(ost, target=first,
-                                                            target_name=names[0])
-        else:
-            figs["history"] = vis.plot_optimization_history(ost, target_name=names[0])
-            figs["parallel"] = vis.plot_parallel_coordinate(ost, target_name=names[0])
-        importance = _importance_figure(ost, names, study)
+            figs["pareto"] = vis.plot_pareto_front(ost, target_names=shown)
+        figs["history"] = vis.plot_optimization_history(ost, target=first,
+                                                        target_name=shown[0])
+        figs["parallel"] = vis.plot_parallel_coordinate(ost, params=common, target=first,
+                                                        target_name=shown[0])
+        importance = _importance_figure(ost, shown, study)
         if importance is not None:
             figs["importance"] = importance
     for key, fig in figs.items():
         title = fig.layout.title.text or key
         fig.update_layout(title=f"{study.name}: {title}", template="plotly_white")
+        _relabel(fig, study)
+    if "importance" in figs and len(complete) < IMPORTANCE_MIN_TRIALS:
+        figs["importance"].update_layout(
+            title=f"{figs['importance'].layout.title.text}<br><sup>{IMPORTANCE_EVALUATOR} "
+                  f"over {len(complete)} trials: below about {IMPORTANCE_MIN_TRIALS}, a hint, "
+                  "not a finding</sup>", margin={"t": 90})
+    if conditional:
+        labels = ", ".join(param_label(p.removeprefix("params/")) for p in conditional)
+        figs["parallel"].update_layout(
+            title=f"{figs['parallel'].layout.title.text}<br><sup>not drawn: {labels} "
+                  "(conditional: only some trials draw them)</sup>", margin={"t": 90})
     return figs
 
 
+def in_percent(ost, names: list[str]):
+    """(an Optuna study whose accuracy objectives are in percent, the objectives' names
+    with their unit): a copy of `ost` for the figures; the stored study is left alone."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from lfm_ray.analysis.load import METRICS, VAL_METRICS
+
+    scale = [100.0 if n in (*METRICS, *VAL_METRICS) else 1.0 for n in names]
+    shown = [f"{n} (%)" if k == 100.0 else n for n, k in zip(names, scale)]
+    with _quiet_optuna():
+        copy = optuna.create_study(study_name=ost.study_name, directions=ost.directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        copy.set_metric_names(shown)
+    trials = []
+    for t in ost.get_trials(deepcopy=False):
+        if t.state not in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
+            continue  # still running: no value yet
+        values = [v * k for v, k in zip(t.values, scale)] \
+            if t.state == TrialState.COMPLETE and t.values is not None else None
+        trials.append(optuna.trial.create_trial(
+            state=t.state, params=t.params, distributions=t.distributions, values=values,
+            user_attrs=t.user_attrs))
+    copy.add_trials(trials)
+    return copy, shown
+
+
+def _relabel(fig: go.Figure, study: StudyResults) -> None:
+    """Parameters by their symbols ("τ (stage 1)") on the axes, dimensions and bars of
+    Optuna's figures, whose own labels are the dotted names (or "params/<name>")."""
+    names = {}
+    for p in study.params:
+        names[p] = names[f"params/{p}"] = param_label(p)
+    for trace in fig.data:
+        if trace.type == "parcoords":
+            trace.dimensions = [{**d.to_plotly_json(), "label": names.get(d.label, d.label)}
+                                for d in trace.dimensions]
+        elif trace.type == "bar" and trace.orientation == "h" and trace.y is not None:
+            trace.y = [names.get(str(y), y) for y in trace.y]
+    layout = fig.layout
+    for axis in [a for a in dir(layout) if a.startswith(("xaxis", "yaxis"))]:
+        obj = getattr(layout, axis, None)
+        if obj is None:
+            continue
+        if obj.title is not None and obj.title.text in names:
+            obj.title.text = names[obj.title.text]
+        if obj.ticktext is not None:  # parallel coordinates: one tick per dimension
+            obj.ticktext = [names.get(str(t), t) for t in obj.ticktext]
+    for note in layout.annotations or ():
+        if note.text in names:
+            note.text = names[note.text]
+
+
+def importance_caveat(study: StudyResults) -> str:
+    """What the importance figure rests on, and a caveat below IMPORTANCE_MIN_TRIALS."""
+    n = int((study.trials["status"] == DONE).sum())
+    text = (f"Parameter importance by Optuna's {IMPORTANCE_EVALUATOR} evaluator from {n} "
+            "complete trial(s): the share of the objective's variation each parameter "
+            "explains among these trials.")
+    if n < IMPORTANCE_MIN_TRIALS:
+        text += (f" Caveat: fewer than about {IMPORTANCE_MIN_TRIALS} trials stand behind it, "
+                 "so the ranking can change with more trials or another sampler seed; read "
+                 "it as a hint, not a finding.")
+    return text
+
+
 def _importance_figure(ost, names: list[str], study: StudyResults) -> go.Figure | None:
-    """Optuna's default importance evaluator, per objective. The evaluator ranks
-    parameters by how they reach *low* target values when given a target, so maximised
-    objectives are handed to it negated."""
+    """Importance by PED-ANOVA (Optuna's default evaluator, named so a later default does
+    not change what the caveat says), per objective. The evaluator ranks parameters by how
+    they reach *low* target values when given a target, so maximised objectives are handed
+    to it negated."""
     import optuna
     import optuna.visualization as vis
+    from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.study import StudyDirection
 
     try:
@@ -191,14 +300,16 @@ def _importance_figure(ost, names: list[str], study: StudyResults) -> go.Figure 
             with warnings.catch_warnings():
                 # Few trials per regime is the normal state of a small search.
                 warnings.simplefilter("ignore", UserWarning)
-                return vis.plot_param_importances(ost, target_name=names[0])
+                return vis.plot_param_importances(
+                    ost, evaluator=PedAnovaImportanceEvaluator(), target_name=names[0])
         fig = None
         for i, (name, direction) in enumerate(zip(names, ost.directions)):
             sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 part = vis.plot_param_importances(
-                    ost, target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name)
+                    ost, evaluator=PedAnovaImportanceEvaluator(),
+                    target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name)
             if fig is None:
                 fig = part
             else:

@@ -4,8 +4,11 @@
     lfm-ray report --tsne CHECKPOINT [CHECKPOINT ...] --classes 0,3,9 [--out tsne.html]
 
 STUDY is a results directory (results/<name>/ with study.json and trials.csv), a Tune
-experiment directory, or a trials CSV. The report embeds plotly.js (it opens with no
-network) and a PNG of each headline figure is written beside it. For --tsne, a CHECKPOINT is
+experiment directory, or a trials CSV. Each trial's per-class accuracy, learning curve and
+confusion matrix are read from the copies under results/<name>/trials/ (so a moved or
+downloaded results folder renders fully), else from its checkpoint. The report embeds
+plotly.js (it opens with no network) and a PNG of each headline figure is written beside it
+(kaleido with a Chrome or Chromium; without one, a one-line warning and the HTML alone). For --tsne, a CHECKPOINT is
 a trainer checkpoint directory (holding state.pt); the word zero-shot stands for the first
 checkpoint's model before training (paper Fig. 3: zero-shot vs CE vs CE + LFM).
 """
@@ -30,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="draw the ablation curve of this swept parameter (repeatable); "
                         "default: every swept number of a grid study")
     p.add_argument("--band", choices=("auto", "ci", "std"), default="auto",
-                   help="ablation band over seeds: 95%% t-interval of the mean (ci), ± std, "
-                        "or auto: ci with 3 or more seeds, else std")
+                   help="ablation error bars over seeds: 95%% t-interval of the mean (ci), "
+                        "± std, or auto: ci with 3 or more seeds, else std (none with one)")
     p.add_argument("--no-png", action="store_true", help="skip the PNG files")
     p.add_argument("--tsne", nargs="+", metavar="CHECKPOINT",
                    help="t-SNE of the image features of these checkpoint directories")

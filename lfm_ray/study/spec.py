@@ -251,6 +251,9 @@ def validate(study: Study) -> None:
         raise LfmError("seeds is empty; give at least one seed")
     if len(set(study.seeds)) != len(study.seeds):
         raise LfmError(f"seeds {study.seeds} repeat a seed; give each seed once")
+    if study.search == "optuna" and len(study.seeds) > 1:
+        raise LfmError(f"an Optuna search trains each configuration it samples once, with one "
+                       f"seed (also its sampler's); got seeds {study.seeds}: give one seed")
     fields = set(known_fields())
     if study.search == "grid":
         if not study.grid:

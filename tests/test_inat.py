@@ -187,3 +187,17 @@ def test_inat_trains_with_the_taxonomy_similarity_and_selects_on_the_hold_out(in
     m = result.metrics
     assert m["epoch"] == 2 and m["selection_split"] == "val"
     assert math.isfinite(m["val_acc_all"]) and math.isfinite(m["acc_all"])
+
+
+def test_a_study_records_the_hold_out_it_selects_on(inat, tmp_path):
+    from lfm_ray.config import RunConfig
+    from lfm_ray.data.inat import holdout_images
+    from lfm_ray.study import Study
+    from lfm_ray.study.record import study_meta
+
+    base = RunConfig().override({"data.name": "inat2018", "data.root": str(inat),
+                                 "data.seed": 3})
+    meta = study_meta(Study(name="s", base=base, grid={"mix.tau": [0.05]}), ["s"])
+    held = meta["selection_holdouts"]["inat2018"]
+    assert held["seed"] == 3 and held["image_ids"] == holdout_images(inat, 3)
+    assert held["image_ids"] and "at least 5" in held["rule"]

@@ -199,6 +199,7 @@ def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
         "base_config": study.base.to_dict(),
         "layers": study.layers.to_dict() if study.layers is not None else None,
         "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,
+        "selection_holdouts": selection_holdouts(study),
         "trackers": study.trackers, "share_stage1": study.share_stage1,
         "protocol": study.protocol, "resolved": _resolved(study),
         "machine": machine(), "versions": versions(),
@@ -222,6 +223,23 @@ def _resolved(study: Study) -> dict[str, Any]:
             if choices != base and entry not in points:
                 points.append(entry)
     return {"base": bases, "points": points}
+
+
+def selection_holdouts(study: Study) -> dict[str, Any]:
+    """Per data set whose selection split is carved from its training images (iNaturalist
+    2018: no labelled test split, so val2018 is reported and a train2018 hold-out selects):
+    the rule and the images held out, so selection provably never saw the reported split."""
+    out: dict[str, Any] = {}
+    for name, cfg in study.base_configs().items():
+        if cfg.data.name != "inat2018":
+            continue
+        from lfm_ray.data.inat import HOLDOUT_MIN_COUNT, holdout_images
+
+        out[name] = {"rule": f"one train2018 image of each class with at least "
+                             f"{HOLDOUT_MIN_COUNT}, drawn with data.seed",
+                     "seed": cfg.data.seed,
+                     "image_ids": [int(i) for i in holdout_images(cfg.data.root, cfg.data.seed)]}
+    return out
 
 
 def _selection_note(study: Study) -> str:

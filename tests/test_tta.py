@@ -228,8 +228,8 @@ def test_the_report_shows_the_class_metrics_and_parameter_counts(tmp_path):
     table = table[:table.index("</table>")]
     cells = re.findall(r"<td>([^<]*)</td>", table)
     # method, macro-F1 (%, mean of seeds 0 and 1), harmonic mean, worst, the two counts
-    assert cells == ["full", "51", "30", "0", "117760", "4096",
-                     "LoRA", "61", "30", "10", "1024", "4096"]
+    assert cells == ["full", "51.00", "30.00", "0.00", "117760", "4096",
+                     "LoRA", "61.00", "30.00", "10.00", "1024", "4096"]
 
 
 def test_a_partial_cache_has_its_own_key_and_a_full_one_keeps_its_old_key():

@@ -537,10 +537,13 @@ def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's state, read weights-only (lfm_ray.safe_load: no code runs from it)."""
+    from lfm_ray.safe_load import load_state_file
+
     path = Path(checkpoint_dir) / STATE_FILE
     if not path.is_file():
         raise LfmError(f"checkpoint {str(checkpoint_dir)!r} has no {STATE_FILE}")
-    return torch.load(path, map_location=device, weights_only=False)
+    return load_state_file(path, map_location=device)
 
 
 def _start_state(config: dict[str, Any], cfg: RunConfig,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lfm_ray.errors import LfmError
+from lfm_ray.safe_load import load_state_file
 
 # Exact t-SNE is faster than Barnes-Hut for the few hundred points of a figure (3-D
 # Barnes-Hut is slow); above this many points Barnes-Hut's n log n wins.
@@ -61,7 +62,7 @@ ZERO_SHOT = "zero-shot"  # in a list of checkpoints: the pretrained model, W_I =
 def load_checkpoint_state(checkpoint: str | os.PathLike) -> dict:
     """state.pt of a trainer checkpoint, checked for what the features need."""
     path = _checkpoint_dir(checkpoint)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state_file(path / "state.pt")
     missing = [k for k in ("visual", "proj", "config") if k not in state]
     if missing:
         raise LfmError(f"{str(path / 'state.pt')!r} lacks {', '.join(missing)}; expected a "

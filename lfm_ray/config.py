@@ -443,6 +443,12 @@ def preset_values(name: str, study: str | None = None) -> dict[str, Any]:
 
 
 # ---- one configuration path for every entry point --------------------------------------------
+# What `lfm-ray train` records in a run's config.json beside the sections (the data set's
+# fingerprint, the run's extensions): a record, not settings, so a config.json given back as
+# --config FILE skips them.
+RECORD_KEYS = ("data_fingerprint", "extensions")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The dotted values a JSON or YAML file sets ({"stage1": {"lr": 1e-6}} or
     {"stage1.lr": 1e-6}), each checked against its field. Every value the file names is kept,
@@ -467,6 +473,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise LfmError(f"config file {str(path)!r} must hold a mapping of sections")
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in RECORD_KEYS:
+            continue
         if "." in str(key):
             values[str(key)] = value
         elif key in SECTIONS and isinstance(value, dict):

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -77,6 +78,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             ray.init(address=address, log_to_driver=log_to_driver)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+            # The instance is this process's: if it is killed, its watchdog ends the instance.
+            from lfm_ray.watchdog import guard_local_instance
+
+            node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle
+            if node is not None:
+                guard_local_instance(node.get_session_dir_path())
     except ConnectionError as exc:
         raise LfmError(f"no Ray cluster answers at address {address!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - Ray raises assorted types for a bad address
@@ -150,12 +157,19 @@ def check_inputs(cfg: RunConfig) -> None:
     from lfm_ray.data import build_dataset, options_for
     from lfm_ray.model import check_weights
 
+    from lfm_ray.data.cache import check_cache_dir
+    from lfm_ray.train import resolve_selection_split
+
     cfg.validate()
     check_names(cfg)
+    check_trains_something(cfg)
     check_weights(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir)
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
-    build_dataset(cfg.data.name, cfg.data.root, **options)
+    ds = build_dataset(cfg.data.name, cfg.data.root, **options)
+    resolve_selection_split(cfg.data.selection_split, ds.val_images is not None, cfg.data.name)
+    check_batch_size(cfg, len(ds.train_labels))
+    check_cache_dir(cfg.data.cache_dir)
 
 
 def check_local_resources(cfg: RunConfig) -> None:
@@ -308,24 +322,46 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def check_trains_something(cfg: RunConfig) -> None:
+    """A run with no epoch in either stage (and not zero-shot) would train nothing."""
+    if not cfg.runtime.zero_shot and cfg.stage1.epochs == 0 and cfg.stage2.epochs == 0:
+        raise LfmError("stage1.epochs=0 and stage2.epochs=0: the run would train nothing; "
+                       "give one stage epochs, or --zero-shot to evaluate without training")
+
+
+def check_batch_size(cfg: RunConfig, num_train: int) -> None:
+    """A global batch larger than the training split would repeat images within a step."""
+    if cfg.runtime.batch_size > num_train:
+        raise LfmError(f"runtime.batch_size={cfg.runtime.batch_size} is larger than the "
+                       f"{num_train} training images of {cfg.data.name}; give at most "
+                       f"{num_train}")
+
+
 def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None,
             verbose: bool = False, announce: Callable[[], None] | None = None,
             progress: bool = True, stage1_from: str | os.PathLike | None = None,
-            stop_after_stage1: bool = False) -> dict[str, Any]:
+            stop_after_stage1: bool = False, extend: bool = False,
+            restart: bool = False) -> dict[str, Any]:
     """Run one training on Ray and write config.json, history.csv, metrics.json and (where
     the run keeps one) confusion.npz to `output`.
 
+    An output folder holds one configuration and one data set (lfm_ray.rerun): the same
+    again resumes from its last checkpoint; another is refused before anything is written,
+    unless `extend` (more epochs of the last stage) or `restart` (discard and train afresh).
     `announce` is called once the inputs are checked, before training; `progress` draws a
     bar per stage from the run's reports; `verbose` keeps Ray's own log lines.
     `stage1_from`: the checkpoint directory of a completed stage 1 whose config has this
     run's stage1_key; only stage 2 trains, from it (checked here before Ray starts).
     `stop_after_stage1`: train stage 1 only; its final checkpoint is what branches start from.
     """
+    from lfm_ray.data import run_data_fingerprint
     from lfm_ray.progress import ProgressFeed
+    from lfm_ray.rerun import discard, plan_train_rerun, record
     from lfm_ray.stage1 import load_stage1
 
     cfg.validate()
     check_names(cfg)
+    check_trains_something(cfg)
     if stage1_from is not None and stop_after_stage1:
         raise LfmError("stage1_from and stop_after_stage1 together would train nothing; "
                        "give one of them")
@@ -341,19 +377,30 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
                            "not zero-shot)")
         extra["stop_after_stage1"] = True
     out = Path(output).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
+    check_output_parent(out)
+    fingerprint = run_data_fingerprint(cfg)
+    plan = plan_train_rerun(out, cfg, fingerprint, extend=extend, restart=restart)
     if is_local(address):
-        check_selection_split(cfg, prepare_node(cfg))
+        arrays = prepare_node(cfg)
+        check_selection_split(cfg, arrays)
+        check_batch_size(cfg, len(arrays.train_labels))
     if not verbose:
         quiet_ray_logs()
     init_ray(address, log_to_driver=verbose)
     check_resources(cfg)
+    # Every input is checked: from here on the output folder is written.
+    if plan.action == "restart":
+        discard(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
     if announce is not None:
         announce()
-    (out / "config.json").write_text(cfg.to_json())
+    if plan.action in ("resume", "extend"):
+        print(f"{'extending' if plan.action == 'extend' else 'resuming'} the run in {out} "
+              "from its last checkpoint", file=sys.stderr, flush=True)
+    write_json_atomic(out / "config.json", record(cfg, fingerprint, plan.extensions))
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
     if cfg.runtime.num_workers == 0:
@@ -376,13 +423,38 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         if isinstance(inner, LfmError):
             raise inner from None
         raise
-    final, rows = final_result(result.checkpoint, copy_to=out)
+    checkpoint = result.checkpoint
+    if checkpoint is None and extra.get("resume_from"):
+        # A finished run resumed in local mode trains and reports nothing: its last kept
+        # checkpoint is the result.
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(extra["resume_from"])
+    final, rows = final_result(checkpoint, copy_to=out)
     # Where the final checkpoint is: what a branch's stage1_from names after a
     # stop_after_stage1 run, and what `lfm-ray report --tsne` reads.
-    final["checkpoint_path"] = result.checkpoint.path
+    final["checkpoint_path"] = checkpoint.path
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
+
+
+def check_output_parent(out: Path) -> None:
+    """--output is a folder or can become one: refused now, before Ray starts."""
+    if out.exists():
+        if not out.is_dir():
+            raise LfmError(f"--output {str(out)!r} is a file, not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise LfmError(f"--output {str(out)!r} is not writable")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LfmError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LfmError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is not "
+                       "writable")
 
 
 def final_result(checkpoint, copy_to: Path | None = None

@@ -546,6 +546,21 @@ def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[
     return load_state_file(path, map_location=device)
 
 
+def replan_schedule(sched, total_steps: int) -> None:
+    """A stage extended since its checkpoint (`lfm-ray train --extend`): the cosine runs
+    over the stage's new length from the step the checkpoint reached (closed form, so the
+    scheduler's recursive update continues on the new curve)."""
+    if sched.T_max == total_steps:
+        return
+    sched.T_max = total_steps
+    t = sched.last_epoch
+    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / total_steps)) / 2
+           for base in sched.base_lrs]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
 def _start_state(config: dict[str, Any], cfg: RunConfig,
                  device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
     """(state to start from, the stage-1 checkpoint a branch starts from): the checkpoint
@@ -619,6 +634,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     to_tune = bool(config.get("report_to_tune"))
     info = worker_info(cfg, in_tune_trial=to_tune)
     run = Run(cfg, info)
+    from lfm_ray.launch import check_batch_size
+
+    check_batch_size(cfg, len(run.train_images))  # where the driver did not (a cluster)
     if cfg.runtime.zero_shot:
         selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
         metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,
@@ -657,6 +675,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            replan_schedule(sched, max(1, stage.epochs * steps))
         for epoch in range(max(done + 1, stage.first_epoch), last + 1):
             start = time.perf_counter()
             loss = train_epoch(run, stage, epoch, mixer, loss_fn, opt, sched, trainable,

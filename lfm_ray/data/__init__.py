@@ -15,6 +15,7 @@ from lfm_ray.data.cache import ArraySet, load_arrays
 from lfm_ray.data.cifar import build_cifar_lt
 from lfm_ray.data.counts import long_tail_counts, shot_groups
 from lfm_ray.data.digits import build_digits_lt
+from lfm_ray.data.fingerprint import data_fingerprint, run_data_fingerprint
 from lfm_ray.data.folder import build_folder
 from lfm_ray.data.split_files import build_split_set
 from lfm_ray.errors import LfmError, unknown_name
@@ -78,6 +79,7 @@ def options_for(name: str, **candidates: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "load_arrays",
-    "long_tail_counts", "options_for", "resolve_options", "shot_groups",
+    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "data_fingerprint",
+    "load_arrays", "long_tail_counts", "options_for", "resolve_options", "run_data_fingerprint",
+    "shot_groups",
 ]

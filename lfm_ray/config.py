@@ -290,6 +290,10 @@ class RunConfig:
         _check(rt.num_workers >= 0, "runtime.num_workers", rt.num_workers, "an integer >= 0")
         _check(rt.gpus_per_worker >= 0, "runtime.gpus_per_worker", rt.gpus_per_worker, "a number >= 0")
         _check(rt.cpus_per_worker > 0, "runtime.cpus_per_worker", rt.cpus_per_worker, "a number > 0")
+        _check(rt.seed >= 0, "runtime.seed", rt.seed, "an integer >= 0")
+        if rt.threads is not None:
+            _check(rt.threads >= 1, "runtime.threads", rt.threads,
+                   "an integer >= 1, or null for cpus_per_worker")
         if rt.num_workers > 1 and 0 < rt.gpus_per_worker < 1:
             raise LfmError(
                 f"runtime.gpus_per_worker={rt.gpus_per_worker} with num_workers={rt.num_workers}: "
@@ -304,6 +308,7 @@ class RunConfig:
         if rt.max_steps_per_epoch is not None:
             _check(rt.max_steps_per_epoch >= 1, "runtime.max_steps_per_epoch",
                    rt.max_steps_per_epoch, "an integer >= 1 or null")
+        _check(self.data.seed >= 0, "data.seed", self.data.seed, "an integer >= 0")
         if self.data.imbalance_factor is not None:
             _check(self.data.imbalance_factor >= 1, "data.imbalance_factor",
                    self.data.imbalance_factor, "a number >= 1")

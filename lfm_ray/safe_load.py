@@ -23,8 +23,7 @@ from lfm_ray.errors import LfmError
 def _refused_name(message: str) -> str | None:
     """What the weights-only unpickler refused ('posix.system'), from its message."""
     m = re.search(r"unsupported GLOBAL (\S+)", message, re.IGNORECASE) \
-        or re.search(r"Unsupported global: GLOBAL (\S+)", message) \
-        or re.search(r"(Unsupported operand \d+)", message)
+        or re.search(r"Unsupported global: GLOBAL (\S+)", message)
     return m.group(1).rstrip(".,") if m else None
 
 

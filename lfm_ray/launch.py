@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -63,6 +65,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     explicit = address or os.environ.get("RAY_ADDRESS")
     if explicit and explicit != "auto" and not explicit.startswith("ray://"):
         _check_reachable(explicit)
+        if not ray.is_initialized():
+            _check_token(explicit)
     if ray.is_initialized():
         return
     apply_fast_start_env()
@@ -106,6 +110,58 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
         raise LfmError(f"no Ray cluster answers at address {address!r} "
                        f"({exc.strerror or exc}); start one with `ray start --head` or "
                        "leave --address out for a local instance") from None
+
+
+TOKEN_HELP = ("pass the cluster's token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> "
+              "(or RAY_AUTH_TOKEN_PATH=<file holding it>, or put it in ~/.ray/auth_token); "
+              "`ray get-auth-token` on the head node prints it")
+
+
+def _token_given() -> bool:
+    """Whether this process would send a token: token mode on and a token to send."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return False
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or bool(path and os.path.isfile(path)) \
+        or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
+
+
+@contextlib.contextmanager
+def _stderr_to_file():
+    """File descriptor 2 into a temporary file for the duration (Ray's C++ client logs each
+    refused attempt there); yields the file, read it after."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _check_token(address: str) -> None:
+    """A cluster with token authentication refuses a client without its token: say so in
+    one line, naming the token and how to give it, instead of Ray's minute of retries that
+    ends in "Failed to connect"."""
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # Ray's internals moved: ray.init reports what it finds
+        return
+    try:
+        with _stderr_to_file():
+            GcsClient(address=address)
+    except AuthenticationError:
+        what = "a wrong token" if _token_given() else "no token"
+        raise LfmError(f"the Ray cluster at {address} uses token authentication and refused "
+                       f"this client, which sent {what}; {TOKEN_HELP}") from None
+    except Exception:  # noqa: BLE001 - anything else: ray.init reports it as it finds it
+        return
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -254,26 +310,47 @@ def _lean_trainer_class():
     """
     from ray.train.torch import TorchTrainer
 
-    try:  # Ray's private modules: where they moved or changed, the stock trainer runs
+    dropped: tuple[type, ...] = ()
+    try:  # Ray's private modules: where they moved or changed, the stock callbacks run
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import (
             PlacementGroupCleanerCallback,
         )
-    except ImportError:
-        return TorchTrainer
-    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
-        return TorchTrainer
 
-    dropped: tuple[type, ...] = (DatasetsCallback,)
-    if os.environ.get(LOCAL_FLAG) == "1":
-        dropped += (PlacementGroupCleanerCallback,)
+        dropped = (DatasetsCallback,)
+        if os.environ.get(LOCAL_FLAG) == "1":
+            dropped += (PlacementGroupCleanerCallback,)
+    except ImportError:
+        pass
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [cb for cb in super()._create_default_callbacks()
-                    if not isinstance(cb, dropped)]
+            callbacks = super()._create_default_callbacks()
+            return [cb for cb in callbacks if not isinstance(cb, dropped)]
+
+        def _register_sigint_handler(self, controller):
+            # Ray's own handler exits with status 1 and no word; ours stops the run and
+            # lets the command say how to resume (Ray calls this in the main thread only).
+            signal.signal(signal.SIGINT, _interrupt_handler(controller))
 
     return LeanTorchTrainer
+
+
+def _interrupt_handler(controller):
+    """Ctrl-C during `trainer.fit()`: ask the Train controller to abort (its workers stop;
+    the checkpoints already reported stay), then raise KeyboardInterrupt in the driver. A
+    second Ctrl-C interrupts at once."""
+    def on_sigint(signum, frame):
+        import ray
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            ray.get(controller.abort.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - the controller may be gone already
+            pass
+        raise KeyboardInterrupt
+
+    return on_sigint
 
 
 def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
@@ -408,10 +485,13 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         # the run's, and a rerun resumes from the last one there.
         keep = out / "checkpoints"
         extra["checkpoint_dir"] = str(keep)
-        done = sorted(keep.glob("epoch_*")) if keep.is_dir() else []
+        done = [d for d in sorted(keep.glob("epoch_*")) if complete_checkpoint(d)] \
+            if keep.is_dir() else []
         if done:
             extra["resume_from"] = str(done[-1])
     feed = ProgressFeed(cfg) if progress else contextlib.nullcontext()
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         with feed:
             if progress:
@@ -423,6 +503,9 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         if isinstance(inner, LfmError):
             raise inner from None
         raise
+    finally:
+        if main_thread:  # the trainer's Ctrl-C handler ends with its run
+            signal.signal(signal.SIGINT, sigint)
     checkpoint = result.checkpoint
     if checkpoint is None and extra.get("resume_from"):
         # A finished run resumed in local mode trains and reports nothing: its last kept
@@ -437,6 +520,19 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
+
+
+def complete_checkpoint(folder: Path) -> bool:
+    """Whether a kept checkpoint was written to its end: the trainer writes state.pt, then
+    result.json, then history.json, so a readable history.json means the rest is whole (a
+    process killed while writing leaves a folder without it, which a resume passes over)."""
+    from lfm_ray.train import HISTORY_FILE, RESULT_FILE, STATE_FILE
+
+    try:
+        json.loads((folder / HISTORY_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / STATE_FILE).is_file() and (folder / RESULT_FILE).is_file()
 
 
 def check_output_parent(out: Path) -> None:

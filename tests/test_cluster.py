@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,12 +90,16 @@ class Cluster:
         ports = free_ports(16)
         self.port, self.dashboard_port = ports[0], ports[1]
         self.address = f"{LOOPBACK}:{self.port}"
-        self.temp_dir = tmp / "ray-tmp"
+        # Short: Ray's socket paths below it must fit in 107 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="lfm-", dir="/tmp"))
         # Token authentication on; the loopback address kept (see tests/ray_loopback.py).
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(ROOT),
                     "PYTHONUNBUFFERED": "1"}
         self.env.pop("RAY_ADDRESS", None)
+        # This interpreter's environment first on PATH (as when it is activated), so a job's
+        # `python` is the one that has lfm-ray's dependencies.
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         head = [RAY, "start", "--head", "--block", "--node-ip-address", LOOPBACK,
                 "--port", str(self.port), "--num-cpus", "1", "--disable-usage-stats",
                 "--temp-dir", str(self.temp_dir),
@@ -168,6 +174,7 @@ class Cluster:
         for proc in (getattr(self, "worker", None), getattr(self, "head", None)):
             if proc is not None:
                 proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def client(self, args: list[str], *, token: str | None = "cluster", cwd: Path,
                timeout: int = 600) -> subprocess.CompletedProcess:

@@ -306,22 +306,25 @@ def _lean_trainer_class():
     PlacementGroupCleaner that frees the run's placement group if the controller dies. Each
     is a Python process (1.5-2 CPU-seconds to start), and the cleaner's launch blocks the
     controller for about 2 s. On a local instance the placement groups end with the
-    instance, so the cleaner goes too; on a cluster it stays.
+    instance, so the cleaner goes too; on a cluster it stays. Ctrl-C during fit() stops the
+    run and raises KeyboardInterrupt, so `lfm-ray train` says how to resume (Ray's own
+    handler exits with status 1 and no word).
     """
     from ray.train.torch import TorchTrainer
 
-    dropped: tuple[type, ...] = ()
-    try:  # Ray's private modules: where they moved or changed, the stock callbacks run
+    try:  # Ray's private modules: where they moved or changed, the stock trainer runs
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import (
             PlacementGroupCleanerCallback,
         )
-
-        dropped = (DatasetsCallback,)
-        if os.environ.get(LOCAL_FLAG) == "1":
-            dropped += (PlacementGroupCleanerCallback,)
     except ImportError:
-        pass
+        return TorchTrainer
+    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
+        return TorchTrainer
+
+    dropped: tuple[type, ...] = (DatasetsCallback,)
+    if os.environ.get(LOCAL_FLAG) == "1":
+        dropped += (PlacementGroupCleanerCallback,)
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):

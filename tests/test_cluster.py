@@ -90,8 +90,10 @@ class Cluster:
         ports = free_ports(16)
         self.port, self.dashboard_port = ports[0], ports[1]
         self.address = f"{LOOPBACK}:{self.port}"
-        # Short: Ray's socket paths below it must fit in 107 bytes.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="lfm-", dir="/tmp"))
+        # One per node, as on separate machines (a shared one would let one node's clean-up
+        # delete the other's files: a job's working directory among them); short, as Ray's
+        # socket paths below them must fit in 107 bytes.
+        self.temp_dirs = [Path(tempfile.mkdtemp(prefix="lfm-", dir="/tmp")) for _ in range(2)]
         # Token authentication on; the loopback address kept (see tests/ray_loopback.py).
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(ROOT),
@@ -102,7 +104,7 @@ class Cluster:
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         head = [RAY, "start", "--head", "--block", "--node-ip-address", LOOPBACK,
                 "--port", str(self.port), "--num-cpus", "1", "--disable-usage-stats",
-                "--temp-dir", str(self.temp_dir),
+                "--temp-dir", str(self.temp_dirs[0]),
                 "--node-manager-port", str(ports[2]), "--object-manager-port", str(ports[3]),
                 "--ray-client-server-port", str(ports[4]),
                 "--dashboard-agent-listen-port", str(ports[5]),
@@ -116,7 +118,8 @@ class Cluster:
             head += ["--include-dashboard", "false"]
         worker = [sys.executable, str(ROOT / "tests" / "ray_loopback.py"), "start", "--block",
                   "--address", self.address, "--node-ip-address", LOOPBACK, "--num-cpus", "1",
-                  "--disable-usage-stats", "--node-manager-port", str(ports[9]),
+                  "--disable-usage-stats", "--temp-dir", str(self.temp_dirs[1]),
+                  "--node-manager-port", str(ports[9]),
                   "--object-manager-port", str(ports[10]),
                   "--dashboard-agent-listen-port", str(ports[11]),
                   "--dashboard-agent-grpc-port", str(ports[12]),
@@ -149,7 +152,7 @@ class Cluster:
         self.worker.wait(timeout=30)
 
     def sessions(self) -> list[Path]:
-        return sorted(self.temp_dir.glob("session_2*"))
+        return sorted(p for d in self.temp_dirs for p in d.glob("session_2*"))
 
     def shutdown(self) -> None:
         """End every process this cluster started, by pid: the `ray start` processes (they
@@ -174,7 +177,8 @@ class Cluster:
         for proc in (getattr(self, "worker", None), getattr(self, "head", None)):
             if proc is not None:
                 proc.wait(timeout=30)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def client(self, args: list[str], *, token: str | None = "cluster", cwd: Path,
                timeout: int = 600) -> subprocess.CompletedProcess:

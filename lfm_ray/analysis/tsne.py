@@ -113,8 +113,14 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     model = LFMClassifier(clip.visual, feats_t, cfg.logit_scale).to(dev)
     del clip
     if state is not None:
-        model.visual.load_state_dict(state["visual"])
-        model.proj.load_state_dict(state["proj"])
+        try:
+            model.visual.load_state_dict(state["visual"])
+            model.proj.load_state_dict(state["proj"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            from lfm_ray.model import _reason
+
+            raise LfmError(f"the checkpoint's weights do not fit the model its config names "
+                           f"({cfg.model.name}): {_reason(exc)}") from None
     model.eval()
     split = split or "test"  # the reported split
     images, labels = arrays.split(split)

@@ -290,3 +290,15 @@ def test_negative_max_concurrent(tmp_path, capsys, monkeypatch):
                  "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "res")])
     one_line(capsys, code, "max_concurrent=-1 is not valid")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tsne_checkpoint_of_another_model(tmp_path, capsys):
+    from lfm_ray.config import RunConfig
+
+    ckpt = tmp_path / "epoch_0001"
+    ckpt.mkdir()
+    cfg = RunConfig().override({"data.cache_dir": str(tmp_path / "cache")})
+    torch.save({"visual": {"conv.weight": torch.zeros(2)}, "proj": {}, "config": cfg.to_dict()},
+               ckpt / "state.pt")
+    one_line(capsys, main(["report", "--tsne", str(ckpt), "--classes", "0,1"]),
+             "the checkpoint's weights do not fit the model its config names (tiny)")

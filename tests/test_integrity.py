@@ -342,7 +342,7 @@ def test_checkpoint_loaders_refuse_a_payload(tmp_path, capsys, ray_instance):
 
     # The resume path: a crafted checkpoint in the run's folder stops the rerun, unrun.
     crafted = out / "checkpoints" / "epoch_0003"
-    crafted.mkdir()
+    shutil.copytree(out / "checkpoints" / "epoch_0002", crafted)  # complete, but for state.pt
     shutil.copy(evil, crafted / "state.pt")
     code = main(quick_flags(tmp_path, out))
     err = capsys.readouterr().err
@@ -469,3 +469,18 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert "Traceback" not in err
     assert_instance_gone(pids | session_pids(proc.pid))
     assert json.loads((out / "config.json").read_text())["stage1"]["epochs"] == 40
+
+
+def test_a_half_written_kept_checkpoint_is_passed_over(tmp_path, capsys, ray_instance):
+    """A driver killed while writing a checkpoint (local mode keeps them in the run's folder)
+    leaves a folder without its history.json: the rerun resumes from the last whole one."""
+    out = tmp_path / "run"
+    assert main(quick_flags(tmp_path, out)) == 0
+    before = history(out)
+    partial = out / "checkpoints" / "epoch_0003"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes((out / "checkpoints" / "epoch_0002" / "state.pt")
+                                       .read_bytes()[:100])
+    assert main(quick_flags(tmp_path, out)) == 0
+    assert "resuming the run" in capsys.readouterr().err
+    assert history(out) == before

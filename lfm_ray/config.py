@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,10 @@ class RunConfig:
         _check(rt.num_workers >= 0, "runtime.num_workers", rt.num_workers, "an integer >= 0")
         _check(rt.gpus_per_worker >= 0, "runtime.gpus_per_worker", rt.gpus_per_worker, "a number >= 0")
         _check(rt.cpus_per_worker > 0, "runtime.cpus_per_worker", rt.cpus_per_worker, "a number > 0")
+        _check(rt.seed >= 0, "runtime.seed", rt.seed, "an integer >= 0")
+        if rt.threads is not None:
+            _check(rt.threads >= 1, "runtime.threads", rt.threads,
+                   "an integer >= 1, or null for cpus_per_worker")
         if rt.num_workers > 1 and 0 < rt.gpus_per_worker < 1:
             raise LfmError(
                 f"runtime.gpus_per_worker={rt.gpus_per_worker} with num_workers={rt.num_workers}: "
@@ -410,6 +415,7 @@ class RunConfig:
         if rt.max_steps_per_epoch is not None:
             _check(rt.max_steps_per_epoch >= 1, "runtime.max_steps_per_epoch",
                    rt.max_steps_per_epoch, "an integer >= 1 or null")
+        _check(self.data.seed >= 0, "data.seed", self.data.seed, "an integer >= 0")
         if self.data.imbalance_factor is not None:
             _check(self.data.imbalance_factor >= 1, "data.imbalance_factor",
                    self.data.imbalance_factor, "a number >= 1")
@@ -554,6 +560,12 @@ def preset_values(name: str, study: str | None = None) -> dict[str, Any]:
 
 
 # ---- one configuration path for every entry point --------------------------------------------
+# What `lfm-ray train` records in a run's config.json beside the sections (the data set's
+# fingerprint, the run's extensions): a record, not settings, so a config.json given back as
+# --config FILE skips them.
+RECORD_KEYS = ("data_fingerprint", "extensions")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The dotted values a JSON or YAML file sets ({"stage1": {"lr": 1e-6}} or
     {"stage1.lr": 1e-6}), each checked against its field. Every value the file names is kept,
@@ -578,6 +590,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise LfmError(f"config file {str(path)!r} must hold a mapping of sections")
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in RECORD_KEYS:
+            continue
         if "." in str(key):
             values[str(key)] = value
         elif key == DERIVED_SECTION:
@@ -655,6 +669,31 @@ class ConfigLayers:
     def from_dict(cls, raw: dict[str, Any]) -> "ConfigLayers":
         return cls(**{f.name: raw.get(f.name, f.default if f.default is not dataclasses.MISSING
                                       else {}) for f in dataclasses.fields(cls)})
+
+
+# Fields that name files or folders on the machine that runs the trainer.
+PATH_FIELDS = ("data.root", "data.cache_dir", "model.cache_dir", "model.pretrained",
+               "aux.root", "aux.neighbours")
+
+
+def with_absolute_paths(cfg: "RunConfig", base: str | os.PathLike | None) -> "RunConfig":
+    """A copy whose relative file paths are read from `base` (the folder a run or study was
+    started from: Ray runs trials and workers in folders of their own), for opening files
+    only; the configuration as given stays what is recorded and compared. A value that is a
+    name rather than a path (a pretrained tag, an embedded auxiliary set) is left alone."""
+    if base is None:
+        return cfg
+    out = cfg.copy()
+    for dotted in PATH_FIELDS:
+        value = out.get(dotted)
+        if not isinstance(value, str) or "://" in value or os.path.isabs(os.path.expanduser(value)):
+            continue
+        candidate = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        names_a_path = dotted != "model.pretrained" and dotted != "aux.root" \
+            or os.sep in value or value.startswith(".") or os.path.exists(candidate)
+        if names_a_path:
+            out.set(dotted, candidate)
+    return out
 
 
 # ---- field documentation (for --help) ------------------------------------------------------------

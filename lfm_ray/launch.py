@@ -14,6 +14,9 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -62,6 +65,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     explicit = address or os.environ.get("RAY_ADDRESS")
     if explicit and explicit != "auto" and not explicit.startswith("ray://"):
         _check_reachable(explicit)
+        if not ray.is_initialized():
+            _check_token(explicit)
     if ray.is_initialized():
         return
     apply_fast_start_env()
@@ -77,6 +82,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
             ray.init(address=address, log_to_driver=log_to_driver)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+            # The instance is this process's: if it is killed, its watchdog ends the instance.
+            from lfm_ray.watchdog import guard_local_instance
+
+            node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle
+            if node is not None:
+                guard_local_instance(node.get_session_dir_path())
     except ConnectionError as exc:
         raise LfmError(f"no Ray cluster answers at address {address!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - Ray raises assorted types for a bad address
@@ -99,6 +110,58 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
         raise LfmError(f"no Ray cluster answers at address {address!r} "
                        f"({exc.strerror or exc}); start one with `ray start --head` or "
                        "leave --address out for a local instance") from None
+
+
+TOKEN_HELP = ("pass the cluster's token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> "
+              "(or RAY_AUTH_TOKEN_PATH=<file holding it>, or put it in ~/.ray/auth_token); "
+              "`ray get-auth-token` on the head node prints it")
+
+
+def _token_given() -> bool:
+    """Whether this process would send a token: token mode on and a token to send."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return False
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or bool(path and os.path.isfile(path)) \
+        or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
+
+
+@contextlib.contextmanager
+def _stderr_to_file():
+    """File descriptor 2 into a temporary file for the duration (Ray's C++ client logs each
+    refused attempt there); yields the file, read it after."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _check_token(address: str) -> None:
+    """A cluster with token authentication refuses a client without its token: say so in
+    one line, naming the token and how to give it, instead of Ray's minute of retries that
+    ends in "Failed to connect"."""
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # Ray's internals moved: ray.init reports what it finds
+        return
+    try:
+        with _stderr_to_file():
+            GcsClient(address=address)
+    except AuthenticationError:
+        what = "a wrong token" if _token_given() else "no token"
+        raise LfmError(f"the Ray cluster at {address} uses token authentication and refused "
+                       f"this client, which sent {what}; {TOKEN_HELP}") from None
+    except Exception:  # noqa: BLE001 - anything else: ray.init reports it as it finds it
+        return
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -162,15 +225,22 @@ def check_inputs(cfg: RunConfig) -> None:
     --dry-run checks)."""
     from lfm_ray.backbones import check_backbone_weights
     from lfm_ray.data import build_dataset, options_for
+    from lfm_ray.data.cache import check_cache_dir
     from lfm_ray.similarity import check_similarity
+    from lfm_ray.train import resolve_selection_split
 
     cfg.validate()
     check_names(cfg)
+    check_trains_something(cfg)
     check_backbone_weights(cfg.model)
     check_similarity(cfg, weights=True)  # a text:MODEL source's weights too
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
+    resolve_selection_split(cfg.data.selection_split, dataset.val_images is not None,
+                            cfg.data.name)
+    check_batch_size(cfg, len(dataset.train_labels))
+    check_cache_dir(cfg.data.cache_dir)
     if cfg.aux.root is not None:  # the auxiliary folder and neighbour map against its classes
         from lfm_ray.data.auxiliary import aux_source
 
@@ -255,7 +325,9 @@ def _lean_trainer_class():
     PlacementGroupCleaner that frees the run's placement group if the controller dies. Each
     is a Python process (1.5-2 CPU-seconds to start), and the cleaner's launch blocks the
     controller for about 2 s. On a local instance the placement groups end with the
-    instance, so the cleaner goes too; on a cluster it stays.
+    instance, so the cleaner goes too; on a cluster it stays. Ctrl-C during fit() stops the
+    run and raises KeyboardInterrupt, so `lfm-ray train` says how to resume (Ray's own
+    handler exits with status 1 and no word).
     """
     from ray.train.torch import TorchTrainer
 
@@ -275,8 +347,13 @@ def _lean_trainer_class():
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [cb for cb in super()._create_default_callbacks()
-                    if not isinstance(cb, dropped)]
+            callbacks = super()._create_default_callbacks()
+            return [cb for cb in callbacks if not isinstance(cb, dropped)]
+
+        def _register_sigint_handler(self, controller):
+            # Ray's own handler exits with status 1 and no word; ours stops the run and
+            # lets the command say how to resume (Ray calls this in the main thread only).
+            signal.signal(signal.SIGINT, _interrupt_handler(controller))
 
     return LeanTorchTrainer
 
@@ -286,6 +363,23 @@ def launch_dir() -> str:
     (a similarity file) are read from there, since Ray Tune runs each trial, and Ray Train
     each worker, in a folder of its own (Tune keeps the original in TUNE_ORIG_WORKING_DIR)."""
     return os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()
+
+
+def _interrupt_handler(controller):
+    """Ctrl-C during `trainer.fit()`: ask the Train controller to abort (its workers stop;
+    the checkpoints already reported stay), then raise KeyboardInterrupt in the driver. A
+    second Ctrl-C interrupts at once."""
+    def on_sigint(signum, frame):
+        import ray
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            ray.get(controller.abort.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - the controller may be gone already
+            pass
+        raise KeyboardInterrupt
+
+    return on_sigint
 
 
 def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
@@ -334,24 +428,46 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def check_trains_something(cfg: RunConfig) -> None:
+    """A run with no epoch in either stage (and not zero-shot) would train nothing."""
+    if not cfg.runtime.zero_shot and cfg.stage1.epochs == 0 and cfg.stage2.epochs == 0:
+        raise LfmError("stage1.epochs=0 and stage2.epochs=0: the run would train nothing; "
+                       "give one stage epochs, or --zero-shot to evaluate without training")
+
+
+def check_batch_size(cfg: RunConfig, num_train: int) -> None:
+    """A global batch larger than the training split would repeat images within a step."""
+    if cfg.runtime.batch_size > num_train:
+        raise LfmError(f"runtime.batch_size={cfg.runtime.batch_size} is larger than the "
+                       f"{num_train} training images of {cfg.data.name}; give at most "
+                       f"{num_train}")
+
+
 def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None,
             verbose: bool = False, announce: Callable[[], None] | None = None,
             progress: bool = True, stage1_from: str | os.PathLike | None = None,
-            stop_after_stage1: bool = False) -> dict[str, Any]:
+            stop_after_stage1: bool = False, extend: bool = False,
+            restart: bool = False) -> dict[str, Any]:
     """Run one training on Ray and write config.json, history.csv, metrics.json and (where
     the run keeps one) confusion.npz to `output`.
 
+    An output folder holds one configuration and one data set (lfm_ray.rerun): the same
+    again resumes from its last checkpoint; another is refused before anything is written,
+    unless `extend` (more epochs of the last stage) or `restart` (discard and train afresh).
     `announce` is called once the inputs are checked, before training; `progress` draws a
     bar per stage from the run's reports; `verbose` keeps Ray's own log lines.
     `stage1_from`: the checkpoint directory of a completed stage 1 whose config has this
     run's stage1_key; only stage 2 trains, from it (checked here before Ray starts).
     `stop_after_stage1`: train stage 1 only; its final checkpoint is what branches start from.
     """
+    from lfm_ray.data import run_data_fingerprint
     from lfm_ray.progress import ProgressFeed
+    from lfm_ray.rerun import discard, plan_train_rerun, record
     from lfm_ray.stage1 import load_stage1
 
     cfg.validate()
     check_names(cfg)
+    check_trains_something(cfg)
     if stage1_from is not None and stop_after_stage1:
         raise LfmError("stage1_from and stop_after_stage1 together would train nothing; "
                        "give one of them")
@@ -367,19 +483,30 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
                            "not zero-shot)")
         extra["stop_after_stage1"] = True
     out = Path(output).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
+    check_output_parent(out)
+    fingerprint = run_data_fingerprint(cfg)
+    plan = plan_train_rerun(out, cfg, fingerprint, extend=extend, restart=restart)
     if is_local(address):
-        check_selection_split(cfg, prepare_node(cfg))
+        arrays = prepare_node(cfg)
+        check_selection_split(cfg, arrays)
+        check_batch_size(cfg, len(arrays.train_labels))
     if not verbose:
         quiet_ray_logs()
     init_ray(address, log_to_driver=verbose)
     check_resources(cfg)
+    # Every input is checked: from here on the output folder is written.
+    if plan.action == "restart":
+        discard(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LfmError(f"--output {str(out)!r} cannot be created: {exc}") from None
     if announce is not None:
         announce()
-    write_config(out / "config.json", cfg)
+    if plan.action in ("resume", "extend"):
+        print(f"{'extending' if plan.action == 'extend' else 'resuming'} the run in {out} "
+              "from its last checkpoint", file=sys.stderr, flush=True)
+    write_json_atomic(out / "config.json", record(cfg, fingerprint, plan.extensions))
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
     if cfg.runtime.num_workers == 0:
@@ -387,10 +514,13 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         # the run's, and a rerun resumes from the last one there.
         keep = out / "checkpoints"
         extra["checkpoint_dir"] = str(keep)
-        done = sorted(keep.glob("epoch_*")) if keep.is_dir() else []
+        done = [d for d in sorted(keep.glob("epoch_*")) if complete_checkpoint(d)] \
+            if keep.is_dir() else []
         if done:
             extra["resume_from"] = str(done[-1])
     feed = ProgressFeed(cfg) if progress else contextlib.nullcontext()
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         with feed:
             if progress:
@@ -402,29 +532,68 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         if isinstance(inner, LfmError):
             raise inner from None
         raise
-    final, rows = final_result(result.checkpoint, copy_to=out)
+    finally:
+        if main_thread:  # the trainer's Ctrl-C handler ends with its run
+            signal.signal(signal.SIGINT, sigint)
+    checkpoint = result.checkpoint
+    if checkpoint is None and extra.get("resume_from"):
+        # A finished run resumed in local mode trains and reports nothing: its last kept
+        # checkpoint is the result.
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint.from_directory(extra["resume_from"])
+    final, rows = final_result(checkpoint, copy_to=out)
     # Where the final checkpoint is: what a branch's stage1_from names after a
     # stop_after_stage1 run, and what `lfm-ray report --tsne` reads.
-    final["checkpoint_path"] = result.checkpoint.path
+    final["checkpoint_path"] = checkpoint.path
     write_history(out / "history.csv", rows)
     write_json_atomic(out / "metrics.json", final)
     return final
 
 
 def config_json(cfg: RunConfig) -> str:
-    """What config.json holds (and `--dry-run` prints): the run's settings, and in its
-    `resolved` section what they resolve to (the model family, LFM's similarity source);
-    read back as a config file, that section is skipped."""
+    """What `--dry-run` prints (and config.json holds beside the record's keys): the run's
+    settings, and in its `resolved` section what they resolve to (the model family, LFM's
+    similarity source); read back as a config file, that section is skipped."""
+    return json.dumps(with_resolved(cfg.to_dict(), cfg), indent=2, sort_keys=True)
+
+
+def with_resolved(settings: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     from lfm_ray.config import DERIVED_SECTION
     from lfm_ray.similarity import resolved_choices
 
-    return json.dumps({**cfg.to_dict(), DERIVED_SECTION: resolved_choices(cfg)}, indent=2,
-                      sort_keys=True)
+    return {**settings, DERIVED_SECTION: resolved_choices(cfg)}
 
 
-def write_config(path: Path, cfg: RunConfig) -> None:
-    """config.json of a run (`config_json`)."""
-    path.write_text(config_json(cfg))
+def complete_checkpoint(folder: Path) -> bool:
+    """Whether a kept checkpoint was written to its end: the trainer writes state.pt, then
+    result.json, then history.json, so a readable history.json means the rest is whole (a
+    process killed while writing leaves a folder without it, which a resume passes over)."""
+    from lfm_ray.train import HISTORY_FILE, RESULT_FILE, STATE_FILE
+
+    try:
+        json.loads((folder / HISTORY_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / STATE_FILE).is_file() and (folder / RESULT_FILE).is_file()
+
+
+def check_output_parent(out: Path) -> None:
+    """--output is a folder or can become one: refused now, before Ray starts."""
+    if out.exists():
+        if not out.is_dir():
+            raise LfmError(f"--output {str(out)!r} is a file, not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise LfmError(f"--output {str(out)!r} is not writable")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LfmError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LfmError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is not "
+                       "writable")
 
 
 def final_result(checkpoint, copy_to: Path | None = None

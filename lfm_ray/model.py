@@ -136,6 +136,10 @@ def check_model_name(name: str, pretrained: str | None = None) -> None:
         return
     if os.path.isfile(path):
         return
+    if os.path.isdir(path):
+        raise LfmError(f"weights file {pretrained!r} for {name} is a directory; give the "
+                       ".pt/.pth/.bin/.safetensors file in it (or local-dir:PATH as the model "
+                       "for a folder with open_clip_config.json)")
     if _looks_like_path(pretrained):
         raise LfmError(f"weights file {pretrained!r} for {name} does not exist; give an "
                        "existing .pt/.pth/.bin/.safetensors file or a pretrained tag")
@@ -254,8 +258,45 @@ def _not_cached(exc: BaseException) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """One line saying why a build failed; torch's own messages for a weights file that is
+    not one, holds objects (refused: loading them could run code) or belongs to another
+    model are multi-line and give advice that does not apply, so they are summarised."""
+    import pickle
+
+    from lfm_ray.safe_load import _refused_name
+
+    message = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or message.startswith("Weights only load failed"):
+        name = _refused_name(message)
+        if name is not None:
+            return (f"the file names {name}; a weights file holds only tensors, and loading "
+                    "anything else could run code, so it is refused")
+        return "it is not a PyTorch weights file"
+    if "Error(s) in loading state_dict" in message:
+        return _state_dict_mismatch(message)
+    if isinstance(exc, (KeyError, EOFError)) or "PytorchStreamReader" in message \
+            or "invalid load key" in message or "Invalid magic number" in message:
+        return f"it is not a PyTorch weights file ({type(exc).__name__}: {message[:80]})"
+    text = message.strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _state_dict_mismatch(message: str) -> str:
+    """'its tensors do not fit this model: 3 missing (e.g. 'x'), ...' from torch's message."""
+    import re
+
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        m = re.search(pattern, message)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]!r})" if keys else label)
+    sizes = re.findall(r"size mismatch for ([^:]+):", message)
+    if sizes:
+        parts.append(f"{len(sizes)} of another shape (e.g. {sizes[0]!r})")
+    detail = ", ".join(parts) or "its keys differ"
+    return f"its tensors do not fit this model ({detail}); is it the weights of another model?"
 
 
 def _weights_missing(name: str, pretrained: str | None, hub: _HubFiles,

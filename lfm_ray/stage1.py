@@ -112,15 +112,14 @@ def load_stage1(cfg: RunConfig, checkpoint_dir: str | os.PathLike,
 
 def _checked(cfg: RunConfig, where: str, folder: Path, map_location: Any,
              mmap: bool) -> dict[str, Any]:
-    import torch
-
+    from lfm_ray.safe_load import load_state_file
     from lfm_ray.train import STATE_FILE
 
     path = folder / STATE_FILE
     if not path.is_file():
         raise LfmError(f"stage1_from {where!r} holds no {STATE_FILE}; give the checkpoint "
                        "directory of a completed stage 1")
-    state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    state = load_state_file(path, map_location=map_location, mmap=mmap, what="stage1_from")
     stored = RunConfig.from_dict(state["config"])
     if int(state["stage"]) != 1 or int(state["epoch"]) != stored.stage1.epochs:
         raise LfmError(

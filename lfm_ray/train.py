@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from lfm_ray import confusion
 from lfm_ray.augment import BatchBuilder, DeviceImages
-from lfm_ray.config import RunConfig
+from lfm_ray.config import RunConfig, with_absolute_paths
 from lfm_ray.errors import LfmError
 from lfm_ray.extrapolation import aux_record, auxiliary_training
 from lfm_ray.patch_embed import patch_convs_as_matmul
@@ -164,8 +164,9 @@ class Run:
         # The model comes first: its input size is the size lazily decoded data sets are
         # cached at, so preprocessing never drifts from the model. An open_clip model, or a
         # timm model (lfm_ray/backbones.py).
-        backbone, self.spec = build_backbone(cfg.model, info.device)
-        data = cfg.data
+        files = with_absolute_paths(cfg, launch_dir)  # relative paths read where it started
+        backbone, self.spec = build_backbone(files.model, info.device)
+        data = files.data
         options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
                              cache_dir=data.cache_dir, **options)
@@ -175,7 +176,7 @@ class Run:
         self.num_classes = len(self.class_names)
         # Category extrapolation (lfm_ray.extrapolation): auxiliary classes, None without
         # aux.root, train beside the targets (head rows, loss, mixer) and are never predicted.
-        self.aux = auxiliary_training(cfg, self.class_names, self.spec, data.cache_dir)
+        self.aux = auxiliary_training(files, self.class_names, self.spec, data.cache_dir)
         trained = self.class_names + (self.aux.class_names if self.aux else [])
         self.train_counts = self.class_counts + (self.aux.counts if self.aux else [])
         # CLIP: the text features of every trained class (once per run; the text tower is
@@ -702,10 +703,28 @@ def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
 
 
 def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's state, read weights-only (lfm_ray.safe_load: no code runs from it)."""
+    from lfm_ray.safe_load import load_state_file
+
     path = Path(checkpoint_dir) / STATE_FILE
     if not path.is_file():
         raise LfmError(f"checkpoint {str(checkpoint_dir)!r} has no {STATE_FILE}")
-    return torch.load(path, map_location=device, weights_only=False)
+    return load_state_file(path, map_location=device)
+
+
+def replan_schedule(sched, total_steps: int) -> None:
+    """A stage extended since its checkpoint (`lfm-ray train --extend`): the cosine runs
+    over the stage's new length from the step the checkpoint reached (closed form, so the
+    scheduler's recursive update continues on the new curve)."""
+    if sched.T_max == total_steps:
+        return
+    sched.T_max = total_steps
+    t = sched.last_epoch
+    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / total_steps)) / 2
+           for base in sched.base_lrs]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
 
 
 def _start_state(config: dict[str, Any], cfg: RunConfig,
@@ -782,6 +801,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     to_tune = bool(config.get("report_to_tune"))
     info = worker_info(cfg, in_tune_trial=to_tune)
     run = Run(cfg, info, launch_dir=config.get("launch_dir"))
+    from lfm_ray.launch import check_batch_size
+
+    check_batch_size(cfg, len(run.train_images))  # where the driver did not (a cluster)
     if cfg.runtime.zero_shot:
         selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
         metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,
@@ -821,6 +843,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            replan_schedule(sched, max(1, stage.epochs * steps))
         for epoch in range(max(done + 1, stage.first_epoch), last + 1):
             start = time.perf_counter()
             loss = train_epoch(run, stage, epoch, mixer, loss_fn, opt, sched, trainable,

@@ -101,3 +101,24 @@ def test_two_worker_ddp_run_on_cpu(tmp_path, ray_instance):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and 0.0 <= metrics["acc_all"] <= 1.0
+
+
+def test_cluster_yaml_turns_token_authentication_on_and_installs_the_cluster_extra():
+    """What `ray up studies/cluster.yaml` does: every node gets the client's token and starts
+    Ray in token mode, and installs lfm-ray with its cluster extra (Ray's job server)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "studies" / "cluster.yaml").read_text())
+    assert spec["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("lfm-ray[cluster]" in c for c in spec["setup_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in spec[key] if "ray start" in c]
+        assert start and all(c.startswith("RAY_AUTH_MODE=token ") for c in start)
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("ray[default") for d in extras["cluster"])
+    assert "lfm-ray[cluster]" in extras["dev"]  # CI's `pip install -e ".[dev]"` gets it

@@ -271,3 +271,22 @@ def test_progress_bars_per_stage_show_epoch_loss_and_percent():
     # A run selecting on val leads with its val figure; NaN (test not yet run) is left out.
     text = describe({"train_loss": 1.0, "val_acc_all": 0.5, "acc_all": float("nan")})
     assert text == "loss 1.0000, val all 50.0 %"
+
+
+def test_relative_paths_are_read_from_where_the_run_started(tmp_path):
+    from lfm_ray.config import with_absolute_paths
+
+    (tmp_path / "weights.pt").write_bytes(b"")
+    cfg = RunConfig().override({"data.root": "data/cifar", "data.cache_dir": "~/c",
+                                "model.pretrained": "openai", "aux.root": "digits-aux",
+                                "aux.neighbours": "maps/n.json", "model.cache_dir": "/abs"})
+    files = with_absolute_paths(cfg, str(tmp_path))
+    assert files.data.root == str(tmp_path / "data" / "cifar")
+    assert files.aux.neighbours == str(tmp_path / "maps" / "n.json")
+    assert files.data.cache_dir == "~/c" and files.model.cache_dir == "/abs"  # already absolute
+    assert files.model.pretrained == "openai" and files.aux.root == "digits-aux"  # names
+    assert cfg.data.root == "data/cifar"  # the configuration as given is left alone
+    local = with_absolute_paths(cfg.copy().override({"model.pretrained": "weights.pt",
+                                                     "aux.root": "./aux"}), str(tmp_path))
+    assert local.model.pretrained == str(tmp_path / "weights.pt")
+    assert local.aux.root == str(tmp_path / "aux")

@@ -739,10 +739,10 @@ def test_data_command_bad_name_is_one_line_exit_2(capsys):
 def test_data_command_flags(tmp_path, capsys):
     write_cifar10(tmp_path)
     assert main(["data", "cifar10-lt", "--data-root", str(tmp_path), "--imbalance-factor", "10",
-                 "--seed", "1"]) == 0
+                 "--data.seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "airplane" in out and f"training images {sum(long_tail_counts(10, 10, 60))}" in out
-    assert main(["data", "imagenet-lt", "--root", str(tmp_path), "--seed", "1"]) == 2
+    assert main(["data", "imagenet-lt", "--root", str(tmp_path), "--data.seed", "1"]) == 2
     assert "takes no option 'seed'; accepted: none" in capsys.readouterr().err
     assert main(["data", "digits-lt", "--imbalance-factor", "0.5"]) == 2
     assert "imbalance_factor=0.5" in capsys.readouterr().err

@@ -605,12 +605,11 @@ def _dataset_class_info(checkpoint: Path) -> dict[str, Any] | None:
     if not (checkpoint / "state.pt").is_file():
         return None
     try:
-        import torch
-
         from lfm_ray.config import RunConfig
         from lfm_ray.data import build_dataset, options_for
+        from lfm_ray.safe_load import load_state_file
 
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+        state = load_state_file(checkpoint / "state.pt")
         data = RunConfig.from_dict(state["config"]).data
         ds = build_dataset(data.name, root=data.root,
                            **options_for(data.name, seed=data.seed,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lfm_ray.errors import LfmError
+from lfm_ray.safe_load import load_state_file
 
 # Exact t-SNE is faster than Barnes-Hut for the few hundred points of a figure (3-D
 # Barnes-Hut is slow); above this many points Barnes-Hut's n log n wins.
@@ -61,7 +62,7 @@ ZERO_SHOT = "zero-shot"  # in a list of checkpoints: the pretrained model, W_I =
 def load_checkpoint_state(checkpoint: str | os.PathLike) -> dict:
     """state.pt of a trainer checkpoint, checked for what the features need."""
     path = _checkpoint_dir(checkpoint)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state_file(path / "state.pt")
     missing = [k for k in ("visual", "proj", "config") if k not in state]
     if missing:
         raise LfmError(f"{str(path / 'state.pt')!r} lacks {', '.join(missing)}; expected a "
@@ -114,7 +115,13 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     if state is not None:
         # The tower as the run trained it: with its fine-tuning mode's modules.
         prepare(model, cfg.stage1, len(arrays.class_names), cfg.model.name)
-        model.load_weights(state)
+        try:
+            model.load_weights(state)
+        except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+            from lfm_ray.model import _reason
+
+            raise LfmError(f"the checkpoint's weights do not fit the model its config names "
+                           f"({cfg.model.name}): {_reason(exc)}") from None
     model.to(dev)
     model.eval()
     split = split or "test"  # the reported split

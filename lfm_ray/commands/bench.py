@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lfm_ray.errors import LfmError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,9 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lfm_ray.bench import run_bench, summary
+    from lfm_ray.bench import PARTS, run_bench, summary
+    from lfm_ray.commands.paths import check_output_file
 
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    only = None
+    if args.only is not None:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        if not only:  # --only "" would otherwise run every part
+            raise LfmError(f"--only {args.only!r} names no part; accepted: {', '.join(PARTS)}")
+    if args.json:  # checked now: the figures would be lost after the run
+        check_output_file(args.json, "--json")
     result = run_bench(quick=args.quick, tiny=args.tiny, only=only)
     print(summary(result))
     if args.json:

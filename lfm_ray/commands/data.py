@@ -24,8 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "inat2018, folder")
     # --data-root as well, the name train and study use (and error messages give).
     p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for digits-lt)")
-    p.add_argument("--imbalance-factor", type=float, help="n_max / n_min of the training split")
-    p.add_argument("--seed", type=int, help="seed of the long-tailed subset")
+    p.add_argument("--imbalance-factor", "--data.imbalance_factor", dest="imbalance_factor",
+                   type=float, help="n_max / n_min of the training split")
+    # The names train and study use: --data.seed picks the long-tailed subset; --seed is
+    # the run's training seed (a randomly initialised model's text features, which γ′ uses).
+    p.add_argument("--data.seed", dest="data_seed", type=int,
+                   help="seed of the long-tailed subset (data.seed)")
     p.add_argument("--download", action="store_true",
                    help="cifar10-lt/cifar100-lt: fetch the CIFAR files into --root with torchvision")
     gamma = p.add_argument_group("effective imbalance γ′ (defaults: the run defaults)")
@@ -38,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gamma.add_argument("--alpha", "--mix.alpha", dest="alpha", help="label-shift strength α")
     gamma.add_argument("--tau", "--mix.tau", dest="tau", help="sampling temperature τ")
     gamma.add_argument("--beta", "--mix.beta", dest="beta", help="λ ~ Beta(β, β)")
+    gamma.add_argument("--seed", "--runtime.seed", dest="seed", type=int,
+                       help="the run's training seed: the initial weights of a randomly "
+                            "initialised model (tiny), so its text features (runtime.seed)")
     gamma.add_argument("--no-gamma", action="store_true", help="skip γ′")
     p.set_defaults(func=run)
 
@@ -45,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lfm_ray.data import build_dataset, shot_groups
 
-    # Only the flags given are passed on: a flag the data set does not take (--seed for
+    # Only the flags given are passed on: a flag the data set does not take (--data.seed for
     # imagenet-lt) is an error naming the options it does take, not silently ignored.
-    given = {"imbalance_factor": args.imbalance_factor, "seed": args.seed,
+    given = {"imbalance_factor": args.imbalance_factor, "seed": args.data_seed,
              "download": args.download or None}
     # γ′'s settings are checked before the data set is read (a bad τ fails at once).
     cfg = None if args.no_gamma else gamma_config(args)
@@ -86,7 +93,8 @@ def gamma_config(args: argparse.Namespace):
 
     values = {"model.name": args.model, "model.pretrained": args.pretrained,
               "model.cache_dir": args.model_cache_dir, "model.templates": args.templates,
-              "mix.alpha": args.alpha, "mix.tau": args.tau, "mix.beta": args.beta}
+              "mix.alpha": args.alpha, "mix.tau": args.tau, "mix.beta": args.beta,
+              "runtime.seed": args.seed}
     cfg = RunConfig().override({k: v for k, v in values.items() if v is not None}).validate()
     from lfm_ray.backbones import check_backbone, model_family
 

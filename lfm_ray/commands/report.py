@@ -45,7 +45,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_device(device: str) -> None:
+    """A torch device this machine has ('cpu', 'cuda', 'cuda:1'), or one LfmError."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LfmError(f"--device {device!r} is not a torch device; give cpu, cuda or "
+                       "cuda:N") from None
+    if dev.type == "cuda":
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= have:
+            raise LfmError(f"--device {device!r}: this machine has {have} CUDA GPUs; use cpu")
+    elif dev.type != "cpu":
+        raise LfmError(f"--device {device!r}: t-SNE features run on cpu or cuda")
+
+
 def run(args: argparse.Namespace) -> int:
+    from lfm_ray.commands.paths import check_output_file
+
+    if args.out:
+        check_output_file(args.out, "--out", (".html", ".htm"))
     if args.tsne:
         from lfm_ray.analysis.tsne import write_tsne
 
@@ -53,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             raise LfmError(f"give either a study ({args.study!r}) or --tsne, not both")
         if not args.classes:
             raise LfmError("--tsne needs --classes, e.g. --classes 0,3,9")
+        check_device(args.device)
+        if args.per_class < 1:
+            raise LfmError(f"--per-class {args.per_class} is not valid; expected at least 1")
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         path = write_tsne(args.tsne, classes, out=args.out, per_class=args.per_class,
                           device=args.device)

@@ -5,8 +5,11 @@
     lfm-ray train --preset none --dataset cifar100-lt --data-root /data/cifar --stage1.lr 1e-3
     lfm-ray train --config run.yaml --loss mms --dry-run
 
-Writes config.json, history.csv and metrics.json to --output; the same --output again
-resumes the run from its last checkpoint.
+Writes config.json, history.csv and metrics.json to --output. An output folder holds one
+configuration and one data set: the same command again resumes the run from its last
+checkpoint; another configuration (or changed data files) is refused, naming each
+difference, unless --extend (more epochs of the last stage, trained from the last
+checkpoint) or --restart (discard that output's run and train afresh).
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "train nothing")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's own start-up and per-report lines")
+    rerun = p.add_mutually_exclusive_group()
+    rerun.add_argument("--extend", action="store_true",
+                       help="--output holds this run with fewer epochs in its last stage: "
+                            "train the added epochs from its last checkpoint")
+    rerun.add_argument("--restart", action="store_true",
+                       help="discard the run in --output (its checkpoints and results) and "
+                            "train afresh")
     add_run_flags(p)
     p.set_defaults(func=run)
 
@@ -41,19 +51,23 @@ def run(args: argparse.Namespace) -> int:
 
     layers = config_layers(args)
     cfg = layers.resolve().validate()
-    announce_presets(layers, [cfg.data.name])
     if args.dry_run:
         check_inputs(cfg)
         if is_local(args.address):
             check_local_resources(cfg)
+        announce_presets(layers, [cfg.data.name])
         print(config_json(cfg))  # as config.json: with the resolved model family and similarity
         return 0
     output = args.output or f"runs/{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def announce() -> None:  # once every input is checked
+        announce_presets(layers, [cfg.data.name])
+        print(f"training {cfg.model.name} on {cfg.data.name}: loss {cfg.loss.name}, "
+              f"mix {cfg.mix.method}, {cfg.stage1.epochs}+{cfg.stage2.epochs} epochs "
+              f"→ {output}", file=sys.stderr, flush=True)
+
     final = fit_run(cfg, output, address=args.address, verbose=args.verbose,
-                    announce=lambda: print(
-                        f"training {cfg.model.name} on {cfg.data.name}: loss {cfg.loss.name}, "
-                        f"mix {cfg.mix.method}, {cfg.stage1.epochs}+{cfg.stage2.epochs} epochs "
-                        f"→ {output}", file=sys.stderr, flush=True))
+                    announce=announce, extend=args.extend, restart=args.restart)
     print(format_table(final))
     written = ["history.csv", "metrics.json"]
     if (Path(output) / "confusion.npz").is_file():

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from typing import Any, Callable
 
 from lfm_ray.data.base import ImageList, LongTailDataset
@@ -15,6 +17,7 @@ from lfm_ray.data.cache import ArraySet, load_arrays
 from lfm_ray.data.cifar import build_cifar_lt
 from lfm_ray.data.counts import long_tail_counts, shot_groups
 from lfm_ray.data.digits import build_digits_lt
+from lfm_ray.data.fingerprint import data_fingerprint, run_data_fingerprint
 from lfm_ray.data.folder import build_folder
 from lfm_ray.data.inat import build_inat2018
 from lfm_ray.data.split_files import build_split_set
@@ -58,11 +61,23 @@ def resolve_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         if key not in params:
             raise LfmError(f"data set {name!r} takes no option {key!r}; "
                            f"accepted: {', '.join(params) or 'none'}")
-        if key == "imbalance_factor" and value is not None and float(value) < 1:
+        if key == "imbalance_factor" and value is not None and not _number_at_least(value, 1):
             raise LfmError(f"imbalance_factor={value} is not valid; expected a number >= 1")
+        if key == "seed" and value is not None and not (
+                isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0):
+            raise LfmError(f"seed={value!r} is not valid; expected an integer >= 0")
     resolved = {k: p.default for k, p in params.items()}
     resolved.update({k: v for k, v in options.items() if v is not None})
     return resolved
+
+
+def _number_at_least(value: Any, low: float) -> bool:
+    """A finite number >= low (NaN compares false to everything, so it is refused too)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number >= low
 
 
 def build_dataset(name: str, root=None, **options: Any) -> LongTailDataset:
@@ -80,9 +95,9 @@ def options_for(name: str, **candidates: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset",
-    "has_validation_split", "load_arrays",
-    "long_tail_counts", "options_for", "resolve_options", "shot_groups",
+    "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "data_fingerprint",
+    "has_validation_split", "load_arrays", "long_tail_counts", "options_for",
+    "resolve_options", "run_data_fingerprint", "shot_groups",
 ]
 
 

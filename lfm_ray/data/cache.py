@@ -41,7 +41,8 @@ DEFAULT_CACHE = Path(os.environ.get("LFM_RAY_CACHE", Path.home() / ".cache" / "l
 SPLITS = ("train", "val", "test")
 # Part of every cache key: bump it when what is stored changes, so old caches are not reused.
 # 3: images follow the model's resize mode and interpolation (2 squashed them to S × S).
-CACHE_FORMAT = 3
+# 4: the key holds the data fingerprint (lfm_ray.data.fingerprint).
+CACHE_FORMAT = 4
 
 
 @dataclass
@@ -79,17 +80,18 @@ def _preprocessing(image: "ImageSpec | None") -> dict[str, Any] | None:
 
 
 def cache_key(name: str, root: Any, image: "ImageSpec | None", options: dict[str, Any],
-              splits: tuple[str, ...] | None = None) -> str:
+              splits: tuple[str, ...] | None = None, fingerprint: str = "") -> str:
     """Hash of what decides the arrays: format, name, resolved root, the image size, resize
-    mode, interpolation and fill colour, options, and the splits where not all are stored.
-
-    The files under the root are not hashed (that would mean reading them): a data set
-    changed in place needs a new cache_dir or its cache folder deleted.
+    mode, interpolation and fill colour, options, the data fingerprint (the source files'
+    hashes, sizes and modification times: lfm_ray.data.fingerprint, so a data set changed in
+    place gets a new cache rather than the stale one), and the splits where not all are
+    stored.
     """
     root_text = str(Path(root).expanduser().resolve()) if root is not None else ""
     # 10 and 10.0 are one imbalance factor, so they are one cache.
     same = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in options.items()}
-    key = [CACHE_FORMAT, name, root_text, _preprocessing(image), sorted(same.items())]
+    key = [CACHE_FORMAT, name, root_text, _preprocessing(image), sorted(same.items()),
+           fingerprint]
     if splits is not None:  # only then: a full cache keeps the key it always had
         key.append(sorted(splits))
     blob = json.dumps(key, default=str)
@@ -129,21 +131,55 @@ def load_arrays(name: str, root=None, image: "ImageSpec | None" = None, cache_di
     options = resolve_options(name, options)  # unknown options fail before anything is written
     if image is not None and not hasattr(image, "resize_mode"):
         raise TypeError(f"image= takes the model's ImageSpec (from build_clip), not {image!r}")
+    from lfm_ray.data.fingerprint import data_fingerprint
+
     if splits is not None:
         unknown = [s for s in splits if s not in SPLITS]
         if unknown or not splits:
             raise ValueError(f"splits={splits!r}: expected some of {', '.join(SPLITS)}")
         splits = tuple(sorted(set(splits), key=SPLITS.index))
-    base = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
-    key = cache_key(name, root, image, options, splits)
+    base = cache_base(cache_dir)
+    key = cache_key(name, root, image, options, splits, data_fingerprint(name, root))
     target = base / f"{name}-{key}"
     if not (target / "meta.json").is_file():
-        base.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(base)
         with (base / f".{name}-{key}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait
             if not (target / "meta.json").is_file():
                 _build(name, root, options, target, image, splits)
     return _open(target)
+
+
+def cache_base(cache_dir: Any = None) -> Path:
+    """The folder the node cache lives in (data.cache_dir, else DEFAULT_CACHE)."""
+    return Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
+
+
+def check_cache_dir(cache_dir: Any = None) -> None:
+    """The cache folder exists and is writable, or can be created; creates nothing."""
+    base = cache_base(cache_dir).absolute()
+    probe = base
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LfmError(f"the image cache folder {str(base)!r} (data.cache_dir) cannot be "
+                       f"created: {str(probe)!r} is a file; give a writable data.cache_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == base else f"cannot be created in {str(probe)!r}"
+        raise LfmError(f"the image cache folder {str(base)!r} (data.cache_dir) {what}; give "
+                       "a writable data.cache_dir")
+
+
+def make_cache_dir(base: Path) -> None:
+    """Create the cache folder, or one LfmError naming it (data.cache_dir)."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LfmError(f"the image cache folder {str(base)!r} (data.cache_dir) cannot be "
+                       f"created: {exc.strerror or exc}; give a writable data.cache_dir") from None
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise LfmError(f"the image cache folder {str(base)!r} (data.cache_dir) is not "
+                       "writable; give a writable data.cache_dir")
 
 
 def _build(name: str, root: Any, options: dict[str, Any], target: Path,

@@ -83,11 +83,36 @@ def _find_split(root: Path, prefix: str, split: str) -> Path | None:
     return None
 
 
+# Leading bytes of compressed files someone might give instead of the text split file.
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"PK\x03\x04": "zip"}
+
+
+def check_text_file(path: Path) -> None:
+    """A split file is plain text: a compressed one is named as such (unpack it first)."""
+    if path.is_dir():
+        raise LfmError(f"{path} is a folder, not a split file")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    for magic, kind in COMPRESSED.items():
+        if head.startswith(magic):
+            raise LfmError(f"{path} is {kind}-compressed; a split file is plain text "
+                           "('relative/path label' per line): unpack it first")
+
+
+def _lines(fh, path: Path):
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise LfmError(f"{path} is not a UTF-8 text file ({exc.reason} at byte "
+                       f"{exc.start}); a split file is 'relative/path label' per line") from None
+
+
 def read_split_file(path: Path, root: Path, num_classes: int) -> tuple[list[str], np.ndarray]:
     """Paths (absolute) and labels; every line checked, errors name file and line."""
+    check_text_file(path)
     paths, labels = [], []
-    with path.open() as fh:
-        for number, line in enumerate(fh, start=1):
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        for number, line in enumerate(_lines(fh, path), start=1):
             text = line.strip()
             if not text:
                 continue

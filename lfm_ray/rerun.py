@@ -1,0 +1,193 @@
+"""`lfm-ray train` run again on an output folder: resume, extend, restart, or refuse.
+
+An output folder holds one configuration and one data set. Its config.json records both
+(the RunConfig sections, `data_fingerprint`, and any `extensions`), and a rerun is planned
+against it before anything is written:
+
+- the same configuration and data: resume from the run's last checkpoint (a finished run
+  trains nothing and writes its results again);
+- anything else: refused, every difference named as `path: old -> new`, unless
+  `extend` (more epochs of the last stage: stage 2's, or stage 1's where there is no
+  stage 2; the run continues from its last checkpoint) or `restart` (the folder's run is
+  discarded and trained afresh).
+
+Fields that only say where things live or how fast they run (`lfm_ray.stage1.NOT_STAGE1`
+lists them and why they leave the result alone) may change on a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lfm_ray.config import RECORD_KEYS, RunConfig
+from lfm_ray.errors import LfmError
+
+CONFIG_FILE = "config.json"
+# What `lfm-ray train` writes in an output folder (and --restart removes; nothing else).
+RUN_FILES = (CONFIG_FILE, "history.csv", "metrics.json", "confusion.npz")
+RUN_DIRS = ("ray", "checkpoints")
+# Keys of config.json beside the RunConfig sections (read back as --config, they are skipped).
+FINGERPRINT_KEY, EXTENSIONS_KEY = RECORD_KEYS
+
+
+@dataclass
+class TrainRerun:
+    """What a run on an output folder does: new | resume | extend | restart."""
+
+    action: str
+    changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+    extensions: list[dict[str, Any]] = field(default_factory=list)  # to record in config.json
+
+
+def free_fields() -> set[str]:
+    """Fields a resume may change (they do not change the result)."""
+    from lfm_ray.stage1 import NOT_STAGE1
+
+    return set(NOT_STAGE1)
+
+
+def flat(cfg: RunConfig) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items()
+            for key, value in values.items()}
+
+
+def read_record(out: Path) -> dict[str, Any] | None:
+    """The output folder's config.json, or None where there is none."""
+    path = out / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        RunConfig.from_dict(_sections(record))
+    except (OSError, ValueError) as exc:
+        raise LfmError(f"{path} cannot be read as a run's configuration ({exc}); add "
+                       "--restart to discard that output's run, or give another --output") from None
+    return record
+
+
+def _sections(record: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a config.json (its record keys and derived section left out)."""
+    from lfm_ray.config import DERIVED_SECTION
+
+    return {k: v for k, v in record.items() if k not in (*RECORD_KEYS, DERIVED_SECTION)}
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def differences(stored: dict[str, Any], cfg: RunConfig,
+                fingerprint: str | None) -> list[tuple[str, Any, Any]]:
+    """(path, old, new) for every field (and the data fingerprint) that differs, free
+    fields left out."""
+    old, new = flat(RunConfig.from_dict(_sections(stored))), flat(cfg)
+    free = free_fields()
+    changes = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if k not in free and old.get(k) != new.get(k)]
+    old_fp = stored.get(FINGERPRINT_KEY)
+    if old_fp is not None and fingerprint is not None and old_fp != fingerprint:
+        changes.append((FINGERPRINT_KEY, old_fp, fingerprint))
+    return changes
+
+
+def last_stage(cfg: RunConfig) -> str:
+    """'stage2', or 'stage1' for a run without a stage 2."""
+    return "stage2" if cfg.stage2.epochs > 0 else "stage1"
+
+
+def _extension(stored_cfg: RunConfig, cfg: RunConfig,
+               changes: list[tuple[str, Any, Any]]) -> str | None:
+    """Why `changes` is not an extension of the stored run, or None when it is one: more
+    epochs of its last stage, or a stage 2 added to a run that had none (both continue
+    the run from where it stopped)."""
+    if stored_cfg.runtime.zero_shot or cfg.runtime.zero_shot:
+        return "a zero-shot run trains no epochs to extend"
+    paths = [p for p, _, _ in changes]
+    allowed = f"{last_stage(stored_cfg)}.epochs"
+    if stored_cfg.stage2.epochs == 0:
+        # No stage 2 trained yet: more stage-1 epochs, or a stage 2 with its own settings.
+        stage2 = [p for p in paths if p.startswith("stage2.")]
+        if "stage1.epochs" in paths and stage2:
+            return ("--extend adds epochs to one stage: stage 1's, or a stage 2 to a run "
+                    "without one, not both")
+        other = [p for p in paths if p != "stage1.epochs" and not p.startswith("stage2.")]
+        allowed = "stage1.epochs, or a stage 2"
+    else:
+        other = [p for p in paths if p != allowed]
+    if other:
+        return (f"--extend only adds epochs to the last stage ({allowed}); "
+                f"it cannot change {', '.join(other)}")
+    for path, old, new in changes:
+        if path.endswith(".epochs") and new < old:
+            return f"--extend only adds epochs; {path} goes from {old} to {new}"
+    return None
+
+
+def plan_train_rerun(out: Path, cfg: RunConfig, fingerprint: str | None, *,
+                     extend: bool = False, restart: bool = False) -> TrainRerun:
+    """Decide what a run of `cfg` on output folder `out` does; refuse (LfmError) a changed
+    configuration or data set without extend or restart. Writes nothing."""
+    if extend and restart:
+        raise LfmError("give --extend or --restart, not both")
+    if out.exists() and not out.is_dir():
+        raise LfmError(f"--output {str(out)!r} is a file, not a folder")
+    stored = read_record(out) if out.is_dir() else None
+    if stored is None:
+        leftovers = [n for n in (*RUN_FILES, *RUN_DIRS) if (out / n).exists()]
+        if leftovers and not restart:
+            raise LfmError(f"--output {str(out)!r} holds {', '.join(leftovers)} but no "
+                           f"{CONFIG_FILE}, so it cannot be told which run they belong to; add "
+                           "--restart to discard them, or give another --output")
+        return TrainRerun("restart" if leftovers else "new")
+    if restart:
+        return TrainRerun("restart")
+    changes = differences(stored, cfg, fingerprint)
+    extensions = list(stored.get(EXTENSIONS_KEY) or [])
+    if not changes:
+        return TrainRerun("resume", [], extensions)
+    listed = "; ".join(f"{path}: {_show(a)} -> {_show(b)}" for path, a, b in changes)
+    where = out / CONFIG_FILE
+    data_changed = any(path == FINGERPRINT_KEY for path, _, _ in changes)
+    why_not = ("the data set's files changed since it trained" if data_changed
+               else _extension(RunConfig.from_dict(_sections(stored)), cfg, changes))
+    if extend and why_not is None:
+        record = {"changed": {path: [old, new] for path, old, new in changes}}
+        return TrainRerun("extend", changes, [*extensions, record])
+    if extend:
+        raise LfmError(f"{str(out)!r} cannot be extended: {why_not} ({where}: {listed}). "
+                       "Give another --output, or add --restart to discard that output's run "
+                       "and train afresh")
+    hint = "add --extend to train the added epochs from its last checkpoint, " \
+        if why_not is None else ""
+    raise LfmError(f"--output {str(out)!r} holds a run of another configuration ({where}): "
+                   f"{listed}. To proceed, {hint}give another --output, or add --restart to "
+                   "discard that output's run and train afresh")
+
+
+def discard(out: Path) -> None:
+    """--restart: remove what `lfm-ray train` wrote in `out` (nothing else in it)."""
+    for name in RUN_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
+def record(cfg: RunConfig, fingerprint: str | None,
+           extensions: list[dict[str, Any]]) -> dict[str, Any]:
+    """config.json: the RunConfig sections, the data fingerprint, the extensions."""
+    from lfm_ray.launch import with_resolved
+
+    out: dict[str, Any] = with_resolved(cfg.to_dict(), cfg)
+    out[FINGERPRINT_KEY] = fingerprint
+    if extensions:
+        out[EXTENSIONS_KEY] = extensions
+    return out

@@ -554,6 +554,7 @@ def test_report_without_a_browser_warns_once_and_still_writes(tau_study, monkeyp
 
 def test_report_command(tau_study, tmp_path, capsys):
     out = tmp_path / "elsewhere" / "r.html"
+    out.parent.mkdir()  # a missing folder is refused (test_bad_inputs)
     assert main(["report", str(tau_study), "--out", str(out), "--no-png", "--band", "std"]) == 0
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
     page = out.read_text()

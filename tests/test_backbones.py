@@ -247,10 +247,11 @@ def test_the_cli_refuses_mms_for_a_timm_model_and_its_dry_run_says_what_resolves
 
 def test_config_json_records_the_family_and_the_similarity(tmp_path):
     from lfm_ray.config import read_config_file
-    from lfm_ray.launch import write_config
+    from lfm_ray.launch import write_json_atomic
+    from lfm_ray.rerun import record
 
     cfg = RunConfig().override({"model.name": TIMM_TEST, "model.image_size": 32})
-    write_config(tmp_path / "config.json", cfg)
+    write_json_atomic(tmp_path / "config.json", record(cfg, None, []))
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes"}
     assert written["model"]["name"] == TIMM_TEST

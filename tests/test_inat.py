@@ -201,3 +201,20 @@ def test_a_study_records_the_hold_out_it_selects_on(inat, tmp_path):
     held = meta["selection_holdouts"]["inat2018"]
     assert held["seed"] == 3 and held["image_ids"] == holdout_images(inat, 3)
     assert held["image_ids"] and "at least 5" in held["rule"]
+
+
+def test_fingerprint_follows_the_json_files_and_the_images_they_list(inat):
+    import os
+
+    from lfm_ray.data import data_fingerprint
+
+    before = data_fingerprint("inat2018", inat)
+    assert data_fingerprint("inat2018", inat) == before
+    image = next((inat / "train_val2018").rglob("*.jpg"))
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = data_fingerprint("inat2018", inat)
+    assert changed != before
+    cats = inat / "categories.json"
+    cats.write_text(cats.read_text().replace("Pica pica", "Pica picb"))
+    assert data_fingerprint("inat2018", inat) not in (before, changed)

@@ -232,18 +232,17 @@ def test_the_report_shows_the_class_metrics_and_parameter_counts(tmp_path):
                      "LoRA", "61.00", "30.00", "10.00", "1024", "4096"]
 
 
-def test_a_partial_cache_has_its_own_key_and_a_full_one_keeps_its_old_key():
+def test_a_partial_cache_has_its_own_key_and_a_full_one_names_no_splits():
     import hashlib
     import json
 
     from lfm_ray.data.cache import CACHE_FORMAT, _preprocessing, cache_key
 
     options = {"imbalance_factor": 10.0, "seed": 0, "test_per_class": 50}
-    # The key a full cache had before partial caches existed: unchanged, so no cache built
-    # before is rebuilt.
+    # A full cache's key names no splits (the splits enter only where some are left out).
     blob = json.dumps([CACHE_FORMAT, "digits-lt", "", _preprocessing(SPEC),
-                       sorted({"imbalance_factor": 10, "seed": 0, "test_per_class": 50}.items())],
-                      default=str)
+                       sorted({"imbalance_factor": 10, "seed": 0, "test_per_class": 50}.items()),
+                       ""], default=str)
     assert cache_key("digits-lt", None, SPEC, options) == \
         hashlib.sha256(blob.encode()).hexdigest()[:16]
     partial = cache_key("digits-lt", None, SPEC, options, ("test",))

@@ -4,8 +4,8 @@ The node cache, a training's config.json and a study's record key on it, so a da
 files changed in place (images replaced, a split file edited, a CIFAR batch swapped) is
 never served from a stale cache nor resumed as if it were the same data. Two kinds of file:
 
-- split and annotation files (ImageNet-LT's and Places-LT's split lists, CIFAR's meta file,
-  digits' bundled CSV): their bytes are hashed (they are small, and an edit may keep the
+- split and annotation files (ImageNet-LT's and Places-LT's split lists, iNaturalist's JSON
+  files, CIFAR's meta file, digits' bundled CSV): their bytes are hashed (they are small, and an edit may keep the
   size and the modification time);
 - image files (every image a split file lists, every image of a folder set, CIFAR's batch
   files): their size and modification time (nanoseconds), as `make` and `rsync` judge a file;
@@ -106,12 +106,30 @@ def _folder_files(root: Any, **_: Any) -> Iterator[tuple[Path, str]]:
                     yield f, STAT
 
 
+def _inat_files(root: Any, **_: Any) -> Iterator[tuple[Path, str]]:
+    from lfm_ray.data.inat import CATEGORIES_FILE, TRAIN_FILE, VAL_FILE
+
+    root_path = Path(root).expanduser()
+    yield root_path / CATEGORIES_FILE, HASHED
+    for name in (TRAIN_FILE, VAL_FILE):
+        path = root_path / name
+        yield path, HASHED
+        try:
+            images = json.loads(path.read_text()).get("images", [])
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: enters by its hash or as missing; the builder names it
+        for image in images if isinstance(images, list) else []:
+            if isinstance(image, dict) and "file_name" in image:
+                yield root_path / str(image["file_name"]).lstrip("/"), STAT
+
+
 SOURCES = {
     "digits-lt": _digits_files,
     "cifar10-lt": _cifar_files("cifar10-lt"),
     "cifar100-lt": _cifar_files("cifar100-lt"),
     "imagenet-lt": _split_set_files("imagenet-lt"),
     "places-lt": _split_set_files("places-lt"),
+    "inat2018": _inat_files,
     "folder": _folder_files,
 }
 

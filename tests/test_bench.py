@@ -9,7 +9,8 @@ from lfm_ray.cli import main
 
 CPU_KEYS = ("sampler_speedup", "stage2_cost_ratio", "trial_overhead_s", "sweep_speedup",
             "laptop_overhead_ratio", "data_share_ratio", "shared_stage1_ratio",
-            "study_overhead_growth")
+            "study_overhead_growth", "sampler_speedup_inat", "cache_build_speedup",
+            "cache_memory_growth")
 
 
 def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
@@ -31,9 +32,10 @@ def test_gpu_figures_code_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     from lfm_ray.bench import bench_gpu
 
     out = bench_gpu(tmp_path, seconds=0.2, device="cpu", model="tiny", per_class=100, batch=16,
-                    packed_trials=2)
+                    packed_trials=2, paper_batch=8, large_model="tiny")
     for key in ("gpu_images_per_s", "gpu_packed_images_per_s", "gpu_pre_resized_images_per_s",
-                "gpu_reference_images_per_s", "gpu_speedup_vs_reference", "gpu_packed_ratio"):
+                "gpu_reference_images_per_s", "gpu_speedup_vs_reference", "gpu_packed_ratio",
+                "gpu_packed_speedup_b32", "gpu_vit_b16_images_per_s", "gpu_stage2_cost_ratio"):
         assert out[key] > 0, key
     assert out["gpu_name"] == "cpu"
 

@@ -18,11 +18,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -42,7 +41,8 @@ SPLITS = ("train", "val", "test")
 # Part of every cache key: bump it when what is stored changes, so old caches are not reused.
 # 3: images follow the model's resize mode and interpolation (2 squashed them to S × S).
 # 4: the key holds the data fingerprint (lfm_ray.data.fingerprint).
-CACHE_FORMAT = 4
+# 5: JPEGs are resized by PyTorch's uint8 kernel (within one level of Pillow's).
+CACHE_FORMAT = 5
 
 
 @dataclass
@@ -98,21 +98,47 @@ def cache_key(name: str, root: Any, image: "ImageSpec | None", options: dict[str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: str) -> None:
-    """Decode and preprocess every image once, on a thread per core (Pillow releases the GIL
-    while it decodes and resizes); prints progress every ~10% for long decodes."""
-    def one(i: int) -> None:
+# A build of lazily decoded images records its progress this often (images), so a killed
+# build continues where it stopped.
+PROGRESS_EVERY = 512
+
+
+def _decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: str,
+                 done: np.ndarray | None = None,
+                 save_progress: Callable[[np.ndarray], None] | None = None,
+                 threads: int | None = None) -> None:
+    """Decode and preprocess every image not yet `done`, on a thread per core (Pillow and
+    PyTorch release the GIL while they decode and resize); every PROGRESS_EVERY images the
+    written rows are flushed and `save_progress(done)` records them. Prints progress every
+    ~10 %. PyTorch runs one thread per call meanwhile: the parallelism is the pool's."""
+    import torch
+
+    def one(i: int) -> int:
         out[i] = preprocess_file(images.paths[i], image)
+        return i
 
     n = len(images)
+    done = np.zeros(n, dtype=bool) if done is None else done
+    todo = np.flatnonzero(~done)
     step = max(1, n // 10)
-    pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=threads or min(32, os.cpu_count() or 1))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        for done, _ in enumerate(pool.map(one, range(n)), start=1):
-            if n >= 1000 and (done % step == 0 or done == n):
-                print(f"  caching {label}: {done}/{n} images", flush=True)
+        for k, i in enumerate(pool.map(one, todo.tolist()), start=1):
+            done[i] = True
+            if save_progress is not None and (k % PROGRESS_EVERY == 0):
+                out.flush()  # rows on disk before they are recorded as done
+                save_progress(done)
+            finished = n - len(todo) + k
+            if n >= 1000 and (finished % step == 0 or finished == n):
+                print(f"  caching {label}: {finished}/{n} images", flush=True)
     finally:  # a bad image stops the build at once, not after decoding all the rest
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
+        if save_progress is not None:
+            out.flush()
+            save_progress(done)
 
 
 def load_arrays(name: str, root=None, image: "ImageSpec | None" = None, cache_dir=None,
@@ -191,42 +217,77 @@ def _build(name: str, root: Any, options: dict[str, Any], target: Path,
     if image is None and any(isinstance(ds.split(s)[0], ImageList) for s in stored):
         raise LfmError(f"{ds.name} decodes images lazily; give image= (the model's ImageSpec: "
                        "its input size and preprocessing) to cache it")
-    # Built in a temporary folder next to the target, then renamed into place in one step:
-    # a reader sees either no cache or a complete one, never a half-written file.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        for split in stored:
-            images, labels = ds.split(split)
-            file = tmp / f"{split}_images.npy"
-            if isinstance(images, ImageList):
-                # Written straight to disk: ImageNet-LT at 224 px is ~17 GB, more than RAM.
-                size = image.size
-                out = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8,
-                                                shape=(len(images), size, size, 3))
-                _decode_into(out, images, image, f"{ds.name} {split}")
-                out.flush()
+    # Built in a folder next to the target, then renamed into place in one step: a reader
+    # sees either no cache or a complete one, never a half-written file. The folder is named
+    # after the target, so a build killed half-way continues from its recorded progress.
+    tmp = target.parent / f".building-{target.name}"
+    tmp.mkdir(exist_ok=True)
+    for split in stored:
+        images, labels = ds.split(split)
+        file = tmp / f"{split}_images.npy"
+        if isinstance(images, ImageList):
+            # Written straight to disk: ImageNet-LT at 224 px is ~17 GB, more than RAM.
+            size = image.size
+            shape = (len(images), size, size, 3)
+            progress = tmp / f"{split}_done.npy"
+            done = _progress(file, progress, shape)
+            out = np.lib.format.open_memmap(file, mode="r+" if done is not None else "w+",
+                                            dtype=np.uint8, shape=shape)
+            if done is not None and done.any():
+                print(f"  caching {ds.name} {split}: continuing a stopped build, "
+                      f"{int(done.sum())}/{len(images)} images done", flush=True)
+            try:
+                _decode_into(out, images, image, f"{ds.name} {split}", done,
+                             lambda d, _p=progress: _save_progress(_p, d))
+            except LfmError:
+                # A bad image: the data must change, which gives another cache key, so the
+                # progress here would never be resumed; a killed build keeps it.
                 del out
-            else:
-                # Square, so every resize mode is the plain resize to S × S.
-                if image is not None and images.shape[1:3] != (image.size, image.size) \
-                        and len(images) * image.size * image.size * 3 <= PRE_RESIZE_BYTES:
-                    images = resize_uint8(images, image.size, image.interpolation)
-                np.save(file, np.ascontiguousarray(images, dtype=np.uint8))
-            np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
-            if only is not None:  # a partial cache is an extra copy: say what it costs
-                size = np.load(file, mmap_mode="r").shape[1]
-                print(f"  cached {ds.name} {split} at {size} px besides the full cache: "
-                      f"{file.stat().st_size / 2**20:.1f} MiB", flush=True)
-        meta = {"name": ds.name, "class_names": ds.class_names,
-                "class_counts": ds.class_counts, "splits": stored,
-                "preprocessing": _preprocessing(image)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if target.exists():  # a folder left without meta.json by an older build
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            out.flush()
+            del out
+        else:
+            # Square, so every resize mode is the plain resize to S × S.
+            if image is not None and images.shape[1:3] != (image.size, image.size) \
+                    and len(images) * image.size * image.size * 3 <= PRE_RESIZE_BYTES:
+                images = resize_uint8(images, image.size, image.interpolation)
+            np.save(file, np.ascontiguousarray(images, dtype=np.uint8))
+        np.save(tmp / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+        if only is not None:  # a partial cache is an extra copy: say what it costs
+            size = np.load(file, mmap_mode="r").shape[1]
+            print(f"  cached {ds.name} {split} at {size} px besides the full cache: "
+                  f"{file.stat().st_size / 2**20:.1f} MiB", flush=True)
+    meta = {"name": ds.name, "class_names": ds.class_names,
+            "class_counts": ds.class_counts, "splits": stored,
+            "preprocessing": _preprocessing(image)}
+    for progress in tmp.glob("*_done.npy"):  # the build is whole: no progress to keep
+        progress.unlink()
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if target.exists():  # a folder left without meta.json by an older build
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _progress(file: Path, progress: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Which images of a stopped build of `file` are already written, or None to start it
+    afresh (no build, or one of another shape)."""
+    if not (file.is_file() and progress.is_file()):
+        return None
+    try:
+        existing = np.load(file, mmap_mode="r")
+        done = np.load(progress)
+    except (OSError, ValueError):
+        return None
+    if existing.shape != shape or done.shape != (shape[0],) or done.dtype != bool:
+        return None
+    return done.copy()
+
+
+def _save_progress(path: Path, done: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, done)
+    os.replace(tmp, path)
 
 
 def _splits(ds) -> list[str]:

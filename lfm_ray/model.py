@@ -244,6 +244,21 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+@contextlib.contextmanager
+def weights_from_cache_only() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for the block: weights come from the local cache only, so a report or
+    `lfm-ray data` never starts a download (build_clip reads the variable when it runs)."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
 def _not_cached(exc: BaseException) -> bool:
     """Whether exc (or what caused it) is the hub saying a file is not in the local cache."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled

@@ -16,7 +16,6 @@ results folder renders the same wherever it is; no absolute path is printed.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
@@ -27,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -391,20 +390,6 @@ def confusion_view(study: StudyResults) -> tuple[go.Figure, str] | None:
 
 
 # ---- γ′ against a swept α or τ -----------------------------------------------------------
-@contextlib.contextmanager
-def _weights_from_cache() -> Iterator[None]:
-    """A report never starts a download: weights come from the local cache only."""
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
-
-
 def effective_imbalance_view(study: StudyResults, param: str
                              ) -> tuple[go.Figure | None, str]:
     """γ′ (lfm_ray.effective) against the swept α or τ, from the text features of the
@@ -416,7 +401,7 @@ def effective_imbalance_view(study: StudyResults, param: str
 
     from lfm_ray.config import MIX_BETA, RunConfig
     from lfm_ray.effective import effective_imbalance_sweep, imbalance_factor
-    from lfm_ray.model import build_clip, text_features
+    from lfm_ray.model import build_clip, text_features, weights_from_cache_only
 
     done = study.finished
     values = sorted(pd.to_numeric(done[param], errors="coerce").dropna().unique().tolist())
@@ -446,7 +431,7 @@ def effective_imbalance_view(study: StudyResults, param: str
     curves: dict[str, list[float]] = {}
     for seed in seeds:
         try:
-            with _weights_from_cache(), torch.random.fork_rng(devices=[]):
+            with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(seed))
                 clip, _ = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir,
                                      "cpu")

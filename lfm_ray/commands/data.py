@@ -5,9 +5,6 @@ or the ones given."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-from typing import Iterator
 
 import numpy as np
 
@@ -105,20 +102,6 @@ def gamma_config(args: argparse.Namespace):
     return cfg
 
 
-@contextlib.contextmanager
-def _hub_offline_env() -> Iterator[None]:
-    """Weights come from the local cache only: `lfm-ray data` never starts a download."""
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
-
-
 def _lfm_beta(beta: float | None) -> float:
     """The stage's β, or LFM's own law where the stage leaves it to the method."""
     if beta is not None:
@@ -134,7 +117,7 @@ def effective_lines(cfg, class_names, class_counts) -> str:
 
     from lfm_ray.effective import effective_imbalance, imbalance_factor, sampling_matrix
     from lfm_ray.errors import LfmError
-    from lfm_ray.model import build_clip, text_features
+    from lfm_ray.model import build_clip, text_features, weights_from_cache_only
 
     from lfm_ray.backbones import model_family
 
@@ -143,7 +126,7 @@ def effective_lines(cfg, class_names, class_counts) -> str:
         return (f"effective imbalance γ′: skipped, {model} has no text tower; γ′ here reads P "
                 "from a CLIP model's text features")
     try:
-        with _hub_offline_env(), torch.random.fork_rng(devices=[]):
+        with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
             # Seeded as the trainer seeds, so a randomly initialised model (tiny) gives the
             # text features a run with these settings trains with.
             torch.manual_seed(cfg.runtime.seed)

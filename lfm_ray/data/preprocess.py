@@ -100,18 +100,32 @@ def _crop_or_pad(im, size: int, fill_color: int):
 DRAFT_MARGIN = 2
 
 
-def _torch_downscale(pixels: np.ndarray, new: tuple[int, int], interpolation: str) -> np.ndarray:
-    """uint8 (H, W, C) pixels resized down to `new` (width, height) by PyTorch's uint8
-    antialiased resize: Pillow's filter (a = -0.5 for bicubic, the support widened by the
-    scale) in separable fixed-point passes, vectorised; about 3 times Pillow's own resize on
-    one core. Its rounding differs from Pillow's on a few pixels by one level (tested: at most
-    1, on under 2 % of the pixels)."""
-    import torch
+def _torch_downscale(pixels: "torch.Tensor", new: tuple[int, int], interpolation: str
+                     ) -> np.ndarray:
+    """uint8 (C, H, W) pixels resized down to `new` (width, height) by PyTorch's uint8
+    antialiased resize, returned as (h, w, C): Pillow's filter (a = -0.5 for bicubic, the
+    support widened by the scale) in separable fixed-point passes, vectorised; about 3 times
+    Pillow's own resize on one core. Its rounding differs from Pillow's on a few pixels by
+    one level (tested: at most 1, on under 2 % of the pixels)."""
     import torch.nn.functional as F
 
-    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last strides
-    out = F.interpolate(x, size=(new[1], new[0]), mode=interpolation, antialias=True)
+    out = F.interpolate(pixels.unsqueeze(0), size=(new[1], new[0]), mode=interpolation,
+                        antialias=True)
     return out[0].permute(1, 2, 0).numpy()
+
+
+def _fast_jpeg(im, spec: "ImageSpec", new: tuple[int, int]) -> np.ndarray:
+    """An RGB or greyscale Pillow image decoded in full, resized down by _torch_downscale,
+    cropped or padded as an array, as RGB."""
+    import torch
+
+    pixels = np.array(im)  # decodes; writable, so torch.from_numpy may share it
+    pixels = pixels if pixels.ndim == 3 else pixels[..., None]
+    out = _torch_downscale(torch.from_numpy(pixels).permute(2, 0, 1), new, spec.interpolation)
+    if spec.resize_mode != "squash":
+        out = _crop_or_pad_array(out, spec.size, spec.fill_color)
+    # Greyscale to RGB repeats the one band, as Pillow's convert does.
+    return np.ascontiguousarray(np.broadcast_to(out, (*out.shape[:2], 3)))
 
 
 def _crop_or_pad_array(pixels: np.ndarray, size: int, fill_color: int) -> np.ndarray:
@@ -134,8 +148,9 @@ def preprocess_file(path: str, spec: "ImageSpec", exact: bool = False) -> np.nda
     `exact=True` makes open_clip's very Pillow calls. By default two speed-ups apply to JPEGs,
     each pinned to the exact path by a test and listed in README: a JPEG at least
     2 × DRAFT_MARGIN times the size it is resized to is decoded at a reduced scale by libjpeg
-    (pixels within rounding of the full decode: see DRAFT_MARGIN), and an RGB or greyscale JPEG
-    resized down is resized by PyTorch's uint8 kernel (within one level: _torch_downscale)."""
+    (pixels within rounding of the full decode: see DRAFT_MARGIN) and resized by Pillow; any
+    other RGB or greyscale JPEG resized down is resized by PyTorch's uint8 kernel (within one
+    level: _torch_downscale)."""
     from PIL import Image
 
     filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -143,18 +158,14 @@ def preprocess_file(path: str, spec: "ImageSpec", exact: bool = False) -> np.nda
         with Image.open(path) as im:
             new = resized_size(im.width, im.height, spec.size, spec.resize_mode)
             fast = not exact and im.format == "JPEG" and new != im.size
-            if fast:
+            drafted = fast and im.width // 2 >= DRAFT_MARGIN * new[0] \
+                and im.height // 2 >= DRAFT_MARGIN * new[1]
+            if fast and not drafted and im.mode in ("RGB", "L") and new[0] <= im.width \
+                    and new[1] <= im.height:
+                return _fast_jpeg(im, spec, new)
+            if drafted:
                 im.draft(im.mode, (DRAFT_MARGIN * new[0], DRAFT_MARGIN * new[1]))
                 new = resized_size(im.width, im.height, spec.size, spec.resize_mode)
-            if fast and im.mode in ("RGB", "L") and new[0] <= im.width \
-                    and new[1] <= im.height and new != im.size:
-                pixels = np.array(im)  # writable: torch.from_numpy shares it
-                pixels = pixels if pixels.ndim == 3 else pixels[..., None]
-                pixels = _torch_downscale(pixels, new, spec.interpolation)
-                if spec.resize_mode != "squash":
-                    pixels = _crop_or_pad_array(pixels, spec.size, spec.fill_color)
-                # Greyscale to RGB repeats the one band, as Pillow's convert does.
-                return np.ascontiguousarray(np.broadcast_to(pixels, (*pixels.shape[:2], 3)))
             out = im.resize(new, filters[spec.interpolation]) if new != im.size else im
             if spec.resize_mode != "squash":
                 out = _crop_or_pad(out, spec.size, spec.fill_color)

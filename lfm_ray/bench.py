@@ -13,7 +13,8 @@ Figures (JSON keys) and the claim each supports:
 - cache_memory_growth: anonymous resident memory (RssAnon, the memory-mapped cache's file
   pages excluded) of a process running the trainer's step (gather from the memory-mapped node
   cache, batch build, LFM partners and mixing, forward and backward) for 50 steps on a
-  50,000-image cache at 224 px over the same on a 5,000-image one.
+  50,000-image cache at 224 px over the same on a 5,000-image one, each the median of three
+  processes (one process varies by tens of MiB with its allocator).
 - stage2_cost_ratio: time per training image of stage 2 over stage 1, tiny model, CPU.
 - trial_overhead_s: median wall time of a study trial minus the training time it reported
   (the sweep's trials run one at a time in one study; trial_overhead_worker_group_s the same
@@ -516,26 +517,41 @@ def write_fake_cache(folder: Path, images: int, size: int, classes: int = 1000,
 
 
 def bench_cache_memory(root: Path, small: int = 5000, large: int = 50000, size: int = 224,
-                       steps: int = 50, batch: int = 32) -> dict[str, float]:
+                       steps: int = 50, batch: int = 32, repeats: int = 3) -> dict[str, float]:
     """Anonymous resident memory (RssAnon: the memory-mapped cache's file pages excluded) of
     a process running the trainer's step (gather from the memory-mapped cache, batch build,
     LFM partners and mixing, forward and backward of the tiny model) for `steps` steps on a
-    cache of `large` images over the same on `small` images, both at `size` px."""
+    cache of `large` images over the same on `small` images, both at `size` px. Each is the
+    median of `repeats` fresh processes (a small and a large one side by side per round): one
+    process's RssAnon varies by tens of MiB with when the allocator returns freed batches to
+    the system."""
     out: dict[str, float] = {}
-    for name, n in (("small", small), ("large", large)):
-        folder = root / f"cache_{n}"
+    folders = {"small": (root / f"cache_{small}", small), "large": (root / f"cache_{large}", large)}
+    for folder, n in folders.values():
         write_fake_cache(folder, n, size)
-        proc = subprocess.run([sys.executable, "-c", _TRAIN_RSS, str(folder), str(steps),
-                               str(batch)], capture_output=True, text=True, timeout=1800)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("rss ")), None)
-        if line is None:
-            raise RuntimeError(f"the memory probe failed: {proc.stderr[-2000:]}")
-        anon, file_kib = (int(v) for v in line.split()[1:])
-        out[f"cache_rss_anon_{name}_mib"] = anon / 1024
-        out[f"cache_rss_file_{name}_mib"] = file_kib / 1024
+    samples: dict[str, list[tuple[int, int]]] = {"small": [], "large": []}
+    try:
+        for _ in range(repeats):  # the two sizes side by side, one process each
+            procs = {name: subprocess.Popen([sys.executable, "-c", _TRAIN_RSS, str(folder),
+                                             str(steps), str(batch)], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True)
+                     for name, (folder, _) in folders.items()}
+            for name, proc in procs.items():
+                stdout, stderr = proc.communicate(timeout=1800)
+                line = next((ln for ln in stdout.splitlines() if ln.startswith("rss ")), None)
+                if line is None:
+                    raise RuntimeError(f"the memory probe failed: {stderr[-2000:]}")
+                anon, file_kib = (int(v) for v in line.split()[1:])
+                samples[name].append((anon, file_kib))
+    finally:
+        for folder, _ in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    for name, (_, n) in folders.items():
+        out[f"cache_rss_anon_{name}_mib"] = float(np.median([a for a, _ in samples[name]])) / 1024
+        out[f"cache_rss_file_{name}_mib"] = float(np.median([f for _, f in samples[name]])) / 1024
         out[f"cache_images_{name}"] = n
-        shutil.rmtree(folder, ignore_errors=True)
     out["cache_memory_growth"] = out["cache_rss_anon_large_mib"] / out["cache_rss_anon_small_mib"]
+    out["cache_memory_repeats"] = repeats
     out["cache_image_px"] = size
     return out
 
@@ -845,7 +861,7 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
                 source=(80, 60) if tiny else (500, 375)),
             "cache_memory": lambda: bench_cache_memory(
                 root, small=500 if tiny else 5000, large=5000 if tiny else 50000,
-                size=32 if tiny else 224, steps=5 if tiny else 50),
+                size=32 if tiny else 224, steps=5 if tiny else 50, repeats=1 if tiny else 3),
             "stage_cost": lambda: bench_stage_cost(steps=2 if tiny else 30,
                                                    repeats=1 if tiny else 5, cache_dir=cache),
             "data_share": lambda: bench_data_share(cache),

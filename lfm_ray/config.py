@@ -272,9 +272,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        """Build from a nested dict (as `to_dict` writes) and/or dotted keys."""
+        """Build from a nested dict (as `to_dict` writes) and/or dotted keys; a run's
+        config.json reads back too (its derived section and record keys are skipped)."""
         cfg = cls()
-        nested = {k: v for k, v in raw.items() if "." not in k and k != DERIVED_SECTION}
+        nested = {k: v for k, v in raw.items()
+                  if "." not in k and k != DERIVED_SECTION and k not in RECORD_KEYS}
         dotted = {k: v for k, v in raw.items() if "." in k}
         for section, values in nested.items():
             if section not in SECTIONS:

@@ -261,7 +261,7 @@ def test_bench_json_path_is_checked_before_the_benchmark(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("only,needle", [
-    ("", "--only '' names no part; accepted: sampler, sampler_inat, cache_memory, stage_cost"),
+    ("", "--only '' names no part; accepted: sampler, sampler_inat, cache_build, cache_memory, stage_cost"),
     (" , ", "names no part"),
     ("sampler,nope", "--only: unknown part 'nope'; accepted: sampler"),
 ])

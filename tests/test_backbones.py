@@ -19,14 +19,9 @@ from lfm_ray.config import ModelConfig, RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.model import ImageSpec
 
+from test_model import never_probe, stage_in_hub_cache  # noqa: E402,F401  (conftest.py; a fixture)
+
 TIMM_TEST = "timm:test_vit"   # timm's own tiny test ViT (random init here), at 32 px in runs
-
-
-@pytest.fixture
-def never_probe(monkeypatch):
-    def probe(timeout_s=3.0):
-        raise AssertionError("the hub was probed although everything was cached")
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", probe)
 
 
 @pytest.fixture
@@ -142,18 +137,6 @@ def test_a_weights_file_loads_and_a_foreign_one_is_refused(tmp_path):
     torch.save(partial, tmp_path / "partial.pth")
     with pytest.raises(LfmError, match="partial.pth' does not fit timm:test_vit: it lacks"):
         build_timm(TIMM_TEST, str(tmp_path / "partial.pth"))
-
-
-def stage_in_hub_cache(cache, repo: str, contents: dict[str, bytes]) -> None:
-    """Lay files out the way huggingface_hub caches a download of repo at revision main."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    snap = root / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for name, data in contents.items():
-        (snap / name).write_bytes(data)
 
 
 def test_a_timm_tag_loads_from_the_hub_cache_without_network(tmp_path, never_probe):

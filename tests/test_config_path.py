@@ -196,14 +196,21 @@ def test_dry_run_checks_the_data_and_weights(tmp_path, capsys):
 
 
 # ---- speed of --help -------------------------------------------------------------------------------
-def test_script_help_imports_nothing_heavy():
-    code = ("import sys; sys.argv = ['tau_sweep.py', '--help']\n"
+def script_help(script: str, heavy: tuple[str, ...], timeout: float = 60
+                ) -> subprocess.CompletedProcess:
+    """`python studies/<script> --help` in a fresh interpreter; its last stdout line lists
+    which of the `heavy` modules the help imported."""
+    code = (f"import sys; sys.argv = [{script!r}, '--help']\n"
             "import runpy\n"
-            "try:\n    runpy.run_path('studies/tau_sweep.py', run_name='__main__')\n"
+            f"try:\n    runpy.run_path('studies/{script}', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'ray', 'pandas', 'open_clip') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_script_help_imports_nothing_heavy():
+    out = script_help("tau_sweep.py", ("torch", "ray", "pandas", "open_clip"))
     assert out.returncode == 0, out.stderr
     assert "--stage1.lr" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"

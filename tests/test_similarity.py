@@ -385,19 +385,10 @@ def test_the_study_compares_the_sources_the_model_and_data_can_have(tmp_path):
 
 
 def test_the_study_script_help_imports_nothing_heavy():
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_config_path import script_help  # conftest.py puts tests/ on sys.path
 
-    root = Path(__file__).resolve().parents[1]
-    code = ("import sys; sys.argv = ['similarity_sources.py', '--help']\n"
-            "import runpy\n"
-            "try:\n    runpy.run_path('studies/similarity_sources.py', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'ray', 'pandas', 'open_clip', 'timm') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, timeout=120)
+    out = script_help("similarity_sources.py", ("torch", "ray", "pandas", "open_clip", "timm"),
+                      timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--mix.similarity" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"

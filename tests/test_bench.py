@@ -44,3 +44,11 @@ def test_an_unknown_part_is_one_clear_error(capsys):
     assert main(["bench", "--only", "sampler,warp"]) == 2
     err = capsys.readouterr().err
     assert "unknown part 'warp'" in err and "sweep" in err and "Traceback" not in err
+
+
+def test_the_help_names_every_part_the_bench_runs():
+    """--help lists the parts from its own light copy; it must be the bench's list."""
+    from lfm_ray.bench import PARTS
+    from lfm_ray.commands.bench import PART_NAMES
+
+    assert PART_NAMES == PARTS

@@ -818,6 +818,71 @@ def test_torch_resize_of_jpegs_is_within_one_level_of_pillows(tmp_path):
                               preprocess_file(str(tmp_path / name), spec(224), exact=True))
 
 
+def test_simplejpeg_decodes_the_pixels_pillow_decodes(tmp_path):
+    """The fast path's decoder gives Pillow's decode exactly: baseline and progressive,
+    4:2:0, 4:2:2 and 4:4:4 chroma, restart markers, greyscale, odd sizes."""
+    from lfm_ray.data.preprocess import decode_jpeg
+
+    rng = np.random.default_rng(2)
+    smooth = Image.fromarray(rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)).resize(
+        (333, 251), Image.Resampling.BICUBIC)
+    noisy = Image.fromarray(np.clip(np.asarray(smooth).astype(int)
+                                    + rng.integers(-20, 21, (251, 333, 3)), 0, 255)
+                            .astype(np.uint8))
+    cases = {"baseline": {}, "progressive": {"progressive": True},
+             "s444": {"subsampling": 0}, "s422": {"subsampling": 1},
+             "restart": {"restart_marker_blocks": 4}, "q60": {"quality": 60}}
+    for name, options in cases.items():
+        for kind, im in (("smooth", smooth), ("noisy", noisy), ("grey", noisy.convert("L"))):
+            path = tmp_path / f"{name}-{kind}.jpg"
+            im.save(path, **({"quality": 90} | options))
+            with Image.open(path) as pil:
+                mode, reference = pil.mode, np.asarray(pil)
+            pixels = decode_jpeg(str(path), mode)
+            assert pixels.dtype == np.uint8, (name, kind)
+            assert np.array_equal(pixels if mode == "RGB" else pixels[..., 0], reference), \
+                (name, kind)
+
+
+def test_a_truncated_jpeg_names_itself_on_both_paths(tmp_path):
+    """A JPEG whose header reads but whose data stops short is refused with its path, on the
+    fast path (simplejpeg, strict) as on the exact one (Pillow)."""
+    from lfm_ray.data.preprocess import preprocess_file
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(
+        tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    for exact in (False, True):
+        with pytest.raises(LfmError, match="cannot read image .*cut.jpg"):
+            preprocess_file(str(tmp_path / "cut.jpg"), spec(224), exact=exact)
+
+
+def test_the_build_gives_the_same_cache_on_one_thread_and_on_several(tmp_path):
+    """_decode_into on this thread and on a pool, in runs of images, writes the same rows as
+    preprocess_file one image at a time, and marks every row done."""
+    from lfm_ray.data.base import ImageList
+    from lfm_ray.data.cache import DECODE_RUN, _decode_into
+    from lfm_ray.data.preprocess import preprocess_file
+
+    rng = np.random.default_rng(4)
+    paths = []
+    for i in range(2 * DECODE_RUN + 3):  # two full runs and a short one
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    image = spec(32)
+    expected = np.stack([preprocess_file(p, image) for p in paths])
+    for threads in (1, 3):
+        out, done = np.zeros_like(expected), np.zeros(len(paths), dtype=bool)
+        done[5] = True  # recorded by an earlier build: left as it is
+        _decode_into(out, ImageList(paths), image, "test", done, threads=threads)
+        assert done.all()
+        assert not out[5].any()
+        assert np.array_equal(np.delete(out, 5, axis=0), np.delete(expected, 5, axis=0))
+
+
 def test_jpeg_draft_decoding_stays_within_rounding_of_the_full_decode(tmp_path):
     """A JPEG at least four times the size it is resized to is decoded at a reduced scale;
     the pixels stay within a mean absolute difference of 2 levels of the exact path (and a

@@ -9,16 +9,24 @@ from pathlib import Path
 from lfm_ray.errors import LfmError
 
 
+# lfm_ray.bench.PARTS, named here so that --help imports nothing heavy (a test keeps the two
+# lists equal).
+PART_NAMES = ("sampler", "sampler_inat", "cache_build", "cache_memory", "stage_cost",
+              "data_share", "sweep", "laptop", "shared_stage1", "study_overhead",
+              "worker_group", "gpu")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="speed benchmarks against a reference-style pipeline",
         description="Measure each figure beside its baseline in one run; "
                     "see lfm_ray/bench.py for what each claims.")
-    p.add_argument("--quick", action="store_true", help="smaller τ study (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller sizes: 1,200 JPEGs, a 200-trial study, a smaller τ study, no "
+                        "worker-group trials (about 10 minutes on 2 cores)")
     p.add_argument("--json", help="write the figures to this JSON file")
-    p.add_argument("--only", help="comma-separated parts: sampler, stage_cost, data_share, "
-                   "sweep (with the trial overhead), laptop, shared_stage1, worker_group, gpu")
+    p.add_argument("--only", help="comma-separated parts: " + ", ".join(PART_NAMES))
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-suite sizes
     p.set_defaults(func=run)
 

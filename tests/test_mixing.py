@@ -588,6 +588,57 @@ def test_each_method_draws_lambda_from_its_own_law_unless_beta_is_set():
                                              "remix_kappa": 3.0, "remix_tau": 0.5}
 
 
+def _vose_sweep(row: list[float]) -> tuple[list[float], list[int]]:
+    """Vose's sweep written out one column at a time: the direct computation the prefix-sum
+    build must equal."""
+    K = len(row)
+    s = [p / sum(row) * K for p in row]
+    lights = [k for k in range(K) if s[k] < 1.0]
+    heavies = [k for k in range(K) if s[k] >= 1.0]
+    prob, alias = [1.0] * K, list(range(K))
+    li, hj = 0, 0
+    if not heavies:
+        return prob, alias
+    w = s[heavies[0]]
+    while hj < len(heavies):
+        if w > 1.0:
+            if li == len(lights):
+                break
+            prob[lights[li]], alias[lights[li]] = s[lights[li]], heavies[hj]
+            w -= 1.0 - s[lights[li]]
+            li += 1
+        else:
+            if hj + 1 == len(heavies):
+                break
+            prob[heavies[hj]], alias[heavies[hj]] = w, heavies[hj + 1]
+            w = s[heavies[hj + 1]] + w - 1.0
+            hj += 1
+    return prob, alias
+
+
+def test_alias_tables_are_vose_sweep_and_draw_each_row_exactly():
+    """The prefix-sum build gives the tables of Vose's sweep run column by column (an alias
+    counts where its column's prob is below 1: elsewhere it is never taken), and the
+    distribution they draw equals each row: Dirichlet rows from flat to nearly one-hot,
+    uniform rows, rows with zeros, one column, every column but one tiny."""
+    rng = np.random.default_rng(7)
+    rows = [rng.dirichlet(np.full(K, a)) for K in (1, 2, 3, 10, 57, 300)
+            for a in (0.05, 1.0, 50.0)]
+    rows += [np.full(20, 0.05), np.r_[np.zeros(5), rng.random(10), np.zeros(3)],
+             np.r_[1.0, np.full(30, 1e-9)]]
+    for row in rows:
+        P = torch.tensor(row, dtype=torch.float64)[None]
+        prob, alias = alias_tables(P)
+        want_prob, want_alias = _vose_sweep(list(row))
+        assert torch.allclose(prob[0], torch.tensor(want_prob, dtype=torch.float64),
+                              atol=1e-9, rtol=0), len(row)
+        used = [k for k in range(len(row)) if want_prob[k] < 1.0 - 1e-9]  # prob 1: unused
+        assert [alias[0, k].item() for k in used] == [want_alias[k] for k in used], len(row)
+        assert torch.all((prob >= 0) & (prob <= 1))
+        assert torch.allclose(alias_distribution(prob, alias)[0], P[0] / P[0].sum(),
+                              atol=1e-12, rtol=0), len(row)
+
+
 def test_alias_tables_built_in_row_chunks_equal_one_build():
     """The chunked build (bounded memory at iNaturalist's 8,142 classes) gives the tables of
     one build over all rows, and a column mask equals zeroing those columns first."""

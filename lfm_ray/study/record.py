@@ -294,18 +294,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str | None:
-    """The commit of the lfm-ray checkout in use ("+dirty" with uncommitted changes), or None
-    outside a git checkout (an installed wheel)."""
-    here = Path(__file__).resolve().parents[2]
+def git_commit(checkout: Path | None = None) -> str | None:
+    """The commit of the lfm-ray checkout in use ("+dirty" with uncommitted changes to its
+    tracked files outside results/), or None outside a git checkout (an installed wheel).
+    results/ holds the demo studies' outputs, which `studies/run_all.py` rewrites while it
+    runs: changes there say nothing about the code that ran."""
+    here = checkout or Path(__file__).resolve().parents[2]
     if not (here / ".git").exists():
         return None
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=5).stdout.strip()
+                                "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")

@@ -54,6 +54,23 @@ def quiet_ray_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def show_tune_trial_tables(shown: bool) -> None:
+    """Tune's terminal reporter prints, at its default verbosity, a configuration table when a
+    trial starts and a table of every reported key when it ends, beside its status table
+    (trial states, parameters, the study's metrics) every 30 s and at the end: about 35 lines
+    per trial, 7,000 for a 200-trial study. Not `shown`, those two tables wait for Tune's
+    verbose level, so the status table and errors (printed at any level) are what the
+    terminal shows; --verbose shows them. The reporter lives in Tune's experimental output
+    module: where that changes, the tables simply stay."""
+    try:
+        from ray.tune.experimental.output import AirVerbosity, TuneReporterBase
+    except ImportError:
+        return
+    if hasattr(TuneReporterBase, "_start_end_verbosity"):
+        TuneReporterBase._start_end_verbosity = (AirVerbosity.DEFAULT if shown
+                                                 else AirVerbosity.VERBOSE)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              log_to_driver: bool = True) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start a local instance; once per process.

@@ -280,6 +280,23 @@ def test_progress_bars_per_stage_show_epoch_loss_and_percent():
     assert text == "loss 1.0000, val all 50.0 %"
 
 
+def test_tunes_per_trial_tables_wait_for_verbose():
+    """Not verbose, Tune's start and result tables need its verbose level (its status table
+    and errors do not); verbose, its default level shows them again."""
+    from ray.tune.experimental.output import AirVerbosity, TuneReporterBase
+
+    from lfm_ray.launch import show_tune_trial_tables
+
+    try:
+        show_tune_trial_tables(False)
+        assert TuneReporterBase._start_end_verbosity == AirVerbosity.VERBOSE
+        assert TuneReporterBase._heartbeat_threshold == AirVerbosity.DEFAULT
+        show_tune_trial_tables(True)
+        assert TuneReporterBase._start_end_verbosity == AirVerbosity.DEFAULT
+    finally:
+        show_tune_trial_tables(True)
+
+
 def test_relative_paths_are_read_from_where_the_run_started(tmp_path):
     from lfm_ray.config import with_absolute_paths
 

@@ -270,21 +270,27 @@ def test_a_trial_in_its_own_process_matches_a_worker_group_trial(tmp_path, local
 
 def test_asha_stops_in_process_trials_cleanly(tmp_path, local_ray):
     """ASHA stops in-process trials between epochs; the reused trial process goes on to
-    the next trial. One trial at a time, in grid order."""
+    the next trial. One trial at a time, in grid order, on the training loss: from the same
+    seed (same initial weights, same batches and partners) a trial that learns has a lower
+    loss at every rung than one whose learning rate leaves it where it started, so the second
+    trial falls behind the first by construction, not by chance, and the third, which learns,
+    trains on past that rung in the process the second left."""
     from lfm_ray.study import run_study
 
     base = smoke_base(tmp_path).override({"runtime.num_workers": 0, "stage1.epochs": 6,
                                           "stage2.epochs": 2, "runtime.batch_size": 64,
-                                          "runtime.max_steps_per_epoch": None})
+                                          "runtime.max_steps_per_epoch": None,
+                                          "stage1.min_lr": 1e-10})
     table = run_study(study_in(tmp_path, name="asha", base=base, scheduler="asha",
-                               max_concurrent=1,
-                               grid={"mix.tau": [0.05, 0.002, 1.25, 31.25]}))
+                               max_concurrent=1, metric="train_loss", mode="min",
+                               grid={"stage1.lr": [2e-3, 1e-9, 2.2e-3]}))
     table = table.sort_values("trial_id")  # grid order
     assert (table["status"] == "TERMINATED").all()
     assert table["epoch"].max() == 8
     assert table["stopped_early"].any()
     assert (table["stopped_early"] == (table["epoch"] < 8)).all()
     assert not table.iloc[0]["stopped_early"]  # the first has nothing to lose against
+    assert table.iloc[1]["stopped_early"]  # the one that does not learn
     # A trial after a stopped one trained in the reused process, at least to the first rung.
     stopped = [i for i in range(len(table)) if table.iloc[i]["stopped_early"]]
     assert all(table.iloc[i + 1]["epoch"] >= 2 for i in stopped if i + 1 < len(table))

@@ -42,6 +42,12 @@ def table(tmp_path) -> pd.DataFrame:
 
 def test_a_rerun_resumes_refuses_extends_or_restarts(tmp_path, capsys, local_ray):
     assert run_tau(tmp_path, "--seeds", "0") == 0
+    out = capsys.readouterr().out
+    # The terminal: Tune's status table with the swept parameter, not a configuration table
+    # and a result table for every trial (those come with --verbose).
+    assert "Trial status" in out and "params/mix.tau" in out
+    assert "started with configuration" not in out and "completed after" not in out
+    assert "best trial" not in out  # one trial's value is no comparison
     first = table(tmp_path)
     assert sorted(first["mix.tau"]) == [0.002, 0.01] and len(first) == 2
     meta_path = tmp_path / "results" / "taus" / "study.json"
@@ -107,6 +113,32 @@ def test_the_calling_command_is_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(ROOT / "studies" / "tau_sweep.py"), "--smoke"])
     command, caller = script_command(str(ROOT / "studies" / "tau_sweep.py"), None)
     assert command[2:] == ["--smoke"] and caller is None
+
+
+def test_the_recorded_commit_is_dirty_only_for_code_changes(tmp_path):
+    """study.json's commit gets "+dirty" when a tracked file outside results/ changed; the
+    demo outputs under results/, which run_all rewrites as it runs, do not count."""
+    import subprocess
+
+    from lfm_ray.study.record import git_commit
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "trials.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "results" / "trials.csv").write_text("b\n")
+    (tmp_path / "untracked.txt").write_text("new\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"
 
 
 def test_python_api_runs_a_study(tmp_path, local_ray):

@@ -20,7 +20,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallbac
 from lfm_ray.errors import LfmError
 from lfm_ray.launch import (
     apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs,
-    write_json_atomic,
+    show_tune_trial_tables, write_json_atomic,
 )
 from lfm_ray.study.record import (
     STUDY_FILE, Rerun, discard, plan_rerun, read_stored, request, study_meta,
@@ -196,6 +196,7 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if not study.verbose:
         quiet_ray_logs()
+    show_tune_trial_tables(study.verbose)
     init_ray(study.address, log_to_driver=study.verbose)
     for cfg in study.base_configs().values():
         check_resources(cfg)
@@ -371,10 +372,10 @@ def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None =
         samples = study.num_samples
     return tune.TuneConfig(
         search_alg=alg, scheduler=sched,
-        # The basic generator and no scheduler carry no metric; Tune's "best trial" line
-        # then follows the study's own.
-        metric=study.metric if study.search == "grid" and sched is None else None,
-        mode=study.mode if study.search == "grid" and sched is None else None,
+        # No metric here: the searcher and scheduler carry their own, and with one Tune's
+        # status table adds a "Current best trial" line, a single trial's value with no
+        # seeds or interval behind it (ties included). The report says which configuration,
+        # if any, is better than the rest (lfm_ray.analysis.load.better_than_rest).
         num_samples=samples,
         max_concurrent_trials=None if study.search == "grid" else slots,
         trial_name_creator=TrialNamer(experiment or study.name),

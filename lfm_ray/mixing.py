@@ -204,9 +204,9 @@ def _alias_rows(Pd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first = torch.searchsorted(lack, surplus, right=False)   # first D >= E_j, K + 1 if none
     reached = lack.gather(1, first.clamp(max=K))
     done = ~light & (first <= K) & (next_heavy < K)
-    prob = torch.where(done, (1.0 + surplus - reached).clamp(0.0, 1.0), prob)
+    prob = torch.where(done, 1.0 + surplus - reached, prob)
     alias = torch.where(done, next_heavy, alias)
-    prob.clamp_(0.0, 1.0)
+    prob.clamp_(0.0, 1.0)  # a heavy's 1 + E − D* leaves [0, 1] only by rounding
     # Leftovers kept prob 1 and alias self. A zero column can only be among them through
     # rounding; then it hands its bucket to the row's most likely column.
     zero = Pd == 0

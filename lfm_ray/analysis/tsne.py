@@ -49,8 +49,10 @@ def resolve_classes(classes: Sequence[int | str], class_names: Sequence[str]) ->
         else:
             raise LfmError(f"class {text!r} is neither an index nor a class name; "
                            f"known: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
-        if k not in out:
-            out.append(k)
+        if k in out:
+            raise LfmError(f"class {text!r} is given twice (it is class {k}, "
+                           f"{names[k]!r}); give each class once")
+        out.append(k)
     if len(out) < 2:
         raise LfmError("t-SNE needs at least two distinct classes, e.g. --classes 0,3,9")
     return out

@@ -89,3 +89,19 @@ def test_a_study_field_given_twice_is_refused(tmp_path, capsys, flag, items):
     field = items[0].partition("=")[0]
     assert f"{flag} {field}" in err and "twice" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_train_takes_smoke_below_the_flags(capsys):
+    """The README lists --smoke for `lfm-ray train` too: one epoch per stage of a few steps,
+    a layer the flags override."""
+    import json
+
+    from lfm_ray.cli import main
+    from lfm_ray.config import SMOKE
+
+    assert main(["train", "--smoke", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["stage1"]["epochs"] == SMOKE["stage1.epochs"] == 1
+    assert cfg["runtime"]["max_steps_per_epoch"] == SMOKE["runtime.max_steps_per_epoch"]
+    assert main(["train", "--smoke", "--stage1.epochs", "2", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage1"]["epochs"] == 2

@@ -148,3 +148,43 @@ def test_ctrl_c_leaves_an_incomplete_study_and_the_printed_command_resumes_it(tm
     assert meta["status"] == "complete" and "missing_trials" not in meta
     assert [i["action"] for i in meta["invocations"]] == ["new", "resume"]
     assert (results / "cut" / "best.json").is_file()
+
+
+class CtrlCAfterFirstTrial:
+    """A Tune callback that sends this process Ctrl-C once a trial has finished (as a user
+    would), once: `marker` records that it did (Tune saves callbacks with an experiment and
+    a resumed one runs them again); made a ray.tune.Callback on first use."""
+
+    def __new__(cls, marker: Path):
+        from ray.tune import Callback
+
+        class Sender(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                if not marker.exists():
+                    marker.write_text("sent")
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return Sender()
+
+
+@pytest.mark.slow
+def test_run_study_raises_study_interrupted_from_python(tmp_path, local_ray):
+    from lfm_ray import RunConfig, Study, load_study, run_study
+    from lfm_ray.study import StudyInterrupted
+
+    base = RunConfig().override({"stage1.epochs": 30, "stage2.epochs": 2,
+                                 "runtime.num_workers": 0, "data.cache_dir": str(tmp_path / "c")})
+    study = Study(name="api", base=base, grid={"mix.tau": [0.01, 0.05, 0.25]}, seeds=[0],
+                  max_concurrent=1, results_dir=str(tmp_path / "results"),
+                  callbacks=[CtrlCAfterFirstTrial(tmp_path / "sent")])
+    with pytest.raises(StudyInterrupted, match="lfm-ray study --resume api --results-dir"):
+        run_study(study)
+    folder = tmp_path / "results" / "api"
+    assert not (folder / "best.json").exists()
+    loaded = load_study(folder)
+    assert loaded.incomplete and len(loaded.finished) >= 1
+    assert (loaded.trials["epoch"][loaded.trials["status"] == "TERMINATED"] == 32).all()
+    study.callbacks = []
+    table = run_study(study)  # the same request again resumes and completes it
+    assert len(table) == 3 and (table["status"] == "TERMINATED").all()
+    assert not load_study(folder).incomplete and (folder / "best.json").is_file()

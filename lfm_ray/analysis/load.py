@@ -284,7 +284,7 @@ def shown_path(path: str | os.PathLike, base: Path | None = None) -> str:
 def storage_roots(study: StudyResults) -> list[Path]:
     """Where the study's storage path may be on this machine: as recorded when absolute;
     a relative one (as the user typed it) from the working directory, or from a folder
-    above the results folder (results/<name>/ beside results/ray/)."""
+    above the results folder (runs/<name>/ beside runs/ray/)."""
     root = study.meta.get("storage_path")
     if not root or "://" in str(root):
         return []

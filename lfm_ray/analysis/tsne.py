@@ -29,7 +29,8 @@ def _checkpoint_dir(checkpoint: str | os.PathLike) -> Path:
     path = Path(checkpoint)
     if not path.is_dir() or not (path / "state.pt").is_file():
         raise LfmError(f"{str(path)!r} is not a checkpoint directory: it holds no state.pt "
-                       "(expected e.g. results/ray/<study>_train/train_<id>/epoch_0025)")
+                       "(expected e.g. a study's runs/ray/<study>/tune/<trial>/checkpoint_000025 "
+                       "or a run's <output>/run.checkpoints/epoch_0025)")
     return path
 
 

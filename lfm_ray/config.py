@@ -300,7 +300,10 @@ class RunConfig:
         """Set one field by dotted name; `mix.alpha|tau|beta` set both stages."""
         section, _, key = dotted.partition(".")
         if is_shorthand(dotted):
-            self.set(f"stage1.{key}", value)
+            try:
+                self.set(f"stage1.{key}", value)
+            except LfmError as exc:  # name the field as it was given
+                raise LfmError(str(exc).replace(f"stage1.{key}", dotted, 1)) from None
             self.set(f"stage2.{key}", value)
             return
         if dotted in REMOVED_FIELDS:

@@ -105,3 +105,10 @@ def test_train_takes_smoke_below_the_flags(capsys):
     assert cfg["runtime"]["max_steps_per_epoch"] == SMOKE["runtime.max_steps_per_epoch"]
     assert main(["train", "--smoke", "--stage1.epochs", "2", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["stage1"]["epochs"] == 2
+
+
+def test_a_bad_shorthand_value_is_named_as_given(capsys):
+    from lfm_ray.cli import main
+
+    assert main(["train", "--mix.tau", "nan", "--dry-run"]) == 2
+    assert "mix.tau='nan' is not valid" in capsys.readouterr().err

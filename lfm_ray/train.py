@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from lfm_ray import confusion
 from lfm_ray.augment import BatchBuilder, DeviceImages
-from lfm_ray.config import RunConfig, with_absolute_paths
+from lfm_ray.config import RunConfig, StageConfig, with_absolute_paths
 from lfm_ray.errors import LfmError
 from lfm_ray.extrapolation import aux_record, auxiliary_training
 from lfm_ray.patch_embed import patch_convs_as_matmul
@@ -407,15 +407,19 @@ def steps_per_epoch(num_train: int, cfg: RunConfig, world_size: int) -> tuple[in
     return steps, per_worker
 
 
-def _optimizer(run: Run, stage: Stage, steps: int, epochs: int | None = None):
-    """Adam and the cosine of the stage's first segment (`epochs`, default the whole stage)."""
-    scfg = run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
+def _optimizer(run: Run, stage: Stage, steps: int):
+    scfg = scfg_of(run, stage)
     params = [p for p in run.model.parameters() if p.requires_grad]
     # One fused kernel for the whole update on a GPU (the same Adam, a few launches instead
     # of several per parameter tensor).
     fused = True if run.info.device.type == "cuda" else None
     opt = torch.optim.Adam(params, lr=scfg.lr, fused=fused)
-    return opt, cosine_segment(opt, scfg, (stage.epochs if epochs is None else epochs) * steps)
+    return opt, cosine_segment(opt, scfg, stage.epochs * steps)
+
+
+def scfg_of(run: Run, stage: Stage) -> StageConfig:
+    """The settings of a stage (its epochs, learning rates, α, τ, β)."""
+    return run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
 
 
 def cosine_segment(opt, scfg, total_steps: int):
@@ -443,7 +447,7 @@ def segment_starts(stage: Stage, config: dict[str, Any]) -> list[int]:
 def _mixer(run: Run, stage: Stage):
     from lfm_ray.mixing import build_mixer
 
-    scfg = run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
+    scfg = scfg_of(run, stage)
     # β None: the method's own law (the mixer's `beta` holds what it resolved to); the
     # ConCutMix settings come filled in from the data set's row where unset.
     return build_mixer(
@@ -587,11 +591,11 @@ def _trainable(run: Run, stage: Stage) -> torch.nn.Module:
     return module
 
 
-def prepare_stage(run: Run, stage: Stage, steps: int, epochs: int | None = None):
+def prepare_stage(run: Run, stage: Stage, steps: int):
     """(trainable module, mixer, optimiser, scheduler) for one stage of `steps` steps per
     epoch; sets which parameters train."""
     trainable = _trainable(run, stage)
-    opt, sched = _optimizer(run, stage, steps, epochs)
+    opt, sched = _optimizer(run, stage, steps)
     return trainable, _mixer(run, stage), opt, sched
 
 
@@ -847,9 +851,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
             run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
+        trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
         starts = segment_starts(stage, config)
-        first_segment = (starts[1] if len(starts) > 1 else last + 1) - stage.first_epoch
-        trainable, mixer, opt, sched = prepare_stage(run, stage, steps, first_segment)
+        if len(starts) > 1:  # an extended stage: its first cosine ends where it first ended
+            sched = cosine_segment(opt, scfg_of(run, stage), (starts[1] - starts[0]) * steps)
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -857,8 +862,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if epoch in starts[1:]:
                 # An extension's epochs: a cosine segment of their own (lfm_ray.rerun).
                 length = [*starts, last + 1][starts.index(epoch) + 1] - epoch
-                sched = cosine_segment(opt, run.cfg.stage1 if stage.number == 1
-                                       else run.cfg.stage2, length * steps)
+                sched = cosine_segment(opt, scfg_of(run, stage), length * steps)
             start = time.perf_counter()
             loss = train_epoch(run, stage, epoch, mixer, loss_fn, opt, sched, trainable,
                                steps, per_worker)

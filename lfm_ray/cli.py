@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except LfmError as exc:
         print(f"lfm-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lfm-ray {args.command}: interrupted; run the same command again to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from lfm_ray.commands.study_flags import interrupted_text
+
+        print(f"lfm-ray {args.command}: {interrupted_text(exc)}", file=sys.stderr)
         return 130
 
 

@@ -6,7 +6,8 @@ JSON and back (`to_dict` / `from_dict`), and studies change it by dotted names
 
 `mix.alpha`, `mix.tau` and `mix.beta` are shorthands that set both stages at once: the
 paper's ablations sweep one value for the whole run, while its Places-LT preset gives each
-stage its own α.
+stage its own α. Within one layer (one set of flags, one file) a stage's own field wins over
+the shorthand, whatever their order; a higher layer's shorthand sets both stages.
 """
 
 from __future__ import annotations
@@ -274,19 +275,17 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
         """Build from a nested dict (as `to_dict` writes) and/or dotted keys; a run's
         config.json reads back too (its derived section and record keys are skipped)."""
-        cfg = cls()
         nested = {k: v for k, v in raw.items()
                   if "." not in k and k != DERIVED_SECTION and k not in RECORD_KEYS}
-        dotted = {k: v for k, v in raw.items() if "." in k}
-        for section, values in nested.items():
+        values: dict[str, Any] = {}
+        for section, items in nested.items():
             if section not in SECTIONS:
                 raise unknown_name("config section", section, list(SECTIONS))
-            if not isinstance(values, dict):
-                raise LfmError(f"config section {section!r} must be a mapping, got {values!r}")
-            for key, value in values.items():
-                cfg.set(f"{section}.{key}", value)
-        cfg.override(dotted)
-        return cfg
+            if not isinstance(items, dict):
+                raise LfmError(f"config section {section!r} must be a mapping, got {items!r}")
+            values.update({f"{section}.{key}": value for key, value in items.items()})
+        values.update({k: v for k, v in raw.items() if "." in k})
+        return cls().override(values)  # one layer: a stage's own field beats a shorthand
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
@@ -300,8 +299,11 @@ class RunConfig:
     def set(self, dotted: str, value: Any) -> None:
         """Set one field by dotted name; `mix.alpha|tau|beta` set both stages."""
         section, _, key = dotted.partition(".")
-        if section == "mix" and key in STAGE_SHORTHANDS:
-            self.set(f"stage1.{key}", value)
+        if is_shorthand(dotted):
+            try:
+                self.set(f"stage1.{key}", value)
+            except LfmError as exc:  # name the field as it was given
+                raise LfmError(str(exc).replace(f"stage1.{key}", dotted, 1)) from None
             self.set(f"stage2.{key}", value)
             return
         if dotted in REMOVED_FIELDS:
@@ -323,7 +325,10 @@ class RunConfig:
         return getattr(getattr(self, section), key)
 
     def override(self, values: dict[str, Any]) -> "RunConfig":
-        for dotted, value in values.items():
+        """Set the given fields as one layer: the stage shorthands (`mix.alpha|tau|beta`)
+        first, so a stage's own field among the same values wins, whatever their order."""
+        ordered = sorted(values.items(), key=lambda item: not is_shorthand(item[0]))
+        for dotted, value in ordered:
             self.set(dotted, value)
         return self
 
@@ -448,6 +453,12 @@ class RunConfig:
         _check(self.loss.balce_tau >= 0, "loss.balce_tau", self.loss.balce_tau, "a number >= 0")
         self.aux.check(self.loss.name)
         return self
+
+
+def is_shorthand(dotted: str) -> bool:
+    """`mix.alpha`, `mix.tau` or `mix.beta`: a name that sets both stages' field."""
+    section, _, key = dotted.partition(".")
+    return section == "mix" and key in STAGE_SHORTHANDS
 
 
 def known_fields() -> list[str]:

@@ -37,8 +37,9 @@ def add_counts(counts: torch.Tensor, labels: torch.Tensor, predicted: torch.Tens
 
 
 def write(path: Path, counts: Any, sampling_matrix: Any, *, class_names: Sequence[str],
-          split: str, epoch: int, tau: float) -> None:
-    """One confusion.npz: counts (int64, C×C), P (float32, C×C), and what they are of."""
+          split: str, epoch: int, tau: float, source: str | None = None) -> None:
+    """One confusion.npz: counts (int64, C×C), P (float32, C×C), and what they are of
+    (`source`: the similarity P was computed from, as mix.similarity names it)."""
     counts = np.asarray(counts)
     C = counts.shape[0]
     if counts.shape != (C, C) or np.asarray(sampling_matrix).shape != (C, C):
@@ -48,7 +49,8 @@ def write(path: Path, counts: Any, sampling_matrix: Any, *, class_names: Sequenc
         path, counts=counts.astype(np.int64),
         sampling_matrix=np.asarray(sampling_matrix, dtype=np.float32),
         class_names=np.asarray(list(class_names), dtype=str),
-        split=np.asarray(split), epoch=np.asarray(int(epoch)), tau=np.asarray(float(tau)))
+        split=np.asarray(split), epoch=np.asarray(int(epoch)), tau=np.asarray(float(tau)),
+        **({"source": np.asarray(str(source))} if source else {}))
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -62,4 +64,5 @@ def read(path: str | Path) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as z:
         return {"counts": z["counts"], "sampling_matrix": z["sampling_matrix"],
                 "class_names": [str(n) for n in z["class_names"]], "split": str(z["split"]),
-                "epoch": int(z["epoch"]), "tau": float(z["tau"])}
+                "epoch": int(z["epoch"]), "tau": float(z["tau"]),
+                "source": str(z["source"]) if "source" in z.files else None}

@@ -218,6 +218,7 @@ def prepare_node(cfg: RunConfig):
                           imbalance_factor=cfg.data.imbalance_factor)
     arrays = load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
                          cache_dir=cfg.data.cache_dir, **options)
+    check_similarity(cfg, num_classes=len(arrays.class_names))  # a file's size, read whole
     if cfg.aux.root is not None:  # auxiliary classes: checked and cached like the data set
         from lfm_ray.data.auxiliary import load_aux_arrays
 
@@ -236,10 +237,10 @@ def check_selection_split(cfg: RunConfig, arrays) -> str:
                                    getattr(arrays, "val_images", None) is not None, cfg.data.name)
 
 
-def check_inputs(cfg: RunConfig) -> None:
+def check_inputs(cfg: RunConfig) -> int:
     """Names, values, weights and data files (the auxiliary classes' folders and neighbour map
     too) of one run, checked without training, building caches or starting Ray (what
-    --dry-run checks)."""
+    --dry-run checks). Returns the data set's number of classes."""
     from lfm_ray.backbones import check_backbone_weights
     from lfm_ray.data import build_dataset, options_for
     from lfm_ray.data.cache import check_cache_dir
@@ -254,6 +255,7 @@ def check_inputs(cfg: RunConfig) -> None:
     options = options_for(cfg.data.name, seed=cfg.data.seed,
                           imbalance_factor=cfg.data.imbalance_factor)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
+    check_similarity(cfg, num_classes=len(dataset.class_names))  # a file against the classes
     resolve_selection_split(cfg.data.selection_split, dataset.val_images is not None,
                             cfg.data.name)
     check_batch_size(cfg, len(dataset.train_labels))
@@ -262,6 +264,7 @@ def check_inputs(cfg: RunConfig) -> None:
         from lfm_ray.data.auxiliary import aux_source
 
         aux_source(cfg, dataset.class_names)
+    return len(dataset.class_names)
 
 
 def check_local_resources(cfg: RunConfig) -> None:
@@ -479,7 +482,9 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     """
     from lfm_ray.data import run_data_fingerprint
     from lfm_ray.progress import ProgressFeed
-    from lfm_ray.rerun import discard, plan_train_rerun, record
+    from lfm_ray.rerun import (
+        CHECKPOINT_DIR, RAY_DIR, discard, plan_train_rerun, record, schedule_segments,
+    )
     from lfm_ray.stage1 import load_stage1
 
     cfg.validate()
@@ -523,13 +528,22 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     if plan.action in ("resume", "extend"):
         print(f"{'extending' if plan.action == 'extend' else 'resuming'} the run in {out} "
               "from its last checkpoint", file=sys.stderr, flush=True)
+    segment = (plan.extensions[-1].get("schedule") or {}) if plan.action == "extend" else {}
+    if segment:
+        first, last = segment["epochs"]
+        print(f"epochs {first}-{last} of {segment['stage']} run {segment['rule']} "
+              f"({segment['lr']:g} to {segment['min_lr']:g}; config.json records it)",
+              file=sys.stderr, flush=True)
     write_json_atomic(out / "config.json", record(cfg, fingerprint, plan.extensions))
+    segments = schedule_segments(cfg, plan.extensions)
+    if segments:
+        extra["schedule_segments"] = {str(k): v for k, v in segments.items()}
     # Re-running with the same output resumes from the run's last checkpoint (Ray Train
     # finds it under the same storage path and name).
     if cfg.runtime.num_workers == 0:
         # Ray Train's local mode keeps no checkpoints of its own: they go to a folder of
         # the run's, and a rerun resumes from the last one there.
-        keep = out / "checkpoints"
+        keep = out / CHECKPOINT_DIR
         extra["checkpoint_dir"] = str(keep)
         done = [d for d in sorted(keep.glob("epoch_*")) if complete_checkpoint(d)] \
             if keep.is_dir() else []
@@ -542,7 +556,7 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         with feed:
             if progress:
                 extra["progress"] = feed.queue
-            trainer = make_trainer(cfg, name="run", storage_path=str(out / "ray"), extra=extra)
+            trainer = make_trainer(cfg, name="run", storage_path=str(out / RAY_DIR), extra=extra)
             result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's own error
         inner = unwrap_training_error(exc)

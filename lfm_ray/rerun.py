@@ -27,9 +27,14 @@ from lfm_ray.config import RECORD_KEYS, RunConfig
 from lfm_ray.errors import LfmError
 
 CONFIG_FILE = "config.json"
-# What `lfm-ray train` writes in an output folder (and --restart removes; nothing else).
+# What `lfm-ray train` writes in an output folder (and --restart removes; nothing else). The
+# folders' names hold a dot, which no study name may: an output folder that is also a
+# studies' results folder (with its `ray/` and `<study>/` folders) loses none of them.
+RAY_DIR, CHECKPOINT_DIR = "run.ray", "run.checkpoints"
 RUN_FILES = (CONFIG_FILE, "history.csv", "metrics.json", "confusion.npz")
-RUN_DIRS = ("ray", "checkpoints")
+RUN_DIRS = (RAY_DIR, CHECKPOINT_DIR)
+# An earlier lfm-ray's names for them, which a study's folders may also have.
+LEGACY_DIRS = ("ray", "checkpoints")
 # Keys of config.json beside the RunConfig sections (read back as --config, they are skipped).
 FINGERPRINT_KEY, EXTENSIONS_KEY = RECORD_KEYS
 
@@ -141,11 +146,19 @@ def plan_train_rerun(out: Path, cfg: RunConfig, fingerprint: str | None, *,
     stored = read_record(out) if out.is_dir() else None
     if stored is None:
         leftovers = [n for n in (*RUN_FILES, *RUN_DIRS) if (out / n).exists()]
-        if leftovers and not restart:
+        if leftovers:
             raise LfmError(f"--output {str(out)!r} holds {', '.join(leftovers)} but no "
-                           f"{CONFIG_FILE}, so it cannot be told which run they belong to; add "
-                           "--restart to discard them, or give another --output")
-        return TrainRerun("restart" if leftovers else "new")
+                           f"{CONFIG_FILE}, so nothing tells which run they belong to and "
+                           "lfm-ray will not delete them (not with --restart either): move "
+                           "them away, or give another --output")
+        return TrainRerun("new")
+    legacy = [n for n in LEGACY_DIRS if (out / n).is_dir()]
+    if legacy and not any((out / n).is_dir() for n in RUN_DIRS) and not restart:
+        raise LfmError(f"--output {str(out)!r} holds a run of an earlier lfm-ray, whose "
+                       f"checkpoints are in {', '.join(legacy)}/ (names a study's folders may "
+                       "have too), so it cannot be resumed or extended. Give another --output, "
+                       f"or add --restart to train afresh ({removes(out)} go; "
+                       f"{', '.join(legacy)}/ stay: remove them by hand if they are this run's)")
     if restart:
         return TrainRerun("restart")
     changes = differences(stored, cfg, fingerprint)
@@ -159,16 +172,70 @@ def plan_train_rerun(out: Path, cfg: RunConfig, fingerprint: str | None, *,
                else _extension(RunConfig.from_dict(_sections(stored)), cfg, changes))
     if extend and why_not is None:
         record = {"changed": {path: [old, new] for path, old, new in changes}}
+        segment = added_segment(cfg, changes)
+        if segment:
+            record["schedule"] = segment
         return TrainRerun("extend", changes, [*extensions, record])
     if extend:
         raise LfmError(f"{str(out)!r} cannot be extended: {why_not} ({where}: {listed}). "
                        "Give another --output, or add --restart to discard that output's run "
-                       "and train afresh")
+                       f"({removes(out)}) and train afresh")
     hint = "add --extend to train the added epochs from its last checkpoint, " \
         if why_not is None else ""
     raise LfmError(f"--output {str(out)!r} holds a run of another configuration ({where}): "
                    f"{listed}. To proceed, {hint}give another --output, or add --restart to "
-                   "discard that output's run and train afresh")
+                   f"discard that output's run ({removes(out)}) and train afresh")
+
+
+SEGMENT_RULE = "a new cosine segment from {stage}.lr to {stage}.min_lr over the added epochs"
+
+
+def added_segment(cfg: RunConfig, changes: list[tuple[str, Any, Any]]) -> dict[str, Any] | None:
+    """How an extension trains its added epochs (recorded in config.json): a stage whose
+    trained epochs ended its cosine at min_lr goes on with a cosine segment of its own over
+    the added epochs, from the stage's lr down to its min_lr again. None where the change
+    adds a stage 2 to a run without one (that stage's own schedule, as always)."""
+    for path, old, new in changes:
+        if path.endswith(".epochs") and old and new > old:
+            stage = path.split(".")[0]
+            first = int(old) + 1 + (cfg.stage1.epochs if stage == "stage2" else 0)
+            scfg = getattr(cfg, stage)
+            return {"stage": stage, "epochs": [first, first + int(new - old) - 1],
+                    "lr": scfg.lr, "min_lr": scfg.min_lr,
+                    "rule": SEGMENT_RULE.format(stage=stage)}
+    return None
+
+
+def schedule_segments(cfg: RunConfig, extensions: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Per stage that was extended, the epochs of each of its cosine segments, in order
+    (the stage's epochs before its first extension, then each extension's added ones); a
+    stage never extended has one segment over all its epochs and is left out."""
+    out: dict[int, list[int]] = {}
+    for record in extensions:
+        for path, (old, new) in (record.get("changed") or {}).items():
+            stage, _, field_name = path.partition(".")
+            if field_name != "epochs" or stage not in ("stage1", "stage2") or not old:
+                continue
+            number = 1 if stage == "stage1" else 2
+            segments = out.setdefault(number, [int(old)])
+            segments.append(int(new) - int(old))
+    for number, segments in out.items():
+        total = getattr(cfg, f"stage{number}").epochs
+        if sum(segments) != total:
+            raise LfmError(f"config.json's extensions give stage {number} {sum(segments)} "
+                           f"epochs in all, but stage{number}.epochs is {total}")
+    return out
+
+
+def owned(out: Path) -> list[str]:
+    """The names in `out` that `lfm-ray train` wrote there (what --restart removes)."""
+    return [n for n in RUN_FILES if (out / n).is_file()] + \
+        [n + "/" for n in RUN_DIRS if (out / n).is_dir()]
+
+
+def removes(out: Path) -> str:
+    names = owned(out)
+    return f"{', '.join(names)} in {out}" if names else "nothing"
 
 
 def discard(out: Path) -> None:

@@ -131,14 +131,35 @@ def resolved_choices(cfg) -> dict[str, str]:
             "mix.similarity": similarity_source(cfg).resolved()}
 
 
-def check_similarity(cfg, weights: bool = False, launch_dir: str | None = None) -> None:
+def uses_similarity(cfg) -> bool:
+    """Whether the run's mixing reads mix.similarity (LFM's partner draw); other methods
+    never read its source (a file or another model), however it is set."""
+    return cfg.mix.method == "lfm"
+
+
+def sampling_source(cfg) -> Source:
+    """Where the run's P (LFM's partner draw, and the P kept beside the confusion matrix)
+    comes from: mix.similarity for LFM; for other methods, which never read that, the model
+    family's own (the run's text features, or image prototypes for a timm model)."""
+    from lfm_ray.backbones import model_family
+
+    if uses_similarity(cfg):
+        return similarity_source(cfg)
+    return Source("text") if model_family(cfg.model.name) == "clip" else Source("image-prototypes")
+
+
+def check_similarity(cfg, weights: bool = False, launch_dir: str | None = None,
+                     num_classes: int | None = None) -> None:
     """The similarity source of a RunConfig, checked before anything starts: its form, that
     the model family can have it, its model's name (and with `weights` its weights), the
-    files it names (relative to `launch_dir`, else the current folder; checked for form,
-    their number of rows against the classes when the run starts)."""
+    files it names (relative to `launch_dir`, else the current folder); with `num_classes`
+    (the data set's, once known) a file is read whole and checked against them. A run whose
+    mixing does not read it (uses_similarity) has only its form checked."""
     from lfm_ray.backbones import model_family
 
     source = similarity_source(cfg)
+    if not uses_similarity(cfg):
+        return
     if source.kind == "text" and source.model is None and model_family(cfg.model.name) == "timm":
         raise LfmError(f"mix.similarity={cfg.mix.similarity!r} needs the run's own text tower, "
                        f"which the vision-only model {cfg.model.name} has not; use "
@@ -155,6 +176,8 @@ def check_similarity(cfg, weights: bool = False, launch_dir: str | None = None) 
             raise LfmError(f"mix.similarity={cfg.mix.similarity!r}: {exc}") from None
     if source.kind == "file":
         check_similarity_file(source.local_path(launch_dir))
+        if num_classes is not None:
+            read_similarity_file(source.local_path(launch_dir), num_classes)
     if source.kind == "taxonomy":
         if source.path is not None:
             read_taxonomy_file(source.local_path(launch_dir))
@@ -418,10 +441,10 @@ def for_run(run, launch_dir: str | None = None) -> torch.Tensor | None:
     configuration, classes, model (not yet trained), images, batch builder and worker;
     relative file paths from `launch_dir` (where the run was started)."""
     cfg = run.cfg
-    source = similarity_source(cfg)
+    source = sampling_source(cfg)
     if source.kind == "text" and source.model is None:
         return None
-    if cfg.mix.method != "lfm" and not run.keep_confusion:
+    if not uses_similarity(cfg) and not run.keep_confusion:
         return None
     C = run.num_classes
     if source.kind == "uniform":

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from lfm_ray import confusion
 from lfm_ray.augment import BatchBuilder, DeviceImages
-from lfm_ray.config import RunConfig, with_absolute_paths
+from lfm_ray.config import RunConfig, StageConfig, with_absolute_paths
 from lfm_ray.errors import LfmError
 from lfm_ray.extrapolation import aux_record, auxiliary_training
 from lfm_ray.patch_embed import patch_convs_as_matmul
@@ -408,22 +408,46 @@ def steps_per_epoch(num_train: int, cfg: RunConfig, world_size: int) -> tuple[in
 
 
 def _optimizer(run: Run, stage: Stage, steps: int):
-    scfg = run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
+    scfg = scfg_of(run, stage)
     params = [p for p in run.model.parameters() if p.requires_grad]
     # One fused kernel for the whole update on a GPU (the same Adam, a few launches instead
     # of several per parameter tensor).
     fused = True if run.info.device.type == "cuda" else None
     opt = torch.optim.Adam(params, lr=scfg.lr, fused=fused)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=max(1, stage.epochs * steps), eta_min=scfg.min_lr
-    )
-    return opt, sched
+    return opt, cosine_segment(opt, scfg, stage.epochs * steps)
+
+
+def scfg_of(run: Run, stage: Stage) -> StageConfig:
+    """The settings of a stage (its epochs, learning rates, α, τ, β)."""
+    return run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
+
+
+def cosine_segment(opt, scfg, total_steps: int):
+    """A cosine from the stage's lr down to its min_lr over `total_steps` optimiser steps."""
+    for group in opt.param_groups:
+        group["lr"] = scfg.lr
+        group.pop("initial_lr", None)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps),
+                                                      eta_min=scfg.min_lr)
+
+
+def segment_starts(stage: Stage, config: dict[str, Any]) -> list[int]:
+    """The global epochs at which the stage's cosine segments start: its first epoch, and
+    one more per `lfm-ray train --extend` of it (`schedule_segments`, epochs per segment,
+    from config.json's extensions; lfm_ray.rerun.schedule_segments)."""
+    segments = (config.get("schedule_segments") or {})
+    lengths = segments.get(str(stage.number)) or segments.get(stage.number) or [stage.epochs]
+    starts, epoch = [], stage.first_epoch
+    for n in lengths:
+        starts.append(epoch)
+        epoch += int(n)
+    return starts
 
 
 def _mixer(run: Run, stage: Stage):
     from lfm_ray.mixing import build_mixer
 
-    scfg = run.cfg.stage1 if stage.number == 1 else run.cfg.stage2
+    scfg = scfg_of(run, stage)
     # β None: the method's own law (the mixer's `beta` holds what it resolved to); the
     # ConCutMix settings come filled in from the data set's row where unset.
     return build_mixer(
@@ -676,9 +700,12 @@ def write_confusion(path: Path, run: Run, last_test: dict[str, Any]) -> None:
     if last_test.get("confusion") is None:
         return
     # .cpu(): a state restored with map_location on a GPU brings the counts there.
+    from lfm_ray.similarity import sampling_source
+
     confusion.write(path / confusion.CONFUSION_FILE, last_test["confusion"].cpu().numpy(),
                     run.sampling_matrix().numpy(), class_names=run.class_names, split="test",
-                    epoch=int(last_test["test_epoch"]), tau=run.cfg.stage1.tau)
+                    epoch=int(last_test["test_epoch"]), tau=run.cfg.stage1.tau,
+                    source=str(sampling_source(run.cfg)))
 
 
 def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
@@ -710,21 +737,6 @@ def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[
     if not path.is_file():
         raise LfmError(f"checkpoint {str(checkpoint_dir)!r} has no {STATE_FILE}")
     return load_state_file(path, map_location=device)
-
-
-def replan_schedule(sched, total_steps: int) -> None:
-    """A stage extended since its checkpoint (`lfm-ray train --extend`): the cosine runs
-    over the stage's new length from the step the checkpoint reached (closed form, so the
-    scheduler's recursive update continues on the new curve)."""
-    if sched.T_max == total_steps:
-        return
-    sched.T_max = total_steps
-    t = sched.last_epoch
-    lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / total_steps)) / 2
-           for base in sched.base_lrs]
-    for group, lr in zip(sched.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    sched._last_lr = lrs
 
 
 def _start_state(config: dict[str, Any], cfg: RunConfig,
@@ -840,11 +852,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
             run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
         trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
+        starts = segment_starts(stage, config)
+        if len(starts) > 1:  # an extended stage: its first cosine ends where it first ended
+            sched = cosine_segment(opt, scfg_of(run, stage), (starts[1] - starts[0]) * steps)
         if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            replan_schedule(sched, max(1, stage.epochs * steps))
         for epoch in range(max(done + 1, stage.first_epoch), last + 1):
+            if epoch in starts[1:]:
+                # An extension's epochs: a cosine segment of their own (lfm_ray.rerun).
+                length = [*starts, last + 1][starts.index(epoch) + 1] - epoch
+                sched = cosine_segment(opt, scfg_of(run, stage), length * steps)
             start = time.perf_counter()
             loss = train_epoch(run, stage, epoch, mixer, loss_fn, opt, sched, trainable,
                                steps, per_worker)

@@ -1,5 +1,6 @@
 """Run every study on the embedded data set and write results/<study>/ afresh (the demo
-results): each with --restart and seeds 0, 1 and 2 (the Optuna search with its one seed).
+results): each with --restart --results-dir results (a study run by hand goes to the
+git-ignored runs/) and seeds 0, 1 and 2 (the Optuna search with its one seed).
 
     python studies/run_all.py            # all of them, one local Ray instance
     python studies/run_all.py tau_sweep  # some of them
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STUDIES = ["tau_sweep", "alpha_sweep", "loss_comparison", "mixup_comparison",
            "imbalance_sweep", "optuna_search", "finetune_modes", "category_extrapolation",
            "similarity_sources"]
-FLAGS = ["--restart"]
+FLAGS = ["--restart", "--results-dir", "results"]  # the committed demo results
 SEEDS = ["--seeds", "0,1,2"]  # every study but the Optuna search, which samples with one
 
 

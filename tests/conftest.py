@@ -1,6 +1,36 @@
-"""Shared test settings: tests import each other's fabricators from this folder."""
+"""Shared test settings: tests import each other's fabricators from this folder; tests
+marked `slow` (whole studies, interrupts, the README's first command) run only with
+--slow, which .ci/run gives."""
 
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow end-to-end tests (marked slow; .ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --slow (.ci/run does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for a test module (starting Ray costs seconds)."""
+    import ray
+
+    from lfm_ray.launch import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -266,7 +266,7 @@ def test_ray_job_submit_runs_a_study_with_the_token(cluster, tmp_path):
 def trial_results(storage: Path, name: str) -> dict[str, list[dict]]:
     """Every reported row of each trial of study `name`, from Tune's result.json files."""
     out = {}
-    for path in (storage / name).glob(f"{name}_*/result.json"):
+    for path in (storage / name / "tune").glob(f"{name}_*/result.json"):
         out[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()
                                  if line.strip()]
     return out

@@ -164,7 +164,7 @@ def test_plan_resume_refuse_extend_restart(tmp_path):
         plan_train_rerun(out, small(**{"stage2.epochs": 3}), "f" * 16)
     plan = plan_train_rerun(out, small(**{"stage2.epochs": 3}), "f" * 16, extend=True)
     assert plan.action == "extend"
-    assert plan.extensions == [{"changed": {"stage2.epochs": [1, 3]}}]
+    assert [e["changed"] for e in plan.extensions] == [{"stage2.epochs": [1, 3]}]
     # Stage 1 is not the last stage: more of it cannot continue a stage-2 checkpoint.
     with pytest.raises(LfmError, match=r"cannot be extended: --extend only adds epochs to the "
                                        r"last stage \(stage2.epochs\); it cannot change "
@@ -184,10 +184,11 @@ def test_plan_resume_refuse_extend_restart(tmp_path):
 
 def test_plan_refuses_leftovers_without_a_record_and_a_broken_record(tmp_path):
     out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    with pytest.raises(LfmError, match="holds checkpoints but no config.json"):
+    (out / "run.checkpoints").mkdir(parents=True)
+    with pytest.raises(LfmError, match="holds run.checkpoints but no config.json"):
         plan_train_rerun(out, small(), None)
-    assert plan_train_rerun(out, small(), None, restart=True).action == "restart"
+    with pytest.raises(LfmError, match="will not delete them"):  # nor with --restart
+        plan_train_rerun(out, small(), None, restart=True)
     (out / "config.json").write_text("{not json")
     with pytest.raises(LfmError, match="cannot be read as a run's configuration"):
         plan_train_rerun(out, small(), None)
@@ -258,7 +259,8 @@ def test_train_reruns_end_to_end(tmp_path, capsys, ray_instance):
     assert extended[:2] == first
     stored = json.loads((out / "config.json").read_text())
     assert stored["stage2"]["epochs"] == 3
-    assert stored["extensions"] == [{"changed": {"stage2.epochs": [1, 3]}}]
+    assert stored["extensions"][0]["changed"] == {"stage2.epochs": [1, 3]}
+    assert stored["extensions"][0]["schedule"]["epochs"] == [3, 4]  # tests/test_extend_schedule.py
     # The record is still a config file: given back as --config, it is this configuration.
     assert main(["train", "--config", str(out / "config.json"), "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["stage2"]["epochs"] == 3
@@ -286,38 +288,13 @@ def test_train_reruns_end_to_end(tmp_path, capsys, ray_instance):
         lfm_ray.data.run_data_fingerprint = real
 
 
-def test_extended_stage_follows_the_new_cosine_from_the_step_reached():
-    """--extend re-plans the stage's cosine over its new length (closed form at the step
-    the checkpoint reached), and the scheduler's own updates continue on that curve."""
-    from lfm_ray.train import replan_schedule
-
-    w = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([w], lr=0.1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.001)
-    for _ in range(4):
-        opt.step()
-        sched.step()
-    replan_schedule(sched, 10)
-
-    def cosine(t: int) -> float:
-        return 0.001 + (0.1 - 0.001) * (1 + np.cos(np.pi * t / 10)) / 2
-
-    assert opt.param_groups[0]["lr"] == pytest.approx(cosine(4))
-    for t in range(5, 11):
-        opt.step()
-        sched.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(cosine(t))
-    replan_schedule(sched, 10)  # the same length: nothing changes
-    assert opt.param_groups[0]["lr"] == pytest.approx(cosine(10))
-
-
 # ---- checkpoints run no code -------------------------------------------------------------
 def test_checkpoint_loaders_refuse_a_payload(tmp_path, capsys, ray_instance):
     proof = tmp_path / "ran"
     out = tmp_path / "run"
     assert main(quick_flags(tmp_path, out)) == 0
     capsys.readouterr()
-    good = out / "checkpoints" / "epoch_0002" / "state.pt"
+    good = out / "run.checkpoints" / "epoch_0002" / "state.pt"
     state = load_state_file(good)  # a real trainer checkpoint reads weights-only
     assert state["epoch"] == 2 and state["stage"] == 2
     assert all(isinstance(v, torch.Tensor) for v in state["visual"].values())
@@ -341,8 +318,8 @@ def test_checkpoint_loaders_refuse_a_payload(tmp_path, capsys, ray_instance):
     assert _dataset_class_info(bad_dir) is None
 
     # The resume path: a crafted checkpoint in the run's folder stops the rerun, unrun.
-    crafted = out / "checkpoints" / "epoch_0003"
-    shutil.copytree(out / "checkpoints" / "epoch_0002", crafted)  # complete, but for state.pt
+    crafted = out / "run.checkpoints" / "epoch_0003"
+    shutil.copytree(out / "run.checkpoints" / "epoch_0002", crafted)  # complete, but for state.pt
     shutil.copy(evil, crafted / "state.pt")
     code = main(quick_flags(tmp_path, out))
     err = capsys.readouterr().err
@@ -403,7 +380,7 @@ def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int) -> set[int]:
     """Poll until the run has checkpointed `epoch`; returns every pid seen below the driver."""
     seen: set[int] = set()
     deadline = time.time() + 300
-    target = out / "ray" / "run" / f"epoch_{epoch:04d}"
+    target = out / "run.ray" / "run" / f"epoch_{epoch:04d}"
     while time.time() < deadline and proc.poll() is None:
         seen |= children(proc.pid)
         if target.is_dir():
@@ -429,10 +406,10 @@ def test_killed_driver_leaves_no_ray_process_and_resumes_to_the_same_metrics(tmp
         assert len(pids) >= 5  # GCS, raylet, Train controller, worker, ...
         proc.kill()  # SIGKILL: no handler, no atexit
         proc.wait(timeout=30)
-        at_kill = {p.name for p in (out / "ray" / "run").glob("epoch_*")}
+        at_kill = {p.name for p in (out / "run.ray" / "run").glob("epoch_*")}
         assert_instance_gone(pids | session_pids(proc.pid))
         # At most the epoch being written at the kill lands after it; training stopped.
-        after = {p.name for p in (out / "ray" / "run").glob("epoch_*")}
+        after = {p.name for p in (out / "run.ray" / "run").glob("epoch_*")}
         assert len(after - at_kill) <= 1 and "epoch_0010" not in after
     finally:
         if proc.poll() is None:
@@ -477,9 +454,9 @@ def test_a_half_written_kept_checkpoint_is_passed_over(tmp_path, capsys, ray_ins
     out = tmp_path / "run"
     assert main(quick_flags(tmp_path, out)) == 0
     before = history(out)
-    partial = out / "checkpoints" / "epoch_0003"
+    partial = out / "run.checkpoints" / "epoch_0003"
     partial.mkdir()
-    (partial / "state.pt").write_bytes((out / "checkpoints" / "epoch_0002" / "state.pt")
+    (partial / "state.pt").write_bytes((out / "run.checkpoints" / "epoch_0002" / "state.pt")
                                        .read_bytes()[:100])
     assert main(quick_flags(tmp_path, out)) == 0
     assert "resuming the run" in capsys.readouterr().err

@@ -89,7 +89,7 @@ def test_a_rerun_resumes_refuses_extends_or_restarts(tmp_path, capsys, local_ray
     assert sorted(extended["runtime.seed"]) == [0, 0, 1, 1]
     assert (extended["status"] == "TERMINATED").all()
     meta = json.loads(meta_path.read_text())
-    assert meta["experiments"] == ["taus", "taus-ext1"] and meta["seeds"] == [0, 1]
+    assert meta["experiments"] == ["taus/tune", "taus/tune-ext1"] and meta["seeds"] == [0, 1]
     # ... and the extended request is now the stored one: the same command resumes.
     assert run_tau(tmp_path, "--seeds", "0,1") == 0
     assert sorted(table(tmp_path)["trial_id"]) == sorted(extended["trial_id"])
@@ -99,8 +99,8 @@ def test_a_rerun_resumes_refuses_extends_or_restarts(tmp_path, capsys, local_ray
     fresh = table(tmp_path)
     assert len(fresh) == 2 and not set(fresh["trial_id"]) & set(extended["trial_id"])
     assert fresh["loss.name"].eq("focal").all()
-    assert json.loads(meta_path.read_text())["experiments"] == ["taus"]
-    assert not (tmp_path / "ray" / "taus-ext1").exists()
+    assert json.loads(meta_path.read_text())["experiments"] == ["taus/tune"]
+    assert not (tmp_path / "ray" / "taus" / "tune-ext1").exists()
 
 
 def test_the_calling_command_is_recorded(tmp_path, monkeypatch):
@@ -225,7 +225,7 @@ def test_a_shared_stage1_study_branches_stage2_and_equals_full_runs(tmp_path, lo
         assert shared.loc[tau, "epoch"] == full.loc[tau, "epoch"] == 3
     meta = json.loads((tmp_path / "results" / "shared" / "study.json").read_text())
     assert meta["share_stage1"] and len(meta["stage1_checkpoints"]) == 1  # one seed, one stage 1
-    stage1_runs = [p for p in (tmp_path / "ray" / "shared_stage1").iterdir() if p.is_dir()]
+    stage1_runs = [p for p in (tmp_path / "ray" / "shared" / "stage1").iterdir() if p.is_dir()]
     assert len(stage1_runs) == 1
 
 

@@ -77,7 +77,7 @@ def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
     first = start(command, tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
-        if list((tmp_path / "ray" / "mid").glob("mid_*/checkpoint_000002")):
+        if list((tmp_path / "ray" / "mid" / "tune").glob("mid_*/checkpoint_000002")):
             break
         time.sleep(0.05)
     second = kill_and_run_again(first, command, tmp_path)
@@ -86,7 +86,7 @@ def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
     assert len(final) == 1 and final.loc[0, "status"] == "TERMINATED"
     assert final.loc[0, "epoch"] == epochs
     results = [json.loads(line) for line in next(
-        (tmp_path / "ray" / "mid").glob("mid_*/result.json")).read_text().splitlines()]
+        (tmp_path / "ray" / "mid" / "tune").glob("mid_*/result.json")).read_text().splitlines()]
     restarts = [r["epoch"] for r in results if r["iterations_since_restore"] == 1]
     assert restarts[0] == 1 and len(restarts) == 2, restarts
     assert restarts[1] > 3  # the restored trial went on after its checkpointed epochs

@@ -253,8 +253,12 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
         half = np.where(np.isnan(half), 0.0, half)  # one seed: no spread to draw
         upper, lower = mean + half, mean - half
         top, bottom = np.minimum(upper, 100.0), np.maximum(lower, 0.0)
-        custom = np.stack([agg[f"{m}_std"] * 100, agg[f"{m}_ci_low"] * 100,
-                           agg[f"{m}_ci_high"] * 100, agg[f"{m}_n"]], axis=1)
+        low, high = agg[f"{m}_ci_low"] * 100, agg[f"{m}_ci_high"] * 100
+        cut = np.where((low < 0) | (high > 100), " cut at 0 and 100 %", "")
+        custom = np.empty((len(agg), 5), dtype=object)  # numbers, and the cut's note
+        for j, column in enumerate([agg[f"{m}_std"] * 100, low.clip(lower=0),
+                                    high.clip(upper=100), agg[f"{m}_n"], cut]):
+            custom[:, j] = list(column)
         dodge = _dodge(x, log, k)
         fig.add_trace(go.Scatter(
             x=x, y=mean, mode="lines+markers", name=g, legendgroup=g,
@@ -262,7 +266,7 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
             customdata=custom,
             hovertemplate=f"{html.escape(param_label(param))} = %{{x}}<br>{g}: mean "
                           "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
-                          "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]<br>seeds: "
+                          "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]%{customdata[4]}<br>seeds: "
                           "%{customdata[3]}<extra></extra>"))
         if most > 1:
             # The spread beside the line, each group's a little to the side, so four

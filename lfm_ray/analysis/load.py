@@ -38,6 +38,7 @@ METRICS = tuple(f"acc_{g}" for g in GROUPS)
 SEED = "runtime.seed"
 DONE = "TERMINATED"
 FAILED = "ERROR"
+INTERRUPTED = "INTERRUPTED"  # a trial an interruption stopped on its way (not finished)
 # Columns of the trials table that are not parameters (everything else may be one).
 VAL_METRICS = tuple(f"val_{m}" for m in METRICS)
 NOT_PARAMS = frozenset({
@@ -108,6 +109,19 @@ class StudyResults:
     @property
     def failed(self) -> pd.DataFrame:
         return self.trials[self.trials["status"] == FAILED]
+
+    @property
+    def incomplete(self) -> list[str]:
+        """What is missing from a study whose trials have not all ended (study.json's status
+        "interrupted" or "running", or trials the table marks INTERRUPTED); empty for a
+        complete study."""
+        missing = [str(m) for m in self.meta.get("missing_trials") or []]
+        stopped = [f"trial {t} (interrupted)" for t in
+                   self.trials.loc[self.trials["status"] == INTERRUPTED, "trial_id"]] \
+            if "status" in self.trials.columns else []
+        if self.meta.get("status") in ("running", "interrupted") and not (missing or stopped):
+            missing = [f"unknown: study.json says the study is {self.meta['status']}"]
+        return missing or stopped
 
     def require_finished(self) -> pd.DataFrame:
         """The finished trials; one clear error when there are none."""
@@ -270,7 +284,7 @@ def shown_path(path: str | os.PathLike, base: Path | None = None) -> str:
 def storage_roots(study: StudyResults) -> list[Path]:
     """Where the study's storage path may be on this machine: as recorded when absolute;
     a relative one (as the user typed it) from the working directory, or from a folder
-    above the results folder (results/<name>/ beside results/ray/)."""
+    above the results folder (runs/<name>/ beside runs/ray/)."""
     root = study.meta.get("storage_path")
     if not root or "://" in str(root):
         return []

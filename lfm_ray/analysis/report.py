@@ -378,7 +378,8 @@ def confusion_view(study: StudyResults) -> tuple[go.Figure, str] | None:
             saved["sampling_matrix"], saved["counts"], saved["class_names"],
             run=wrap(f"{study.name}: {which} ({run})", 110),
             split=saved["split"], tau=saved["tau"], epoch=saved["epoch"])
-        caption = (f"Left: LFM's sampling matrix P of the text features at the run's "
+        caption = (f"Left: LFM's sampling matrix P of {p_source_text(saved.get('source'))} "
+                   "at the run's "
                    f"stage-1 τ = {saved['tau']:g} (row: the first image's class, column: "
                    f"the partner's). Right: the {saved['split']} confusion matrix of "
                    f"{which} ({', '.join(t for t in (describe(keys, 3), seed_part) if t)}"
@@ -387,6 +388,20 @@ def confusion_view(study: StudyResults) -> tuple[go.Figure, str] | None:
                    "row divided by its class's test images.")
         return fig, caption
     return None
+
+
+def p_source_text(source: str | None) -> str:
+    """What a confusion.npz's P was computed from, in words (its `source`: mix.similarity
+    as the run resolved it; absent from files of earlier lfm-ray versions)."""
+    if not source:
+        return "the run's class similarity (its source is not recorded in confusion.npz)"
+    kind, _, rest = source.partition(":")
+    if kind == "text":
+        return f"the text features of {rest}" if rest else "the text features"
+    return {"uniform": "uniform partners (mix.similarity uniform)",
+            "image-prototypes": "the image prototypes",
+            "taxonomy": f"the taxonomy{' ' + shown_path(rest) if rest else ''}",
+            "file": f"the similarity file {shown_path(rest)}"}.get(kind, source)
 
 
 # ---- γ′ against a swept α or τ -----------------------------------------------------------
@@ -528,7 +543,24 @@ nav a{margin-right:12px} .fig{margin:8px 0 24px 0} .scroll{overflow-x:auto}
 .box{max-height:520px;overflow:auto;border:1px solid #ddd}
 .box table{margin:0} .box th{position:sticky;top:0;z-index:1}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+.incomplete{background:#fde8e8;border:3px solid #c62828;color:#8e0000;padding:10px 14px;
+     margin:10px 0;font-size:17px} .incomplete b{font-size:26px;letter-spacing:1px}
 """
+
+
+MISSING = "n/a"  # a value a table has not got, in every table of the report
+
+
+def _pct(value: float) -> str:
+    """A percentage to two places, or n/a."""
+    return MISSING if value is None or not math.isfinite(float(value)) else f"{value:.2f}"
+
+
+def interval_text(low: float, high: float) -> str:
+    """A 95 % interval of a percentage, cut at 0 and 100 % (and said so where it is)."""
+    cut = low < 0 or high > 100
+    text = f"[{max(low, 0.0):.2f}, {min(high, 100.0):.2f}]"
+    return text + (" cut at 0 and 100 %" if cut else "")
 
 
 def _esc(value: Any) -> str:
@@ -679,6 +711,10 @@ def _best_html(study: StudyResults) -> str:
     seeds."""
     from lfm_ray.analysis.load import t_interval
 
+    if study.incomplete:
+        return ("<div class='incomplete'>No best configuration: the study is INCOMPLETE "
+                "(see the top of this page), and a best among the trials that happened to "
+                "finish would be a claim about another study.</div>")
     done = study.finished
     rows = []
     facet = study_facet(study)
@@ -690,11 +726,11 @@ def _best_html(study: StudyResults) -> str:
             best = best_configuration(study, metric, value)
             values = pd.to_numeric(best.rows[metric], errors="coerce").dropna() * 100
             n = len(values)
-            mean = f"{values.mean():.2f}"
+            mean = _pct(values.mean() if n else float("nan"))
             if n > 1:
                 _, low, high = t_interval(values.to_numpy(float))
-                mean += f" ± {values.std(ddof=1):.2f} (95 % t-interval [{low:.2f}, {high:.2f}])"
-            test = " / ".join(f"{pd.to_numeric(best.rows[m], errors='coerce').mean() * 100:.2f}"
+                mean += f" ± {values.std(ddof=1):.2f} (95 % t-interval {interval_text(low, high)})"
+            test = " / ".join(_pct(pd.to_numeric(best.rows[m], errors="coerce").mean() * 100)
                               for m in METRICS)
             sep = best.separation
             names = {k: _key_label(study, k) for k in (sep.best, sep.runner_up, sep.against)}
@@ -791,13 +827,13 @@ def _round_param(value: Any) -> str:
 
 def _frame_html(df: pd.DataFrame, box: bool = False) -> str:
     def fmt(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            return MISSING
         if isinstance(v, (float, np.floating)):
             return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.3g}"
         return str(v)
 
-    table = df.to_html(index=False, escape=True, na_rep="",
+    table = df.to_html(index=False, escape=True, na_rep=MISSING,
                        formatters={c: fmt for c in df.columns})
     return f"<div class='{'box' if box else 'scroll'}'>{table}</div>"
 
@@ -838,7 +874,7 @@ def trials_table(study: StudyResults) -> tuple[pd.DataFrame, dict[str, Any]]:
     out = pd.DataFrame(index=t.index)
     for c in t.columns:
         numbers = pd.to_numeric(t[c], errors="coerce") if t[c].dtype != object else None
-        if c in METRICS or c in VAL_METRICS:
+        if c in METRICS or c in VAL_METRICS or c in CLASS_METRICS:
             out[f"{c} (%)"] = pd.to_numeric(t[c], errors="coerce") * 100
         elif c in ("wall_time_s", "train_time_s"):
             out[c.removesuffix("_s") + " (s)"] = pd.to_numeric(t[c], errors="coerce").round(1)
@@ -857,12 +893,13 @@ def _trials_html(study: StudyResults) -> str:
     same = "; ".join(f"{param_label(k) if k in study.swept or '.' in k else k} "
                      f"{_constant_text(k, v)}" for k, v in constant.items())
     return ((f"<p class='caption'>The same in every trial: {_esc(same)}.</p>" if same else "")
-            + "<p class='caption'>Accuracies in percent (acc_*: test split; val_acc_*: "
-              "validation split).</p>" + _frame_html(table, box=True))
+            + "<p class='caption'>Accuracies and LIFT's class figures in percent (acc_*: "
+              "test split; val_acc_*: validation split); n/a: no value (a failed or "
+              "interrupted trial).</p>" + _frame_html(table, box=True))
 
 
 def _constant_text(name: str, value: Any) -> str:
-    if name in METRICS or name in VAL_METRICS:
+    if name in METRICS or name in VAL_METRICS or name in CLASS_METRICS:
         return f"{float(value) * 100:.2f} %"
     return fmt_value(value)
 
@@ -1027,12 +1064,31 @@ def render_page(study: StudyResults, figs: dict[str, go.Figure] | Figures,
     body = "".join(f"<h2 id='{a}'>{_esc(t)}</h2>{b}" for a, t, b in sections)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>lfm-ray study {_esc(study.name)}</title><style>{STYLE}</style>"
+        f"<title>{'INCOMPLETE ' if study.incomplete else ''}lfm-ray study "
+        f"{_esc(study.name)}</title><style>{STYLE}</style>"
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-        f"<h1>lfm-ray study: {_esc(study.name)}</h1>{_record_html(study)}"
+        f"<h1>lfm-ray study: {_esc(study.name)}</h1>{_incomplete_html(study)}"
+        f"{_record_html(study)}"
         f"<p class='summary'>Report written {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>"
         f"<nav>{nav}</nav>{note_html}{png_html}{body}</body></html>"
     )
+
+
+def _incomplete_html(study: StudyResults) -> str:
+    """The banner of a study whose trials have not all ended (interrupted, or still
+    running): which are missing, and that nothing here is the study's result."""
+    missing = study.incomplete
+    if not missing:
+        return ""
+    shown = "".join(f"<li>{_esc(m)}</li>" for m in missing[:50])
+    more = f"<li>and {len(missing) - 50} more</li>" if len(missing) > 50 else ""
+    state = study.meta.get("status") or "interrupted"
+    return (f"<div class='incomplete'><b>INCOMPLETE</b> — this study is {_esc(state)}: "
+            f"{len(missing)} trial(s) have not finished, so the figures and tables below "
+            "show only the trials that did and name no best configuration. Missing:"
+            f"<ul>{shown}{more}</ul>Resume it with <code>"
+            f"{_esc(study.meta.get('resume_command') or 'the command that ran it')}"
+            "</code>.</div>")
 
 
 def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = None,

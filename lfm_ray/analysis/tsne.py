@@ -29,7 +29,8 @@ def _checkpoint_dir(checkpoint: str | os.PathLike) -> Path:
     path = Path(checkpoint)
     if not path.is_dir() or not (path / "state.pt").is_file():
         raise LfmError(f"{str(path)!r} is not a checkpoint directory: it holds no state.pt "
-                       "(expected e.g. results/ray/<study>_train/train_<id>/epoch_0025)")
+                       "(expected e.g. a study's runs/ray/<study>/tune/<trial>/checkpoint_000025 "
+                       "or a run's <output>/run.checkpoints/epoch_0025)")
     return path
 
 
@@ -49,8 +50,10 @@ def resolve_classes(classes: Sequence[int | str], class_names: Sequence[str]) ->
         else:
             raise LfmError(f"class {text!r} is neither an index nor a class name; "
                            f"known: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
-        if k not in out:
-            out.append(k)
+        if k in out:
+            raise LfmError(f"class {text!r} is given twice (it is class {k}, "
+                           f"{names[k]!r}); give each class once")
+        out.append(k)
     if len(out) < 2:
         raise LfmError("t-SNE needs at least two distinct classes, e.g. --classes 0,3,9")
     return out

@@ -49,6 +49,21 @@ def _values(text: str) -> list:
     return [literal(v) for v in text.split(",") if v != ""]
 
 
+def _dimensions(flag: str, items: list[str], form: str) -> list[tuple[str, str]]:
+    """(field, text) of each repeated --grid or --space; a field named twice is refused
+    (which of the two was meant cannot be told)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise LfmError(f"{flag} {item!r} is not valid; expected {form}")
+        if name in out:
+            raise LfmError(f"{flag} {name} is given twice ({name}={out[name]} and "
+                           f"{name}={text}); give each field once, with all its values")
+        out[name] = text
+    return list(out.items())
+
+
 def build_study(args: argparse.Namespace):
     from lfm_ray.study import load_study_spec, parse_dim
 
@@ -65,17 +80,10 @@ def build_study(args: argparse.Namespace):
         return study
     if not args.name:
         raise LfmError("give --name NAME (or --resume NAME)")
-    grid, space = {}, {}
-    for item in args.grid:
-        name, sep, values = item.partition("=")
-        if not sep:
-            raise LfmError(f"--grid {item!r} is not valid; expected FIELD=V1,V2")
-        grid[name] = _values(values)
-    for item in args.space:
-        name, sep, dim = item.partition("=")
-        if not sep:
-            raise LfmError(f"--space {item!r} is not valid; expected FIELD=KIND:...")
-        space[name] = parse_dim(dim)
+    grid = {name: _values(values) for name, values in _dimensions("--grid", args.grid,
+                                                                  "FIELD=V1,V2")}
+    space = {name: parse_dim(dim) for name, dim in _dimensions("--space", args.space,
+                                                               "FIELD=KIND:...")}
     if args.search == "grid" and space:
         raise LfmError("--space is for --search optuna or random; a grid takes --grid")
     if args.search != "grid" and grid:

@@ -18,6 +18,7 @@ from lfm_ray.commands.run_flags import (
     add_run_flags, announce_presets, config_layers, flag_values, new_parser,
 )
 from lfm_ray.errors import LfmError
+from lfm_ray.study.spec import DEFAULT_RESULTS_DIR
 
 TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
 PROTOCOLS = ("branch", "full")
@@ -60,11 +61,14 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                         "elsewhere)")
     g.add_argument("--address", help="Ray cluster address, e.g. auto (default: RAY_ADDRESS "
                    "or a local Ray instance)")
-    g.add_argument("--storage-path", default="results/ray",
-                   help="Tune storage: a local path, NFS path or s3:// / gs:// URI "
-                        "(default: %(default)s)")
-    g.add_argument("--results-dir", default="results",
-                   help="where trials.csv, best.json and the report go (default: %(default)s)")
+    g.add_argument("--storage-path",
+                   help="where Ray's state goes (Tune experiments, checkpoints; a folder per "
+                        "study): a local path, NFS path or s3:// / gs:// URI (default: "
+                        "<results-dir>/ray)")
+    g.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR,
+                   help="where <name>/ with trials.csv, best.json, study.json and the report "
+                        "goes (default: %(default)s, git-ignored; studies/run_all.py writes "
+                        "the committed demo results to results)")
     g.add_argument("--max-concurrent", type=int,
                    help="cap on trials at once (default: what the cluster's resources allow)")
     g.add_argument("--tracker", action="append", choices=TRACKER_NAMES, default=[],
@@ -224,9 +228,15 @@ def run_script(declare: Callable[[argparse.Namespace], ScriptPlan], script_file:
     except LfmError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{name}: {interrupted_text(exc)}", file=sys.stderr)
         return 130
+
+
+def interrupted_text(exc: KeyboardInterrupt) -> str:
+    """What to say when Ctrl-C stopped a command: a stopped study's own note (what ran, what
+    is missing, the command that resumes it), else how to resume."""
+    return str(exc) if str(exc) else "interrupted; run the same command again to resume"
 
 
 def write_study_report(result_dir) -> None:

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "train nothing")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's own start-up and per-report lines")
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick check that the run works: one epoch per stage of a few steps "
+                        "(a layer below the flags)")
     rerun = p.add_mutually_exclusive_group()
     rerun.add_argument("--extend", action="store_true",
                        help="--output holds this run with fewer epochs in its last stage: "
@@ -49,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lfm_ray.launch import check_inputs, check_local_resources, config_json, fit_run, is_local
 
-    layers = config_layers(args)
+    layers = config_layers(args, smoke=args.smoke)
     cfg = layers.resolve().validate()
     if args.dry_run:
         check_inputs(cfg)

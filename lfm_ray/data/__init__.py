@@ -104,7 +104,7 @@ __all__ = [
 def has_validation_split(name: str, root=None) -> bool:
     """Whether data set `name` under `root` has a validation split, from its layout alone
     (no image is read): ImageNet-LT and Places-LT with their _val split file, a folder with
-    val/, iNat2018 always (its hold-out from train2018). The CIFAR sets and digits-lt have
+    images in val/ (a val/ without any is refused), iNat2018 always (its hold-out from train2018). The CIFAR sets and digits-lt have
     none."""
     from pathlib import Path
 
@@ -120,5 +120,7 @@ def has_validation_split(name: str, root=None) -> bool:
     if name in SPLIT_SETS:
         return _find_split(root_path, SPLIT_SETS[name][0], "val") is not None
     if name == "folder":
-        return (root_path / "val").is_dir()
+        from lfm_ray.data.folder import has_val
+
+        return has_val(root_path)  # a val/ without images is refused here
     return False

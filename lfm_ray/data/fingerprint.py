@@ -161,3 +161,45 @@ def run_data_fingerprint(cfg) -> str:
     """The data fingerprint of a RunConfig's data set (cfg.data.name under cfg.data.root);
     builds no cache and decodes no image."""
     return data_fingerprint(cfg.data.name, cfg.data.root)
+
+
+def _group(rel: str) -> str:
+    """The part of a data set a file belongs to, for saying what changed: its top folder
+    under the root (train/, val/, test/ of a folder set; an image folder of a split-file
+    set), or the file itself at the root."""
+    head, sep, _ = str(rel).replace(os.sep, "/").partition("/")
+    return head + "/" if sep else head
+
+
+def fingerprint_summary(name: str, root: Any = None) -> dict[str, Any]:
+    """The fingerprint of data set `name` under `root`, with a file count and a hash per
+    part of it (`_group`), so a change can be named (`describe_change`)."""
+    entries = source_entries(name, root)
+    groups: dict[str, list[list[Any]]] = {}
+    for entry in entries:
+        groups.setdefault(_group(entry[0]), []).append(entry)
+    digest = hashlib.sha256(json.dumps([FINGERPRINT_VERSION, name, entries]).encode())
+    return {"fingerprint": digest.hexdigest()[:16],
+            "parts": {g: {"files": sum(e[2] != "missing" for e in items),
+                          "hash": hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]}
+                      for g, items in sorted(groups.items())}}
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two `fingerprint_summary` results, in words."""
+    a, b = old.get("parts") or {}, new.get("parts") or {}
+    said = []
+    for part in sorted(set(a) | set(b)):
+        if part not in b:
+            said.append(f"{part} is gone")
+        elif part not in a:
+            said.append(f"{part} is new ({b[part]['files']} files)")
+        elif a[part] != b[part]:
+            n, m = a[part]["files"], b[part]["files"]
+            count = (f"{n - m} files fewer ({n} -> {m})" if m < n else
+                     f"{m - n} files more ({n} -> {m})" if m > n else f"{n} files")
+            said.append(f"{part} changed ({count}; files replaced, renamed or edited)"
+                        if m == n else f"{part} changed: {count}")
+    if not said:
+        said.append(f"fingerprint {old.get('fingerprint')} -> {new.get('fingerprint')}")
+    return ", ".join(said)

@@ -32,6 +32,29 @@ def _scan(split_dir: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
+def empty_val(root_path: Path) -> LfmError:
+    return LfmError(f"folder: {root_path / 'val'} holds no images of the training classes, so "
+                    "there is nothing to select on; add images to val/<class>/, or remove val/ "
+                    "(the study then selects on test and says so)")
+
+
+def has_images(split_dir: Path) -> bool:
+    """Whether some class folder of a split holds an image (stops at the first)."""
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for d in split_dir.iterdir() if d.is_dir()
+               for f in d.iterdir())
+
+
+def has_val(root) -> bool:
+    """Whether a folder set has a validation split: val/ with images; a val/ without any
+    is refused (an empty selection split is a mistake, not a choice)."""
+    val = Path(root).expanduser() / "val"
+    if not val.is_dir():
+        return False
+    if not has_images(val):
+        raise empty_val(Path(root).expanduser())
+    return True
+
+
 def build_folder(root=None, imbalance_factor: float | None = None, seed: int = 0) -> LongTailDataset:
     """Images decoded lazily; with `imbalance_factor` the training split is made long-tailed
     (max count = the smallest class's count, subset drawn for `seed`), else used as is."""
@@ -57,6 +80,8 @@ def build_folder(root=None, imbalance_factor: float | None = None, seed: int = 0
     if not test_paths:
         raise LfmError(f"folder: {root_path / 'test'} has no images of the training classes")
     val = _scan(root_path / "val", classes) if (root_path / "val").is_dir() else None
+    if val is not None and not val[0]:
+        raise empty_val(root_path)
     return LongTailDataset(
         name="folder", class_names=[readable(c) for c in classes],
         train_images=ImageList(train_paths), train_labels=train_labels,

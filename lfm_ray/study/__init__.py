@@ -5,6 +5,7 @@
     trial.py   one trial: a Tune function trainable running one TorchTrainer
     tables.py  trials.csv and best.json, kept current as trials end
     record.py  study.json, and what a rerun under the same name may do
+    storage.py where a study's files live, whose a folder is, what a restart removes
     run.py     run_study: check, decide new / resume / extend / restart, run, write tables
 
 The specification imports nothing heavy; the running parts load Ray and pandas on first use,
@@ -26,7 +27,7 @@ _LAZY = {
     "best_configs": "tables", "trial_row": "tables", "trial_rows": "tables",
     "write_tables": "tables", "trial_resources": "trial", "trial_driver": "trial",
     "TrialPlan": "trial", "load_study_spec": "record", "study_meta": "record",
-    "plan_rerun": "record", "request": "record",
+    "plan_rerun": "record", "request": "record", "StudyInterrupted": "run",
 }
 
 

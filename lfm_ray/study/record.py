@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from typing import Any
 
 from lfm_ray.config import ConfigLayers, RunConfig
 from lfm_ray.errors import LfmError
-from lfm_ray.study.spec import Dim, Study, join_path
+from lfm_ray.study.spec import Dim, Study
+from lfm_ray.study.storage import LAYOUT, experiment_name, new_study_id, restart_removes
 
 STUDY_FILE = "study.json"
 # What decides a study's results; a rerun must match these (or only add trials).
@@ -64,11 +64,44 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def comparable(configs: Any) -> Any:
+    """Base configurations as a rerun compares them: without the fields that change where
+    things live or how fast, not what is learned (lfm_ray.stage1.NOT_STAGE1), with the world
+    size for the worker count (0, Ray Train's local mode, trains as one rank: the study's
+    default on a laptop, 1 with --address or a GPU) and the device kind for the GPU share."""
+    from lfm_ray.stage1 import NOT_STAGE1
+
+    if not isinstance(configs, dict):
+        return configs
+    out = {}
+    for dataset, cfg in configs.items():
+        if not isinstance(cfg, dict):
+            out[dataset] = cfg
+            continue
+        cfg = {section: dict(values) if isinstance(values, dict) else values
+               for section, values in cfg.items()}
+        for dotted in NOT_STAGE1:
+            section, _, key = dotted.partition(".")
+            if isinstance(cfg.get(section), dict):
+                cfg[section].pop(key, None)
+        rt = cfg.get("runtime")
+        if isinstance(rt, dict):
+            if isinstance(rt.get("num_workers"), int):
+                rt["num_workers"] = max(1, rt["num_workers"])
+            if isinstance(rt.get("gpus_per_worker"), (int, float)):
+                rt["gpus_per_worker"] = "gpu" if rt["gpus_per_worker"] > 0 else "cpu"
+        out[dataset] = cfg
+    return out
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted path, old, new) for each result-deciding value that differs."""
     out = []
     for key in RESULT_KEYS:
-        a, b = flatten(old.get(key), key), flatten(new.get(key), key)
+        a, b = old.get(key), new.get(key)
+        if key == "base_configs":
+            a, b = comparable(a), comparable(b)
+        a, b = flatten(a, key), flatten(b, key)
         for path in sorted(set(a) | set(b)):
             if not _same(a.get(path), b.get(path)):
                 out.append((path, a.get(path, "(absent)"), b.get(path, "(absent)")))
@@ -84,6 +117,7 @@ class Rerun:
     experiments: list[str]
     new_points: list[dict[str, Any]] = field(default_factory=list)
     changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # data_record: fingerprints per data set
 
     @property
     def experiment(self) -> str:
@@ -103,13 +137,18 @@ def read_stored(study: Study) -> dict[str, Any] | None:
 def plan_rerun(study: Study, stored: dict[str, Any] | None, *, extend: bool = False,
                restart: bool = False) -> Rerun:
     """Decide new / resume / extend / restart, or refuse with every difference named."""
+    first = [experiment_name(study)]
     if restart or stored is None:
-        return Rerun("restart" if stored is not None else "new", [study.name])
-    experiments = list(stored.get("experiments") or [study.name])
+        return Rerun("restart" if stored is not None else "new", first)
+    experiments = list(stored.get("experiments") or first)
     old = stored.get("request") or {}
     new = request(study)
     changes = differences(old, new)
     if not changes:
+        if extend:
+            raise LfmError(f"study {study.name!r}: --extend adds no trials (the request is the "
+                           f"one stored in {study.result_dir / STUDY_FILE}); nothing written. "
+                           "Run without --extend to resume it")
         return Rerun("resume", experiments)
     listed = "; ".join(f"{path}: {_show(a)} -> {_show(b)}" for path, a, b in changes)
     where = study.result_dir / STUDY_FILE
@@ -121,14 +160,94 @@ def plan_rerun(study: Study, stored: dict[str, Any] | None, *, extend: bool = Fa
                 f"study (new seeds or grid values), but these differ from {where}: {listed}. "
                 "Use a new --name, or --restart to discard the stored trials and run afresh")
         points = _added_points(study, old)
-        n = len(experiments)
-        return Rerun("extend", [*experiments, f"{study.name}-ext{n}"], points, changes)
+        if not points:
+            raise LfmError(f"study {study.name!r}: --extend adds no trials ({listed}: every "
+                           "grid point and seed is already in the study); nothing written")
+        return Rerun("extend", [*experiments, experiment_name(study, len(experiments))],
+                     points, changes)
     hint = ("add --extend to run only the new trials (the finished ones are kept), "
             if extendable and study.search == "grid" else "")
     raise LfmError(
         f"study {study.name!r} already exists ({where}) with another configuration: {listed}. "
         f"To proceed, {hint}give a new --name, or add --restart to discard its stored trials "
-        "and results and run it afresh")
+        f"and results ({restart_removes(study, stored)}) and run it afresh")
+
+
+# ---- the data a study trained on ----------------------------------------------------------------
+def data_sources(study: Study) -> dict[str, tuple[str, str | None]]:
+    """Every data set (name, root) the study's trials read, by the key study.json gives it:
+    the data set's name, numbered where a grid sweeps its root."""
+    configs = list(study.base_configs().values())
+    if study.search == "grid" and "data.root" in study.grid:
+        configs += [study.config_for(p) for p in study.grid_points()]
+    found = list(dict.fromkeys((c.data.name, c.data.root) for c in configs))
+    out = {}
+    for name, root in found:
+        same = [r for n, r in found if n == name]
+        out[name if len(same) == 1 else f"{name}#{same.index(root) + 1}"] = (name, root)
+    return out
+
+
+def data_record(study: Study) -> dict[str, Any]:
+    """study.json's `data`: per data set its fingerprint (lfm_ray.data.fingerprint: split
+    and annotation files hashed, images by size and modification time), with a file count
+    and hash per part of it, so a change can be named. No path is kept."""
+    from lfm_ray.data.fingerprint import fingerprint_summary
+
+    return {key: {"name": name, **fingerprint_summary(name, root)}
+            for key, (name, root) in data_sources(study).items()}
+
+
+def check_data(study: Study, stored: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume or extend a study whose data changed since it ran: trials on two
+    versions of a data set would be averaged as one."""
+    from lfm_ray.data.fingerprint import describe_change
+
+    if not stored or not isinstance(stored.get("data"), dict):
+        return
+    changed = [f"{key}: {describe_change(old, current[key])}"
+               for key, old in stored["data"].items()
+               if key in current and old.get("fingerprint") != current[key]["fingerprint"]]
+    if changed:
+        raise LfmError(
+            f"study {study.name!r}: the data changed since it ran ({'; '.join(changed)}; "
+            f"fingerprints in {study.result_dir / STUDY_FILE}), so its finished trials and new "
+            "ones would be on different data. Restore the data, give a new --name, or add "
+            "--restart to run it afresh on the data as it is now")
+
+
+# ---- each run of the study -----------------------------------------------------------------------
+def invocation(study: Study, rerun: Rerun, trials: int) -> dict[str, Any]:
+    """One entry of study.json's `invocations`: what ran the study this time, and where."""
+    out = {"action": rerun.kind, "command": study.command, "called_by": study.called_by,
+           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
+           "machine": machine(), "trials_added": trials}
+    if rerun.kind in ("new", "restart", "extend"):
+        out["experiment"] = rerun.experiment
+    if rerun.kind == "extend":
+        out["added"] = rerun.new_points
+    return out
+
+
+def record_run(study: Study, rerun: Rerun, stored: dict[str, Any] | None, study_id: str,
+               data: dict[str, Any], trials: int) -> dict[str, Any]:
+    """study.json for this run of the study. A new or restarted study's record describes
+    this run; a resume appends this run to `invocations`; an extension records the
+    extended request and keeps what the first run recorded (its command, start, versions and
+    machine at the top), with this run appended to `invocations`."""
+    this = invocation(study, rerun, trials)
+    if rerun.kind == "resume" and stored is not None:
+        meta = dict(stored)
+    else:
+        meta = study_meta(study, rerun.experiments, study_id)
+        meta["data"] = data
+        if rerun.kind == "extend" and stored is not None:
+            for key in ("command", "called_by", "started", "versions", "machine"):
+                if key in stored:
+                    meta[key] = stored[key]
+            meta["invocations"] = list(stored.get("invocations") or [])
+    meta["invocations"] = [*(meta.get("invocations") or []), this]
+    return meta
 
 
 def _show(value: Any) -> str:
@@ -161,33 +280,16 @@ def _normal(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
              for k, v in p.items()} for p in points]
 
 
-def discard(study: Study, stored: dict[str, Any] | None) -> None:
-    """--restart: remove the study's stored trials and results (tables, report, study.json
-    and its Tune experiments under the storage path)."""
-    experiments = list((stored or {}).get("experiments") or [study.name])
-    for exp in experiments:
-        for name in (exp, f"{exp}_train", f"{exp}_stage1"):
-            _remove(join_path(study.storage_path, name))
-    if study.result_dir.is_dir():
-        shutil.rmtree(study.result_dir)
-
-
-def _remove(path: str) -> None:
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        if fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound:
-            fs.delete_dir(inner)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
-
-
 # ---- the record ------------------------------------------------------------------------------
-def study_meta(study: Study, experiments: list[str]) -> dict[str, Any]:
-    """Everything study.json holds: the request, how it was made, what ran it and where."""
+def study_meta(study: Study, experiments: list[str],
+               study_id: str | None = None) -> dict[str, Any]:
+    """Everything study.json holds: the request, how it was made, what ran it and where.
+    `experiments` are relative to the storage path; `study_id` is also in the marker of the
+    study's storage folder (lfm_ray.study.storage), which is how a restart tells it is the
+    study's own."""
     return {
-        "name": study.name, "request": request(study), "experiments": experiments,
+        "name": study.name, "study_id": study_id or new_study_id(), "storage_layout": LAYOUT,
+        "request": request(study), "experiments": experiments,
         "command": study.command, "called_by": study.called_by,
         "search": study.search, "swept": study.swept, "grid": study.grid,
         "space": {k: v.to_dict() for k, v in study.space.items()},

@@ -7,9 +7,13 @@ as `study.result_grid` (the last experiment's, for an extended study).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shlex
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +26,16 @@ from lfm_ray.launch import (
     apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs,
     show_tune_trial_tables, write_json_atomic,
 )
+from lfm_ray.study import storage
 from lfm_ray.study.record import (
-    STUDY_FILE, Rerun, discard, plan_rerun, read_stored, request, study_meta,
+    STUDY_FILE, Rerun, check_data, data_record, plan_rerun, read_stored, record_run, request,
 )
 from lfm_ray.study.search import (
     check_optuna_storage, concurrency, optuna_storage_url, param_space, scheduler, search_alg,
 )
-from lfm_ray.study.spec import Study, join_path, resolve_selection, validate
+from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, validate
 from lfm_ray.study.tables import (
-    Rows, combine, kept_rows, relative_to_storage, table_from_results, tables_callback,
+    FINAL_STATUSES, Rows, combine, kept_rows, relative_to_storage, table_from_results,
     write_tables,
 )
 from lfm_ray.study.trial import (
@@ -61,7 +66,12 @@ def check_study(study: Study, *, extend: bool = False, restart: bool = False) ->
     if stored is not None and "request" not in stored and not restart:
         raise LfmError(f"{study.result_dir / STUDY_FILE} was written by an older lfm-ray and "
                        "cannot be compared with this request; run with --restart or a new --name")
-    return plan_rerun(study, stored, extend=extend, restart=restart)
+    storage.check_owner(study, stored, restart)
+    rerun = plan_rerun(study, stored, extend=extend, restart=restart)
+    rerun.data = data_record(study)
+    if rerun.kind in ("resume", "extend"):
+        check_data(study, stored, rerun.data)
+    return rerun
 
 
 def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> dict[str, Any]:
@@ -70,10 +80,12 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
     from lfm_ray.launch import check_inputs, check_local_resources
 
     rerun = check_study(study, extend=extend, restart=restart)
-    for cfg in study.base_configs().values():
-        check_inputs(cfg)
+    classes = {}
+    for name, cfg in study.base_configs().items():
+        classes[name] = check_inputs(cfg)
         if is_local(study.address):
             check_local_resources(cfg)
+    check_trial_similarities(study, classes)
     req = request(study)
     if study.search == "grid":
         trials = len(rerun.new_points) if rerun.kind == "extend" else len(study.grid_points())
@@ -95,16 +107,39 @@ def selection_note(study: Study) -> str:
     if study.selection_split == "val":
         return (f"selected on {study.metric} (the validation split); test figures (acc_*) "
                 "reported beside it")
+    if any(c.data.selection_split == "test" for c in study.base_configs().values()):
+        return (f"selected on {study.metric} (test): selected on test, as "
+                "data.selection_split test chose (any validation split is not used)")
     return (f"selected on {study.metric} (test): selected on test: this data set has no "
             "validation split")
 
 
 def prepare_node_data(study: Study) -> None:
-    """Every data set and imbalance factor the study uses, cached on this node first."""
+    """Every data set and imbalance factor the study uses, cached on this node first; each
+    trial's similarity file checked against its data set's classes."""
     factors = study.grid.get("data.imbalance_factor") if study.search == "grid" else None
-    for cfg in study.base_configs().values():
+    classes = {}
+    for name, cfg in study.base_configs().items():
         for factor in factors or [cfg.data.imbalance_factor]:
-            prepare_node(cfg.copy().override({"data.imbalance_factor": factor}))
+            arrays = prepare_node(cfg.copy().override({"data.imbalance_factor": factor}))
+        classes[name] = len(arrays.class_names)
+    check_trial_similarities(study, classes)
+
+
+def check_trial_similarities(study: Study, classes: dict[str, int]) -> None:
+    """Each grid trial's LFM similarity source against its data set's classes (a file read
+    whole), once per distinct setting; `classes`: data set -> number of classes."""
+    from lfm_ray.similarity import check_similarity
+
+    if study.search != "grid":
+        return
+    seen = {}
+    for point in study.grid_points():
+        cfg = study.config_for(point)
+        seen.setdefault((cfg.data.name, cfg.mix.method, cfg.mix.similarity), cfg)
+    for (name, _, _), cfg in seen.items():
+        if name in classes:
+            check_similarity(cfg, num_classes=classes[name])
 
 
 # ---- trackers ----------------------------------------------------------------------------------
@@ -205,22 +240,24 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
 
     stored = read_stored(study)
     if rerun.kind == "restart":
-        banner(f"--restart: discarding study {study.name!r}'s stored trials and results")
-        discard(study, stored)
+        banner(f"--restart: discarding study {study.name!r}'s stored trials and results "
+               f"({storage.restart_removes(study, stored)})")
+        for path in storage.discard(study, stored):
+            banner(f"  kept {path}: not written by study {study.name!r}")
+    study_id = stored["study_id"] if rerun.kind in ("resume", "extend") else storage.new_study_id()
+    if storage.owner(study) is None:
+        storage.claim(study, study_id)
     study.result_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = study.result_dir / STUDY_FILE
-    if rerun.kind == "resume" and stored is not None:
-        stored.setdefault("resumed_by", []).append(study.command)
-        write_json_atomic(meta_path, stored)
-    else:
-        write_json_atomic(meta_path, study_meta(study, rerun.experiments))
+    meta = record_run(study, rerun, stored, study_id, rerun.data, trials=len(to_run(study, rerun)))
+    set_status(study, meta, RUNNING)
+    clear_write_up(study)  # best.json and the report return when every trial has ended
 
     slots = concurrency(study)
     workers = study.base.runtime.num_workers
     where = ("each trial trains in its own process" if workers == 0 else
              f"each trial runs a Ray Train worker group of {workers}")
     banner(f"study {study.name!r} ({rerun.kind}): {study.search} search, up to {slots} trials "
-           f"at once, {where}; experiment at {study.experiment_path}")
+           f"at once, {where}; Ray's files in {study.experiment_path}")
     banner(selection_note(study))
     if study.share_stage1:
         banner("protocol: stage 1 trained once per stage-1 configuration (per seed), every "
@@ -236,66 +273,229 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> p
     tables = pd.DataFrame()
     rows = Rows(study)
     stage1: dict[str, str] = {}  # stage1_key -> checkpoint of its shared stage 1
-    for experiment in rerun.experiments:
-        is_new = experiment == rerun.experiment and rerun.kind in ("new", "restart", "extend")
-        path = join_path(study.storage_path, experiment)
-        kept = tables
-        if not is_new and not tune.Tuner.can_restore(path):
-            # An earlier experiment that is gone from the storage path: keep its rows.
-            tables = combine(tables, kept_rows(study, [experiment]))
-            continue
-        points = rerun.new_points if rerun.kind == "extend" else None
-        if study.share_stage1:
-            base_points = points if points is not None else study.grid_points()
-            stage1.update(run_stage1(study, experiment, base_points if is_new else None,
-                                     stage1, slots))
-            record_stage1(study, stage1)
-        plan = TrialPlan.of(study, stage1_checkpoints=stage1 if study.share_stage1 else None)
-        results = run_experiment(study, experiment, plan, slots, points if is_new else None,
-                                 is_new, callbacks=[tables_callback(study, experiment, kept,
-                                                                    rows)])
-        study.result_grid = results
-        tables = combine(kept, table_from_results(study, results, experiment, rows))
-        write_tables(study, tables)
+    with watch_interrupts() as interrupted:
+        for experiment in rerun.experiments:
+            is_new = experiment == rerun.experiment and rerun.kind in ("new", "restart",
+                                                                       "extend")
+            path = join_path(study.storage_path, experiment)
+            kept = tables
+            if not is_new and not tune.Tuner.can_restore(path):
+                # An earlier experiment that is gone from the storage path: keep its rows.
+                tables = combine(tables, kept_rows(study, [experiment]))
+                continue
+            points = rerun.new_points if rerun.kind == "extend" else None
+            if study.share_stage1:
+                base_points = points if points is not None else study.grid_points()
+                found, ended = run_stage1(study, experiment, base_points if is_new else None,
+                                          stage1, slots, stopping=interrupted)
+                stage1.update(found)
+                record_stage1(study, stage1)
+                if not ended or interrupted.is_set():
+                    break  # the branches wait for their stage 1: resume runs both
+            plan = TrialPlan.of(study, stage1_checkpoints=stage1 if study.share_stage1 else None)
+            watch = TrialWatch(study, experiment, rows, kept, stopping=interrupted)
+            results = run_experiment(study, experiment, plan, slots, points if is_new else None,
+                                     is_new, watch=watch)
+            study.result_grid = results
+            current = rows.rows(watch.trials, experiment, watch.stopped) \
+                if watch.trials is not None else table_from_results(study, results, experiment,
+                                                                    rows)
+            tables = combine(kept, current)
+            write_tables(study, tables)
+            if interrupted.is_set() or not watch.ended():
+                break
+    missing = missing_trials(study, tables)
+    write_tables(study, tables, complete=not missing)
     failed = tables[tables["status"] == "ERROR"] if len(tables) else tables
     if len(failed):
         banner(f"{len(failed)} trial(s) failed: {', '.join(failed['trial_id'])}")
+    if missing:
+        set_status(study, read_stored(study) or meta, INTERRUPTED, missing)
+        raise StudyInterrupted(interrupted_note(study, tables, missing))
+    set_status(study, read_stored(study) or meta, COMPLETE)
     banner(f"wrote {study.result_dir / 'trials.csv'} and best.json")
     return tables
 
 
+# ---- interrupted studies ------------------------------------------------------------------------
+RUNNING, COMPLETE, INTERRUPTED = "running", "complete", "interrupted"
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """A study stopped (Ctrl-C) before every trial ended. trials.csv holds what ran (the
+    trials stopped on their way marked INTERRUPTED); study.json says "interrupted" and lists
+    the missing trials; there is no best.json and no report. The message names the command
+    that resumes it."""
+
+
+def resume_command(study: Study) -> str:
+    """The lfm-ray command that resumes the stored study as it is."""
+    from lfm_ray.study.spec import DEFAULT_RESULTS_DIR
+
+    parts = ["lfm-ray", "study", "--resume", study.name]
+    if study.results_dir != DEFAULT_RESULTS_DIR:
+        parts += ["--results-dir", study.results_dir]
+    if study.address:
+        parts += ["--address", study.address]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def interrupted_note(study: Study, tables: pd.DataFrame, missing: list[str]) -> str:
+    done = int((tables["status"] == "TERMINATED").sum()) if len(tables) else 0
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    return (f"study {study.name!r} was interrupted: {done} trial(s) finished, {len(missing)} "
+            f"not ({shown}); {study.result_dir / 'trials.csv'} holds what ran, with no "
+            "best.json and no report. Resume it with: " + resume_command(study))
+
+
+def to_run(study: Study, rerun: Rerun) -> list[Any]:
+    """The trials this run adds (a grid's points, or a search's samples)."""
+    if rerun.kind == "resume":
+        return []
+    if study.search == "grid":
+        return rerun.new_points if rerun.kind == "extend" else study.grid_points()
+    return list(range(study.num_samples * (len(study.seeds) if study.search == "random" else 1)))
+
+
+def all_ended(trials: list[Any] | None) -> bool:
+    return trials is None or all(str(t.status) in FINAL_STATUSES for t in trials)
+
+
+def missing_trials(study: Study, tables: pd.DataFrame) -> list[str]:
+    """The trials of the request that have not ended (finished or failed), by their swept
+    values; empty when the study is complete."""
+    ended = tables[tables["status"].isin(FINAL_STATUSES)] if len(tables) else tables
+    if study.search != "grid":
+        want = len(to_run(study, Rerun("new", [])))
+        return [f"{want - len(ended)} of {want} trials"] if len(ended) < want else []
+    keys = list(study.grid) + [SEED]
+
+    def key(values: dict[str, Any]) -> str:
+        return json.dumps({k: _plain_number(values.get(k)) for k in keys}, sort_keys=True)
+
+    have = {key(row) for row in ended.to_dict("records")} if len(ended) else set()
+    return [", ".join(f"{'seed' if k == SEED else k}={p[k]}" for k in keys)
+            for p in study.grid_points() if key(p) not in have]
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def set_status(study: Study, meta: dict[str, Any], status: str,
+               missing: list[str] | None = None) -> None:
+    """study.json's `status` (running, complete, interrupted) and its missing trials."""
+    meta["status"] = status
+    for key in ("missing_trials", "resume_command"):
+        meta.pop(key, None)
+    if missing:
+        meta["missing_trials"] = missing
+        meta["resume_command"] = resume_command(study)
+    write_json_atomic(study.result_dir / STUDY_FILE, meta)
+
+
+def clear_write_up(study: Study) -> None:
+    """best.json, the report and its figures of an earlier run: they describe another set of
+    trials than the one about to run, and return when the study is complete."""
+    for name in ("best.json", "report.html"):
+        (study.result_dir / name).unlink(missing_ok=True)
+    for path in study.result_dir.glob("*.png"):
+        path.unlink()
+
+
+class _TuneStopLines(logging.Filter):
+    """Tune's lines on Ctrl-C: its "Stop signal received" tells the study it is being
+    interrupted (`event`); its advice to resume with `Tuner.restore(...)` and its list of
+    unfinished Trial objects are left out (the study prints the lfm-ray command instead)."""
+
+    def __init__(self, event: threading.Event):
+        super().__init__()
+        self.event = event
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Stop signal received"):
+            self.event.set()
+            record.msg, record.args = ("stopping the study: saving its state (Ctrl-C again "
+                                       "skips this)"), ()
+            return True
+        return not ("Tuner.restore" in text or text.startswith("Trials did not complete"))
+
+
+@contextlib.contextmanager
+def watch_interrupts():
+    """An event set when Tune is asked to stop (Ctrl-C) while the block runs."""
+    event = threading.Event()
+    line_filter = _TuneStopLines(event)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(line_filter)
+    try:
+        yield event
+    finally:
+        tune_logger.removeFilter(line_filter)
+
+
 def run_experiment(study: Study, experiment: str, plan: TrialPlan, slots: int,
                    points: list[dict[str, Any]] | None, is_new: bool,
-                   callbacks: list[Any] = ()):
+                   watch: TrialWatch | None = None):
     """Run one Tune experiment of the study (new, over `points` or the whole grid), or
-    restore and finish it; returns Tune's ResultGrid."""
+    restore and finish it, followed by `watch`; returns Tune's ResultGrid."""
+    if watch is not None:
+        WATCHES[experiment] = watch
+    try:
+        return _run_experiment(study, experiment, plan, slots, points, is_new)
+    finally:
+        WATCHES.pop(experiment, None)
+
+
+def _run_experiment(study: Study, experiment: str, plan: TrialPlan, slots: int,
+                    points: list[dict[str, Any]] | None, is_new: bool):
     path = join_path(study.storage_path, experiment)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, plan=plan),
                                     trial_resources(study))
+    tune_storage, tune_name = storage.split_experiment(study.storage_path, experiment)
     run_config = tune.RunConfig(
-        name=experiment,
-        storage_path=study.storage_path if "://" in study.storage_path
-        else str(Path(study.storage_path).resolve()),
+        name=tune_name,
+        storage_path=tune_storage,
         failure_config=tune.FailureConfig(max_failures=study.max_failures),
-        callbacks=[*callbacks, *logger_callbacks(study), *study.callbacks],
+        callbacks=[WatchCallback(experiment), *logger_callbacks(study), *study.callbacks],
     )
     if is_new:
         write_plan(path, study, plan)
         tuner = tune.Tuner(trainable, param_space=param_space(study, points),
-                           tune_config=_tune_config(study, slots, points, experiment,
+                           tune_config=_tune_config(study, slots, points,
                                                     scheduled=plan.stage != "stage1"),
                            run_config=run_config)
     else:
         banner(f"resuming experiment {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
-    return tuner.fit()
+    with trial_tracebacks(study.verbose):
+        return tuner.fit()
+
+
+@contextlib.contextmanager
+def trial_tracebacks(shown: bool):
+    """Not `shown`, a failed trial is one line (TrialWatch.failed), not Tune's traceback of
+    Ray's wrappers around it (the trial's error file keeps it); a user's own setting of
+    Tune's TUNE_PRINT_ALL_TRIAL_ERRORS wins."""
+    key = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+    ours = not shown and key not in os.environ
+    if ours:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ.pop(key, None)
 
 
 # ---- a shared stage 1 (the paper's ablation protocol) -------------------------------------------
-STAGE1_SUFFIX = "_stage1"
-
-
 def stage1_points(study: Study, points: list[dict[str, Any]],
                   known: dict[str, str]) -> list[dict[str, Any]]:
     """One point per stage-1 configuration among `points` not yet trained (`known`), its
@@ -313,31 +513,126 @@ def stage1_points(study: Study, points: list[dict[str, Any]],
 
 
 def run_stage1(study: Study, experiment: str, points: list[dict[str, Any]] | None,
-               known: dict[str, str], slots: int) -> dict[str, str]:
-    """Train (or restore) the shared stage-1 trials of one experiment; stage1_key ->
-    checkpoint of each that completed. `points` None: restore the stored experiment only."""
+               known: dict[str, str], slots: int,
+               stopping: threading.Event | None = None) -> tuple[dict[str, str], bool]:
+    """Train (or restore) the shared stage-1 trials of one experiment: (stage1_key ->
+    checkpoint of each that completed, whether every stage-1 trial ended). `points` None:
+    restore the stored experiment only."""
     from lfm_ray.stage1 import stage1_key
 
-    name = experiment + STAGE1_SUFFIX
+    name = storage.stage1_experiment(experiment)
     path = join_path(study.storage_path, name)
     if points is None:
         if not tune.Tuner.can_restore(path):
-            return {}
+            return {}, True
         todo = None
     else:
         todo = stage1_points(study, points, known)
         if not todo:
-            return {}
+            return {}, True
         banner(f"stage 1: {len(todo)} shared stage-1 run(s) first ({name})")
     plan = TrialPlan.of(study, stage="stage1")
-    results = run_experiment(study, name, plan, slots, todo, is_new=todo is not None)
+    watch = TrialWatch(study, name, stopping=stopping)
+    results = run_experiment(study, name, plan, slots, todo, is_new=todo is not None,
+                             watch=watch)
     found = {}
     for r in results:
         if r.error or r.checkpoint is None:
             continue
         cfg = plan.config_for((r.config or {}).get("params") or {})
+        if int((r.metrics or {}).get("epoch") or 0) < cfg.stage1.epochs:
+            continue  # stopped before the end of its stage 1: nothing to branch from
         found[stage1_key(cfg)] = (r.metrics or {}).get("checkpoint_path") or r.checkpoint.path
-    return found
+    complete = watch.ended()
+    if todo is not None and watch.trials is not None and len(watch.trials) < len(todo):
+        complete = False
+    return found, complete
+
+
+class TrialWatch:
+    """Follows one Tune experiment of the study in this process: rewrites trials.csv
+    whenever a trial finishes or fails (with `rows`; none for a shared stage 1), and keeps
+    Tune's trials as the experiment ends (`trials`) with those that were on their way when
+    the study was interrupted (`stopped`; `stopping` is the event set then): Tune ends
+    those TERMINATED. Tune reaches it through a `WatchCallback` (see there)."""
+
+    def __init__(self, study: Study, experiment: str, rows: Rows | None = None,
+                 kept: pd.DataFrame | None = None, stopping: threading.Event | None = None):
+        self.study, self.experiment, self.rows = study, experiment, rows
+        self.kept = kept if kept is not None else pd.DataFrame()
+        self.stopping = stopping
+        self.trials: list[Any] | None = None
+        self.in_flight: set[str] = set()  # trials not ended at the last step before a stop
+        self.stopped: set[str] = set()
+
+    def _stopped(self) -> bool:
+        return self.stopping is not None and self.stopping.is_set()
+
+    def write(self, trials: list[Any]) -> None:
+        if self.rows is not None:
+            cut = self.in_flight if self._stopped() else ()
+            write_tables(self.study, combine(self.kept, self.rows.rows(trials, self.experiment,
+                                                                        cut)))
+
+    def failed(self, trial: Any, retrying: bool) -> None:
+        """One line per failed trial: its error's own message and where the full log is
+        (Tune's traceback of Ray's wrappers only with --verbose)."""
+        if self.study.verbose:
+            return
+        from lfm_ray.study.tables import error_message
+
+        what = "failed; retrying from its last checkpoint" if retrying else "failed"
+        log = getattr(trial, "error_file", None)
+        banner(f"trial {trial} {what}: {error_message(trial, failed=True) or 'see its log'}"
+               + (f" (full log: {log})" if log else ""))
+
+    def step_end(self, trials: list[Any]) -> None:
+        if not self._stopped():
+            self.in_flight = {t.trial_id for t in trials if str(t.status) not in FINAL_STATUSES}
+
+    def experiment_end(self, trials: list[Any]) -> None:
+        self.trials = list(trials)
+        if self._stopped():
+            self.stopped = set(self.in_flight)
+
+    def ended(self) -> bool:
+        """Whether every trial of the experiment ended (finished or failed)."""
+        return self.trials is None or (not self.stopped and all_ended(self.trials))
+
+
+# The TrialWatch of each experiment running in this process, by its name under the storage
+# path. Tune saves an experiment's callbacks with it and a restored experiment runs the
+# saved ones, so the callback carries only this key and finds the current run's watch here.
+WATCHES: dict[str, TrialWatch] = {}
+
+
+class WatchCallback(tune.Callback):
+    """Tune's side of a TrialWatch (see WATCHES)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.key in WATCHES:
+            WATCHES[self.key].step_end(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.key in WATCHES:
+            WATCHES[self.key].write(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.key in WATCHES:
+            WATCHES[self.key].failed(trial, retrying=False)
+            WATCHES[self.key].write(trials)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if self.key in WATCHES:
+            WATCHES[self.key].failed(trial, retrying=True)
+
+    def on_experiment_end(self, trials, **info):
+        if self.key in WATCHES:
+            WATCHES[self.key].experiment_end(trials)
+
 
 
 def record_stage1(study: Study, checkpoints: dict[str, str]) -> None:
@@ -363,7 +658,7 @@ def write_plan(experiment_path: str, study: Study, plan: TrialPlan) -> None:
 
 
 def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None = None,
-                 experiment: str | None = None, scheduled: bool = True):
+                 scheduled: bool = True):
     """`scheduled=False`: no early stopping (a shared stage 1 must run to its end)."""
     alg, sched = search_alg(study, points, slots), scheduler(study) if scheduled else None
     if study.search == "grid":
@@ -378,8 +673,8 @@ def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None =
         # if any, is better than the rest (lfm_ray.analysis.load.better_than_rest).
         num_samples=samples,
         max_concurrent_trials=None if study.search == "grid" else slots,
-        trial_name_creator=TrialNamer(experiment or study.name),
-        trial_dirname_creator=TrialNamer(experiment or study.name, folder=True),
+        trial_name_creator=TrialNamer(study.name),
+        trial_dirname_creator=TrialNamer(study.name, folder=True),
         # A trial driver is reused by the next trial: its Ray process and imports
         # (torch, Ray Train; ~3 CPU-seconds) are paid once per concurrent slot.
         reuse_actors=True,

@@ -23,6 +23,15 @@ SAMPLERS = ("tpe", "gp", "cmaes", "random")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 METHOD = "method"  # the grid parameter that picks a named bundle from Study.variants
 SEED = "runtime.seed"
+DEFAULT_RESULTS_DIR = "runs"  # git-ignored: a user's studies never touch the committed results/
+STORAGE_FOLDER = "ray"        # the default storage path inside a results folder
+
+
+def default_storage(results_dir: str) -> str:
+    """The default storage path: a `ray` folder inside the results folder."""
+    if "://" in results_dir:
+        return results_dir.rstrip("/") + "/" + STORAGE_FOLDER
+    return str(Path(results_dir) / STORAGE_FOLDER)
 
 
 # ---- search spaces -------------------------------------------------------------------------
@@ -128,8 +137,12 @@ class Study:
     sampler: str = "tpe"                 # Optuna sampler
     # Optuna's storage URL; None: an SQLite file in the study's storage folder (local storage)
     optuna_storage: str | None = None
-    storage_path: str = "results/ray"    # Tune experiment root: a local path or a URI
-    results_dir: str = "results"         # trials.csv, best.json, study.json go to <dir>/<name>
+    # trials.csv, best.json, study.json and the report go to <results_dir>/<name> (runs/ is
+    # git-ignored; studies/run_all.py writes the committed demo results to results/)
+    results_dir: str = DEFAULT_RESULTS_DIR
+    # Ray's state (Tune experiments, checkpoints): <storage_path>/<name>/, a local path or a
+    # URI; None: <results_dir>/ray
+    storage_path: str | None = None
     max_concurrent: int | None = None    # cap on concurrent trials; None: what resources allow
     max_failures: int = 1                # retries of a crashed trial from its checkpoint
     address: str | None = None           # Ray cluster; None: RAY_ADDRESS or a local instance
@@ -152,12 +165,17 @@ class Study:
     # "val" or "test", found by `resolve_selection` from the data sets (not set by hand).
     selection_split: str | None = field(default=None, compare=False)
 
+    def __post_init__(self):
+        if self.storage_path is None:
+            self.storage_path = default_storage(self.results_dir)
+
     @property
     def result_dir(self) -> Path:
         return Path(self.results_dir) / self.name
 
     @property
     def experiment_path(self) -> str:
+        """The study's own folder under the storage path (its Tune experiments live in it)."""
         return join_path(self.storage_path, self.name)
 
     @property
@@ -217,8 +235,9 @@ def validate(study: Study) -> None:
     """One clear error for the first problem, before Ray starts and before anything is written."""
     from lfm_ray.launch import check_names  # light: names only, registries load on demand
 
-    if not study.name or any(c in study.name for c in "/\\ ") or study.name.startswith("."):
-        raise LfmError(f"study name {study.name!r} is not valid; use letters, digits, - and _")
+    from lfm_ray.study.storage import check_folders, check_name
+
+    check_name(study.name)
     if study.search not in SEARCHES:
         raise unknown_name("search", study.search, SEARCHES)
     if study.scheduler not in SCHEDULERS:
@@ -291,6 +310,7 @@ def validate(study: Study) -> None:
         check_names(cfg)
     check_storage(study.storage_path, "storage path")
     check_storage(study.results_dir, "results directory")
+    check_folders(study)
 
 
 def resolve_selection(study: Study) -> str:

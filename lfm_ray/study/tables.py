@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import pandas as pd
 
@@ -16,6 +18,12 @@ from lfm_ray.train import ACCURACY_KEYS, METRIC_KEYS, VAL_METRIC_KEYS  # what ep
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.json"
+
+
+# Tune's statuses of a trial that ended; any other (RUNNING, PENDING, PAUSED) at the end of a
+# run means the study was interrupted while the trial was on its way: INTERRUPTED in the table.
+FINAL_STATUSES = ("TERMINATED", "ERROR")
+INTERRUPTED = "INTERRUPTED"
 
 
 class Rows:
@@ -30,26 +38,40 @@ class Rows:
         self.study = study
         self.done: dict[str, dict[str, Any]] = {}
 
-    def rows(self, trials: list[Any], experiment: str | None = None) -> pd.DataFrame:
+    def rows(self, trials: list[Any], experiment: str | None = None,
+             stopped: Collection[str] = ()) -> pd.DataFrame:
+        """One row per trial. `stopped`: the trials that were on their way when the study
+        was interrupted; Tune ends them TERMINATED, but one that has not trained all its
+        epochs is INTERRUPTED here."""
         out = []
         for t in trials:
             key = f"{experiment}/{t.trial_id}"
-            if key in self.done:
+            cut = t.trial_id in stopped and self.cut_short(t)
+            if key in self.done and not cut:
                 out.append(self.done[key])
                 continue
-            row = self._row(t, experiment)
-            if str(t.status) in ("TERMINATED", "ERROR"):
+            row = self._row(t, experiment, cut)
+            if str(t.status) in FINAL_STATUSES and not cut:
                 self.done[key] = row
             out.append(row)
         return pd.DataFrame(out)
 
-    def _row(self, t: Any, experiment: str | None) -> dict[str, Any]:
+    def cut_short(self, t: Any) -> bool:
+        """Whether a trial's last report is before the end of its training."""
+        cfg = self.study.config_for(dict((t.config or {}).get("params") or {}))
+        total = 0 if cfg.runtime.zero_shot else cfg.stage1.epochs + cfg.stage2.epochs
+        epoch = (t.last_result or {}).get("epoch")
+        return epoch is None or int(epoch) < total
+
+    def _row(self, t: Any, experiment: str | None, cut: bool = False) -> dict[str, Any]:
         study = self.study
         params = dict((t.config or {}).get("params") or {})
-        row = trial_row(t.trial_id, t.status, error_message(t), params, study.swept,
+        status = str(t.status) if str(t.status) in FINAL_STATUSES and not cut else INTERRUPTED
+        row = trial_row(t.trial_id, status, error_message(t), params, study.swept,
                         study.config_for(params), dict(t.last_result or {}),
                         getattr(t, "checkpoint", None))
         row["experiment"] = experiment or study.name
+        row["error"] = portable_text(row.get("error") or "", study)
         source = row.get("checkpoint_path")
         row["artifacts"] = copy_artifacts(study, str(t.trial_id), source) if source else None
         row["checkpoint_path"] = relative_to_storage(study.storage_path, source)
@@ -89,9 +111,44 @@ def copy_artifacts(study: Study, trial_id: str, checkpoint: str) -> str | None:
             for name in ARTIFACT_FILES:
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, target / name)
+        portable_result(target / ARTIFACT_FILES[0], study)
     except OSError:
         return None
     return f"{ARTIFACTS_DIR}/{trial_id}"
+
+
+def portable_result(path: Path, study: Study) -> None:
+    """A copied result.json names the shared stage-1 checkpoint a branch started from
+    (`stage1_from`) relative to the storage path, as trials.csv names checkpoints."""
+    if not path.is_file():
+        return
+    result = json.loads(path.read_text())
+    if isinstance(result, dict) and isinstance(result.get("stage1_from"), str):
+        result["stage1_from"] = relative_to_storage(study.storage_path, result["stage1_from"])
+        path.write_text(json.dumps(result))
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"`,;:()\[\]{}<>]+)")
+
+
+def portable_text(text: str, study: Study) -> str:
+    """A message with this machine's absolute paths made portable: relative to the storage
+    path, the results folder or the working folder where they lie below one, else their
+    last two parts (as reports show paths), so trials.csv names no folder of this machine."""
+    roots = [Path(study.storage_path).expanduser().resolve()] if "://" not in study.storage_path \
+        else []
+    roots += [Path(study.results_dir).expanduser().resolve(), Path.cwd()]
+
+    def shorter(match: re.Match) -> str:
+        path = Path(match.group(0))
+        for root in roots:
+            try:
+                return str(path.relative_to(root))
+            except ValueError:
+                continue
+        return str(Path("…", *path.parts[-2:]))
+
+    return ABSOLUTE_PATH.sub(shorter, text)
 
 
 def relative_to_storage(storage_path: str, path: str | None) -> str | None:
@@ -149,11 +206,13 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "failed"
 
 
-def error_message(trial: Any) -> str:
+def error_message(trial: Any, failed: bool = False) -> str:
+    """The line of a trial's error that says what went wrong; `failed`: the trial is known
+    to have failed (Tune is retrying it), whatever its status says."""
     if getattr(trial, "error_text", ""):
         return trial.error_text[:500]
     path = getattr(trial, "error_file", None)
-    if trial.status != "ERROR" or not path or not os.path.exists(path):
+    if (trial.status != "ERROR" and not failed) or not path or not os.path.exists(path):
         return ""
     return last_line(Path(path).read_text(errors="replace"))[:500]
 
@@ -194,15 +253,20 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def write_tables(study: Study, table: pd.DataFrame) -> None:
-    """trials.csv and best.json, each replaced atomically."""
+def write_tables(study: Study, table: pd.DataFrame, complete: bool = False) -> None:
+    """trials.csv, replaced atomically; best.json only for a complete study (every trial
+    finished or failed): while trials are missing there is no best, so an older best.json
+    goes."""
     from lfm_ray.launch import write_json_atomic
 
     study.result_dir.mkdir(parents=True, exist_ok=True)
     tmp = study.result_dir / (TRIALS_FILE + ".tmp")
     table.to_csv(tmp, index=False)
     os.replace(tmp, study.result_dir / TRIALS_FILE)
-    write_json_atomic(study.result_dir / BEST_FILE, best_configs(study, table))
+    if complete:
+        write_json_atomic(study.result_dir / BEST_FILE, best_configs(study, table))
+    elif (study.result_dir / BEST_FILE).exists():
+        (study.result_dir / BEST_FILE).unlink()
 
 
 def kept_rows(study: Study, experiments: Sequence[str]) -> pd.DataFrame:
@@ -221,21 +285,6 @@ def combine(kept: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
     if kept.empty:
         return current
     return pd.concat([kept, current], ignore_index=True)
-
-
-def tables_callback(study: Study, experiment: str, kept: pd.DataFrame, rows: Rows):
-    from ray.tune import Callback
-
-    class TablesCallback(Callback):
-        """Rewrites the tables whenever a trial finishes or fails."""
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            write_tables(study, combine(kept, rows.rows(trials, experiment)))
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            write_tables(study, combine(kept, rows.rows(trials, experiment)))
-
-    return TablesCallback()
 
 
 def table_from_results(study: Study, results, experiment: str,

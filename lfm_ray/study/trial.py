@@ -37,11 +37,11 @@ class TrialPlan:
     @classmethod
     def of(cls, study: Study, stage: str = "both",
            stage1_checkpoints: dict[str, str] | None = None) -> "TrialPlan":
-        from lfm_ray.study.spec import join_path
+        from lfm_ray.study.storage import train_storage
 
         return cls(bases={d: c.to_dict() for d, c in study.base_configs().items()},
                    default_dataset=study.base.data.name, variants=study.variants,
-                   train_storage=join_path(study.storage_path, f"{study.name}_train"),
+                   train_storage=train_storage(study),
                    max_failures=study.max_failures, verbose=study.verbose, stage=stage,
                    stage1_checkpoints=dict(stage1_checkpoints)
                    if stage1_checkpoints is not None else None)

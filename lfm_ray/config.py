@@ -46,7 +46,7 @@ class ModelConfig:
     image_size: int | None = None      # timm models only: square input size in px; None: the model's own
     # Where trained class weights start (stage1.finetune classifier; a timm model's stage-1
     # head): auto (text for CLIP, timm's own init for timm) | text | class-mean | linear-probe
-    classifier_init: str = "auto"      # auto | text | class-mean | linear-probe (lfm_ray/head_init.py)
+    classifier_init: str = "auto"      # start of trained class weights: auto, text, class-mean (the frozen tower's class means) or linear-probe
 
 
 @dataclass
@@ -71,7 +71,7 @@ class StageConfig:
     # Which images an epoch draws (lfm_ray/sampling.py): instance-balanced (a shuffle of the
     # training set), class-balanced (class uniform, then an image of it) or square-root (class
     # ∝ √n_k); LFM's first sample is the paper's uniform draw, so LFM refuses the other two.
-    sampler: str = "instance-balanced"  # instance-balanced | class-balanced | square-root
+    sampler: str = "instance-balanced"  # images an epoch draws: instance-balanced (a shuffle), class-balanced, square-root (class ∝ √n_k)
 
 # Stage 1's fine-tuning modes (lfm_ray.finetune.MODES holds their builders) and stage 2's one.
 FINETUNE_MODES = ("full", "classifier", "bitfit", "lora", "adaptformer", "vpt", "ssf")

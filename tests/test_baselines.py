@@ -276,3 +276,35 @@ def test_a_run_with_a_probe_head_a_crt_stage_and_adjusted_metrics(tmp_path):
     after_stage1 = load_state(tmp_path / "ckpt" / "epoch_0001", CPU)["class_weights"]
     assert torch.allclose(after_stage1, probe.model.class_weights.detach(), atol=1e-6)
     assert not torch.allclose(after_stage1, probe.model.text_features, atol=1e-2)
+
+
+# ---- the study ------------------------------------------------------------------------------------
+def test_the_loss_comparison_runs_every_baseline(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+    import loss_comparison
+
+    from lfm_ray.commands.run_flags import new_parser
+    from lfm_ray.commands.study_flags import add_study_flags, study_from_args
+
+    parser = new_parser()
+    add_study_flags(parser, default_name="loss_comparison")
+    args = parser.parse_args(["--storage-path", str(tmp_path / "ray"),
+                              "--results-dir", str(tmp_path / "results")])
+    plan = loss_comparison.declare(args)
+    names = plan.grid["method"]
+    assert {"CB", "GRW", "LADE", "CE + post-hoc LA", "CE + cRT",
+            "CE + square-root sampling"} <= set(names)
+    study = study_from_args(args, plan, script="loss_comparison")
+    configs = {n: study.config_for({"method": n, "runtime.seed": 0}).validate() for n in names}
+    assert {configs[n].loss.name for n in ("CB", "GRW", "LADE")} == {"cb", "grw", "lade"}
+    assert configs["CE + post-hoc LA"].eval.logit_adjust_tau == 1.0
+    assert configs["CE"].eval.logit_adjust_tau == 0.0
+    crt = configs["CE + cRT"]
+    assert (crt.stage1.sampler, crt.stage2.sampler) == ("instance-balanced", "class-balanced")
+    root = configs["CE + square-root sampling"]
+    assert (root.stage1.sampler, root.stage2.sampler) == ("square-root", "square-root")
+    assert configs["LFM + CE"].mix.method == "lfm" and configs["LFM + CE"].stage1.sampler == \
+        "instance-balanced"

@@ -362,11 +362,16 @@ def test_the_study_runs_every_mode_without_and_with_lfm(tmp_path):
     args = parser.parse_args(["--storage-path", str(tmp_path / "ray"),
                               "--results-dir", str(tmp_path / "results")])
     plan = finetune_modes.declare(args)
-    assert len(plan.grid["method"]) == 12 and set(plan.variants) == set(plan.grid["method"])
+    assert len(plan.grid["method"]) == 18 and set(plan.variants) == set(plan.grid["method"])
     for name, mode in finetune_modes.MODES.items():
         assert plan.variants[name]["stage1.finetune"] == mode
         assert plan.variants[name]["mix.method"] == "none"
         assert plan.variants[f"{name} + LFM"]["mix.method"] == "lfm"
+    assert set(finetune_modes.MODES.values()) == set(FINETUNE_MODES)  # every mode
+    for name, init in finetune_modes.CLASSIFIER_INITS.items():
+        for variant in (name, f"{name} + LFM"):
+            assert plan.variants[variant]["stage1.finetune"] == "classifier"
+            assert plan.variants[variant]["model.classifier_init"] == init
     study = study_from_args(args, plan, script="finetune_modes")
     for name in plan.grid["method"]:  # every trial's configuration is valid
         cfg = study.config_for({"method": name, "runtime.seed": 0}).validate()

@@ -140,6 +140,16 @@ def _no_cross_attention(k_x: Any, v_x: Any) -> None:
         raise ValueError("an image tower's block attends to itself; it takes no k_x or v_x")
 
 
+def _attention_with(block: nn.Module, q_x: torch.Tensor, attn_mask: torch.Tensor | None,
+                    weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The block's own attention module on q_x, run with `weights` (names as in the module:
+    in_proj_weight, out_proj.bias, ...) in place of its own."""
+    attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
+    out = torch.func.functional_call(block.attn, weights, (q_x, q_x, q_x),
+                                     {"need_weights": False, "attn_mask": attn_mask})
+    return out[0]
+
+
 def _block_base() -> type:
     from open_clip.transformer import ResidualAttentionBlock
 
@@ -159,11 +169,7 @@ class LoRABlock(_block_base()):
         weight_q, weight_k, weight_v = self.attn.in_proj_weight.chunk(3)
         merged = torch.cat([weight_q + self.lora_q.delta(), weight_k,
                             weight_v + self.lora_v.delta()])
-        attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
-        # The block's own attention module, run with the merged weight in place of its own.
-        out = torch.func.functional_call(self.attn, {"in_proj_weight": merged}, (q_x, q_x, q_x),
-                                         {"need_weights": False, "attn_mask": attn_mask})
-        return out[0]
+        return _attention_with(self, q_x, attn_mask, {"in_proj_weight": merged})
 
 
 class AdaptFormerBlock(_block_base()):
@@ -198,12 +204,9 @@ class SSFBlock(_block_base()):
         attn = self.attn
         w_in, b_in = self.ssf_attn_in.folded(attn.in_proj_weight, attn.in_proj_bias)
         w_out, b_out = self.ssf_attn_out.folded(attn.out_proj.weight, attn.out_proj.bias)
-        attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
-        out = torch.func.functional_call(
-            attn, {"in_proj_weight": w_in, "in_proj_bias": b_in, "out_proj.weight": w_out,
-                   "out_proj.bias": b_out},
-            (q_x, q_x, q_x), {"need_weights": False, "attn_mask": attn_mask})
-        return out[0]
+        return _attention_with(self, q_x, attn_mask, {
+            "in_proj_weight": w_in, "in_proj_bias": b_in, "out_proj.weight": w_out,
+            "out_proj.bias": b_out})
 
     def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
                 v_x: torch.Tensor | None = None,

@@ -295,18 +295,23 @@ def grw_weights(rho):
     return [v * len(w) / sum(w) for v in w]
 
 
+def check_weighted_loss(loss, w, logits, hard, soft):
+    """The loss's class weights are w; on hard labels it is PyTorch's class-weighted
+    cross-entropy (a weighted mean, as LIFT's CB and GRW losses), on any target the direct
+    weighted mean."""
+    assert loss.weights.tolist() == pytest.approx(w, rel=1e-5)
+    torch_weighted = torch.nn.functional.cross_entropy(logits, hard, weight=torch.tensor(w))
+    assert loss(logits, hard).item() == pytest.approx(torch_weighted.item(), rel=1e-5)
+    for targets in (one_hot(hard), soft):
+        assert loss(logits, targets).item() == pytest.approx(
+            direct_weighted_ce(logits, targets, w), rel=1e-5)
+
+
 @pytest.mark.parametrize("beta", [0.9999, 0.99, 0.0])
 def test_class_balanced_weights_are_the_inverse_effective_numbers(batch, beta):
     logits, hard, soft = batch
     loss = build_loss("cb", COUNTS, beta=beta)
-    w = cb_weights(beta)
-    assert loss.weights.tolist() == pytest.approx(w, rel=1e-5)
-    # Hard labels: PyTorch's class-weighted cross-entropy (a weighted mean), as LIFT's CB loss.
-    torch_weighted = torch.nn.functional.cross_entropy(logits, hard, weight=torch.tensor(w))
-    assert loss(logits, hard).item() == pytest.approx(torch_weighted.item(), rel=1e-5)
-    assert loss(logits, hard).item() == pytest.approx(direct_weighted_ce(logits, one_hot(hard), w),
-                                                      rel=1e-5)
-    assert loss(logits, soft).item() == pytest.approx(direct_weighted_ce(logits, soft, w), rel=1e-5)
+    check_weighted_loss(loss, cb_weights(beta), logits, hard, soft)
     if beta == 0.0:  # every class alike: plain cross-entropy
         assert loss(logits, soft).item() == pytest.approx(direct_soft_ce(logits, soft), rel=1e-5)
 
@@ -314,13 +319,9 @@ def test_class_balanced_weights_are_the_inverse_effective_numbers(batch, beta):
 @pytest.mark.parametrize("rho", [1.0, 0.5, 0.0])
 def test_generalised_reweighting_weights_are_inverse_frequencies_to_the_rho(batch, rho):
     logits, hard, soft = batch
-    loss = build_loss("grw", COUNTS, exponent=rho)
     w = grw_weights(rho)
-    assert loss.weights.tolist() == pytest.approx(w, rel=1e-5)
     assert w[-1] > w[0] or rho == 0.0  # the rarest class weighs most
-    torch_weighted = torch.nn.functional.cross_entropy(logits, hard, weight=torch.tensor(w))
-    assert loss(logits, hard).item() == pytest.approx(torch_weighted.item(), rel=1e-5)
-    assert loss(logits, soft).item() == pytest.approx(direct_weighted_ce(logits, soft, w), rel=1e-5)
+    check_weighted_loss(build_loss("grw", COUNTS, exponent=rho), w, logits, hard, soft)
 
 
 def direct_lade(logits, soft, weight=0.1, lam=0.1):

@@ -124,7 +124,7 @@ def initialise_classifier(run) -> str:
     with training_features(run) as (features, positions, reduce):
         if init == "class-mean":
             means = class_feature_means(features, run.train_labels, C, positions, batch, reduce,
-                                        unit=False, what="class-mean weights")
+                                        unit=False, what="class-mean start")
             weights = class_mean_weights(means)
         else:
             weights = _probe_on_rank0(run, features, positions, reduce, C, batch)

@@ -245,7 +245,7 @@ def class_feature_means(features: Callable[[torch.Tensor], torch.Tensor], labels
         sums.index_add_(0, y, f)
         counts += torch.bincount(y, minlength=num_classes).double()
     if sums is None:
-        raise LfmError(f"{what}s need training images")
+        raise LfmError(f"the {what} needs training images")
     if reduce is not None:
         sums, counts = reduce(sums), reduce(counts)
     empty = torch.nonzero(counts == 0).flatten()

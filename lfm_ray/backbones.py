@@ -116,7 +116,10 @@ def check_backbone(model_cfg) -> None:
 
 def check_family(cfg) -> None:
     """What a run of this model family cannot do, refused before anything starts."""
+    from lfm_ray.head_init import check_classifier_init
+
     family = model_family(cfg.model.name)
+    check_classifier_init(cfg, family)
     if family == "clip":
         if cfg.model.image_size is not None:
             raise LfmError(f"model.image_size={cfg.model.image_size} is for timm: models; the "

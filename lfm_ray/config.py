@@ -45,6 +45,9 @@ class ModelConfig:
     logit_scale: float | None = None   # s in z = s·cos; None: the loss's default (LOGIT_SCALE)
     cache_dir: str | None = None       # where open_clip caches weights; None: its default
     image_size: int | None = None      # timm models only: square input size in px; None: the model's own
+    # Where trained class weights start (stage1.finetune classifier; a timm model's stage-1
+    # head): auto (text for CLIP, timm's own init for timm) | text | class-mean | linear-probe
+    classifier_init: str = "auto"      # start of trained class weights: auto, text, class-mean (the frozen tower's class means) or linear-probe
 
 
 @dataclass
@@ -57,21 +60,31 @@ class StageConfig:
     # λ ~ Beta(beta, beta), > 0; None: the mixing method's own law (MIX_BETA)
     beta: float | None = None
     # What the stage trains (lfm_ray/finetune.py). Stage 1: full (the whole image tower),
-    # classifier (class weights initialised from the text features; the tower frozen), bitfit
-    # (the tower's biases), or on a ViT tower lora, adaptformer or vpt. Stage 2: proj (W_I).
+    # classifier (class weights, initialised as model.classifier_init says; the tower frozen),
+    # bitfit (the tower's biases), or on a ViT tower lora, adaptformer, vpt or ssf. Stage 2:
+    # proj (W_I).
     finetune: str = "full"             # what the stage trains; stage 2 trains W_I only (proj)
     # Sizes of the lightweight modes, None for LIFT's defaults; LIFT's rule for a LoRA rank or
     # an adapter width is 2^max(0, floor(log2(C / (2 · blocks)))) for C classes.
     lora_rank: int | None = None       # lora: rank r of ΔW on q and v, scaled 1/r; None: LIFT's
     adapter_dim: int | None = None     # adaptformer: bottleneck width per block; None: LIFT's
     vpt_length: int | None = None      # vpt: learned tokens added to the input; None: 10 (LIFT's)
+    # Which images an epoch draws (lfm_ray/sampling.py): instance-balanced (a shuffle of the
+    # training set), class-balanced (class uniform, then an image of it) or square-root (class
+    # ∝ √n_k); LFM's first sample is the paper's uniform draw, so LFM refuses the other two.
+    sampler: str = "instance-balanced"  # images an epoch draws: instance-balanced (a shuffle), class-balanced, square-root (class ∝ √n_k)
 
 # Stage 1's fine-tuning modes (lfm_ray.finetune.MODES holds their builders) and stage 2's one.
-FINETUNE_MODES = ("full", "classifier", "bitfit", "lora", "adaptformer", "vpt")
+FINETUNE_MODES = ("full", "classifier", "bitfit", "lora", "adaptformer", "vpt", "ssf")
 STAGE2_FINETUNE = "proj"
 # The size fields of the lightweight modes, and the mode each belongs to.
 FINETUNE_SIZES = {"lora_rank": "lora", "adapter_dim": "adaptformer", "vpt_length": "vpt"}
 TTA_MODES = ("none", "flip", "fivecrop")
+# How an epoch draws its images (lfm_ray.sampling.SAMPLERS holds the draws).
+SAMPLERS = ("instance-balanced", "class-balanced", "square-root")
+# Where trained class weights start (lfm_ray.head_init): auto is text for a CLIP model and
+# the head's own initialisation for a timm model.
+CLASSIFIER_INITS = ("auto", "text", "class-mean", "linear-probe")
 
 
 @dataclass
@@ -121,16 +134,22 @@ CONCUTMIX_SETTINGS: dict[str, dict[str, float | int]] = {
 # The authors' logit scales s (z = s·cos), so that a loss run with defaults reproduces theirs:
 # LDAM's s = 30 (margin s·m_y), MMS's s = 100 = 1/T with T = 0.01 (margin s·margin·(1 − cos)).
 # One `model.logit_scale` replaces them all for a comparison at one common scale.
-LOGIT_SCALE = {"ce": 1.0, "balce": 1.0, "focal": 1.0, "ldam": 30.0, "mms": 100.0}
+# CB, GRW and LADE reweight or adjust CE: they take CE's scale (LIFT's cosine head runs at 25).
+LOGIT_SCALE = {"ce": 1.0, "balce": 1.0, "focal": 1.0, "ldam": 30.0, "mms": 100.0,
+               "cb": 1.0, "grw": 1.0, "lade": 1.0}
 
 
 @dataclass
 class LossConfig:
-    name: str = "ce"                   # ce | balce | focal | ldam | mms
+    name: str = "ce"                   # ce | balce | focal | ldam | mms | cb | grw | lade
     focal_gamma: float = 2.0           # Focal γ
     ldam_max_margin: float = 0.5       # LDAM: largest class margin m (cosine units)
     mms_margin: float = 0.3            # MMS: margin·(1 − cos(f_T[y], f_T[k])) (cosine units)
     balce_tau: float = 1.0             # BalCE τ_b: logits + τ_b·log(n_k / Σn), >= 0
+    cb_beta: float = 0.9999            # CB: class weight (1 − β)/(1 − β^n_k), β in [0, 1)
+    grw_exponent: float = 1.0          # GRW: class weight (n_k / Σn)^(−ρ), ρ >= 0
+    lade_weight: float = 0.1           # LADE: weight of its regulariser beside BalCE, >= 0
+    lade_remine_lambda: float = 0.1    # LADE: ReMINE's λ on the squared log-partition term, >= 0
     # LDAM's scale and MMS's 1/temperature are the run's logit scale s (model.logit_scale,
     # defaults in LOGIT_SCALE): LDAM subtracts s·m_y, MMS adds s·margin·(1 − cos).
 
@@ -144,6 +163,9 @@ class LossConfig:
             "focal": {"gamma": self.focal_gamma},
             "ldam": {"max_margin": self.ldam_max_margin, "logit_scale": scale},
             "mms": {"margin": self.mms_margin, "logit_scale": scale},
+            "cb": {"beta": self.cb_beta},
+            "grw": {"exponent": self.grw_exponent},
+            "lade": {"weight": self.lade_weight, "remine_lambda": self.lade_remine_lambda},
         }.get(self.name, {})
 
 
@@ -175,6 +197,9 @@ class EvalConfig:
     # and cut into four corner crops and a centre crop at the model's input size S; LIFT
     # resizes to 224 + 24 = 248 px for its 224 px models, which None scales to any S.
     fivecrop_resize: int | None = None  # fivecrop's resize (px, > S); None: round(S · 248/224)
+    # Post-hoc logit adjustment (Menon et al. 2021) of every evaluation: the argmax of
+    # z_k − τ·log(n_k / Σn), n_k the training counts; 0 leaves the logits as they are.
+    logit_adjust_tau: float = 0.0      # post-hoc adjustment τ (>= 0) on val and test logits
 
 
 # ---- category extrapolation ("Learning from Neighbors", Zhao et al., CVPR 2025) -------------
@@ -451,8 +476,50 @@ class RunConfig:
         _check(bool(self.model.templates) and all("{}" in t for t in self.model.templates),
                "model.templates", self.model.templates, "a non-empty list of strings with '{}'")
         _check(self.loss.balce_tau >= 0, "loss.balce_tau", self.loss.balce_tau, "a number >= 0")
+        _check(0 <= self.loss.cb_beta < 1, "loss.cb_beta", self.loss.cb_beta,
+               "a number in [0, 1) (0 weighs every class alike)")
+        _check(self.loss.grw_exponent >= 0, "loss.grw_exponent", self.loss.grw_exponent,
+               "a number >= 0")
+        _check(self.loss.lade_weight >= 0, "loss.lade_weight", self.loss.lade_weight,
+               "a number >= 0")
+        _check(self.loss.lade_remine_lambda >= 0, "loss.lade_remine_lambda",
+               self.loss.lade_remine_lambda, "a number >= 0")
+        _check(self.eval.logit_adjust_tau >= 0, "eval.logit_adjust_tau",
+               self.eval.logit_adjust_tau, "a number >= 0 (0: no adjustment)")
+        self._check_samplers()
+        self._check_classifier_init()
         self.aux.check(self.loss.name)
         return self
+
+    def _check_samplers(self) -> None:
+        for name in ("stage1", "stage2"):
+            sampler = getattr(self, name).sampler
+            _check(sampler in SAMPLERS, f"{name}.sampler", sampler, f"one of {', '.join(SAMPLERS)}")
+            if sampler != SAMPLERS[0] and self.mix.method == "lfm":
+                raise LfmError(
+                    f"{name}.sampler={sampler!r} with mix.method='lfm': LFM draws its first "
+                    "sample uniformly over the training images (paper Eq. 1) and rebalances "
+                    "through its partner law and label shift, which another sampler would "
+                    f"change; use {name}.sampler instance-balanced with LFM, or another mixing "
+                    "method (none for a cRT-style classifier stage)")
+
+    def _check_classifier_init(self) -> None:
+        init = self.model.classifier_init
+        _check(init in CLASSIFIER_INITS, "model.classifier_init", init,
+               f"one of {', '.join(CLASSIFIER_INITS)}")
+        if init in ("auto", "text"):
+            return
+        if self.runtime.zero_shot:
+            raise LfmError(f"model.classifier_init={init!r} with runtime.zero_shot: a zero-shot "
+                           "run classifies with the text features and trains nothing; use "
+                           "model.classifier_init auto")
+        if self.aux.root is not None:
+            raise LfmError(f"model.classifier_init={init!r} with auxiliary classes (aux.root): "
+                           "their images are drawn anew each epoch, so they have no fixed set "
+                           "to start their class weights from; use model.classifier_init auto")
+        if self.stage1.epochs == 0:
+            raise LfmError(f"model.classifier_init={init!r} with stage1.epochs=0: the class "
+                           "weights train in stage 1 only; give stage 1 epochs or use auto")
 
 
 def is_shorthand(dotted: str) -> bool:
@@ -716,8 +783,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
                   "folder"),
     "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
-    "loss.name": ("ce", "balce", "focal", "ldam", "mms"),
+    "loss.name": ("ce", "balce", "focal", "ldam", "mms", "cb", "grw", "lade"),
     "stage1.finetune": FINETUNE_MODES,
+    "stage1.sampler": SAMPLERS,
+    "stage2.sampler": SAMPLERS,
+    "model.classifier_init": CLASSIFIER_INITS,
     "stage2.finetune": (STAGE2_FINETUNE,),
     "eval.tta": TTA_MODES,
     "aux.silence": AUX_SILENCE,

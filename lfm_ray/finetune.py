@@ -15,11 +15,15 @@ lightweight fine-tuning keeps more of CLIP's tail-class knowledge. The modes:
 - vpt: shallow visual prompt tuning: `vpt_length` learned tokens appended to the token
   sequence after the ViT's ln_pre (no position embedding), uniform in ±√(6 / (3·p² + d)) for
   patch side p and width d; they are dropped again before pooling.
+- ssf: scale and shift of features (Lian et al. 2022, as LIFT and LIFT+ place it): the
+  outputs of each block's four linear layers (the attention's in- and out-projections, the
+  MLP's two layers) become y·γ + β, one γ and β per output feature, γ from 1 and β from 0.
 
-The last three need an open_clip ViT image tower and change it in place: their modules live
-inside the tower, so its state dict, DDP and torch.compile carry them. LoRA and AdaptFormer
-start as the identity (B and up are zero), so before training the model computes what the
-plain model computes; VPT's prompts take part in the attention from the first step.
+The last four need an open_clip ViT image tower and change it in place: their modules live
+inside the tower, so its state dict, DDP and torch.compile carry them. LoRA, AdaptFormer and
+SSF start as the identity (B and up are zero; γ = 1, β = 0), so before training the model
+computes what the plain model computes; VPT's prompts take part in the attention from the
+first step.
 
 In every mode but classifier the class weights are the frozen text features, as in LFM; in
 every mode stage 2 trains W_I alone on the frozen tower (adapters and class weights
@@ -35,11 +39,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lfm_ray.config import FINETUNE_MODES, STAGE2_FINETUNE
 from lfm_ray.errors import LfmError
 
-VIT_MODES = ("lora", "adaptformer", "vpt")
+VIT_MODES = ("lora", "adaptformer", "vpt", "ssf")
 DEFAULT_VPT_LENGTH = 10  # LIFT's
 
 
@@ -102,6 +107,22 @@ class VisualPrompts(TuningModule):
         self.tokens = nn.Parameter(torch.empty(length, width).uniform_(-bound, bound))
 
 
+class ScaleShift(TuningModule):
+    """SSF's scale and shift of one linear layer's outputs: y·γ + β, γ and β (n,) for n
+    output features. γ starts at 1 and β at 0 (the identity; LIFT draws γ ~ N(1, 0.02²) and
+    β ~ N(0, 0.02²))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+        self.shift = nn.Parameter(torch.zeros(width))
+
+    def folded(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer (W, b) followed by the scale and shift, as one layer: (γ ⊙ W, γ ⊙ b + β),
+        since (x Wᵀ + b)·γ + β = x (γ ⊙ W)ᵀ + γ ⊙ b + β."""
+        return self.scale[:, None] * weight, self.scale * bias + self.shift
+
+
 # ---- the tower's blocks and the tower, with the modules in place --------------------------------
 def _rebadged(module: nn.Module, cls: type) -> nn.Module:
     """A `cls` object holding `module`'s parameters, buffers and submodules (not copies):
@@ -117,6 +138,16 @@ def _rebadged(module: nn.Module, cls: type) -> nn.Module:
 def _no_cross_attention(k_x: Any, v_x: Any) -> None:
     if k_x is not None or v_x is not None:
         raise ValueError("an image tower's block attends to itself; it takes no k_x or v_x")
+
+
+def _attention_with(block: nn.Module, q_x: torch.Tensor, attn_mask: torch.Tensor | None,
+                    weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The block's own attention module on q_x, run with `weights` (names as in the module:
+    in_proj_weight, out_proj.bias, ...) in place of its own."""
+    attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
+    out = torch.func.functional_call(block.attn, weights, (q_x, q_x, q_x),
+                                     {"need_weights": False, "attn_mask": attn_mask})
+    return out[0]
 
 
 def _block_base() -> type:
@@ -138,11 +169,7 @@ class LoRABlock(_block_base()):
         weight_q, weight_k, weight_v = self.attn.in_proj_weight.chunk(3)
         merged = torch.cat([weight_q + self.lora_q.delta(), weight_k,
                             weight_v + self.lora_v.delta()])
-        attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
-        # The block's own attention module, run with the merged weight in place of its own.
-        out = torch.func.functional_call(self.attn, {"in_proj_weight": merged}, (q_x, q_x, q_x),
-                                         {"need_weights": False, "attn_mask": attn_mask})
-        return out[0]
+        return _attention_with(self, q_x, attn_mask, {"in_proj_weight": merged})
 
 
 class AdaptFormerBlock(_block_base()):
@@ -157,6 +184,39 @@ class AdaptFormerBlock(_block_base()):
         _no_cross_attention(k_x, v_x)
         h = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
         return h + self.ls_2(self.mlp(self.ln_2(h))) + self.adapter(h)
+
+
+class SSFBlock(_block_base()):
+    """open_clip's ViT block with SSF on the outputs of its attention's in-projection (q, k and
+    v: 3d features) and out-projection, and of its MLP's two layers. Each scale and shift is
+    folded into its layer's weight and bias, the same function as scaling the layer's output
+    (SSF's own re-parameterisation), so the attention stays PyTorch's."""
+
+    ssf_attn_in: ScaleShift
+    ssf_attn_out: ScaleShift
+    ssf_mlp_in: ScaleShift
+    ssf_mlp_out: ScaleShift
+
+    def attention(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
+                  v_x: torch.Tensor | None = None,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _no_cross_attention(k_x, v_x)
+        attn = self.attn
+        w_in, b_in = self.ssf_attn_in.folded(attn.in_proj_weight, attn.in_proj_bias)
+        w_out, b_out = self.ssf_attn_out.folded(attn.out_proj.weight, attn.out_proj.bias)
+        return _attention_with(self, q_x, attn_mask, {
+            "in_proj_weight": w_in, "in_proj_bias": b_in, "out_proj.weight": w_out,
+            "out_proj.bias": b_out})
+
+    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
+                v_x: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _no_cross_attention(k_x, v_x)
+        x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+        fc, proj = self.mlp.c_fc, self.mlp.c_proj
+        h = F.linear(self.ln_2(x), *self.ssf_mlp_in.folded(fc.weight, fc.bias))
+        h = F.linear(self.mlp.gelu(h), *self.ssf_mlp_out.folded(proj.weight, proj.bias))
+        return x + self.ls_2(h)
 
 
 def _vit_base() -> type:
@@ -267,6 +327,17 @@ def _vpt(model: nn.Module, sizes: dict[str, int], model_name: str | None) -> Non
     model.visual = visual
 
 
+def _ssf(model: nn.Module, sizes: dict[str, int], model_name: str | None) -> None:
+    blocks = _vit_blocks(model.visual, "ssf", model_name)
+    for i, block in enumerate(blocks):
+        new = _rebadged(block, SSFBlock)
+        new.ssf_attn_in = ScaleShift(block.attn.in_proj_weight.shape[0])
+        new.ssf_attn_out = ScaleShift(block.attn.out_proj.weight.shape[0])
+        new.ssf_mlp_in = ScaleShift(block.mlp.c_fc.weight.shape[0])
+        new.ssf_mlp_out = ScaleShift(block.mlp.c_proj.weight.shape[0])
+        blocks[i] = new
+
+
 MODES: dict[str, Callable[[nn.Module, dict[str, int], str | None], None]] = {
     "full": _nothing,
     "classifier": _classifier,
@@ -274,6 +345,7 @@ MODES: dict[str, Callable[[nn.Module, dict[str, int], str | None], None]] = {
     "lora": _lora,
     "adaptformer": _adaptformer,
     "vpt": _vpt,
+    "ssf": _ssf,
 }
 assert tuple(MODES) == FINETUNE_MODES  # config.py lists the names for --help
 
@@ -348,6 +420,6 @@ def trained_params(model: nn.Module) -> dict[str, int]:
 
 __all__ = [
     "FINETUNE_MODES", "MODES", "STAGE2_FINETUNE", "VIT_MODES", "AdaptFormerBlock", "LoRABlock",
-    "PromptedVisionTransformer", "check_architecture", "prepare", "trainable_names",
+    "PromptedVisionTransformer", "SSFBlock", "check_architecture", "prepare", "trainable_names",
     "trained_params",
 ]

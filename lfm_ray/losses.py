@@ -12,13 +12,14 @@ scale of every loss and a comparison can run them all at one common scale.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfm_ray.config import LOGIT_SCALE
+from lfm_ray.config import LOGIT_SCALE, LossConfig
 from lfm_ray.errors import LfmError, unknown_name
 
 
@@ -150,6 +151,83 @@ class MarginMetricSoftmax(nn.Module):
         return -(weights * logp).sum(dim=1).mean()
 
 
+# ---- reweighting and LADE (as LIFT and LIFT+ define them: shijxcs/LIFT, utils/losses.py) ------
+def _counts(class_counts: Sequence[int]) -> torch.Tensor:
+    """n_k as float64, a class without training images counted as one (see log_prior)."""
+    return torch.as_tensor(list(class_counts), dtype=torch.float64).clamp(min=1)
+
+
+def class_balanced_weights(class_counts: Sequence[int], beta: float) -> torch.Tensor:
+    """Cui et al.'s class-balanced weights: the inverse effective number of samples,
+    w_k = (1 − β) / (1 − β^n_k), scaled to mean 1 over the classes (float32)."""
+    if not 0 <= beta < 1:
+        raise LfmError(f"cb beta={beta} is not valid; expected a number in [0, 1)")
+    n = _counts(class_counts)
+    w = (1 - beta) / (1 - torch.pow(torch.tensor(float(beta), dtype=torch.float64), n))
+    return (w / w.mean()).float()
+
+
+def generalized_reweighting_weights(class_counts: Sequence[int], exponent: float) -> torch.Tensor:
+    """GRW's weights (Zhang et al. 2021): w_k = (n_k / Σn)^(−ρ), scaled to mean 1 (float32)."""
+    if not exponent >= 0:
+        raise LfmError(f"grw exponent={exponent} is not valid; expected a number >= 0")
+    n = _counts(class_counts)
+    w = (n / n.sum()).pow(-float(exponent))
+    return (w / w.mean()).float()
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Class-weighted cross-entropy, the weighted mean over the batch:
+    Σ_i Σ_k w_k t_ik (−log p_ik) / Σ_i Σ_k w_k t_ik. On hard labels this is PyTorch's
+    cross_entropy(weight=w) (the batch's loss divided by its total weight, as LIFT's CB and
+    GRW); a soft target spreads each sample's weight over its classes as its loss."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weights", weights.detach().float())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        soft = as_soft(targets, logits.shape[1])
+        weighted = soft * self.weights
+        logp = F.log_softmax(logits.float(), dim=1)
+        return -(weighted * logp).sum() / weighted.sum()
+
+
+class LADE(nn.Module):
+    """LADE (Hong et al., CVPR 2021) as LIFT defines it: balanced softmax plus `weight` times
+    the negative ReMINE estimate of the log-likelihood ratio, weighted by the class prior π.
+
+    Per class c over the batch of B samples: first_c = Σ_i t_ic z_ic / (Σ_i t_ic + 1e-8) (the
+    mean target logit of its samples; 0 for a class not in the batch), second_c =
+    logsumexp_i(z_ic − log π_c − log C) − log B, estimate_c = first_c − second_c −
+    λ·second_c²; loss = BalCE(z, t) − weight · Σ_c π_c · estimate_c. Hard labels give LIFT's
+    LADELoss exactly; a soft target counts as t_ic of a sample of class c.
+    """
+
+    def __init__(self, class_counts: Sequence[int], weight: float = LossConfig.lade_weight,
+                 remine_lambda: float = LossConfig.lade_remine_lambda):
+        super().__init__()
+        if not weight >= 0:
+            raise LfmError(f"lade weight={weight} is not valid; expected a number >= 0")
+        if not remine_lambda >= 0:
+            raise LfmError(f"lade remine_lambda={remine_lambda} is not valid; expected a "
+                           "number >= 0")
+        self.weight, self.remine_lambda = float(weight), float(remine_lambda)
+        prior = log_prior(class_counts)
+        self.register_buffer("log_prior", prior)
+        self.register_buffer("prior", prior.exp())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = logits.float()
+        B, C = z.shape
+        soft = as_soft(targets, C)
+        balanced = soft_cross_entropy(z + self.log_prior, soft)
+        first = (soft * z).sum(dim=0) / (soft.sum(dim=0) + 1e-8)
+        second = torch.logsumexp(z - self.log_prior - math.log(C), dim=0) - math.log(B)
+        estimate = first - second - self.remine_lambda * second.pow(2)
+        return balanced - self.weight * (self.prior * estimate).sum()
+
+
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ce": lambda class_counts, text_features: CrossEntropy(),
     "balce": lambda class_counts, text_features, tau=1.0: BalancedSoftmax(class_counts, tau),
@@ -158,6 +236,12 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     logit_scale=LOGIT_SCALE["ldam"]: LDAM(class_counts, max_margin, logit_scale),
     "mms": lambda class_counts, text_features, margin=0.3,
     logit_scale=LOGIT_SCALE["mms"]: MarginMetricSoftmax(text_features, margin, logit_scale),
+    "cb": lambda class_counts, text_features, beta=LossConfig.cb_beta: WeightedCrossEntropy(
+        class_balanced_weights(class_counts, beta)),
+    "grw": lambda class_counts, text_features, exponent=LossConfig.grw_exponent:
+    WeightedCrossEntropy(generalized_reweighting_weights(class_counts, exponent)),
+    "lade": lambda class_counts, text_features, weight=LossConfig.lade_weight,
+    remine_lambda=LossConfig.lade_remine_lambda: LADE(class_counts, weight, remine_lambda),
 }
 
 # Parameters that went, and what took their place.
@@ -167,7 +251,7 @@ REPLACED_PARAMS = {"scale": "logit_scale", "temperature": "logit_scale (= 1 / te
 def build_loss(name: str, class_counts: Sequence[int], text_features: torch.Tensor | None = None,
                **params: Any) -> nn.Module:
     """The loss `name` (see LOSSES); params are its own (tau; gamma; max_margin, logit_scale;
-    margin, logit_scale). `logit_scale` is the scale s of the logits the loss will get
+    margin, logit_scale; beta; exponent; weight, remine_lambda). `logit_scale` is the scale s of the logits the loss will get
     (z = s·cos); LDAM's and MMS's margins are put on it. Its default is the loss's own
     (config.LOGIT_SCALE)."""
     if name not in LOSSES:

@@ -32,11 +32,12 @@ study.json record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -123,12 +124,16 @@ def similarity_source(cfg) -> Source:
 
 
 def resolved_choices(cfg) -> dict[str, str]:
-    """What config.json and study.json record of a run beside its settings: the model family
-    and the similarity source its LFM uses ('auto' resolved, file paths absolute)."""
+    """What config.json and study.json record of a run beside its settings: the model family,
+    the similarity source its LFM uses ('auto' resolved, file paths absolute) and where its
+    class weights start ('auto' resolved, lfm_ray.head_init)."""
     from lfm_ray.backbones import model_family
 
+    from lfm_ray.head_init import resolved_init
+
     return {"model.family": model_family(cfg.model.name),
-            "mix.similarity": similarity_source(cfg).resolved()}
+            "mix.similarity": similarity_source(cfg).resolved(),
+            "model.classifier_init": resolved_init(cfg)}
 
 
 def uses_similarity(cfg) -> bool:
@@ -240,34 +245,47 @@ def uniform_similarity(num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_prototype_similarity(features: Callable[[torch.Tensor], torch.Tensor],
-                               labels: torch.Tensor, num_classes: int, positions: torch.Tensor,
-                               batch_size: int,
-                               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-                               ) -> torch.Tensor:
-    """S[i, j] = cos(m_i, m_j), m_k the mean of the unit features of class k's images.
+def class_feature_means(features: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                        num_classes: int, positions: torch.Tensor, batch_size: int,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        unit: bool = True, what: str = "image prototype") -> torch.Tensor:
+    """m (C, d) float64 on the CPU: m_k the mean of the features (unit features with `unit`)
+    of class k's training images.
 
     features(positions) gives the (B, d) features of the images at those positions of the
     training split; `positions` are the ones this worker sweeps (all of them on one worker)
-    and `reduce` sums a tensor over the workers. (C, C) float64 on the CPU."""
+    and `reduce` sums a tensor over the workers. A class without images: LfmError naming
+    `what` needed it."""
     sums: torch.Tensor | None = None
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for start in range(0, len(positions), batch_size):
         pos = positions[start:start + batch_size]
-        f = F.normalize(features(pos).detach().double().cpu(), dim=-1)
+        f = features(pos).detach().double().cpu()
+        f = F.normalize(f, dim=-1) if unit else f
         if sums is None:
             sums = torch.zeros((num_classes, f.shape[1]), dtype=torch.float64)
         y = labels[pos].long().cpu()
         sums.index_add_(0, y, f)
         counts += torch.bincount(y, minlength=num_classes).double()
     if sums is None:
-        raise LfmError("image prototypes need training images")
+        raise LfmError(f"the {what} needs training images")
     if reduce is not None:
         sums, counts = reduce(sums), reduce(counts)
     empty = torch.nonzero(counts == 0).flatten()
     if len(empty):
-        raise LfmError(f"class {int(empty[0])} has no training image for its image prototype")
-    return cosine_similarity((sums / counts[:, None]).numpy())
+        raise LfmError(f"class {int(empty[0])} has no training image for its {what}")
+    return sums / counts[:, None]
+
+
+def image_prototype_similarity(features: Callable[[torch.Tensor], torch.Tensor],
+                               labels: torch.Tensor, num_classes: int, positions: torch.Tensor,
+                               batch_size: int,
+                               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                               ) -> torch.Tensor:
+    """S[i, j] = cos(m_i, m_j), m_k the mean of the unit features of class k's images
+    (`class_feature_means`). (C, C) float64 on the CPU."""
+    return cosine_similarity(class_feature_means(features, labels, num_classes, positions,
+                                                 batch_size, reduce).numpy())
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -466,14 +484,21 @@ def for_run(run, launch_dir: str | None = None) -> torch.Tensor | None:
     return _run_prototypes(run)
 
 
-def _run_prototypes(run) -> torch.Tensor:
-    """image-prototypes over the run's training split, shared out over its workers."""
+@contextlib.contextmanager
+def training_features(run) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tensor],
+                                              torch.Tensor,
+                                              Callable[[torch.Tensor], torch.Tensor] | None]]:
+    """A sweep of a trainer's `Run` training images through its model as it is now, in eval
+    mode: (features, positions, reduce). features(pos) is the (B, d) float32 `model.encode`
+    of the unflipped images at those positions (as evaluation sees them); positions are this
+    worker's share; reduce sums a tensor over the workers (None on one worker)."""
     from lfm_ray.train import _all_reduce_sum
 
     info, model = run.info, run.model
     was_training = model.training
     model.eval()
 
+    @torch.no_grad()
     def features(pos: torch.Tensor) -> torch.Tensor:
         with run.autocast:
             return model.encode(run.build(run.train_images.gather(pos))).float()
@@ -483,8 +508,13 @@ def _run_prototypes(run) -> torch.Tensor:
 
     positions = torch.arange(info.rank, len(run.train_images), info.world_size)
     try:
-        return image_prototype_similarity(features, run.train_labels, run.num_classes,
-                                          positions, run.cfg.runtime.eval_batch_size,
-                                          reduce if info.distributed else None)
+        yield features, positions, (reduce if info.distributed else None)
     finally:
         model.train(was_training)
+
+
+def _run_prototypes(run) -> torch.Tensor:
+    """image-prototypes over the run's training split, shared out over its workers."""
+    with training_features(run) as (features, positions, reduce):
+        return image_prototype_similarity(features, run.train_labels, run.num_classes,
+                                          positions, run.cfg.runtime.eval_batch_size, reduce)

@@ -44,6 +44,7 @@ from lfm_ray.augment import BatchBuilder, DeviceImages
 from lfm_ray.config import RunConfig, StageConfig, with_absolute_paths
 from lfm_ray.errors import LfmError
 from lfm_ray.extrapolation import aux_record, auxiliary_training
+from lfm_ray.head_init import initialise_classifier, resolved_init
 from lfm_ray.patch_embed import patch_convs_as_matmul
 from lfm_ray.stage1 import load_stage1, stage1_key
 
@@ -226,8 +227,13 @@ class Run:
             self.eval_sets[split] = (DeviceImages(images, info.device),
                                      torch.as_tensor(np.asarray(labels), dtype=torch.long))
         self.groups = shot_groups(self.class_counts)
+        # Post-hoc logit adjustment (eval.logit_adjust_tau): τ·log(n_k / Σn) over the trained
+        # classes comes off every evaluation logit; None leaves them as the model gives them.
+        self.logit_adjustment = logit_adjustment(cfg.eval.logit_adjust_tau, self.train_counts,
+                                                 info.device)
         self.keep_confusion = confusion.wanted(cfg.runtime.save_confusion, self.num_classes)
         self._sampling_matrix: torch.Tensor | None = None
+        self._samplers: dict[int, Any] = {}  # each stage's epoch sampler, built on first use
         self.build = BatchBuilder(self.spec, info.device)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -246,6 +252,15 @@ class Run:
         return build_loss(self.cfg.loss.name, self.train_counts, text_features=self.text_features,
                           **self.cfg.loss.params(self.cfg.logit_scale))
 
+    def epoch_sampler(self, stage: int):
+        """The stage's sampler (`stageN.sampler`, lfm_ray.sampling), built once."""
+        from lfm_ray.sampling import EpochSampler
+
+        if stage not in self._samplers:
+            name = (self.cfg.stage1 if stage == 1 else self.cfg.stage2).sampler
+            self._samplers[stage] = EpochSampler(name, self.train_labels, len(self.train_counts))
+        return self._samplers[stage]
+
     def finetune_record(self) -> dict[str, Any]:
         """Stage 1's mode and, for a lightweight one, the size it used (LIFT's default
         resolved where the config left it None)."""
@@ -263,7 +278,8 @@ class Run:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) evaluation logits of a uint8 batch: the mean over the test-time views
-        (`eval.tta`; one view, the model's input, for none)."""
+        (`eval.tta`; one view, the model's input, for none), less τ·log prior where the run
+        adjusts them post hoc (`eval.logit_adjust_tau`)."""
         total = None
         views = 0
         for x in self.build.views(images, self.tta, self.fivecrop_resize):
@@ -271,7 +287,8 @@ class Run:
                 z = self.model(x).float()
             total = z if total is None else total + z
             views += 1
-        return total / views
+        mean = total / views
+        return mean if self.logit_adjustment is None else mean - self.logit_adjustment
 
     @torch.no_grad()
     def evaluate(self, split: str, with_confusion: bool = False) -> dict[str, Any]:
@@ -325,6 +342,17 @@ class Run:
                                           self.cfg.stage1.tau)
             self._sampling_matrix = P[:C, :C]
         return self._sampling_matrix
+
+
+def logit_adjustment(tau: float, class_counts: list[int],
+                     device: torch.device) -> torch.Tensor | None:
+    """τ·log(n_k / Σn) (C,) on `device`, what post-hoc logit adjustment (Menon et al. 2021)
+    subtracts from the evaluation logits; None for τ = 0."""
+    if not tau:
+        return None
+    from lfm_ray.losses import log_prior
+
+    return (float(tau) * log_prior(class_counts)).to(device)
 
 
 def compile_encoder(cfg: RunConfig, device: torch.device) -> bool:
@@ -463,8 +491,9 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
     """One pass; returns the mean training loss over all workers' steps."""
     cfg, info, model = run.cfg, run.info, run.model
     seed = cfg.runtime.seed
-    # The same shuffle on every rank (each takes its own slice); draws differ per rank.
-    order = torch.randperm(len(run.train_images), generator=seeded_generator(seed, epoch))
+    # The same epoch on every rank (each takes its own slice; instance-balanced: a shuffle);
+    # draws differ per rank.
+    order = run.epoch_sampler(stage.number).order(seeded_generator(seed, epoch))
     mine = order[info.rank::info.world_size]
     gen = seeded_generator(seed, epoch, info.rank, 7)
     if run.aux is not None:
@@ -688,6 +717,8 @@ def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],
         out["val_per_class_acc"] = selection["val_per_class_acc"]
     out.update(run.class_info())
     out["finetune"] = run.finetune_record()
+    out["logit_adjust_tau"] = float(run.cfg.eval.logit_adjust_tau)  # post hoc, on every figure
+    out["classifier_init"] = resolved_init(run.cfg)
     out.update(aux_record(run.aux))
     out["stage1_key"] = stage1_key(run.cfg)
     if stage1_from is not None:
@@ -849,6 +880,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
             continue
+        if done < stage.first_epoch and stage.number == 1:
+            initialise_classifier(run)  # model.classifier_init: where class weights start
         if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
             run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
         trainable, mixer, opt, sched = prepare_stage(run, stage, steps)

@@ -1,12 +1,15 @@
 """Fine-tuning modes (LIFT, ICML 2024): full fine-tuning of the image tower against the
-lightweight modes (classifier, BitFit, LoRA, AdaptFormer, VPT), each without and with LFM.
+lightweight modes (classifier, BitFit, LoRA, AdaptFormer, VPT, SSF), each without and with
+LFM; the classifier mode also with its class weights started from the class means or a
+linear probe of the frozen tower's features instead of the text features (LIFT's
+initialisations).
 
 "X" trains stage 1 in mode X with no mixing, "X + LFM" with LFM's mixing; both then train W_I
 in stage 2, with CE. The lightweight modes train modules or weights that start from
-scratch or from the text features, so they take their own stage-1 learning rate
-(LIGHT_STAGE1 below, Adam); full fine-tuning takes the run's (a paper preset's on its data
-set). trials.csv carries each trial's trained parameter counts, macro-F1, harmonic-mean and
-worst-class accuracy beside many/medium/few/all.
+scratch, from the identity or from the text features, so they take their own stage-1
+learning rate (LIGHT_STAGE1 below, Adam); full fine-tuning takes the run's (a paper preset's
+on its data set). trials.csv carries each trial's trained parameter counts, macro-F1,
+harmonic-mean and worst-class accuracy beside many/medium/few/all.
     python studies/finetune_modes.py
     python studies/finetune_modes.py --dataset cifar100-lt --data-root /data \
         --pretrained openai --gpus-per-worker 0.5 --eval.tta fivecrop
@@ -18,19 +21,26 @@ from lfm_ray.commands.study_flags import ScriptPlan, run_script
 
 # method name prefix -> stage1.finetune
 MODES = {"full": "full", "classifier": "classifier", "BitFit": "bitfit", "LoRA": "lora",
-         "AdaptFormer": "adaptformer", "VPT": "vpt"}
+         "AdaptFormer": "adaptformer", "VPT": "vpt", "SSF": "ssf"}
+# method name prefix -> model.classifier_init, for the classifier mode's other starts
+CLASSIFIER_INITS = {"classifier (class mean)": "class-mean",
+                    "classifier (linear probe)": "linear-probe"}
 # Stage 1 of the lightweight modes: an Adam learning rate for newly trained modules (LIFT
 # trains them with SGD at 0.01; Adam's steps are about lr in size whatever the gradient's).
 LIGHT_STAGE1 = {"stage1.lr": 1e-3, "stage1.min_lr": 1e-6}
-SMOKE = ["full", "full + LFM", "LoRA", "LoRA + LFM"]
+SMOKE = ["full", "full + LFM", "SSF", "classifier (linear probe) + LFM"]
 
 
 def variants() -> dict[str, dict]:
-    out = {}
+    own: dict[str, dict] = {}
     for name, mode in MODES.items():
-        own = {"stage1.finetune": mode, **({} if mode == "full" else LIGHT_STAGE1)}
-        out[name] = {**own, "mix.method": "none"}
-        out[f"{name} + LFM"] = {**own, "mix.method": "lfm"}
+        own[name] = {"stage1.finetune": mode, **({} if mode == "full" else LIGHT_STAGE1)}
+    for name, init in CLASSIFIER_INITS.items():
+        own[name] = {**own["classifier"], "model.classifier_init": init}
+    out = {}
+    for name, settings in own.items():
+        out[name] = {**settings, "mix.method": "none"}
+        out[f"{name} + LFM"] = {**settings, "mix.method": "lfm"}
     return out
 
 

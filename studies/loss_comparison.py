@@ -1,7 +1,12 @@
-"""Loss comparison (paper Table 1): zero-shot, CE, BalCE, Focal, LDAM, MMS, LFM + CE, LFM + MMS.
+"""Loss comparison (paper Table 1, with the long-tail baselines of LIFT and cRT): zero-shot, CE,
+BalCE, Focal, LDAM, MMS, CB, GRW, LADE, CE with post-hoc logit adjustment, CE with a
+class-balanced stage 2 (cRT-style), CE with square-root sampling, LFM + CE, LFM + MMS.
 
 Each method is a named bundle of settings; the grid runs over the method names. Each loss
 runs at its own default logit scale (see README); `--logit-scale S` compares them at one.
+"CE + post-hoc LA" is the CE model evaluated on z − τ·log prior with Menon et al.'s τ = 1;
+"CE + cRT" draws stage 2's images class-balanced, "CE + square-root sampling" both stages'
+with class probabilities ∝ √n_k.
     python studies/loss_comparison.py
     python studies/loss_comparison.py --logit-scale 30 --name loss_comparison_s30
 """
@@ -10,24 +15,36 @@ import sys
 
 from lfm_ray.commands.study_flags import ScriptPlan, run_script
 
-# method name -> (loss, mixing, zero-shot)
+
+def _method(loss: str, mix: str = "none", **more) -> dict:
+    return {"loss.name": loss, "mix.method": mix, "runtime.zero_shot": False, **more}
+
+
+# method name -> its settings
 METHODS = {
-    "zero-shot": ("ce", "none", True),
-    "CE": ("ce", "none", False),
-    "BalCE": ("balce", "none", False),
-    "Focal": ("focal", "none", False),
-    "LDAM": ("ldam", "none", False),
-    "MMS": ("mms", "none", False),
-    "LFM + CE": ("ce", "lfm", False),
-    "LFM + MMS": ("mms", "lfm", False),
+    "zero-shot": _method("ce", **{"runtime.zero_shot": True}),
+    "CE": _method("ce"),
+    "BalCE": _method("balce"),
+    "Focal": _method("focal"),
+    "LDAM": _method("ldam"),
+    "MMS": _method("mms"),
+    "CB": _method("cb"),
+    "GRW": _method("grw"),
+    "LADE": _method("lade"),
+    "CE + post-hoc LA": _method("ce", **{"eval.logit_adjust_tau": 1.0}),
+    "CE + cRT": _method("ce", **{"stage2.sampler": "class-balanced"}),
+    "CE + square-root sampling": _method("ce", **{"stage1.sampler": "square-root",
+                                                  "stage2.sampler": "square-root"}),
+    "LFM + CE": _method("ce", "lfm"),
+    "LFM + MMS": _method("mms", "lfm"),
 }
+SMOKE = ["CE", "LADE", "CE + post-hoc LA", "CE + cRT", "LFM + CE"]
 
 
 def declare(args) -> ScriptPlan:
-    names = ["CE", "LFM + CE"] if args.smoke else list(METHODS)
+    names = SMOKE if args.smoke else list(METHODS)
     return ScriptPlan(grid={"method": names}, seeds=[0],
-                      variants={n: {"loss.name": METHODS[n][0], "mix.method": METHODS[n][1],
-                                    "runtime.zero_shot": METHODS[n][2]} for n in names})
+                      variants={n: METHODS[n] for n in names})
 
 
 def main(argv=None) -> int:

@@ -224,7 +224,8 @@ def test_the_cli_refuses_mms_for_a_timm_model_and_its_dry_run_says_what_resolves
     assert "loss.name=mms needs class text features" in capsys.readouterr().err
     assert main(["train", "--model", TIMM_TEST, "--model.image_size", "32", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes"}
+    assert printed["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes",
+                                   "model.classifier_init": "random"}
     assert printed["model"]["image_size"] == 32
 
 
@@ -236,7 +237,8 @@ def test_config_json_records_the_family_and_the_similarity(tmp_path):
     cfg = RunConfig().override({"model.name": TIMM_TEST, "model.image_size": 32})
     write_json_atomic(tmp_path / "config.json", record(cfg, None, []))
     written = json.loads((tmp_path / "config.json").read_text())
-    assert written["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes"}
+    assert written["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes",
+                                   "model.classifier_init": "random"}
     assert written["model"]["name"] == TIMM_TEST
     # Read back as a config file, the derived section is skipped.
     assert RunConfig().override(read_config_file(tmp_path / "config.json")) == cfg

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lfm_ray.config import FINETUNE_MODES, RunConfig, StageConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.finetune import (
-    MODES, AdaptFormerBlock, LoRABlock, PromptedVisionTransformer, check_architecture,
+    MODES, AdaptFormerBlock, LoRABlock, PromptedVisionTransformer, SSFBlock, check_architecture,
     lift_width, prepare, trainable_names,
 )
 from lfm_ray.model import LFMClassifier, build_clip
@@ -53,6 +53,9 @@ def expected_names(mode: str, plain_tower: nn.Module) -> set[str]:
                         for p in ("norm.weight", "norm.bias", "down.weight", "down.bias",
                                   "up.weight", "up.bias", "scale")},
         "vpt": {"visual.prompts.tokens"},
+        "ssf": {f"{b}.ssf_{where}.{p}" for b in blocks
+                for where in ("attn_in", "attn_out", "mlp_in", "mlp_out")
+                for p in ("scale", "shift")},
     }[mode]
 
 
@@ -69,6 +72,9 @@ def expected_count(mode: str, plain_tower: nn.Module) -> int:
         "lora": BLOCKS * 2 * (WIDTH * r + r * WIDTH),
         "adaptformer": BLOCKS * (2 * WIDTH + (WIDTH * r + r) + (r * WIDTH + WIDTH) + 1),
         "vpt": 10 * WIDTH,
+        # a scale and a shift per output of the in-projection (3d), out-projection, MLP in (4d)
+        # and MLP out
+        "ssf": BLOCKS * 2 * (3 * WIDTH + WIDTH + 4 * WIDTH + WIDTH),
     }[mode]
 
 
@@ -92,7 +98,7 @@ def test_tiny_is_an_open_clip_vit(tiny):
     assert all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks)
 
 
-@pytest.mark.parametrize("mode", ["lora", "adaptformer", "vpt"])
+@pytest.mark.parametrize("mode", ["lora", "adaptformer", "vpt", "ssf"])
 def test_vit_modes_refuse_other_towers(tiny, mode):
     from open_clip.modified_resnet import ModifiedResNet
 
@@ -126,7 +132,8 @@ def test_full_classifier_and_bitfit_take_any_tower():
 def test_config_refuses_what_means_nothing():
     for values, needle in [
         ({"stage1.finetune": "prompt"}, "stage1.finetune='prompt' is not valid; expected one "
-                                        "of full, classifier, bitfit, lora, adaptformer, vpt"),
+                                        "of full, classifier, bitfit, lora, adaptformer, vpt, "
+                                        "ssf"),
         ({"stage2.finetune": "lora"}, "stage2.finetune='lora' is not valid; expected 'proj'"),
         ({"stage2.lora_rank": 4}, "stage2.lora_rank=4 is not valid; expected null"),
         ({"stage1.adapter_dim": 0}, "stage1.adapter_dim=0 is not valid"),
@@ -197,6 +204,39 @@ def test_adaptformer_block_adds_a_scaled_bottleneck_beside_the_mlp(tiny):
                             @ a.down.weight.t() + a.down.bias)
         direct = h + plain.mlp(plain.ln_2(h)) + 0.7 * (bottleneck @ a.up.weight.t() + a.up.bias)
         assert torch.allclose(block(t), direct, atol=1e-5)
+
+
+def test_ssf_block_scales_and_shifts_the_outputs_of_its_four_linear_layers(tiny):
+    model = classifier(tiny, "ssf")
+    block = model.visual.transformer.resblocks[1]
+    assert isinstance(block, SSFBlock)
+    ssf = {w: getattr(block, f"ssf_{w}") for w in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    assert [m.scale.numel() for m in ssf.values()] == [3 * WIDTH, WIDTH, 4 * WIDTH, WIDTH]
+    for m in ssf.values():  # the identity at the start
+        assert torch.equal(m.scale.detach(), torch.ones_like(m.scale))
+        assert torch.equal(m.shift.detach(), torch.zeros_like(m.shift))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(2, 17, WIDTH, generator=g)
+    plain = tiny[0].visual.transformer.resblocks[1]
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(block(t), plain(t))
+        assert torch.equal(model.visual(x), tiny[0].visual(x))  # full fine-tuning's forward
+        for m in ssf.values():
+            m.scale.copy_(1 + 0.3 * torch.randn(m.scale.shape, generator=g))
+            m.shift.copy_(0.3 * torch.randn(m.shift.shape, generator=g))
+        attn = block.attn
+        u = block.ln_1(t)
+        qkv = (u @ attn.in_proj_weight.t() + attn.in_proj_bias) * ssf["attn_in"].scale \
+            + ssf["attn_in"].shift                        # LIFT: ssf(cat(q, k, v))
+        q, k, v = qkv.split(WIDTH, dim=-1)
+        h = t + _attention(q, k, v, attn.out_proj, attn.num_heads) * ssf["attn_out"].scale \
+            + ssf["attn_out"].shift
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        m = (block.ln_2(h) @ fc.weight.t() + fc.bias) * ssf["mlp_in"].scale + ssf["mlp_in"].shift
+        m = (F.gelu(m) @ proj.weight.t() + proj.bias) * ssf["mlp_out"].scale + ssf["mlp_out"].shift
+        assert torch.allclose(block(t), h + m, atol=1e-5)
+        assert not torch.allclose(block(t), plain(t), atol=1e-3)
 
 
 def test_vpt_appends_prompts_after_ln_pre_and_pools_without_them(tiny):
@@ -322,11 +362,16 @@ def test_the_study_runs_every_mode_without_and_with_lfm(tmp_path):
     args = parser.parse_args(["--storage-path", str(tmp_path / "ray"),
                               "--results-dir", str(tmp_path / "results")])
     plan = finetune_modes.declare(args)
-    assert len(plan.grid["method"]) == 12 and set(plan.variants) == set(plan.grid["method"])
+    assert len(plan.grid["method"]) == 18 and set(plan.variants) == set(plan.grid["method"])
     for name, mode in finetune_modes.MODES.items():
         assert plan.variants[name]["stage1.finetune"] == mode
         assert plan.variants[name]["mix.method"] == "none"
         assert plan.variants[f"{name} + LFM"]["mix.method"] == "lfm"
+    assert set(finetune_modes.MODES.values()) == set(FINETUNE_MODES)  # every mode
+    for name, init in finetune_modes.CLASSIFIER_INITS.items():
+        for variant in (name, f"{name} + LFM"):
+            assert plan.variants[variant]["stage1.finetune"] == "classifier"
+            assert plan.variants[variant]["model.classifier_init"] == init
     study = study_from_args(args, plan, script="finetune_modes")
     for name in plan.grid["method"]:  # every trial's configuration is valid
         cfg = study.config_for({"method": name, "runtime.seed": 0}).validate()

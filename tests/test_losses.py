@@ -116,7 +116,8 @@ def test_hard_label_equals_its_one_hot(batch, name):
 
 
 def test_unknown_loss_and_parameter():
-    with pytest.raises(LfmError, match="unknown loss 'hinge'; known: balce, ce, focal, ldam, mms"):
+    with pytest.raises(LfmError, match="unknown loss 'hinge'; known: balce, cb, ce, focal, grw, "
+                                       "lade, ldam, mms"):
         build_loss("hinge", COUNTS)
     with pytest.raises(LfmError, match="loss 'ce' takes no parameter 'gamma'"):
         build_loss("ce", COUNTS, gamma=2.0)
@@ -271,3 +272,122 @@ def test_a_common_scale_puts_each_margin_on_it(batch, s):
     # At s = 1 the largest LDAM margin is 0.5 on the logit (a cosine), not 30·0.5.
     assert float((ldam.logit_scale * ldam.margins).max()) == pytest.approx(0.5 * s)
     assert float(mms.margins.max()) <= 0.3 * 2 * s + 1e-6
+
+
+# ---- class-balanced, generalised reweighting, LADE (LIFT's definitions) -------------------------
+def direct_weighted_ce(logits, soft, w):
+    """Σ_i Σ_k w_k t_ik (−log p_ik) / Σ_i Σ_k w_k t_ik, written out."""
+    num = den = 0.0
+    for z, t in zip(logits.tolist(), soft.tolist()):
+        lp = log_softmax_row(z)
+        num += -sum(w[k] * t[k] * lp[k] for k in range(len(z)))
+        den += sum(w[k] * t[k] for k in range(len(z)))
+    return num / den
+
+
+def cb_weights(beta):
+    w = [(1 - beta) / (1 - beta ** n) for n in COUNTS]
+    return [v * len(w) / sum(w) for v in w]  # mean 1
+
+
+def grw_weights(rho):
+    w = [(n / sum(COUNTS)) ** -rho for n in COUNTS]
+    return [v * len(w) / sum(w) for v in w]
+
+
+def check_weighted_loss(loss, w, logits, hard, soft):
+    """The loss's class weights are w; on hard labels it is PyTorch's class-weighted
+    cross-entropy (a weighted mean, as LIFT's CB and GRW losses), on any target the direct
+    weighted mean."""
+    assert loss.weights.tolist() == pytest.approx(w, rel=1e-5)
+    torch_weighted = torch.nn.functional.cross_entropy(logits, hard, weight=torch.tensor(w))
+    assert loss(logits, hard).item() == pytest.approx(torch_weighted.item(), rel=1e-5)
+    for targets in (one_hot(hard), soft):
+        assert loss(logits, targets).item() == pytest.approx(
+            direct_weighted_ce(logits, targets, w), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.9999, 0.99, 0.0])
+def test_class_balanced_weights_are_the_inverse_effective_numbers(batch, beta):
+    logits, hard, soft = batch
+    loss = build_loss("cb", COUNTS, beta=beta)
+    check_weighted_loss(loss, cb_weights(beta), logits, hard, soft)
+    if beta == 0.0:  # every class alike: plain cross-entropy
+        assert loss(logits, soft).item() == pytest.approx(direct_soft_ce(logits, soft), rel=1e-5)
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5, 0.0])
+def test_generalised_reweighting_weights_are_inverse_frequencies_to_the_rho(batch, rho):
+    logits, hard, soft = batch
+    w = grw_weights(rho)
+    assert w[-1] > w[0] or rho == 0.0  # the rarest class weighs most
+    check_weighted_loss(build_loss("grw", COUNTS, exponent=rho), w, logits, hard, soft)
+
+
+def direct_lade(logits, soft, weight=0.1, lam=0.1):
+    """LADE written out: balanced softmax + weight · (−Σ_c π_c (first_c − second_c − λ second_c²)),
+    first_c the target-weighted mean logit of class c, second_c = log((1/B) Σ_i exp(z_ic) / (C π_c))."""
+    B, C = logits.shape
+    prior = [n / sum(COUNTS) for n in COUNTS]
+    z, t = logits.tolist(), soft.tolist()
+    balanced = direct_soft_ce(logits + torch.log(torch.tensor(prior)), soft)
+    reg = 0.0
+    for c in range(C):
+        mass = sum(t[i][c] for i in range(B))
+        first = sum(t[i][c] * z[i][c] for i in range(B)) / (mass + 1e-8)
+        second = math.log(sum(math.exp(z[i][c]) / (C * prior[c]) for i in range(B)) / B)
+        reg -= prior[c] * (first - second - lam * second ** 2)
+    return balanced + weight * reg
+
+
+def test_lade_against_its_definition_on_hard_and_soft_targets(batch):
+    logits, hard, soft = batch
+    loss = build_loss("lade", COUNTS)
+    assert (loss.weight, loss.remine_lambda) == (0.1, 0.1)  # LIFT's
+    assert loss(logits, hard).item() == pytest.approx(direct_lade(logits, one_hot(hard)), rel=1e-5)
+    assert loss(logits, soft).item() == pytest.approx(direct_lade(logits, soft), rel=1e-5)
+    other = build_loss("lade", COUNTS, weight=0.5, remine_lambda=0.0)
+    assert other(logits, soft).item() == pytest.approx(direct_lade(logits, soft, 0.5, 0.0), rel=1e-5)
+    # Weight 0: balanced softmax alone.
+    assert build_loss("lade", COUNTS, weight=0.0)(logits, soft).item() == pytest.approx(
+        build_loss("balce", COUNTS)(logits, soft).item(), rel=1e-6)
+
+
+def test_lade_with_a_class_missing_from_the_batch(batch):
+    logits, _, _ = batch
+    hard = torch.tensor([0, 0, 1, 1, 2])  # class 3 absent: its first term is 0, as LIFT's
+    assert build_loss("lade", COUNTS)(logits, hard).item() == pytest.approx(
+        direct_lade(logits, one_hot(hard)), rel=1e-5)
+
+
+def test_new_losses_refuse_bad_values():
+    with pytest.raises(LfmError, match=r"cb beta=1.0 is not valid; expected a number in \[0, 1\)"):
+        build_loss("cb", COUNTS, beta=1.0)
+    with pytest.raises(LfmError, match="grw exponent=-1.0 is not valid"):
+        build_loss("grw", COUNTS, exponent=-1.0)
+    with pytest.raises(LfmError, match="lade weight=-0.1 is not valid"):
+        build_loss("lade", COUNTS, weight=-0.1)
+    with pytest.raises(LfmError, match="loss 'cb' takes no parameter 'tau'; accepted: beta"):
+        build_loss("cb", COUNTS, tau=1.0)
+    from lfm_ray.config import RunConfig
+
+    for values, needle in [({"loss.cb_beta": 1.0}, "loss.cb_beta=1.0 is not valid"),
+                           ({"loss.grw_exponent": -0.5}, "loss.grw_exponent=-0.5 is not valid"),
+                           ({"loss.lade_weight": -1}, "loss.lade_weight=-1.0 is not valid"),
+                           ({"loss.lade_remine_lambda": -1}, "loss.lade_remine_lambda=-1.0")]:
+        with pytest.raises(LfmError, match=needle):
+            RunConfig().override(values).validate()
+
+
+def test_the_run_passes_the_new_losses_their_settings():
+    from lfm_ray.config import RunConfig
+
+    cfg = RunConfig().override({"loss.name": "cb", "loss.cb_beta": 0.99})
+    assert cfg.loss.params(cfg.logit_scale) == {"beta": 0.99} and cfg.logit_scale == 1.0
+    cfg = RunConfig().override({"loss.name": "grw", "loss.grw_exponent": 0.5})
+    assert cfg.loss.params() == {"exponent": 0.5}
+    cfg = RunConfig().override({"loss.name": "lade", "loss.lade_weight": 0.2})
+    assert cfg.loss.params() == {"weight": 0.2, "remine_lambda": 0.1}
+    for name in ("cb", "grw", "lade"):
+        cfg = RunConfig().override({"loss.name": name})
+        assert build_loss(name, COUNTS, **cfg.loss.params(cfg.logit_scale)) is not None

@@ -67,8 +67,10 @@ def test_auto_is_text_for_clip_and_image_prototypes_for_timm(tmp_path):
     timm = RunConfig().override({"model.name": "timm:test_vit"})
     assert similarity_source(clip) == Source("text")
     assert similarity_source(timm) == Source("image-prototypes")
-    assert resolved_choices(clip) == {"model.family": "clip", "mix.similarity": "text"}
-    assert resolved_choices(timm) == {"model.family": "timm", "mix.similarity": "image-prototypes"}
+    assert resolved_choices(clip) == {"model.family": "clip", "mix.similarity": "text",
+                                      "model.classifier_init": "text"}
+    assert resolved_choices(timm) == {"model.family": "timm", "mix.similarity": "image-prototypes",
+                                      "model.classifier_init": "random"}
     # A file path is recorded absolute.
     (tmp_path / "S.npy").write_bytes(b"")
     rel = RunConfig().override({"mix.similarity": "file:S.npy"})

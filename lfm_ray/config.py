@@ -28,6 +28,7 @@ class DataConfig:
     name: str = "digits-lt"            # registry name, see lfm_ray.data.DATASETS
     root: str | None = None            # data root on disk (not needed for digits-lt)
     imbalance_factor: float | None = None  # n_max / n_min; None: the data set's default
+    max_count: int | None = None       # n_max, the largest class's training images (fashion-lt); None: the data set's default
     seed: int = 0                      # picks the long-tailed subset (not the training seed)
     cache_dir: str | None = None       # node-local uint8 image cache; None: ~/.cache/lfm-ray
     # Split that model selection reads (val_acc_* every epoch): auto | val | test; auto: val
@@ -105,10 +106,11 @@ MIX_BETA: dict[str, float | None] = {
 #   runs use 2/3). inat2018: their run (ω = 1628/255, k = 30, 80 of 100 epochs).
 # - places-lt (no run of theirs): every ω of theirs is ⌊C/5⌋/255 (C = 10, 100, 1000, 8142),
 #   so ω = 73/255 for its 365 classes; k and the warm-up as ImageNet-LT.
-# - digits-lt (10 classes): CIFAR-10-LT's.
+# - digits-lt and fashion-lt (10 classes each): CIFAR-10-LT's.
 # Other data sets (folder) have none: a concutmix run on them must set the fields.
 CONCUTMIX_SETTINGS: dict[str, dict[str, float | int]] = {
     "digits-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
+    "fashion-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
     "cifar10-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
     "cifar100-lt": {"omega": 20 / 255, "topk": 30, "warmup": 0.5},
     "imagenet-lt": {"omega": 200 / 255, "topk": 30, "warmup": 0.7},
@@ -418,6 +420,9 @@ class RunConfig:
             _check(rt.max_steps_per_epoch >= 1, "runtime.max_steps_per_epoch",
                    rt.max_steps_per_epoch, "an integer >= 1 or null")
         _check(self.data.seed >= 0, "data.seed", self.data.seed, "an integer >= 0")
+        if self.data.max_count is not None:
+            _check(self.data.max_count >= 1, "data.max_count", self.data.max_count,
+                   "an integer >= 1, or null for the data set's default")
         if self.data.imbalance_factor is not None:
             _check(self.data.imbalance_factor >= 1, "data.imbalance_factor",
                    self.data.imbalance_factor, "a number >= 1")
@@ -702,7 +707,7 @@ def with_absolute_paths(cfg: "RunConfig", base: str | os.PathLike | None) -> "Ru
 # Closed sets of names (the registries hold the builders; a test keeps these equal to them, so
 # --help needs no heavy import).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
+    "data.name": ("fashion-lt", "digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
                   "folder"),
     "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
     "loss.name": ("ce", "balce", "focal", "ldam", "mms"),

@@ -171,7 +171,7 @@ def curate(cfg, candidates_file: str | Path, output: str | Path,
            device: str | torch.device = "cpu") -> Curation:
     """Propose neighbours for the target classes of `cfg.data` from the candidate names, and
     with `images_root` keep the candidates' clean images; write the folder and the map."""
-    from lfm_ray.data import build_dataset, options_for
+    from lfm_ray.data import build_dataset, run_options
     from lfm_ray.model import build_clip, text_features
 
     out = Path(output).expanduser()
@@ -179,8 +179,7 @@ def curate(cfg, candidates_file: str | Path, output: str | Path,
     keep_by_prototype(torch.zeros(1, 2), min_cos, max_cos)  # the thresholds, checked first
     neighbour_counts([1], k, max_k)
     folders = candidate_folders(images_root) if images_root is not None else None
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
     targets = list(dataset.class_names)
     names, dropped = read_candidates(candidates_file, targets)

@@ -209,13 +209,12 @@ def prepare_node(cfg: RunConfig):
     cache (fails at once on missing data), so trials start on a warm cache. Returns the
     cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
     from lfm_ray.backbones import build_backbone
-    from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.data import load_arrays, run_options
     from lfm_ray.similarity import check_similarity
 
     _, spec = build_backbone(cfg.model, "cpu")
     check_similarity(cfg, weights=True)  # a text:MODEL similarity's weights, here at once
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     arrays = load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
                          cache_dir=cfg.data.cache_dir, **options)
     if cfg.aux.root is not None:  # auxiliary classes: checked and cached like the data set
@@ -241,7 +240,7 @@ def check_inputs(cfg: RunConfig) -> None:
     too) of one run, checked without training, building caches or starting Ray (what
     --dry-run checks)."""
     from lfm_ray.backbones import check_backbone_weights
-    from lfm_ray.data import build_dataset, options_for
+    from lfm_ray.data import build_dataset, run_options
     from lfm_ray.data.cache import check_cache_dir
     from lfm_ray.similarity import check_similarity
     from lfm_ray.train import resolve_selection_split
@@ -251,8 +250,7 @@ def check_inputs(cfg: RunConfig) -> None:
     check_trains_something(cfg)
     check_backbone_weights(cfg.model)
     check_similarity(cfg, weights=True)  # a text:MODEL source's weights too
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
     resolve_selection_split(cfg.data.selection_split, dataset.val_images is not None,
                             cfg.data.name)

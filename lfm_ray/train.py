@@ -151,7 +151,7 @@ class Run:
         # launch_dir: the folder the run was started from, which relative file paths in the
         # configuration name (Ray runs workers in folders of their own); None: this one.
         from lfm_ray.backbones import build_backbone, build_classifier_for, check_family
-        from lfm_ray.data import load_arrays, options_for, shot_groups
+        from lfm_ray.data import load_arrays, run_options, shot_groups
         from lfm_ray.finetune import prepare, trained_params
         from lfm_ray.similarity import check_similarity, for_run
 
@@ -167,7 +167,7 @@ class Run:
         files = with_absolute_paths(cfg, launch_dir)  # relative paths read where it started
         backbone, self.spec = build_backbone(files.model, info.device)
         data = files.data
-        options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
+        options = run_options(data)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
                              cache_dir=data.cache_dir, **options)
         # The target classes: what the run is evaluated and reported on.

@@ -93,7 +93,7 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     model as built (pretrained F_I, W_I = identity): the zero-shot features."""
     from lfm_ray.augment import BatchBuilder, DeviceImages
     from lfm_ray.backbones import build_backbone, build_classifier_for, model_family
-    from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.data import load_arrays, run_options
     from lfm_ray.finetune import prepare
 
     dev = torch.device(device)
@@ -107,8 +107,7 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     data = cfg.data
     arrays = load_arrays(data.name, root=data.root, image=spec,
                          cache_dir=data.cache_dir,
-                         **options_for(data.name, seed=data.seed,
-                                       imbalance_factor=data.imbalance_factor))
+                         **run_options(data))
     picked_classes = resolve_classes(classes, arrays.class_names)
     model, _ = build_classifier_for(backbone, cfg, arrays.class_names, dev)
     del backbone

@@ -17,12 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "sampling and the label shift; paper appendix A.1) for the run defaults' "
                     "α, τ and model or the ones given. γ′ needs the model's text features: "
                     "its weights are read from the local cache only, never downloaded.")
-    p.add_argument("dataset", help="digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, places-lt, "
-                                   "inat2018, folder")
+    p.add_argument("dataset", help="fashion-lt, digits-lt, cifar10-lt, cifar100-lt, imagenet-lt, "
+                                   "places-lt, inat2018, folder")
     # --data-root as well, the name train and study use (and error messages give).
-    p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for digits-lt)")
+    p.add_argument("--root", "--data-root", dest="root", help="data root (not needed for fashion-lt and digits-lt, "
+                   "which are embedded; fashion-lt reads the official files from one)")
     p.add_argument("--imbalance-factor", "--data.imbalance_factor", dest="imbalance_factor",
                    type=float, help="n_max / n_min of the training split")
+    p.add_argument("--max-count", "--data.max_count", dest="max_count", type=int,
+                   help="the largest class's training images (fashion-lt)")
     # The names train and study use: --data.seed picks the long-tailed subset; --seed is
     # the run's training seed (a randomly initialised model's text features, which γ′ uses).
     p.add_argument("--data.seed", dest="data_seed", type=int,
@@ -52,28 +55,37 @@ def run(args: argparse.Namespace) -> int:
     # Only the flags given are passed on: a flag the data set does not take (--data.seed for
     # imagenet-lt) is an error naming the options it does take, not silently ignored.
     given = {"imbalance_factor": args.imbalance_factor, "seed": args.data_seed,
-             "download": args.download or None}
+             "max_count": args.max_count, "download": args.download or None}
     # γ′'s settings are checked before the data set is read (a bad τ fails at once).
     cfg = None if args.no_gamma else gamma_config(args)
     ds = build_dataset(args.dataset, args.root, **{k: v for k, v in given.items() if v is not None})
-    print(format_table(ds.class_names, ds.class_counts, np.asarray(ds.test_labels), shot_groups))
+    val = None if ds.val_labels is None else np.asarray(ds.val_labels)
+    print(format_table(ds.class_names, ds.class_counts, np.asarray(ds.test_labels), shot_groups,
+                       val_labels=val))
     if cfg is not None:
         print()
         print(effective_lines(cfg, ds.class_names, ds.class_counts))
     return 0
 
 
-def format_table(names, counts, test_labels, shot_groups) -> str:
+def format_table(names, counts, test_labels, shot_groups, val_labels=None) -> str:
+    """The class table: training count, shot group, val images (where the data set has a
+    val split) and test images per class, then the totals and imbalance."""
     counts = np.asarray(counts)
     groups = shot_groups(counts)
     group_of = {int(k): g for g, idx in groups.items() for k in idx}
     test = np.bincount(test_labels, minlength=len(counts))
+    val = None if val_labels is None else np.bincount(val_labels, minlength=len(counts))
     width = max(12, max(len(n) for n in names))
-    lines = [f"{'class':>5}  {'name':<{width}}  {'train':>6}  {'group':<6}  {'test':>5}"]
+    head = f"{'class':>5}  {'name':<{width}}  {'train':>6}  {'group':<6}"
+    lines = [head + (f"  {'val':>5}" if val is not None else "") + f"  {'test':>5}"]
     for k, (name, n) in enumerate(zip(names, counts)):
-        lines.append(f"{k:>5}  {name:<{width}}  {n:>6}  {group_of[k]:<6}  {test[k]:>5}")
+        row = f"{k:>5}  {name:<{width}}  {n:>6}  {group_of[k]:<6}"
+        lines.append(row + (f"  {val[k]:>5}" if val is not None else "") + f"  {test[k]:>5}")
     lines.append("")
-    lines.append(f"classes {len(counts)}, training images {counts.sum()}, test images {test.sum()}")
+    lines.append(f"classes {len(counts)}, training images {counts.sum()}, "
+                 + (f"val images {val.sum()}, " if val is not None else "")
+                 + f"test images {test.sum()}")
     lines.append(f"largest class {counts.max()}, smallest {counts.min()}, "
                  f"imbalance ratio {counts.max() / counts.min():.1f}")
     lines.append("shot groups (many > 100, medium 20..100, few < 20): "

@@ -197,9 +197,11 @@ def check_names(cfg: RunConfig) -> None:
     from lfm_ray.backbones import check_backbone, check_family
     from lfm_ray.finetune import check_architecture
     from lfm_ray.similarity import check_similarity
+    from lfm_ray.text import check_text
 
     check_backbone(cfg.model)   # an open_clip or a timm: model, and its weights value
     check_family(cfg)           # what a vision-only model cannot do
+    check_text(cfg)             # the text encoder against the model (lfm_ray/text.py)
     check_similarity(cfg)       # LFM's similarity source and the files it names
     check_architecture(cfg.model.name, cfg.stage1.finetune)  # ViT-only modes on a ViT
 

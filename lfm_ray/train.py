@@ -154,11 +154,13 @@ class Run:
         from lfm_ray.data import load_arrays, run_options, shot_groups
         from lfm_ray.finetune import prepare, trained_params
         from lfm_ray.similarity import check_similarity, for_run
+        from lfm_ray.text import check_text
 
         self.cfg, self.info = cfg, info
         # What the model family cannot do (a timm model has no text tower), and LFM's
         # similarity source, refused at once.
         check_family(cfg)
+        check_text(cfg)
         check_similarity(cfg, launch_dir=launch_dir)
         torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
         # The model comes first: its input size is the size lazily decoded data sets are
@@ -179,10 +181,11 @@ class Run:
         self.aux = auxiliary_training(files, self.class_names, self.spec, data.cache_dir)
         trained = self.class_names + (self.aux.class_names if self.aux else [])
         self.train_counts = self.class_counts + (self.aux.counts if self.aux else [])
-        # CLIP: the text features of every trained class (once per run; the text tower is
-        # then dropped) are the classifier. timm: a linear head over the pooled features.
+        # The class text features of every trained class (model.text: CLIP's own tower or a
+        # pretrained text encoder, once per run) are the classifier; a timm model without a
+        # text encoder has a linear head over its pooled features.
         self.model, self.text_features = build_classifier_for(backbone, cfg, trained,
-                                                              info.device)
+                                                              info.device, self.spec.size)
         del backbone
         # What stage 1 trains: adapters, prompts or class weights join the model here, before
         # checkpoints load and the tower is compiled.

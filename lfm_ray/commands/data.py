@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="cifar10-lt/cifar100-lt: fetch the CIFAR files into --root with torchvision")
     gamma = p.add_argument_group("effective imbalance γ′ (defaults: the run defaults)")
-    gamma.add_argument("--model", "--model.name", dest="model", help="CLIP model for P's text features")
+    gamma.add_argument("--model", "--model.name", dest="model", help="the model (a CLIP model's "
+                       "own tower gives P's text features unless --model.text says otherwise)")
+    gamma.add_argument("--model.text", dest="text", help="text encoder of P's class features "
+                       "(auto, clip, glove)")
     gamma.add_argument("--pretrained", "--model.pretrained", dest="pretrained",
                        help="its weights: an open_clip tag or a file")
     gamma.add_argument("--model.cache_dir", dest="model_cache_dir", help="open_clip's weight cache")
@@ -101,6 +104,7 @@ def gamma_config(args: argparse.Namespace):
     from lfm_ray.model import check_model_name
 
     values = {"model.name": args.model, "model.pretrained": args.pretrained,
+              "model.text": args.text,
               "model.cache_dir": args.model_cache_dir, "model.templates": args.templates,
               "mix.alpha": args.alpha, "mix.tau": args.tau, "mix.beta": args.beta,
               "runtime.seed": args.seed}
@@ -111,6 +115,9 @@ def gamma_config(args: argparse.Namespace):
         check_model_name(cfg.model.name, cfg.model.pretrained)  # a typo is an error, not a skip
     else:
         check_backbone(cfg.model)
+    from lfm_ray.text import check_text
+
+    check_text(cfg)
     return cfg
 
 
@@ -125,33 +132,26 @@ def _lfm_beta(beta: float | None) -> float:
 
 def effective_lines(cfg, class_names, class_counts) -> str:
     """γ′ per distinct (α, τ, β) of the two stages, or one line saying why it is skipped."""
-    import torch
-
     from lfm_ray.effective import effective_imbalance, imbalance_factor, sampling_matrix
     from lfm_ray.errors import LfmError
-    from lfm_ray.model import build_clip, text_features, weights_from_cache_only
-
-    from lfm_ray.backbones import model_family
+    from lfm_ray.text import describe, has_text, standalone_features
 
     model = cfg.model.name + (f"/{cfg.model.pretrained}" if cfg.model.pretrained else "")
-    if model_family(cfg.model.name) != "clip":
-        return (f"effective imbalance γ′: skipped, {model} has no text tower; γ′ here reads P "
-                "from a CLIP model's text features")
+    if not has_text(cfg.model):
+        return (f"effective imbalance γ′: skipped, {model} has no class text features "
+                "(model.text none); γ′ here reads P from the run's text features")
     try:
-        with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
-            # Seeded as the trainer seeds, so a randomly initialised model (tiny) gives the
-            # text features a run with these settings trains with.
-            torch.manual_seed(cfg.runtime.seed)
-            clip, _ = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, "cpu")
+        # Seeded as the trainer seeds, so a randomly initialised model (tiny) gives the
+        # text features a run with these settings trains with.
+        feats = standalone_features(cfg.model, class_names, cfg.runtime.seed)
     except LfmError as exc:
-        return (f"effective imbalance γ′: skipped, {model} cannot be loaded from this "
-                f"machine (lfm-ray data never downloads weights): {exc}")
-    feats = text_features(clip, class_names, cfg.model.templates, "cpu")
+        return (f"effective imbalance γ′: skipped, the {describe(cfg.model)} cannot be loaded "
+                f"from this machine (lfm-ray data never downloads weights): {exc}")
     stages: dict[tuple[float, float, float], list[str]] = {}
     for name in ("stage1", "stage2"):
         s = getattr(cfg, name)
         stages.setdefault((s.alpha, s.tau, _lfm_beta(s.beta)), []).append(name[-1])
-    lines = [f"effective imbalance of LFM (paper appendix A.1), text features of {model}; "
+    lines = [f"effective imbalance of LFM (paper appendix A.1), {describe(cfg.model)}; "
              f"training counts γ = {imbalance_factor(class_counts):.2f}"]
     for (alpha, tau, beta), which in stages.items():
         P = sampling_matrix(feats, tau)

@@ -110,11 +110,11 @@ def test_aux_command_writes_a_folder_and_map_that_training_accepts(tmp_path, cap
         assert kept == [f"{i}.png" for i in range(6)]     # thresholds -1..1 keep every image
     assert "no images under --images" in printed.out and "wrote" in printed.out
     # The map and the folder are what training takes.
-    from lfm_ray.config import RunConfig
+    from lfm_ray.config import DataConfig, RunConfig
     from lfm_ray.data.auxiliary import aux_source
     from lfm_ray.data.digits import DIGIT_NAMES
 
-    cfg = RunConfig().override({"aux.root": str(out),
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": str(out),
                                 "aux.neighbours": str(out / "neighbours.json")})
     source = aux_source(cfg, DIGIT_NAMES)
     assert set(source.class_names) == listed

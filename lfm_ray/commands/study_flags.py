@@ -56,8 +56,8 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
     g.add_argument("--protocol", choices=PROTOCOLS,
                    help="α and τ sweeps: 'branch' trains stage 1 once per seed and sweeps the "
                         "value in stage 2 on it (the paper's Figs. 9 and 10; default on the "
-                        "paper data sets), 'full' retrains both stages per value (default "
-                        "elsewhere)")
+                        "paper data sets and fashion-lt), 'full' retrains both stages per "
+                        "value (default elsewhere)")
     g.add_argument("--address", help="Ray cluster address, e.g. auto (default: RAY_ADDRESS "
                    "or a local Ray instance)")
     g.add_argument("--storage-path", default="results/ray",
@@ -161,7 +161,8 @@ def requested_datasets(args: argparse.Namespace) -> list[str]:
 
 
 def paper_protocol(args: argparse.Namespace) -> str:
-    """--protocol, else "branch" when a data set is one of the paper's, else "full"."""
+    """--protocol, else "branch" when a data set has a preset (the paper's four and the
+    embedded fashion-lt), else "full" (digits-lt, folders)."""
     from lfm_ray.config import PRESETS
 
     if args.protocol:

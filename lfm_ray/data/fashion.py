@@ -220,6 +220,16 @@ def read_pool() -> dict[str, Split]:
     return out
 
 
+def auxiliary_pool() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, 28, 28) images, labels) the embedded auxiliary sets (fashion-aux) are made
+    from: the pool's training candidates, every one of them (never a val or test image;
+    training images may appear, transformed, as digits-aux's do)."""
+    pool = read_pool()["train"]
+    keep = np.concatenate([np.flatnonzero(pool.labels == k)[POOL_VAL:]
+                           for k in range(NUM_CLASSES)])
+    return pool.images[keep], pool.labels[keep]
+
+
 def _check(name: str, value, low: int, high: int | None, why: str = "") -> int:
     if isinstance(value, bool) or not float(value).is_integer() or value < low \
             or (high is not None and value > high):

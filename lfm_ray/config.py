@@ -548,8 +548,8 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
 EMBEDDED_PRESETS: dict[str, dict[str, Any]] = {
     "fashion-lt": {
         "data.name": "fashion-lt", "model.name": "timm:test_byobnet", "model.pretrained": None,
-        "model.image_size": 28, "model.text": "glove", "model.logit_scale": 16.0,
-        "stage1.epochs": 40, "stage1.lr": 3e-3, "stage1.min_lr": 1e-5,
+        "model.image_size": 28, "model.text": "glove", "model.logit_scale": 32.0,
+        "stage1.epochs": 40, "stage1.lr": 3e-2, "stage1.min_lr": 1e-5,
         "stage2.epochs": 5, "stage2.lr": 1e-2, "stage2.min_lr": 1e-4,
         "runtime.batch_size": 64, "stage1.alpha": 1.0, "stage2.alpha": 1.0, "mix.tau": 0.05,
     },

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     given = {"imbalance_factor": args.imbalance_factor, "seed": args.data_seed,
              "max_count": args.max_count, "download": args.download or None}
     # γ′'s settings are checked before the data set is read (a bad τ fails at once).
-    cfg = None if args.no_gamma else gamma_config(args)
+    cfg = None if args.no_gamma else gamma_config(args, args.dataset)
     ds = build_dataset(args.dataset, args.root, **{k: v for k, v in given.items() if v is not None})
     val = None if ds.val_labels is None else np.asarray(ds.val_labels)
     print(format_table(ds.class_names, ds.class_counts, np.asarray(ds.test_labels), shot_groups,
@@ -98,9 +98,11 @@ def format_table(names, counts, test_labels, shot_groups, val_labels=None) -> st
 
 
 # ---- γ′ ---------------------------------------------------------------------------------------
-def gamma_config(args: argparse.Namespace):
-    """The run defaults (RunConfig) with the flags given, checked."""
-    from lfm_ray.config import RunConfig
+def gamma_config(args: argparse.Namespace, dataset: str | None = None):
+    """The configuration a run on `dataset` gets by default (the built-in defaults with the
+    data set's preset where it has one, as `lfm-ray train` resolves it) with the flags given,
+    checked."""
+    from lfm_ray.config import CHOICES, ConfigLayers
     from lfm_ray.model import check_model_name
 
     values = {"model.name": args.model, "model.pretrained": args.pretrained,
@@ -108,7 +110,10 @@ def gamma_config(args: argparse.Namespace):
               "model.cache_dir": args.model_cache_dir, "model.templates": args.templates,
               "mix.alpha": args.alpha, "mix.tau": args.tau, "mix.beta": args.beta,
               "runtime.seed": args.seed}
-    cfg = RunConfig().override({k: v for k, v in values.items() if v is not None}).validate()
+    flags = {k: v for k, v in values.items() if v is not None}
+    if dataset in CHOICES["data.name"]:  # an unknown name is the data set's own error, later
+        flags["data.name"] = dataset
+    cfg = ConfigLayers(flags=flags).resolve().validate()
     from lfm_ray.backbones import check_backbone, model_family
 
     if model_family(cfg.model.name) == "clip":

@@ -375,9 +375,12 @@ def test_the_study_compares_the_sources_the_model_and_data_can_have(tmp_path):
     assert plan.variants["LFM image prototypes"] == {
         "loss.name": "ce", "mix.method": "lfm", "mix.similarity": "image-prototypes"}
     assert plan.variants["CE"]["mix.method"] == "none"
-    # A vision-only model has no text tower of its own.
-    timm = _plan(["--model", "timm:test_vit"])
+    # A vision-only model has no text tower of its own; with a text encoder it has text
+    # features (fashion-lt's preset: GloVe's).
+    timm = _plan(["--model", "timm:test_vit", "--dataset", "digits-lt"])
     assert timm.grid["method"] == ["CE", "LFM image prototypes", "LFM uniform"]
+    glove = _plan(["--model", "timm:test_vit", "--dataset", "digits-lt", "--model.text", "glove"])
+    assert "LFM text" in glove.grid["method"]
     # iNaturalist has a taxonomy.
     root = fabricate(tmp_path / "inat")
     inat = _plan(["--dataset", "inat2018", "--data-root", str(root)])

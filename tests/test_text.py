@@ -169,3 +169,25 @@ def test_lfms_partners_follow_glove(tmp_path):
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     P = local_sampling_matrix(text.word_vector_features(text.GLOVE, names), 0.05)
     assert np.allclose(saved["sampling_matrix"], P.numpy(), atol=1e-5)
+
+
+def test_aux_proposes_neighbours_by_glove_on_the_default_benchmark(tmp_path, capsys):
+    """`lfm-ray aux` with fashion-lt's preset (a timm tower, GloVe): neighbours by GloVe."""
+    from lfm_ray.cli import main
+
+    names = tmp_path / "names.txt"
+    names.write_text("handbag\nsandals\njacket\nsweater\n")
+    out = tmp_path / "aux"
+    assert main(["aux", "--candidates", str(names), "--output", str(out), "--k", "1",
+                 "--max-k", "1"]) == 0, capsys.readouterr().err
+    import json
+
+    from lfm_ray.data.fashion import CLASS_NAMES
+
+    mapping = json.loads((out / "neighbours.json").read_text())
+    candidates = ["handbag", "sandals", "jacket", "sweater"]
+    cos = (text.word_vector_features(text.GLOVE, CLASS_NAMES)
+           @ text.word_vector_features(text.GLOVE, candidates).t())
+    nearest = {name: [candidates[int(cos[k].argmax())]] for k, name in enumerate(CLASS_NAMES)}
+    assert mapping == nearest
+    assert mapping["Sandal"] == ["sandals"] and mapping["Pullover"] == ["sweater"]

@@ -330,8 +330,12 @@ def test_digits_aux_scrambled_is_one_fixed_pixel_permutation():
     assert np.array_equal(flat, source[:, perm])
 
 
-def test_embedded_sets_are_for_digits_lt_only():
-    assert set(EMBEDDED) == {"digits-aux", "digits-aux-scrambled"}
+def test_embedded_sets_are_for_their_own_data_set_only():
+    assert set(EMBEDDED) == {"digits-aux", "digits-aux-scrambled", "fashion-aux",
+                             "fashion-aux-scrambled"}
+    assert {name: dataset for name, (dataset, _) in EMBEDDED.items()} == {
+        "digits-aux": "digits-lt", "digits-aux-scrambled": "digits-lt",
+        "fashion-aux": "fashion-lt", "fashion-aux-scrambled": "fashion-lt"}
     cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": "digits-aux", "data.name": "cifar10-lt"})
     with pytest.raises(LfmError, match="embedded auxiliary set of digits-lt"):
         aux_source(cfg, TARGETS)

@@ -183,3 +183,21 @@ def test_the_data_command_shows_the_val_split(capsys):
     out = capsys.readouterr().out
     assert "val images 1000" in out and "test images 5000" in out
     assert "many 4 classes" in out and "few 3 classes" in out
+
+
+def test_the_embedded_auxiliary_sets_never_show_a_val_or_test_image(default):
+    from lfm_ray.data.auxiliary import embedded_set
+
+    names, images, labels, mapping = embedded_set("fashion-aux")
+    assert names[0] == "rotated T-shirt/top" and mapping["Bag"] == ["rotated Bag"]
+    assert images.shape == (10 * fashion.POOL_TRAIN, 28, 28, 3)
+    assert np.bincount(labels).tolist() == [fashion.POOL_TRAIN] * 10
+    unturned = np.rot90(images[..., 0], k=1, axes=(1, 2))  # back a quarter turn
+    held_out = {img.tobytes() for split in ("val", "test")
+                for img in default.split(split)[0][..., 0]}
+    assert not any(np.ascontiguousarray(img).tobytes() in held_out for img in unturned)
+    # Every training image is among them (turned), as digits-aux holds digits-lt's.
+    pool = {np.ascontiguousarray(img).tobytes() for img in unturned}
+    assert all(img.tobytes() in pool for img in default.train_images[..., 0])
+    scrambled = embedded_set("fashion-aux-scrambled")
+    assert scrambled[0][6] == "scrambled Shirt" and scrambled[1].shape == images.shape

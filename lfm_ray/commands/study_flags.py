@@ -175,15 +175,18 @@ def execute(study, args: argparse.Namespace) -> int:
     """--dry-run: print the checked plan as JSON on stdout; else run the study and report."""
     from lfm_ray.study import plan_study, run_study
 
-    if study.layers is not None:
-        announce_presets(study.layers, study.datasets())
+    def announce() -> None:  # once the request is checked: an error stays one line
+        if study.layers is not None:
+            announce_presets(study.layers, study.datasets())
+
     if args.dry_run:
         import json
 
         plan = plan_study(study, extend=args.extend, restart=args.restart)
+        announce()
         print(json.dumps(plan, indent=2, default=str))
         return 0
-    run_study(study, extend=args.extend, restart=args.restart)
+    run_study(study, extend=args.extend, restart=args.restart, announce=announce)
     if not args.no_report:
         write_study_report(study.result_dir)
     return 0

@@ -31,13 +31,14 @@ def test_train_dry_run_resolves_the_embedded_auxiliary_set(tmp_path, capsys):
     (["--aux-neighbours", "map.json"], "aux.neighbours='map.json' is set but aux.root is not"),
     (["--aux-root", "digits-aux", "--loss", "focal"], "needs loss ce or balce"),
     (["--aux-root", "/no/such/folder", "--aux.silence", "none"], "is not a folder"),
-    (["--aux-root", "digits-aux", "--data.name", "cifar10-lt", "--preset", "none",
+    (["--aux-root", "digits-aux", "--dataset", "cifar10-lt", "--preset", "none",
       "--data-root", "/no/such/cifar"], "data root"),
     (["--aux-root", "digits-aux", "--aux-neighbours", "/no/such/map.json"], "is not a file"),
     (["--aux.max_per_class", "0"], "aux.max_per_class=0 is not valid"),
 ])
 def test_bad_auxiliary_input_is_one_line_before_anything_runs(tmp_path, capsys, flags, needle):
-    code = main(["train", "--dataset", "digits-lt", "--dry-run", "--output", str(tmp_path / "o"), *flags])
+    dataset = [] if "--dataset" in flags else ["--dataset", "digits-lt"]
+    code = main(["train", *dataset, "--dry-run", "--output", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err and err.count("\n") == 1
 

@@ -206,7 +206,8 @@ def ray_instance():
 
 
 def quick_flags(tmp_path: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--output", str(out), "--num-workers", "0", "--stage1.epochs", "1",
+    return ["train", "--dataset", "digits-lt", "--output", str(out), "--num-workers", "0",
+            "--stage1.epochs", "1",
             "--stage2.epochs", "1", "--runtime.max_steps_per_epoch", "2",
             "--data.cache_dir", str(tmp_path / "cache"), *extra]
 
@@ -392,8 +393,8 @@ def session_pids(driver: int) -> set[int]:
 
 
 def start_train(out: Path, cache: Path, epochs: int) -> tuple[list[str], subprocess.Popen]:
-    command = [sys.executable, "-m", "lfm_ray.cli", "train", "--output", str(out),
-               "--stage1.epochs", str(epochs), "--stage2.epochs", "2",
+    command = [sys.executable, "-m", "lfm_ray.cli", "train", "--dataset", "digits-lt",
+               "--output", str(out), "--stage1.epochs", str(epochs), "--stage2.epochs", "2",
                "--data.cache_dir", str(cache)]
     return command, subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

@@ -87,11 +87,6 @@ def has_text(model_cfg) -> bool:
     return resolve_text(model_cfg) != NONE
 
 
-def bridged(model_cfg) -> bool:
-    """Whether the image features are bridged to another encoder's text dimension."""
-    return resolve_text(model_cfg) in WORD_VECTORS
-
-
 def check_text(cfg) -> None:
     """model.text against the model family and what the run asks for, one LfmError each;
     a word-vector package must be installed (nothing is loaded)."""
@@ -200,12 +195,6 @@ def word_vector_features(wv: WordVectors, class_names: Sequence[str]) -> torch.T
 
 
 # ---- the run's class features ---------------------------------------------------------------------
-def text_dim(model_cfg) -> int | None:
-    """The class features' dimension where it is known without a model (word vectors)."""
-    text = resolve_text(model_cfg)
-    return WORD_VECTORS[text].dim if text in WORD_VECTORS else None
-
-
 def class_features(model_cfg, class_names: Sequence[str], device: str | torch.device = "cpu",
                    clip_model: nn.Module | None = None) -> torch.Tensor | None:
     """(C, d) unit class features of the run's text encoder on `device`, None for `none`.

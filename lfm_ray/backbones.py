@@ -6,13 +6,17 @@
 (`a1_in1k` for `resnet50.a1_in1k`, looked up cache first as open_clip weights are, never
 downloaded when the hub cannot be reached), a weights file, or None for random init.
 
-A timm model classifies with a linear head over its pooled features, z = s·(W f + b)
-(`LinearClassifier`; s the run's logit scale, 1 for CE): stage 1 trains the backbone and the
-head, stage 2 retrains a fresh head alone on the frozen backbone (classifier re-training, the
-decoupled recipe). Its images follow timm's own data config (`timm_image_spec`). It has no
-text tower, so what needs class text features is refused (`check_family`): the zero-shot
-baseline, the MMS loss, ConCutMix's semantic label, and LFM's similarity from the run's own
-text tower (`mix.similarity` takes image prototypes by default instead).
+A timm model without a text encoder (`model.text` none, its default) classifies with a
+linear head over its pooled features, z = s·(W f + b) (`LinearClassifier`; s the run's logit
+scale, 1 for CE): stage 1 trains the backbone and the head, stage 2 retrains a fresh head
+alone on the frozen backbone (classifier re-training, the decoupled recipe). What needs class
+text features is then refused (`check_family`): the zero-shot baseline, the MMS loss,
+ConCutMix's semantic label, and LFM's similarity from text (`mix.similarity` takes image
+prototypes by default instead). With a pretrained text encoder (`model.text glove`,
+lfm_ray/text.py) a timm model classifies as LFM does, by cosines to the frozen class text
+features after a bridge to their dimension and W_I, and everything text-based works, LFM's
+similarity S from the text encoder included. Its images follow timm's own data config
+(`timm_image_spec`).
 """
 
 from __future__ import annotations
@@ -126,19 +130,24 @@ def check_family(cfg) -> None:
                            f"CLIP model {cfg.model.name} takes its own input size (leave it "
                            "null)")
         return
+    from lfm_ray.text import has_text
+
     if cfg.stage1.finetune != "full":
         raise LfmError(f"stage1.finetune={cfg.stage1.finetune!r} is for open_clip ViTs; the "
                        f"vision-only model {cfg.model.name} fine-tunes fully in stage 1 "
                        "(backbone and head) and retrains its head in stage 2")
+    if has_text(cfg.model):
+        return  # a text encoder gives it class features (zero-shot: lfm_ray.text.check_text)
     wants = {"runtime.zero_shot": cfg.runtime.zero_shot,
              "loss.name=mms": cfg.loss.name == "mms",
              "mix.method=concutmix": cfg.mix.method == "concutmix"}
     for what, asked in wants.items():
         if asked:
             raise LfmError(f"{what} needs class text features, which the vision-only model "
-                           f"{cfg.model.name} has not: {NEEDS_TEXT[what]}. Use an open_clip "
-                           "model for it, or another setting (loss ce, balce, focal or ldam; "
-                           "a mixing method other than concutmix)")
+                           f"{cfg.model.name} has not: {NEEDS_TEXT[what]}. Give it a text "
+                           "encoder (model.text glove), use an open_clip model, or another "
+                           "setting (loss ce, balce, focal or ldam; a mixing method other "
+                           "than concutmix)")
 
 
 # ---- weights: cache first --------------------------------------------------------------------
@@ -398,16 +407,28 @@ class LinearClassifier(nn.Module):
 
 
 def build_classifier_for(backbone: nn.Module, cfg, class_names: Sequence[str],
-                         device: str | torch.device = "cpu"
+                         device: str | torch.device = "cpu", image_size: int = 224
                          ) -> tuple[nn.Module, torch.Tensor | None]:
-    """(classifier, class text features or None) for a RunConfig on a built backbone: CLIP's
-    LFMClassifier over the class text features (computed once; the text tower is not kept),
-    or a timm model's LinearClassifier (no text features)."""
-    if model_family(cfg.model.name) == "timm":
-        model = LinearClassifier(backbone, backbone.num_features, len(class_names),
+    """(classifier, class text features or None) for a RunConfig on a built backbone.
+
+    With class features (`model.text`, lfm_ray/text.py): LFM's LFMClassifier over them
+    (computed once; a CLIP model's text tower is not kept), its image tower bridged to their
+    dimension where they come from another encoder than the tower's own (its `bridge`).
+    Without (a timm model's `none`): a LinearClassifier. `image_size` is the model's input
+    size (a tower's output width is measured on one image of it)."""
+    from lfm_ray.model import LFMClassifier
+    from lfm_ray.text import CLIP, NONE, class_features, feature_dim, resolve_text
+
+    text = resolve_text(cfg.model)
+    if text == NONE:
+        model = LinearClassifier(backbone, feature_dim(backbone, image_size), len(class_names),
                                  cfg.logit_scale)
         return model.to(device), None
-    from lfm_ray.model import LFMClassifier, text_features
-
-    feats = text_features(backbone, class_names, cfg.model.templates, device)
-    return LFMClassifier(backbone.visual, feats, cfg.logit_scale).to(device), feats
+    if text == CLIP:
+        feats = class_features(cfg.model, class_names, device, clip_model=backbone)
+        return LFMClassifier(backbone.visual, feats, cfg.logit_scale).to(device), feats
+    feats = class_features(cfg.model, class_names, device)
+    tower = backbone.visual if model_family(cfg.model.name) == "clip" else backbone
+    model = LFMClassifier(tower, feats, cfg.logit_scale,
+                          bridge_from=feature_dim(tower, image_size))
+    return model.to(device), feats

@@ -736,15 +736,14 @@ def reference_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
     """The same stage-1 measurement through the reference-style pipeline: a DataLoader whose
     workers resize PIL images one by one and mix in the collate function, then fp32."""
     from lfm_ray.bench_reference import reference_loader, reference_step
-    from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.data import load_arrays, run_options
     from lfm_ray.mixing import local_sampling_matrix
     from lfm_ray.model import LFMClassifier, build_clip, text_features
 
     dev = torch.device(device)
     torch.manual_seed(0)
     clip, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, dev)
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     # The 32 px images as the authors' pipeline reads them (no cache at the model's size).
     arrays = load_arrays(cfg.data.name, root=cfg.data.root, cache_dir=cfg.data.cache_dir,
                          **options)

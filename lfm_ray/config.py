@@ -26,9 +26,10 @@ from lfm_ray.errors import LfmError, unknown_name
 
 @dataclass
 class DataConfig:
-    name: str = "digits-lt"            # registry name, see lfm_ray.data.DATASETS
-    root: str | None = None            # data root on disk (not needed for digits-lt)
+    name: str = "fashion-lt"           # registry name, see lfm_ray.data.DATASETS
+    root: str | None = None            # data root on disk (not needed for fashion-lt and digits-lt)
     imbalance_factor: float | None = None  # n_max / n_min; None: the data set's default
+    max_count: int | None = None       # n_max, the largest class's training images (fashion-lt); None: the data set's default
     seed: int = 0                      # picks the long-tailed subset (not the training seed)
     cache_dir: str | None = None       # node-local uint8 image cache; None: ~/.cache/lfm-ray
     # Split that model selection reads (val_acc_* every epoch): auto | val | test; auto: val
@@ -40,7 +41,12 @@ class DataConfig:
 class ModelConfig:
     name: str = "tiny"                 # open_clip architecture, e.g. ViT-B-32; "tiny" for tests
     pretrained: str | None = None      # open_clip tag ("openai"), a weights file, or None
-    # prompt templates, {} the class name; several are averaged (an ensemble)
+    # frozen text encoder of the class features (lfm_ray/text.py): auto (clip for CLIP models,
+    # none for timm models) | clip (the CLIP model's own tower) | glove (GloVe word vectors) |
+    # none (a timm model's linear head)
+    text: str = "auto"                 # class features: auto | clip | glove | none
+    # prompt templates, {} the class name; several are averaged (an ensemble); CLIP's tower only
+
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
     logit_scale: float | None = None   # s in z = s·cos; None: the loss's default (LOGIT_SCALE)
     cache_dir: str | None = None       # where open_clip caches weights; None: its default
@@ -119,10 +125,11 @@ MIX_BETA: dict[str, float | None] = {
 #   runs use 2/3). inat2018: their run (ω = 1628/255, k = 30, 80 of 100 epochs).
 # - places-lt (no run of theirs): every ω of theirs is ⌊C/5⌋/255 (C = 10, 100, 1000, 8142),
 #   so ω = 73/255 for its 365 classes; k and the warm-up as ImageNet-LT.
-# - digits-lt (10 classes): CIFAR-10-LT's.
+# - digits-lt and fashion-lt (10 classes each): CIFAR-10-LT's.
 # Other data sets (folder) have none: a concutmix run on them must set the fields.
 CONCUTMIX_SETTINGS: dict[str, dict[str, float | int]] = {
     "digits-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
+    "fashion-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
     "cifar10-lt": {"omega": 2 / 255, "topk": 3, "warmup": 0.5},
     "cifar100-lt": {"omega": 20 / 255, "topk": 30, "warmup": 0.5},
     "imagenet-lt": {"omega": 200 / 255, "topk": 30, "warmup": 0.7},
@@ -448,6 +455,9 @@ class RunConfig:
             _check(rt.max_steps_per_epoch >= 1, "runtime.max_steps_per_epoch",
                    rt.max_steps_per_epoch, "an integer >= 1 or null")
         _check(self.data.seed >= 0, "data.seed", self.data.seed, "an integer >= 0")
+        if self.data.max_count is not None:
+            _check(self.data.max_count >= 1, "data.max_count", self.data.max_count,
+                   "an integer >= 1, or null for the data set's default")
         if self.data.imbalance_factor is not None:
             _check(self.data.imbalance_factor >= 1, "data.imbalance_factor",
                    self.data.imbalance_factor, "a number >= 1")
@@ -582,7 +592,7 @@ def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
 
 
 # Paper Table 6 (design.md). The batch is the global batch: 96 = 3 GPUs × 32.
-PRESETS: dict[str, dict[str, Any]] = {
+PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "cifar10-lt": {
         "data.name": "cifar10-lt", "model.name": "ViT-B-32", "model.pretrained": "openai",
         "stage1.epochs": 10, "stage1.lr": 1e-9, "stage1.min_lr": 1e-12,
@@ -609,6 +619,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The embedded benchmark's recipe: chosen by measurement on CE alone (no mixing), selecting on
+# the val split, before any LFM comparison (results/fashion_recipe.md has every candidate and
+# the commands). An image tower sized for 28 px trained from scratch, its features bridged to
+# the frozen GloVe class features (lfm_ray/text.py).
+EMBEDDED_PRESETS: dict[str, dict[str, Any]] = {
+    "fashion-lt": {
+        "data.name": "fashion-lt", "model.name": "timm:test_byobnet", "model.pretrained": None,
+        "model.image_size": 28, "model.text": "glove", "model.logit_scale": 32.0,
+        "stage1.epochs": 40, "stage1.lr": 3e-2, "stage1.min_lr": 1e-5,
+        "stage2.epochs": 5, "stage2.lr": 1e-2, "stage2.min_lr": 1e-4,
+        "runtime.batch_size": 64, "stage1.alpha": 1.0, "stage2.alpha": 1.0, "mix.tau": 0.05,
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {**PAPER_PRESETS, **EMBEDDED_PRESETS}
+
 
 # The backbone the paper used for an ablation (Fig. 9: α on RN50; Fig. 10 and Table 5: τ and
 # the mixing methods on ViT-B/16; all on CIFAR-100-LT at imbalance factor 100). A study script
@@ -628,8 +653,9 @@ SMOKE: dict[str, Any] = {"stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_st
 
 
 def preset(name: str, study: str | None = None) -> RunConfig:
-    """The paper's hyperparameters for one data set (seed 0, Adam, cosine per stage), with
-    the paper's backbone for `study` (a study script's name) where it used another."""
+    """A data set's hyperparameters (the paper's Table 6 for its data sets, the embedded
+    benchmark's recipe for fashion-lt; seed 0, Adam, cosine per stage), with the paper's
+    backbone for `study` (a study script's name) where it used another."""
     return RunConfig().override(preset_values(name, study))
 
 
@@ -696,8 +722,8 @@ class ConfigLayers:
     the preset < `--config FILE` < the study script's own settings < `--smoke` < dotted flags;
     a study's swept values go on top, per trial.
 
-    `preset` is a PRESETS name, "none", or None for "the data set's paper preset where it has
-    one", so a study over several data sets gives each data set's trials their own preset.
+    `preset` is a PRESETS name, "none", or None for "the data set's preset where it has one"
+    (the paper's four and the embedded fashion-lt), so a study over several data sets gives each data set's trials their own preset.
     """
 
     preset: str | None = None
@@ -780,10 +806,11 @@ def with_absolute_paths(cfg: "RunConfig", base: str | os.PathLike | None) -> "Ru
 # Closed sets of names (the registries hold the builders; a test keeps these equal to them, so
 # --help needs no heavy import).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
+    "data.name": ("fashion-lt", "digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
                   "folder"),
     "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
     "loss.name": ("ce", "balce", "focal", "ldam", "mms", "cb", "grw", "lade"),
+    "model.text": ("auto", "clip", "glove", "none"),
     "stage1.finetune": FINETUNE_MODES,
     "stage1.sampler": SAMPLERS,
     "stage2.sampler": SAMPLERS,

@@ -4,8 +4,9 @@ need no LLM and no web.
 "Learning from Neighbors" asks an LLM for fine-grained classes close to each target class,
 crawls their images, and cleans them. Offline, the user brings the candidates; this module:
 
-1. proposes neighbours by CLIP text similarity: for target class t, the k_t candidate names
-   whose text features (the run's prompt templates) are nearest to t's, with more for tail
+1. proposes neighbours by text similarity: for target class t, the k_t candidate names
+   whose class features (the run's text encoder, `model.text`: CLIP's tower with the run's
+   prompt templates, or word vectors) are nearest to t's, with more for tail
    classes in proportion to the head-to-tail ratio, k_t = min(max_k, ⌈k · n_max / n_t⌉)
    (`neighbour_counts`); a candidate may neighbour several targets;
 2. cleans candidate images: within each auxiliary class, an image is kept when the cosine of
@@ -147,20 +148,22 @@ def _check_output(out: Path) -> None:
 
 
 @torch.no_grad()
-def image_features(clip, spec, files: Sequence[Path], device: torch.device,
+def image_features(tower, spec, files: Sequence[Path], device: torch.device,
                    batch: int = 64) -> torch.Tensor:
-    """Unit image features (N, d) of image files, preprocessed as the model's own
-    preprocessing gives them (what the node cache would hold)."""
+    """Unit image features (N, d) of image files under an image tower (a CLIP model's
+    visual tower or a timm model), preprocessed as the model's own preprocessing gives them
+    (what the node cache would hold)."""
     from lfm_ray.augment import BatchBuilder
     from lfm_ray.data.preprocess import preprocess_file
 
     build = BatchBuilder(spec, device)
-    clip.eval()
+    tower.eval()
     parts = []
     for start in range(0, len(files), batch):
         images = np.stack([preprocess_file(str(f), spec) for f in files[start:start + batch]])
         x = build(torch.from_numpy(images))
-        parts.append(F.normalize(clip.visual(x).float(), dim=-1).cpu())
+        with torch.no_grad():
+            parts.append(F.normalize(tower(x).float(), dim=-1).cpu())
     return torch.cat(parts)
 
 
@@ -171,25 +174,32 @@ def curate(cfg, candidates_file: str | Path, output: str | Path,
            device: str | torch.device = "cpu") -> Curation:
     """Propose neighbours for the target classes of `cfg.data` from the candidate names, and
     with `images_root` keep the candidates' clean images; write the folder and the map."""
-    from lfm_ray.data import build_dataset, options_for
-    from lfm_ray.model import build_clip, text_features
+    from lfm_ray.backbones import build_backbone, model_family
+    from lfm_ray.data import build_dataset, run_options
+    from lfm_ray.text import check_text, class_features
 
     out = Path(output).expanduser()
     _check_output(out)
     keep_by_prototype(torch.zeros(1, 2), min_cos, max_cos)  # the thresholds, checked first
     neighbour_counts([1], k, max_k)
     folders = candidate_folders(images_root) if images_root is not None else None
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
     targets = list(dataset.class_names)
     names, dropped = read_candidates(candidates_file, targets)
     device = torch.device(device)
+    check_text(cfg)
     torch.manual_seed(cfg.runtime.seed)  # a randomly initialised model (tiny) as a run has it
-    clip, spec = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir, device)
+    backbone, spec = build_backbone(cfg.model, device)
+    tower = backbone.visual if model_family(cfg.model.name) == "clip" else backbone
     per_target = neighbour_counts(dataset.class_counts, k, max_k)
-    picks = propose_neighbours(text_features(clip, targets, cfg.model.templates, device),
-                               text_features(clip, names, cfg.model.templates, device),
+    target_feats = class_features(cfg.model, targets, device, clip_model=backbone)
+    if target_feats is None:
+        raise LfmError(f"lfm-ray aux proposes neighbours by text similarity; the model "
+                       f"{cfg.model.name} has no text encoder (model.text none): give it one "
+                       "(--model.text glove)")
+    picks = propose_neighbours(target_feats,
+                               class_features(cfg.model, names, device, clip_model=backbone),
                                per_target)
     proposed = {t: [names[i] for i in p] for t, p in zip(targets, picks)}
     result = Curation(neighbours={}, proposed=proposed,
@@ -203,7 +213,7 @@ def curate(cfg, candidates_file: str | Path, output: str | Path,
             if not files:
                 result.no_folder.append(name)
                 continue
-            keep = keep_by_prototype(image_features(clip, spec, files, device), min_cos, max_cos)
+            keep = keep_by_prototype(image_features(tower, spec, files, device), min_cos, max_cos)
             kept = [f for f, ok in zip(files, keep.tolist()) if ok]
             result.kept[name] = (len(kept), len(files))
             if not kept:

@@ -394,14 +394,17 @@ def trainable_names(model: nn.Module, stage: int) -> list[str]:
         return ["proj.weight"]
     mode = getattr(model, "finetune", "full")
     names = [name for name, _ in model.named_parameters()]
+    # A bridge to another encoder's text features (lfm_ray.text) starts untrained: stage 1
+    # trains it in every mode.
+    bridge = [n for n in names if n.startswith("bridge.")]
     if mode == "full":
-        return [n for n in names if n.startswith("visual.")]
+        return [n for n in names if n.startswith("visual.")] + bridge
     if mode == "classifier":
-        return [n for n in names if n == "class_weights"]
+        return [n for n in names if n == "class_weights"] + bridge
     if mode == "bitfit":  # "in_proj_bias" of the attention included
-        return [n for n in names if n.startswith("visual.") and n.endswith("bias")]
+        return [n for n in names if n.startswith("visual.") and n.endswith("bias")] + bridge
     added = _added(model)
-    return [n for n in names if n in added]
+    return [n for n in names if n in added] + bridge
 
 
 def _added(model: nn.Module) -> set[str]:

@@ -197,9 +197,11 @@ def check_names(cfg: RunConfig) -> None:
     from lfm_ray.backbones import check_backbone, check_family
     from lfm_ray.finetune import check_architecture
     from lfm_ray.similarity import check_similarity
+    from lfm_ray.text import check_text
 
     check_backbone(cfg.model)   # an open_clip or a timm: model, and its weights value
     check_family(cfg)           # what a vision-only model cannot do
+    check_text(cfg)             # the text encoder against the model (lfm_ray/text.py)
     check_similarity(cfg)       # LFM's similarity source and the files it names
     check_architecture(cfg.model.name, cfg.stage1.finetune)  # ViT-only modes on a ViT
 
@@ -209,13 +211,12 @@ def prepare_node(cfg: RunConfig):
     cache (fails at once on missing data), so trials start on a warm cache. Returns the
     cached data set (an ArraySet: its splits tell check_selection_split what exists)."""
     from lfm_ray.backbones import build_backbone
-    from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.data import load_arrays, run_options
     from lfm_ray.similarity import check_similarity
 
     _, spec = build_backbone(cfg.model, "cpu")
     check_similarity(cfg, weights=True)  # a text:MODEL similarity's weights, here at once
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     arrays = load_arrays(cfg.data.name, root=cfg.data.root, image=spec,
                          cache_dir=cfg.data.cache_dir, **options)
     check_similarity(cfg, num_classes=len(arrays.class_names))  # a file's size, read whole
@@ -242,7 +243,7 @@ def check_inputs(cfg: RunConfig) -> int:
     too) of one run, checked without training, building caches or starting Ray (what
     --dry-run checks). Returns the data set's number of classes."""
     from lfm_ray.backbones import check_backbone_weights
-    from lfm_ray.data import build_dataset, options_for
+    from lfm_ray.data import build_dataset, run_options
     from lfm_ray.data.cache import check_cache_dir
     from lfm_ray.similarity import check_similarity
     from lfm_ray.train import resolve_selection_split
@@ -252,8 +253,7 @@ def check_inputs(cfg: RunConfig) -> int:
     check_trains_something(cfg)
     check_backbone_weights(cfg.model)
     check_similarity(cfg, weights=True)  # a text:MODEL source's weights too
-    options = options_for(cfg.data.name, seed=cfg.data.seed,
-                          imbalance_factor=cfg.data.imbalance_factor)
+    options = run_options(cfg.data)
     dataset = build_dataset(cfg.data.name, cfg.data.root, **options)
     check_similarity(cfg, num_classes=len(dataset.class_names))  # a file against the classes
     resolve_selection_split(cfg.data.selection_split, dataset.val_images is not None,

@@ -500,12 +500,19 @@ class LFMClassifier(nn.Module):
 
     What stage 1 trains is the model's `finetune` mode (lfm_ray.finetune.prepare sets it;
     "full" by default). In mode "classifier" the class weights w_k, initialised from f_T[k],
-    replace f_T[k] in the logits (`class_weights`; None otherwise)."""
+    replace f_T[k] in the logits (`class_weights`; None otherwise).
 
-    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float):
+    Where f_T comes from another encoder than the tower's own (lfm_ray.text: word vectors on
+    a CLIP or timm image tower), `bridge_from` is the tower's output width and F_I(x) =
+    B·tower(x) + b, a linear bridge to the text dimension d that stage 1 trains in every
+    mode (`bridge`; None otherwise)."""
+
+    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float,
+                 bridge_from: int | None = None):
         super().__init__()
         self.visual = visual
         d = text_features.shape[1]
+        self.bridge = nn.Linear(int(bridge_from), d) if bridge_from is not None else None
         self.proj = nn.Linear(d, d, bias=False)
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(d))
@@ -515,8 +522,9 @@ class LFMClassifier(nn.Module):
         self.finetune = "full"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """F_I(x): the image tower's embedding, (B, d)."""
-        return self.visual(images)
+        """F_I(x): the image tower's embedding (through the bridge where there is one), (B, d)."""
+        feats = self.visual(images)
+        return feats if self.bridge is None else self.bridge(feats)
 
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         """s · cos(W_I feats, w_k) for every class k: (B, C); w_k = f_T[k] unless the class
@@ -541,9 +549,11 @@ class LFMClassifier(nn.Module):
             p.requires_grad_(name in train)
 
     def weights(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the model: the tower (with any added modules), W_I and,
-        in mode classifier, the class weights."""
+        """What a checkpoint keeps of the model: the tower (with any added modules), the
+        bridge, W_I and, in mode classifier, the class weights."""
         out: dict[str, Any] = {"visual": self.visual.state_dict(), "proj": self.proj.state_dict()}
+        if self.bridge is not None:
+            out["bridge"] = self.bridge.state_dict()
         if self.class_weights is not None:
             out["class_weights"] = self.class_weights.detach().clone()
         return out
@@ -552,6 +562,11 @@ class LFMClassifier(nn.Module):
         """Restore what `weights` kept (a checkpoint of a model prepared the same way)."""
         self.visual.load_state_dict(state["visual"])
         self.proj.load_state_dict(state["proj"])
+        if self.bridge is not None:
+            if state.get("bridge") is None:
+                raise LfmError("the checkpoint holds no bridge to the text features; it was "
+                               "trained with the image tower's own text tower")
+            self.bridge.load_state_dict(state["bridge"])
         if self.class_weights is not None:
             if state.get("class_weights") is None:
                 raise LfmError("the checkpoint holds no class weights; it was not trained "

@@ -5,12 +5,14 @@ LFM draws the partner class j of a class i with P[i, j] = softmax_j(S[i, j] / τ
 classes' CLIP text features; the paper names where that fails (biological names the text
 encoder does not know) and where it cannot apply (vision-only backbones). The sources:
 
-- `text`: the run's own text tower with the prompt templates (the default for CLIP models):
-  S = f_T f_Tᵀ. P then comes straight from the text features (`local_sampling_matrix`).
+- `text`: the run's own class features (`model.text`: CLIP's tower, or a pretrained text
+  encoder such as GloVe word vectors on any backbone, lfm_ray/text.py): S = f_T f_Tᵀ. P then
+  comes straight from the text features (`local_sampling_matrix`).
 - `text:MODEL[:PRETRAINED]`: another open_clip text tower (a domain CLIP for biological
   names, say), used only for S, with the run's templates; its features are computed once and
   its weights looked up as the run's own (cache first, never downloaded when the hub cannot
-  be reached). MODEL may be `hf-hub:org/name` or `local-dir:/path`, which carry their weights.
+  be reached). MODEL may be `hf-hub:org/name` or `local-dir:/path`, which carry their weights,
+  or a word-vector encoder of lfm_ray/text.py (`text:glove`).
 - `image-prototypes`: S[i, j] = cos(m_i, m_j), m_k the mean of the unit image features of
   class k's training images under the frozen, not yet trained image tower (CLIP's F_I, a
   timm model's pooled features), computed once per run before stage 1 (unflipped images,
@@ -25,8 +27,9 @@ encoder does not know) and where it cannot apply (vision-only backbones). The so
   itself (finite and symmetric); any other C×d array is an embedding whose cosines give S.
 - `uniform`: S = 0, so partners are uniform over the other classes (the ablation LFM must beat).
 
-`auto` is `text` for a CLIP model and `image-prototypes` for a timm model. Whatever S is, the
-text features stay a CLIP model's classifier. `resolved_choices` is what config.json and
+`auto` is `text` where the run has class text features (a CLIP model, or any model with a
+text encoder) and `image-prototypes` for a timm model without one. Whatever S is, the text
+features stay the classifier. `resolved_choices` is what config.json and
 study.json record.
 """
 
@@ -113,13 +116,13 @@ def parse_similarity(text: str) -> Source:
 
 
 def similarity_source(cfg) -> Source:
-    """The source a RunConfig's LFM draws S from, 'auto' resolved by the model family."""
-    from lfm_ray.backbones import model_family
+    """The source a RunConfig's LFM draws S from, 'auto' resolved: the run's text features
+    where it has them, else image prototypes."""
+    from lfm_ray.text import has_text
 
     value = cfg.mix.similarity
     if value == AUTO:
-        return Source("text") if model_family(cfg.model.name) == "clip" \
-            else Source("image-prototypes")
+        return Source("text") if has_text(cfg.model) else Source("image-prototypes")
     return parse_similarity(value)
 
 
@@ -128,10 +131,11 @@ def resolved_choices(cfg) -> dict[str, str]:
     the similarity source its LFM uses ('auto' resolved, file paths absolute) and where its
     class weights start ('auto' resolved, lfm_ray.head_init)."""
     from lfm_ray.backbones import model_family
+    from lfm_ray.text import record
 
     from lfm_ray.head_init import resolved_init
 
-    return {"model.family": model_family(cfg.model.name),
+    return {"model.family": model_family(cfg.model.name), **record(cfg.model),
             "mix.similarity": similarity_source(cfg).resolved(),
             "model.classifier_init": resolved_init(cfg)}
 
@@ -144,13 +148,13 @@ def uses_similarity(cfg) -> bool:
 
 def sampling_source(cfg) -> Source:
     """Where the run's P (LFM's partner draw, and the P kept beside the confusion matrix)
-    comes from: mix.similarity for LFM; for other methods, which never read that, the model
-    family's own (the run's text features, or image prototypes for a timm model)."""
-    from lfm_ray.backbones import model_family
+    comes from: mix.similarity for LFM; for other methods, which never read that, the
+    model's own (its class text features, or image prototypes for a model without any)."""
+    from lfm_ray.text import has_text
 
     if uses_similarity(cfg):
         return similarity_source(cfg)
-    return Source("text") if model_family(cfg.model.name) == "clip" else Source("image-prototypes")
+    return Source("text") if has_text(cfg.model) else Source("image-prototypes")
 
 
 def check_similarity(cfg, weights: bool = False, launch_dir: str | None = None,
@@ -160,17 +164,21 @@ def check_similarity(cfg, weights: bool = False, launch_dir: str | None = None,
     files it names (relative to `launch_dir`, else the current folder); with `num_classes`
     (the data set's, once known) a file is read whole and checked against them. A run whose
     mixing does not read it (uses_similarity) has only its form checked."""
-    from lfm_ray.backbones import model_family
+    from lfm_ray.text import WORD_VECTORS, has_text, word_vectors_files
 
     source = similarity_source(cfg)
     if not uses_similarity(cfg):
         return
-    if source.kind == "text" and source.model is None and model_family(cfg.model.name) == "timm":
-        raise LfmError(f"mix.similarity={cfg.mix.similarity!r} needs the run's own text tower, "
-                       f"which the vision-only model {cfg.model.name} has not; use "
-                       "image-prototypes (the default for timm models), text:MODEL[:PRETRAINED] "
-                       "(another open_clip text tower), taxonomy, file:PATH or uniform")
-    if source.kind == "text" and source.model is not None:
+    if source.kind == "text" and source.model is None and not has_text(cfg.model):
+        raise LfmError(f"mix.similarity={cfg.mix.similarity!r} needs the run's class text "
+                       f"features, which the vision-only model {cfg.model.name} has not "
+                       "without a text encoder; give it one (model.text glove), or use "
+                       "image-prototypes (the default for timm models without one), "
+                       "text:MODEL[:PRETRAINED] (another open_clip text tower or text:glove), "
+                       "taxonomy, file:PATH or uniform")
+    if source.kind == "text" and source.model in WORD_VECTORS:
+        word_vectors_files(WORD_VECTORS[source.model])
+    elif source.kind == "text" and source.model is not None:
         from lfm_ray.model import check_model_name, check_weights
 
         try:
@@ -436,9 +444,14 @@ def dataset_taxonomy(dataset: str, root: Any) -> list[tuple[str, ...]]:
 def other_text_similarity(source: Source, class_names: Sequence[str], templates: Sequence[str],
                           cache_dir: str | None, device: torch.device, seed: int
                           ) -> torch.Tensor:
-    """S from another open_clip text tower: its class text features' cosines. A randomly
-    initialised tower is seeded with the run's seed, and the global RNG is left as it was."""
+    """S from another open_clip text tower (or a word-vector encoder, text:glove): its class
+    text features' cosines. A randomly initialised tower is seeded with the run's seed, and
+    the global RNG is left as it was."""
     from lfm_ray.model import build_clip, text_features
+    from lfm_ray.text import WORD_VECTORS, word_vector_features
+
+    if source.model in WORD_VECTORS:
+        return text_similarity(word_vector_features(WORD_VECTORS[source.model], class_names))
 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

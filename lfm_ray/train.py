@@ -152,14 +152,16 @@ class Run:
         # launch_dir: the folder the run was started from, which relative file paths in the
         # configuration name (Ray runs workers in folders of their own); None: this one.
         from lfm_ray.backbones import build_backbone, build_classifier_for, check_family
-        from lfm_ray.data import load_arrays, options_for, shot_groups
+        from lfm_ray.data import load_arrays, run_options, shot_groups
         from lfm_ray.finetune import prepare, trained_params
         from lfm_ray.similarity import check_similarity, for_run
+        from lfm_ray.text import check_text
 
         self.cfg, self.info = cfg, info
         # What the model family cannot do (a timm model has no text tower), and LFM's
         # similarity source, refused at once.
         check_family(cfg)
+        check_text(cfg)
         check_similarity(cfg, launch_dir=launch_dir)
         torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
         # The model comes first: its input size is the size lazily decoded data sets are
@@ -168,7 +170,7 @@ class Run:
         files = with_absolute_paths(cfg, launch_dir)  # relative paths read where it started
         backbone, self.spec = build_backbone(files.model, info.device)
         data = files.data
-        options = options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor)
+        options = run_options(data)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
                              cache_dir=data.cache_dir, **options)
         # The target classes: what the run is evaluated and reported on.
@@ -180,10 +182,11 @@ class Run:
         self.aux = auxiliary_training(files, self.class_names, self.spec, data.cache_dir)
         trained = self.class_names + (self.aux.class_names if self.aux else [])
         self.train_counts = self.class_counts + (self.aux.counts if self.aux else [])
-        # CLIP: the text features of every trained class (once per run; the text tower is
-        # then dropped) are the classifier. timm: a linear head over the pooled features.
+        # The class text features of every trained class (model.text: CLIP's own tower or a
+        # pretrained text encoder, once per run) are the classifier; a timm model without a
+        # text encoder has a linear head over its pooled features.
         self.model, self.text_features = build_classifier_for(backbone, cfg, trained,
-                                                              info.device)
+                                                              info.device, self.spec.size)
         del backbone
         # What stage 1 trains: adapters, prompts or class weights join the model here, before
         # checkpoints load and the tower is compiled.

@@ -1,10 +1,10 @@
 """α ablation (paper Fig. 9): LFM with τ = 0.05 for α from 0 to 2.
 
-The paper's protocol (`--protocol branch`, the default on its data sets): stage 1 is trained
-once per seed with α = 1 and each α is swept in stage 2 from that checkpoint, as the
-authors' ablation configs do. `--protocol full` (the default elsewhere, e.g. the embedded
-digits-lt) retrains both stages with each α. On CIFAR-100-LT the paper's preset applies, with
-the paper's RN50 backbone for this figure.
+The paper's protocol (`--protocol branch`, the default on its data sets and on the embedded
+fashion-lt, with three seeds): stage 1 is trained once per seed with α = 1 and each α is
+swept in stage 2 from that checkpoint, as the authors' ablation configs do. `--protocol full`
+(the default elsewhere, e.g. digits-lt) retrains both stages with each α. On CIFAR-100-LT
+the paper's preset applies, with the paper's RN50 backbone for this figure.
     python studies/alpha_sweep.py
     python studies/alpha_sweep.py --dataset cifar100-lt --data-root /data --seeds 0,1,2
 """
@@ -22,7 +22,7 @@ def declare(args) -> ScriptPlan:
     fixed = {"mix.method": "lfm", "mix.tau": 0.05}
     if paper_protocol(args) == "branch":
         return ScriptPlan(fixed={**fixed, "mix.alpha": STAGE1_ALPHA},
-                          grid={"stage2.alpha": alphas}, seeds=[0, 1], share_stage1=True,
+                          grid={"stage2.alpha": alphas}, seeds=[0, 1, 2], share_stage1=True,
                           protocol="branch")
     return ScriptPlan(fixed=fixed, grid={"mix.alpha": alphas}, seeds=[0, 1], protocol="full")
 

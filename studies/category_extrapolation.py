@@ -3,11 +3,11 @@ baseline BalCE, + random extra classes, + auxiliary neighbour classes without si
 + neighbour silencing, and the same with LFM, on many / medium / few / all.
 
 Every method trains with BalCE; the auxiliary classes are masked out at inference, so every
-figure is over the target classes. By default the study runs on the embedded digits-lt with
-its embedded auxiliary sets: digits-aux (each digit turned a quarter turn, the digit's
-neighbour) and, for the random-extra-data row, digits-aux-scrambled (as many pixel-scrambled
-digits, no digit's neighbour). They stand in for the LLM-chosen, web-crawled classes of the
-paper. On your own data give the auxiliary folder and neighbour map (the random row then
+figure is over the target classes. By default the study runs on the embedded fashion-lt with
+its embedded auxiliary sets: fashion-aux (each class's images turned a quarter turn, "rotated
+Sneaker", the class's neighbour) and, for the random-extra-data row, fashion-aux-scrambled
+(as many pixel-scrambled images, no class's neighbour); digits-lt has digits-aux and
+digits-aux-scrambled. They stand in for the LLM-chosen, web-crawled classes of the paper. On your own data give the auxiliary folder and neighbour map (the random row then
 drops out: it needs a second, unrelated auxiliary set, e.g. a study run with --aux-root of
 one and --name of its own):
     python studies/category_extrapolation.py
@@ -19,8 +19,9 @@ import sys
 
 from lfm_ray.commands.study_flags import ScriptPlan, run_script
 
-NEIGHBOURS = "digits-aux"             # the embedded neighbour set of digits-lt
-RANDOM = "digits-aux-scrambled"       # the embedded unrelated set (random extra data)
+# data set -> (its embedded neighbour set, its embedded unrelated set: random extra data)
+EMBEDDED = {"fashion-lt": ("fashion-aux", "fashion-aux-scrambled"),
+            "digits-lt": ("digits-aux", "digits-aux-scrambled")}
 
 # method name -> (mixing, auxiliary set: None, "random" or "neighbours", silence)
 METHODS = {
@@ -40,19 +41,20 @@ def declare(args) -> ScriptPlan:
 
     given = config_layers(args).resolve().aux.root   # --aux-root or the config file's
     datasets = list(args.datasets)
-    if given is None and datasets != ["digits-lt"]:
+    if given is None and (len(datasets) != 1 or datasets[0] not in EMBEDDED):
         raise LfmError(f"category extrapolation on {', '.join(datasets)} needs the auxiliary "
                        "classes: --aux-root FOLDER --aux-neighbours MAP.json (the embedded "
-                       "auxiliary sets are for digits-lt)")
-    root = given or NEIGHBOURS
+                       f"auxiliary sets are for {' and '.join(EMBEDDED)}, one at a time)")
+    neighbours, random = EMBEDDED.get(datasets[0], (None, None))
+    root = given or neighbours
     names = SMOKE if args.smoke else list(METHODS)
-    if root != NEIGHBOURS:  # a set of the user's: no unrelated set to compare with
+    if root != neighbours:  # a set of the user's: no unrelated set to compare with
         names = [n for n in names if METHODS[n][1] != "random"]
     variants = {}
     for name in names:
         mix, aux, silence = METHODS[name]
         variants[name] = {"loss.name": "balce", "mix.method": mix, "aux.silence": silence,
-                          "aux.root": {None: None, "random": RANDOM, "neighbours": root}[aux]}
+                          "aux.root": {None: None, "random": random, "neighbours": root}[aux]}
         if aux != "neighbours":  # the random set carries its own map; none without a set
             variants[name]["aux.neighbours"] = None
     # The neighbour set is the base (so it is checked and cached before any trial starts);

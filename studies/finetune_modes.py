@@ -10,6 +10,12 @@ scratch, from the identity or from the text features, so they take their own sta
 learning rate (LIGHT_STAGE1 below, Adam); full fine-tuning takes the run's (a paper preset's
 on its data set). trials.csv carries each trial's trained parameter counts, macro-F1,
 harmonic-mean and worst-class accuracy beside many/medium/few/all.
+
+The modes are about fine-tuning a pretrained CLIP ViT lightly; the embedded fashion-lt's
+image tower is a small CNN trained from scratch (no pretrained image weights ship with
+lfm-ray), which the ViT modes cannot adapt. So this study alone runs on digits-lt with the
+tiny open_clip ViT by default, which shows the modes running, not LIFT's finding; give a
+pretrained CLIP model and a data set for that.
     python studies/finetune_modes.py
     python studies/finetune_modes.py --dataset cifar100-lt --data-root /data \
         --pretrained openai --gpus-per-worker 0.5 --eval.tta fivecrop
@@ -47,8 +53,19 @@ def variants() -> dict[str, dict]:
 def declare(args) -> ScriptPlan:
     every = variants()
     names = SMOKE if args.smoke else list(every)
-    return ScriptPlan(fixed={"loss.name": "ce"}, grid={"method": names}, seeds=[0],
+    # digits-lt and the tiny ViT unless a data set is asked for (see above).
+    default = {} if _asked_for_data(args) else {"data.name": "digits-lt"}
+    return ScriptPlan(fixed={**default, "loss.name": "ce"}, grid={"method": names}, seeds=[0],
                       variants={n: every[n] for n in names})
+
+
+def _asked_for_data(args) -> bool:
+    """Whether the flags or the config file name a data set."""
+    from lfm_ray.commands.run_flags import config_layers
+
+    layers = config_layers(args)
+    return any("data.name" in layer for layer in (layers.file, layers.flags)) \
+        or getattr(args, "preset", None) not in (None, "none")
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """Imbalance factors (paper Table 2): γ ∈ {10, 50, 100} × {CE, LFM + CE, LFM + MMS}.
 
-On digits-lt the largest class has about 130 training images, so γ = 100 leaves the rarest
-classes one image each: the same shape of tail as CIFAR-100-LT at γ = 100, much smaller.
+On fashion-lt the largest class keeps its 600 training images and the others follow the
+profile (γ = 100: 6 images in the rarest class, γ = 10: 60); on digits-lt the largest class
+has about 130, so γ = 100 leaves the rarest classes one image each.
     python studies/imbalance_sweep.py
     python studies/imbalance_sweep.py --dataset cifar100-lt --data-root /data ...
 """

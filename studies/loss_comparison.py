@@ -3,10 +3,12 @@ BalCE, Focal, LDAM, MMS, CB, GRW, LADE, CE with post-hoc logit adjustment, CE wi
 class-balanced stage 2 (cRT-style), CE with square-root sampling, LFM + CE, LFM + MMS.
 
 Each method is a named bundle of settings; the grid runs over the method names. Each loss
-runs at its own default logit scale (see README); `--logit-scale S` compares them at one.
-"CE + post-hoc LA" is the CE model evaluated on z − τ·log prior with Menon et al.'s τ = 1;
-"CE + cRT" draws stage 2's images class-balanced, "CE + square-root sampling" both stages'
-with class probabilities ∝ √n_k.
+runs at its own default logit scale (see README) unless a preset or `--logit-scale S` sets
+one (fashion-lt's preset does: every loss there runs at its s). Zero-shot needs an image tower
+aligned with its text tower (a CLIP model's own, model.text clip); elsewhere (fashion-lt's
+GloVe features) its row drops out. "CE + post-hoc LA" is the CE model evaluated on
+z − τ·log prior with Menon et al.'s τ = 1; "CE + cRT" draws stage 2's images class-balanced,
+"CE + square-root sampling" both stages' with class probabilities ∝ √n_k.
     python studies/loss_comparison.py
     python studies/loss_comparison.py --logit-scale 30 --name loss_comparison_s30
 """
@@ -41,8 +43,22 @@ METHODS = {
 SMOKE = ["CE", "LADE", "CE + post-hoc LA", "CE + cRT", "LFM + CE"]
 
 
+def rows_for(args) -> list[str]:
+    """The rows the study's model can run: zero-shot only with CLIP's own text tower."""
+    from lfm_ray.commands.run_flags import config_layers, flag_values
+    from lfm_ray.text import CLIP, resolve_text
+
+    flags = flag_values(args, several_datasets=True)
+    flags.pop("data.name", None)  # each data set is resolved below, with its own preset
+    layers = config_layers(args, flags=flags)
+    names = list(METHODS)
+    if any(resolve_text(layers.resolve(d).model) != CLIP for d in args.datasets):
+        names.remove("zero-shot")
+    return names
+
+
 def declare(args) -> ScriptPlan:
-    names = SMOKE if args.smoke else list(METHODS)
+    names = SMOKE if args.smoke else rows_for(args)
     return ScriptPlan(grid={"method": names}, seeds=[0],
                       variants={n: METHODS[n] for n in names})
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STUDIES = ["tau_sweep", "alpha_sweep", "loss_comparison", "mixup_comparison",
            "imbalance_sweep", "optuna_search", "finetune_modes", "category_extrapolation",
-           "similarity_sources"]
+           "similarity_sources", "text_encoder"]
 FLAGS = ["--restart", "--results-dir", "results"]  # the committed demo results
 SEEDS = ["--seeds", "0,1,2"]  # every study but the Optuna search, which samples with one
 

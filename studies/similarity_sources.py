@@ -2,8 +2,8 @@
 
 The paper's S is the cosine of the class names' CLIP text features; it names where that fails
 (biological names the text encoder does not know) and where it cannot apply (vision-only
-backbones). Each row trains LFM + CE with P = softmax(S/τ) of another S: the run's own text
-tower (`text`, CLIP models only), the class means of the not yet trained image tower's
+backbones). Each row trains LFM + CE with P = softmax(S/τ) of another S: the run's own class
+text features (`text`: on fashion-lt GloVe's, `model.text`; a CLIP model's own tower), the class means of the not yet trained image tower's
 features (`image-prototypes`), the data set's class hierarchy where it has one (`taxonomy`,
 iNaturalist 2018), and uniform partners (the ablation LFM must beat); CE without mixing is
 the baseline. Other sources (text:MODEL[:PRETRAINED], taxonomy:FILE, file:PATH) run with
@@ -30,11 +30,12 @@ METHODS = {
 
 
 def rows_for(args) -> list[str]:
-    """The rows the study's data sets and models can run: `text` needs a CLIP model's own
-    text tower, `taxonomy` a data set with a class hierarchy of its own."""
-    from lfm_ray.backbones import model_family
+    """The rows the study's data sets and models can run: `text` needs the run's class text
+    features (a CLIP model's own tower or a text encoder, model.text), `taxonomy` a data set
+    with a class hierarchy of its own."""
     from lfm_ray.commands.run_flags import config_layers, flag_values
     from lfm_ray.similarity import has_taxonomy
+    from lfm_ray.text import has_text
 
     flags = flag_values(args, several_datasets=True)
     flags.pop("data.name", None)  # each data set is resolved below, with its own preset
@@ -42,7 +43,7 @@ def rows_for(args) -> list[str]:
     names = list(METHODS)
     for dataset in args.datasets:
         cfg = layers.resolve(dataset)
-        if model_family(cfg.model.name) != "clip" and "LFM text" in names:
+        if not has_text(cfg.model) and "LFM text" in names:
             names.remove("LFM text")
         if not has_taxonomy(dataset) and "LFM taxonomy" in names:
             names.remove("LFM taxonomy")

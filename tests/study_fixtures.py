@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_ray import confusion
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 
 GROUPS = ("many", "medium", "few", "all")
 COUNTS = [124, 96, 74, 57, 44, 34, 26, 20, 16, 12]  # digits-lt's training counts
@@ -145,7 +145,7 @@ def make_study(root: Path, name: str, grid: dict[str, list], seeds=(0, 1),
                      "runtime.seed": 99, "data.name": "digits-lt", "model.name": "tiny",
                      "experiment": name})
     pd.DataFrame(rows).to_csv(d / "trials.csv", index=False)
-    base = RunConfig().override({"stage1.epochs": E1, "stage2.epochs": E2}).to_dict()
+    base = RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": E1, "stage2.epochs": E2}).to_dict()
     swept = [*keys, "runtime.seed"] if search == "grid" else keys
     metric = "val_acc_all" if val else "acc_all"
     split = "val" if val else "test"

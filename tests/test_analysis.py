@@ -20,7 +20,7 @@ from lfm_ray.analysis import (
     per_class_figure, study_figures, write_report,
 )
 from lfm_ray.cli import main
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.errors import LfmError
 
 from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see conftest.py)
@@ -623,7 +623,7 @@ def tune_experiment(tmp_path_factory) -> Path:
             if tau == 0.01 and seed == 1 and epoch == 2:
                 return
 
-    base = RunConfig().override({"stage1.epochs": 2, "stage2.epochs": 1}).to_dict()
+    base = RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": 2, "stage2.epochs": 1}).to_dict()
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -683,7 +683,7 @@ def test_tsne_of_a_checkpoint(tmp_path, capsys):
     from lfm_ray.analysis.tsne import checkpoint_features, write_tsne
     from lfm_ray.model import build_classifier
 
-    cfg = RunConfig().override({"data.cache_dir": str(tmp_path / "cache")})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"data.cache_dir": str(tmp_path / "cache")})
     torch.manual_seed(0)
     model, _ = build_classifier(cfg.model, NAMES, cfg.logit_scale)
     with torch.no_grad():  # a trained W_I: not the identity

@@ -15,7 +15,7 @@ from lfm_ray.backbones import (
     LinearClassifier, build_backbone, build_timm, check_family, check_timm_name, model_family,
     timm_image_spec,
 )
-from lfm_ray.config import ModelConfig, RunConfig
+from lfm_ray.config import DataConfig, ModelConfig, RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.model import ImageSpec
 
@@ -198,33 +198,34 @@ def test_linear_head_logits_stages_and_fresh_head():
                                   "vision-only model timm:test_vit has not: the zero-shot"),
     ({"loss.name": "mms"}, "loss.name=mms needs class text features"),
     ({"mix.method": "concutmix"}, "mix.method=concutmix needs class text features.*ConCutMix"),
-    ({"mix.similarity": "text"}, "mix.similarity='text' needs the run's own text tower"),
+    ({"mix.similarity": "text"}, "mix.similarity='text' needs the run's class text features"),
 ])
 def test_what_needs_text_is_refused_for_a_timm_model(override, message):
     from lfm_ray.launch import check_names
 
-    cfg = RunConfig().override({"model.name": TIMM_TEST, **override}).validate()
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"model.name": TIMM_TEST, **override}).validate()
     with pytest.raises(LfmError, match=message):
         check_names(cfg)
 
 
 def test_image_size_is_for_timm_models_only():
-    cfg = RunConfig().override({"model.image_size": 64}).validate()
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"model.image_size": 64}).validate()
     with pytest.raises(LfmError, match="model.image_size=64 is for timm: models; the CLIP "
                                        "model tiny takes its own input size"):
         check_family(cfg)
     with pytest.raises(LfmError, match="model.image_size=0 is not valid"):
-        RunConfig().override({"model.image_size": 0}).validate()
+        RunConfig(data=DataConfig("digits-lt")).override({"model.image_size": 0}).validate()
 
 
 def test_the_cli_refuses_mms_for_a_timm_model_and_its_dry_run_says_what_resolves(capsys):
     from lfm_ray.cli import main
 
-    assert main(["train", "--model", TIMM_TEST, "--loss", "mms", "--dry-run"]) == 2
+    assert main(["train", "--dataset", "digits-lt", "--model", TIMM_TEST, "--loss", "mms", "--dry-run"]) == 2
     assert "loss.name=mms needs class text features" in capsys.readouterr().err
-    assert main(["train", "--model", TIMM_TEST, "--model.image_size", "32", "--dry-run"]) == 0
+    assert main(["train", "--dataset", "digits-lt", "--model", TIMM_TEST, "--model.image_size", "32", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes",
+    assert printed["resolved"] == {"model.family": "timm", "model.text": "none",
+                                   "mix.similarity": "image-prototypes",
                                    "model.classifier_init": "random"}
     assert printed["model"]["image_size"] == 32
 
@@ -234,14 +235,15 @@ def test_config_json_records_the_family_and_the_similarity(tmp_path):
     from lfm_ray.launch import write_json_atomic
     from lfm_ray.rerun import record
 
-    cfg = RunConfig().override({"model.name": TIMM_TEST, "model.image_size": 32})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"model.name": TIMM_TEST, "model.image_size": 32})
     write_json_atomic(tmp_path / "config.json", record(cfg, None, []))
     written = json.loads((tmp_path / "config.json").read_text())
-    assert written["resolved"] == {"model.family": "timm", "mix.similarity": "image-prototypes",
+    assert written["resolved"] == {"model.family": "timm", "model.text": "none",
+                                   "mix.similarity": "image-prototypes",
                                    "model.classifier_init": "random"}
     assert written["model"]["name"] == TIMM_TEST
     # Read back as a config file, the derived section is skipped.
-    assert RunConfig().override(read_config_file(tmp_path / "config.json")) == cfg
+    assert RunConfig(data=DataConfig("digits-lt")).override(read_config_file(tmp_path / "config.json")) == cfg
     assert RunConfig.from_dict(written) == cfg
 
 

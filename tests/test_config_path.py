@@ -62,7 +62,13 @@ def test_a_paper_data_set_takes_its_preset_unless_none():
     assert (auto.stage1.lr, auto.model.name) == (1e-9, "ViT-B-32")
     off = ConfigLayers(preset="none", flags={"data.name": "cifar10-lt"}).resolve()
     assert off.stage1.lr == RunConfig().stage1.lr and off.model.name == "tiny"
-    assert ConfigLayers().resolve() == RunConfig()  # digits-lt: no preset
+    # The embedded default fashion-lt takes its own recipe; digits-lt has no preset.
+    default = ConfigLayers().resolve()
+    assert default.data.name == "fashion-lt" == RunConfig().data.name
+    assert (default.model.name, default.model.text) == (
+        PRESETS["fashion-lt"]["model.name"], "glove")
+    digits = {"data.name": "digits-lt"}
+    assert ConfigLayers(flags=digits).resolve() == RunConfig().override(digits)
     with pytest.raises(LfmError, match="unknown preset 'mnist'"):
         ConfigLayers(preset="mnist").resolve()
 
@@ -102,13 +108,14 @@ def test_smoke_and_fixed_settings_of_a_script(tmp_path):
     parser = new_parser()
     add_study_flags(parser, default_name="a")
     path = write_yaml(tmp_path / "f.yaml", "mix:\n  tau: 0.9\nstage1:\n  epochs: 12\n")
-    args = parser.parse_args(["--config", str(path), "--smoke", "--stage2.epochs", "2"])
+    args = parser.parse_args(["--config", str(path), "--smoke", "--stage2.epochs", "2",
+                              "--dataset", "digits-lt"])
     args.datasets = requested_datasets(args)
     study = study_from_args(args, alpha_sweep.declare(args), script="alpha_sweep")
     assert study.base.stage1.tau == 0.05            # alpha_sweep's τ over the file's
     assert study.base.stage1.epochs == SMOKE["stage1.epochs"]
     assert study.base.stage2.epochs == 2
-    assert study.grid == {"mix.alpha": [0.0, 1.0]}
+    assert study.grid == {"mix.alpha": [0.0, 1.0]}  # digits-lt: both stages per value
 
 
 # ---- flags ---------------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def test_choices_follow_the_registries():
     (["--data.imbalance_factor", "nan"], "data.imbalance_factor='nan' is not valid"),
 ])
 def test_inexact_flags_are_refused(tmp_path, capsys, flags, needle):
-    assert main(["train", "--dry-run", "--output", str(tmp_path / "o"), *flags]) == 2
+    assert main(["train", "--dataset", "digits-lt", "--dry-run", "--output", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -175,16 +182,19 @@ def test_train_dry_run_prints_the_resolved_config_alone(tmp_path, capsys):
 def test_study_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     import tau_sweep
 
-    code = tau_sweep.main(["--dry-run", "--smoke", "--seeds", "0,1,2",
+    code = tau_sweep.main(["--dry-run", "--smoke",
                            "--storage-path", str(tmp_path / "ray"),
                            "--results-dir", str(tmp_path / "results")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     plan = json.loads(captured.out)
+    # The default: fashion-lt with its preset, the branch protocol, three seeds.
     assert plan["action"] == "new" and plan["trials"] == 2 * 3
-    assert plan["grid"] == {"mix.tau": [0.002, 0.01]} and plan["seeds"] == [0, 1, 2]
-    assert plan["base_configs"]["digits-lt"]["stage1"]["epochs"] == 1
-    assert plan["base_configs"]["digits-lt"]["mix"]["method"] == "lfm"
+    assert plan["grid"] == {"stage2.tau": [0.002, 0.01]} and plan["seeds"] == [0, 1, 2]
+    base = plan["base_configs"]["fashion-lt"]
+    assert base["stage1"]["epochs"] == 1 and base["mix"]["method"] == "lfm"
+    assert base["model"]["text"] == "glove" and base["stage1"]["tau"] == 0.05
+    assert "preset fashion-lt" in captured.err
     assert not (tmp_path / "ray").exists() and not (tmp_path / "results").exists()
 
 
@@ -253,7 +263,8 @@ def test_alpha_and_tau_sweeps_branch_stage2_on_the_paper_data_sets(tmp_path):
     assert set(on_paper.grid) == {"stage2.tau"} and on_paper.fixed["mix.tau"] == 0.05
     full = plan_of(tau_sweep, "--dataset", "cifar100-lt", "--protocol", "full")
     assert not full.share_stage1 and set(full.grid) == {"mix.tau"}
-    assert plan_of(tau_sweep).protocol == "full"  # digits-lt: both stages per value
+    assert plan_of(tau_sweep).protocol == "branch"  # fashion-lt, the default, as the paper's
+    assert plan_of(tau_sweep, "--dataset", "digits-lt").protocol == "full"  # both stages
     alpha = plan_of(alpha_sweep, "--dataset", "cifar10-lt")
     assert alpha.share_stage1 and set(alpha.grid) == {"stage2.alpha"}
     assert alpha.fixed["mix.alpha"] == 1.0

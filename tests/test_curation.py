@@ -87,8 +87,9 @@ def test_aux_command_writes_a_folder_and_map_that_training_accepts(tmp_path, cap
 
     names, images = write_candidates(tmp_path)
     out = tmp_path / "aux"
-    code = main(["aux", "--candidates", str(names), "--images", str(images), "--output", str(out),
-                 "--k", "1", "--max-k", "5", "--min-cos", "-1", "--max-cos", "1"])
+    code = main(["aux", "--dataset", "digits-lt", "--candidates", str(names), "--images",
+                 str(images), "--output", str(out), "--k", "1", "--max-k", "5", "--min-cos", "-1",
+                 "--max-cos", "1"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     mapping = json.loads((out / "neighbours.json").read_text())
@@ -110,16 +111,17 @@ def test_aux_command_writes_a_folder_and_map_that_training_accepts(tmp_path, cap
         assert kept == [f"{i}.png" for i in range(6)]     # thresholds -1..1 keep every image
     assert "no images under --images" in printed.out and "wrote" in printed.out
     # The map and the folder are what training takes.
-    from lfm_ray.config import RunConfig
+    from lfm_ray.config import DataConfig, RunConfig
     from lfm_ray.data.auxiliary import aux_source
     from lfm_ray.data.digits import DIGIT_NAMES
 
-    cfg = RunConfig().override({"aux.root": str(out),
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": str(out),
                                 "aux.neighbours": str(out / "neighbours.json")})
     source = aux_source(cfg, DIGIT_NAMES)
     assert set(source.class_names) == listed
     # A new folder is needed for another run; nothing is overwritten.
-    assert main(["aux", "--candidates", str(names), "--output", str(out)]) == 2
+    assert main(["aux", "--dataset", "digits-lt", "--candidates", str(names), "--output",
+                 str(out)]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
 
 
@@ -129,8 +131,8 @@ def test_aux_command_without_images_writes_the_proposals(tmp_path, capsys):
 
     names, _ = write_candidates(tmp_path)
     out = tmp_path / "proposed"
-    assert main(["aux", "--candidates", str(names), "--output", str(out), "--k", "2",
-                 "--max-k", "4"]) == 0
+    assert main(["aux", "--dataset", "digits-lt", "--candidates", str(names), "--output",
+                 str(out), "--k", "2", "--max-k", "4"]) == 0
     mapping = json.loads((out / "neighbours.json").read_text())
     counts = build_dataset("digits-lt").class_counts
     assert [len(mapping[n]) for n in build_dataset("digits-lt").class_names] == \

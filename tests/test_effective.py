@@ -139,10 +139,10 @@ def test_sweep_and_bad_input():
 # ---- `lfm-ray data` -----------------------------------------------------------------------------
 def command_gamma(counts, class_names, alpha, tau, beta) -> float:
     """γ′ as the command computes it: the tiny model's text features, seeded as a run."""
-    from lfm_ray.config import RunConfig
+    from lfm_ray.config import DataConfig, RunConfig
     from lfm_ray.model import build_clip, text_features
 
-    cfg = RunConfig()
+    cfg = RunConfig(data=DataConfig("digits-lt"))
     torch.manual_seed(cfg.runtime.seed)
     clip, _ = build_clip(cfg.model.name)
     feats = text_features(clip, class_names, cfg.model.templates)

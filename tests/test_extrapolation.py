@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.data.auxiliary import (
     EMBEDDED, aux_source, embedded_set, load_aux_arrays, name_key, read_neighbour_map,
 )
@@ -134,11 +134,11 @@ def test_silencing_is_refused_for_other_losses():
     S = torch.zeros(3, 3, dtype=torch.bool)
     with pytest.raises(LfmError, match="neighbour silencing needs loss ce or balce, got 'focal'"):
         build_silencing_loss("focal", [1, 2, 3], S)
-    cfg = RunConfig().override({"aux.root": "digits-aux", "loss.name": "ldam"})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": "digits-aux", "loss.name": "ldam"})
     with pytest.raises(LfmError, match="aux.silence='neighbours' needs loss ce or balce"):
         cfg.validate()
     cfg.override({"aux.silence": "none"}).validate()          # no silencing: any loss
-    RunConfig().override({"loss.name": "ldam"}).validate()      # no auxiliary classes
+    RunConfig(data=DataConfig("digits-lt")).override({"loss.name": "ldam"}).validate()      # no auxiliary classes
 
 
 @pytest.mark.parametrize("values,needle", [
@@ -149,7 +149,7 @@ def test_silencing_is_refused_for_other_losses():
 ])
 def test_aux_values_are_checked(values, needle):
     with pytest.raises(LfmError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        RunConfig().override(values).validate()
+        RunConfig(data=DataConfig("digits-lt")).override(values).validate()
 
 
 def test_short_flags_set_the_aux_fields():
@@ -191,7 +191,7 @@ def write_map(tmp_path: Path, mapping) -> str:
 
 
 def folder_config(tmp_path, root, mapping=None, **values) -> RunConfig:
-    cfg = RunConfig().override({"aux.root": str(root), "data.cache_dir": str(tmp_path / "c"),
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": str(root), "data.cache_dir": str(tmp_path / "c"),
                                 **values})
     if mapping is not None:
         cfg.aux.neighbours = write_map(tmp_path, mapping)
@@ -330,9 +330,13 @@ def test_digits_aux_scrambled_is_one_fixed_pixel_permutation():
     assert np.array_equal(flat, source[:, perm])
 
 
-def test_embedded_sets_are_for_digits_lt_only():
-    assert set(EMBEDDED) == {"digits-aux", "digits-aux-scrambled"}
-    cfg = RunConfig().override({"aux.root": "digits-aux", "data.name": "cifar10-lt"})
+def test_embedded_sets_are_for_their_own_data_set_only():
+    assert set(EMBEDDED) == {"digits-aux", "digits-aux-scrambled", "fashion-aux",
+                             "fashion-aux-scrambled"}
+    assert {name: dataset for name, (dataset, _) in EMBEDDED.items()} == {
+        "digits-aux": "digits-lt", "digits-aux-scrambled": "digits-lt",
+        "fashion-aux": "fashion-lt", "fashion-aux-scrambled": "fashion-lt"}
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": "digits-aux", "data.name": "cifar10-lt"})
     with pytest.raises(LfmError, match="embedded auxiliary set of digits-lt"):
         aux_source(cfg, TARGETS)
 
@@ -345,7 +349,7 @@ def test_name_key_reads_underscores_dashes_and_case_alike():
 def embedded_training(tmp_path, cap):
     from lfm_ray.extrapolation import AuxTraining
 
-    cfg = RunConfig().override({"aux.root": "digits-aux", "aux.max_per_class": cap,
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": "digits-aux", "aux.max_per_class": cap,
                                 "data.cache_dir": str(tmp_path / "c"), "runtime.seed": 5})
     from lfm_ray.data.digits import DIGIT_NAMES
 
@@ -405,7 +409,7 @@ def test_parts_stored_at_other_sizes_come_out_at_the_models_size(tmp_path):
     from lfm_ray.model import build_clip
 
     _, spec = build_clip("tiny")
-    cfg = RunConfig().override({"aux.root": "digits-aux", "data.cache_dir": str(tmp_path / "c")})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"aux.root": "digits-aux", "data.cache_dir": str(tmp_path / "c")})
     from lfm_ray.data.digits import DIGIT_NAMES
     from lfm_ray.extrapolation import AuxTraining
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfm_ray.config import FINETUNE_MODES, RunConfig, StageConfig
+from lfm_ray.config import DataConfig, FINETUNE_MODES, RunConfig, StageConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.finetune import (
     MODES, AdaptFormerBlock, LoRABlock, PromptedVisionTransformer, SSFBlock, check_architecture,
@@ -81,7 +81,7 @@ def expected_count(mode: str, plain_tower: nn.Module) -> int:
 # ---- names, sizes, refusals ---------------------------------------------------------------------
 def test_the_modes_are_the_configs_choices():
     assert tuple(MODES) == FINETUNE_MODES
-    assert RunConfig().stage1.finetune == "full" and RunConfig().stage2.finetune == "proj"
+    assert RunConfig(data=DataConfig("digits-lt")).stage1.finetune == "full" and RunConfig(data=DataConfig("digits-lt")).stage2.finetune == "proj"
 
 
 def test_lift_width_rule():
@@ -140,8 +140,8 @@ def test_config_refuses_what_means_nothing():
         ({"stage1.vpt_length": -1}, "stage1.vpt_length=-1 is not valid"),
     ]:
         with pytest.raises(LfmError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-            RunConfig().override(values).validate()
-    RunConfig().override({"stage1.finetune": "lora", "stage1.lora_rank": 8}).validate()
+            RunConfig(data=DataConfig("digits-lt")).override(values).validate()
+    RunConfig(data=DataConfig("digits-lt")).override({"stage1.finetune": "lora", "stage1.lora_rank": 8}).validate()
 
 
 # ---- the added modules against direct computations ----------------------------------------------

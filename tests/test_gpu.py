@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -42,7 +42,7 @@ def _one_epoch(cfg: RunConfig, device: str):
 
 
 def test_a_bf16_epoch_on_the_gpu_matches_the_fp32_epoch_on_the_cpu(tmp_path):
-    cfg = RunConfig().override({"runtime.batch_size": 32, "stage1.lr": 1e-4,
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"runtime.batch_size": 32, "stage1.lr": 1e-4,
                                 "data.cache_dir": str(tmp_path / "cache")})
     cpu_loss, cpu_logits = _one_epoch(cfg, "cpu")
     gpu_loss, gpu_logits = _one_epoch(cfg, "cuda")
@@ -57,9 +57,9 @@ def test_the_compiled_encoder_gives_the_eager_logits(tmp_path):
 
     cache = str(tmp_path / "cache")
     info = WorkerInfo(rank=0, world_size=1, device=torch.device("cuda"))
-    eager = Run(RunConfig().override({"data.cache_dir": cache, "runtime.compile": False}), info)
+    eager = Run(RunConfig(data=DataConfig("digits-lt")).override({"data.cache_dir": cache, "runtime.compile": False}), info)
     # runtime.compile None (the default): compiled on a GPU
-    compiled = Run(RunConfig().override({"data.cache_dir": cache}), info)
+    compiled = Run(RunConfig(data=DataConfig("digits-lt")).override({"data.cache_dir": cache}), info)
     assert compiled.model.visual._compiled_call_impl is not None
     assert eager.model.visual._compiled_call_impl is None
     assert isinstance(compiled.model.visual.conv1, PatchConv2d)  # the matmul patch embedding

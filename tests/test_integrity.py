@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lfm_ray.cli import main
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.data import data_fingerprint, load_arrays, run_data_fingerprint
 from lfm_ray.errors import LfmError
 from lfm_ray.rerun import plan_train_rerun, record
@@ -111,7 +111,7 @@ def test_fingerprint_of_cifar_and_digits(tmp_path):
     touch_like(meta, st)
     assert data_fingerprint("cifar10-lt", tmp_path) != before
     assert data_fingerprint("digits-lt") == data_fingerprint("digits-lt")
-    assert run_data_fingerprint(RunConfig()) == data_fingerprint("digits-lt")
+    assert run_data_fingerprint(RunConfig(data=DataConfig("digits-lt"))) == data_fingerprint("digits-lt")
     assert len(data_fingerprint("digits-lt")) == 16
 
 
@@ -140,7 +140,7 @@ def stored_run(out: Path, cfg: RunConfig, fingerprint: str = "f" * 16) -> None:
 
 
 def small(**changes) -> RunConfig:
-    return RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1, **changes})
+    return RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": 1, "stage2.epochs": 1, **changes})
 
 
 def test_plan_resume_refuse_extend_restart(tmp_path):
@@ -207,7 +207,8 @@ def ray_instance():
 
 
 def quick_flags(tmp_path: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--output", str(out), "--num-workers", "0", "--stage1.epochs", "1",
+    return ["train", "--dataset", "digits-lt", "--output", str(out), "--num-workers", "0",
+            "--stage1.epochs", "1",
             "--stage2.epochs", "1", "--runtime.max_steps_per_epoch", "2",
             "--data.cache_dir", str(tmp_path / "cache"), *extra]
 
@@ -282,7 +283,7 @@ def test_train_reruns_end_to_end(tmp_path, capsys, ray_instance):
     try:
         lfm_ray.data.run_data_fingerprint = lambda cfg: "0" * 16
         assert main(quick_flags(tmp_path, out, "--loss", "focal")) == 2
-        assert f'data_fingerprint: "{real(RunConfig())}" -> "{"0" * 16}"' \
+        assert f'data_fingerprint: "{real(RunConfig(data=DataConfig("digits-lt")))}" -> "{"0" * 16}"' \
             in capsys.readouterr().err
     finally:
         lfm_ray.data.run_data_fingerprint = real
@@ -369,8 +370,8 @@ def session_pids(driver: int) -> set[int]:
 
 
 def start_train(out: Path, cache: Path, epochs: int) -> tuple[list[str], subprocess.Popen]:
-    command = [sys.executable, "-m", "lfm_ray.cli", "train", "--output", str(out),
-               "--stage1.epochs", str(epochs), "--stage2.epochs", "2",
+    command = [sys.executable, "-m", "lfm_ray.cli", "train", "--dataset", "digits-lt",
+               "--output", str(out), "--stage1.epochs", str(epochs), "--stage2.epochs", "2",
                "--data.cache_dir", str(cache)]
     return command, subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

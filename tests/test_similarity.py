@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.mixing import build_mixer, class_sampling_matrix, local_sampling_matrix
 from lfm_ray.similarity import (
@@ -63,17 +63,19 @@ def test_bad_similarity_values_are_refused(text, message):
 
 
 def test_auto_is_text_for_clip_and_image_prototypes_for_timm(tmp_path):
-    clip = RunConfig()
-    timm = RunConfig().override({"model.name": "timm:test_vit"})
+    clip = RunConfig(data=DataConfig("digits-lt"))
+    timm = RunConfig(data=DataConfig("digits-lt")).override({"model.name": "timm:test_vit"})
     assert similarity_source(clip) == Source("text")
     assert similarity_source(timm) == Source("image-prototypes")
-    assert resolved_choices(clip) == {"model.family": "clip", "mix.similarity": "text",
+    assert resolved_choices(clip) == {"model.family": "clip", "model.text": "clip",
+                                      "mix.similarity": "text",
                                       "model.classifier_init": "text"}
-    assert resolved_choices(timm) == {"model.family": "timm", "mix.similarity": "image-prototypes",
+    assert resolved_choices(timm) == {"model.family": "timm", "model.text": "none",
+                                      "mix.similarity": "image-prototypes",
                                       "model.classifier_init": "random"}
     # A file path is recorded absolute.
     (tmp_path / "S.npy").write_bytes(b"")
-    rel = RunConfig().override({"mix.similarity": "file:S.npy"})
+    rel = RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "file:S.npy"})
     import os
 
     here = os.getcwd()
@@ -85,18 +87,18 @@ def test_auto_is_text_for_clip_and_image_prototypes_for_timm(tmp_path):
 
 
 def test_checks_refuse_what_a_run_cannot_have(tmp_path):
-    timm = RunConfig().override({"model.name": "timm:test_vit", "mix.similarity": "text"})
-    with pytest.raises(LfmError, match="needs the run's own text tower, which the vision-only"):
+    timm = RunConfig(data=DataConfig("digits-lt")).override({"model.name": "timm:test_vit", "mix.similarity": "text"})
+    with pytest.raises(LfmError, match="needs the run's class text features, which the vision-only"):
         check_similarity(timm)
     with pytest.raises(LfmError, match="mix.similarity='text:ViT-B-23'.*unknown model 'ViT-B-23'"):
-        check_similarity(RunConfig().override({"mix.similarity": "text:ViT-B-23"}))
+        check_similarity(RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "text:ViT-B-23"}))
     with pytest.raises(LfmError, match="data set 'digits-lt' has no class hierarchy of its own"):
-        check_similarity(RunConfig().override({"mix.similarity": "taxonomy"}))
+        check_similarity(RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "taxonomy"}))
     with pytest.raises(LfmError, match="similarity file .*missing.npy' does not exist"):
-        check_similarity(RunConfig().override(
+        check_similarity(RunConfig(data=DataConfig("digits-lt")).override(
             {"mix.similarity": f"file:{tmp_path / 'missing.npy'}"}))
     # Offline, a text tower whose weights are not cached is refused before the run.
-    cfg = RunConfig().override({"mix.similarity": "text:ViT-B-32:openai",
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "text:ViT-B-32:openai",
                                 "model.cache_dir": str(tmp_path / "hub")})
     import lfm_ray.model
 
@@ -343,7 +345,7 @@ def test_each_source_gives_s_and_trains_lfm_end_to_end(tmp_path, source):
 
 def test_a_wrong_file_for_the_data_set_fails_naming_it(tmp_path):
     np.save(tmp_path / "S.npy", np.eye(4))
-    cfg = RunConfig().override({"mix.similarity": f"file:{tmp_path / 'S.npy'}",
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": f"file:{tmp_path / 'S.npy'}",
                                 "data.cache_dir": str(tmp_path / "cache")})
     with pytest.raises(LfmError, match="S.npy' has 4 rows, but the data set has 10 classes"):
         _run(cfg)
@@ -375,9 +377,12 @@ def test_the_study_compares_the_sources_the_model_and_data_can_have(tmp_path):
     assert plan.variants["LFM image prototypes"] == {
         "loss.name": "ce", "mix.method": "lfm", "mix.similarity": "image-prototypes"}
     assert plan.variants["CE"]["mix.method"] == "none"
-    # A vision-only model has no text tower of its own.
-    timm = _plan(["--model", "timm:test_vit"])
+    # A vision-only model has no text tower of its own; with a text encoder it has text
+    # features (fashion-lt's preset: GloVe's).
+    timm = _plan(["--model", "timm:test_vit", "--dataset", "digits-lt"])
     assert timm.grid["method"] == ["CE", "LFM image prototypes", "LFM uniform"]
+    glove = _plan(["--model", "timm:test_vit", "--dataset", "digits-lt", "--model.text", "glove"])
+    assert "LFM text" in glove.grid["method"]
     # iNaturalist has a taxonomy.
     root = fabricate(tmp_path / "inat")
     inat = _plan(["--dataset", "inat2018", "--data-root", str(root)])
@@ -400,11 +405,11 @@ def test_the_check_before_a_run_reads_only_the_header_of_a_npy(tmp_path):
     np.save(tmp_path / "flat.npy", np.ones(3))
     np.save(tmp_path / "ok.npy", np.ones((3, 2)))
     (tmp_path / "junk.npy").write_text("not numpy")
-    check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'ok.npy'}"}))
+    check_similarity(RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": f"file:{tmp_path / 'ok.npy'}"}))
     with pytest.raises(LfmError, match="flat.npy' holds a float64 array of shape \\(3,\\)"):
-        check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'flat.npy'}"}))
+        check_similarity(RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": f"file:{tmp_path / 'flat.npy'}"}))
     with pytest.raises(LfmError, match="junk.npy' cannot be read as a .npy array"):
-        check_similarity(RunConfig().override({"mix.similarity": f"file:{tmp_path / 'junk.npy'}"}))
+        check_similarity(RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": f"file:{tmp_path / 'junk.npy'}"}))
 
 
 def test_relative_files_are_read_from_where_the_run_was_started(tmp_path, monkeypatch):
@@ -415,7 +420,7 @@ def test_relative_files_are_read_from_where_the_run_was_started(tmp_path, monkey
 
     S = np.eye(10) * 0.5
     np.save(tmp_path / "S.npy", S)
-    cfg = RunConfig().override({"mix.similarity": "file:S.npy", "mix.method": "lfm",
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "file:S.npy", "mix.method": "lfm",
                                 "data.cache_dir": str(tmp_path / "cache")}).validate()
     elsewhere = tmp_path / "trial"
     elsewhere.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lfm_ray.config import SECTIONS, RunConfig
+from lfm_ray.config import DataConfig, RunConfig, SECTIONS
 from lfm_ray.stage1 import NOT_STAGE1, stage1_fields, stage1_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ def every_field() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("dotted,kind", every_field())
 def test_a_field_changes_the_key_exactly_when_stage_1_depends_on_it(dotted, kind):
-    base = RunConfig()
-    other = RunConfig()
+    base = RunConfig(data=DataConfig("digits-lt"))
+    other = RunConfig(data=DataConfig("digits-lt"))
     other.set(dotted, changed(base.get(dotted), kind))
     assert other.get(dotted) != base.get(dotted)
     # (runtime.num_workers goes 1 -> 2 ranks, runtime.gpus_per_worker 0 -> 0.5: CPU to GPU.)
@@ -55,8 +55,8 @@ def test_a_field_changes_the_key_exactly_when_stage_1_depends_on_it(dotted, kind
 
 
 def test_stage_2_fields_keep_the_key_and_stage_1_fields_change_it():
-    base = RunConfig()
-    same = RunConfig().override({"stage2.tau": 1.25, "stage2.alpha": 2.0, "stage2.lr": 0.5,
+    base = RunConfig(data=DataConfig("digits-lt"))
+    same = RunConfig(data=DataConfig("digits-lt")).override({"stage2.tau": 1.25, "stage2.alpha": 2.0, "stage2.lr": 0.5,
                                  "stage2.epochs": 30, "stage2.beta": 1.0,
                                  "stage2.min_lr": 0.0, "runtime.eval_batch_size": 7,
                                  "data.cache_dir": "/elsewhere", "runtime.threads": 3})
@@ -66,26 +66,28 @@ def test_stage_2_fields_keep_the_key_and_stage_1_fields_change_it():
                           "data.imbalance_factor": 50, "model.name": "ViT-B-32",
                           "loss.name": "mms", "mix.method": "mixup",
                           "data.selection_split": "test"}.items():
-        assert stage1_key(RunConfig().override({dotted: value})) != stage1_key(base), dotted
+        assert stage1_key(RunConfig(data=DataConfig("digits-lt")).override({dotted: value})) != stage1_key(base), dotted
 
 
 def test_world_size_and_device_kind_are_what_count():
     def key(**runtime) -> str:
-        return stage1_key(RunConfig().override({f"runtime.{k}": v for k, v in runtime.items()}))
+        return stage1_key(RunConfig(data=DataConfig("digits-lt")).override({f"runtime.{k}": v for k, v in runtime.items()}))
 
     assert key(num_workers=0) == key(num_workers=1)  # local mode and one worker: one rank
     assert key(num_workers=2) != key(num_workers=1)  # DDP ranks draw their own batches
     assert key(gpus_per_worker=0.25) == key(gpus_per_worker=1.0)
     assert key(gpus_per_worker=0.25) != key(gpus_per_worker=0.0)
-    assert stage1_fields(RunConfig())["runtime.num_workers"] == 1
+    assert stage1_fields(RunConfig(data=DataConfig("digits-lt")))["runtime.num_workers"] == 1
 
 
 def test_the_key_is_stable_across_round_trips_and_processes():
-    cfg = RunConfig().override({"mix.tau": 0.25, "stage1.epochs": 3})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"mix.tau": 0.25, "stage1.epochs": 3})
     key = stage1_key(cfg)
     assert len(key) == 16 and stage1_key(RunConfig.from_dict(cfg.to_dict())) == key
-    code = ("from lfm_ray.config import RunConfig; from lfm_ray.stage1 import stage1_key; "
-            "print(stage1_key(RunConfig().override({'mix.tau': 0.25, 'stage1.epochs': 3})))")
+    code = ("from lfm_ray.config import DataConfig, RunConfig; "
+            "from lfm_ray.stage1 import stage1_key; "
+            "print(stage1_key(RunConfig(data=DataConfig('digits-lt'))"
+            ".override({'mix.tau': 0.25, 'stage1.epochs': 3})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "123"}, check=True)
     assert out.stdout.strip() == key

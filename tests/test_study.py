@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.study import Dim, Study, best_configs, parse_dim, validate
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 
 def smoke_base(tmp_path) -> RunConfig:
-    return RunConfig().override({
+    return RunConfig(data=DataConfig("digits-lt")).override({
         "stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 2,
         "runtime.batch_size": 16, "data.cache_dir": str(tmp_path / "cache"),
     })
@@ -114,7 +114,7 @@ def local_ray():
 def test_grid_smoke_study_writes_tables(tmp_path, local_ray):
     import tau_sweep
 
-    code = tau_sweep.main(["--smoke", "--seeds", "0", "--name", "taus",
+    code = tau_sweep.main(["--smoke", "--seeds", "0", "--name", "taus", "--dataset", "digits-lt",
                            "--storage-path", str(tmp_path / "ray"),
                            "--results-dir", str(tmp_path / "results"), "--no-report"])
     assert code == 0

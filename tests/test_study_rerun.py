@@ -29,7 +29,7 @@ def local_ray():
 def run_tau(tmp_path, *flags: str) -> int:
     import tau_sweep
 
-    return tau_sweep.main(["--smoke", "--name", "taus", "--no-report",
+    return tau_sweep.main(["--smoke", "--name", "taus", "--no-report", "--dataset", "digits-lt",
                            "--runtime.max_steps_per_epoch", "2",
                            "--data.cache_dir", str(tmp_path / "cache"),
                            "--storage-path", str(tmp_path / "ray"),
@@ -145,8 +145,9 @@ def test_python_api_runs_a_study(tmp_path, local_ray):
     from ray.tune import ResultGrid
 
     from lfm_ray import RunConfig, Study, StudyResults, load_study, run_study, write_report
+    from lfm_ray.config import DataConfig
 
-    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
+    base = RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": 1, "stage2.epochs": 1,
                                  "runtime.max_steps_per_epoch": 2, "runtime.num_workers": 0,
                                  "data.cache_dir": str(tmp_path / "cache")})
     study = Study(name="api", base=base, grid={"mix.tau": [0.05]}, seeds=[0, 1],
@@ -180,7 +181,7 @@ def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatc
 
     from ray.train.torch import TorchTrainer
 
-    from lfm_ray.config import RunConfig
+    from lfm_ray.config import DataConfig, RunConfig
     from lfm_ray.launch import _lean_trainer_class, fit_run
 
     real_import = builtins.__import__
@@ -195,7 +196,7 @@ def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatc
 
     monkeypatch.setattr(builtins, "__import__", moved)
     assert _lean_trainer_class() is TorchTrainer
-    cfg = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": 1, "stage2.epochs": 1,
                                 "runtime.max_steps_per_epoch": 2,
                                 "data.cache_dir": str(tmp_path / "cache")})
     final = fit_run(cfg, tmp_path / "run")
@@ -206,8 +207,9 @@ def test_a_shared_stage1_study_branches_stage2_and_equals_full_runs(tmp_path, lo
     """The paper's ablation protocol: one stage 1 per seed, each τ swept in stage 2 from its
     checkpoint; each branch ends exactly where a full two-stage run of its config ends."""
     from lfm_ray import RunConfig, Study, run_study
+    from lfm_ray.config import DataConfig
 
-    base = RunConfig().override({"stage1.epochs": 2, "stage2.epochs": 1,
+    base = RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": 2, "stage2.epochs": 1,
                                  "runtime.max_steps_per_epoch": 2, "runtime.num_workers": 0,
                                  "mix.tau": 0.05, "data.cache_dir": str(tmp_path / "cache")})
 
@@ -231,12 +233,13 @@ def test_a_shared_stage1_study_branches_stage2_and_equals_full_runs(tmp_path, lo
 
 def test_a_branch_without_its_stage1_checkpoint_fails_clearly(tmp_path):
     from lfm_ray import RunConfig, Study
+    from lfm_ray.config import DataConfig
     from lfm_ray.errors import LfmError
     from lfm_ray.study import TrialPlan
 
-    study = Study(name="s", base=RunConfig(), grid={"stage2.tau": [0.01]}, share_stage1=True)
+    study = Study(name="s", base=RunConfig(data=DataConfig("digits-lt")), grid={"stage2.tau": [0.01]}, share_stage1=True)
     plan = TrialPlan.of(study, stage1_checkpoints={})
     with pytest.raises(LfmError, match="shared stage-1 checkpoint of this trial .* is missing"):
         plan.stage_extra(plan.config_for({"stage2.tau": 0.01, "runtime.seed": 0}))
-    assert TrialPlan.of(study, stage="stage1").stage_extra(RunConfig()) == \
+    assert TrialPlan.of(study, stage="stage1").stage_extra(RunConfig(data=DataConfig("digits-lt"))) == \
         {"stop_after_stage1": True}

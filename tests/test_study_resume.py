@@ -38,7 +38,7 @@ def kill_and_run_again(first: subprocess.Popen, command: list[str],
 
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
     command = [sys.executable, str(ROOT / "studies" / "tau_sweep.py"), "--smoke",
-               "--seeds", "0", "--name", "resume", "--max-concurrent", "1", "--no-report",
+               "--dataset", "digits-lt", "--seeds", "0", "--name", "resume", "--max-concurrent", "1", "--no-report",
                "--num-workers", "1",  # worker-group trials: long enough to be interrupted
                "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
     table_path = tmp_path / "results" / "resume" / "trials.csv"
@@ -71,7 +71,8 @@ def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
     the same command resumes it from its last epoch rather than from the start."""
     epochs = 24  # about 0.3 s each: the kill lands mid-trial
     command = [sys.executable, "-m", "lfm_ray.cli", "study", "--name", "mid",
-               "--grid", "mix.tau=0.05", "--num-workers", "0", "--no-report",
+               "--dataset", "digits-lt", "--grid", "mix.tau=0.05", "--num-workers", "0",
+               "--no-report",
                "--stage1.epochs", str(epochs - 2), "--stage2.epochs", "2",
                "--storage-path", str(tmp_path / "ray"), "--results-dir", str(tmp_path / "results")]
     first = start(command, tmp_path)

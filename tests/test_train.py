@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.train import (
     METRIC_KEYS, RESULT_FILE, STATE_FILE, accuracy_summary, load_state, seeded_generator,
     stage_plan, steps_per_epoch,
@@ -18,7 +18,7 @@ from lfm_ray.train import (
 
 
 def small_config(tmp_path, **overrides) -> RunConfig:
-    cfg = RunConfig().override({
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({
         "stage1.epochs": 1, "stage2.epochs": 1, "runtime.max_steps_per_epoch": 3,
         "runtime.batch_size": 16, "runtime.eval_batch_size": 128,
         "data.cache_dir": str(tmp_path / "cache"), "runtime.threads": 1,
@@ -54,7 +54,7 @@ def test_accuracy_summary_pools_the_group_images():
 
 
 def test_steps_are_equal_on_every_rank_and_capped():
-    cfg = RunConfig().override({"runtime.batch_size": 32})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"runtime.batch_size": 32})
     assert steps_per_epoch(100, cfg, 1) == (4, 32)
     assert steps_per_epoch(101, cfg, 2) == (4, 16)
     cfg.runtime.max_steps_per_epoch = 2
@@ -62,7 +62,7 @@ def test_steps_are_equal_on_every_rank_and_capped():
 
 
 def test_stage_plan_numbers_epochs_globally():
-    cfg = RunConfig().override({"stage1.epochs": 3, "stage2.epochs": 2})
+    cfg = RunConfig(data=DataConfig("digits-lt")).override({"stage1.epochs": 3, "stage2.epochs": 2})
     plan = stage_plan(cfg)
     assert [(s.number, s.first_epoch, s.epochs) for s in plan] == [(1, 1, 3), (2, 4, 2)]
 
@@ -588,8 +588,8 @@ def test_accumulation_must_split_the_batch_evenly():
 
     with pytest.raises(LfmError, match=r"runtime.batch_size=16 is not valid; expected a "
                                        r"multiple of num_workers × accumulate = 3"):
-        RunConfig().override({"runtime.batch_size": 16, "runtime.accumulate": 3}).validate()
+        RunConfig(data=DataConfig("digits-lt")).override({"runtime.batch_size": 16, "runtime.accumulate": 3}).validate()
     with pytest.raises(LfmError, match="runtime.accumulate=0 is not valid"):
-        RunConfig().override({"runtime.accumulate": 0}).validate()
-    RunConfig().override({"runtime.batch_size": 96, "runtime.num_workers": 3,
+        RunConfig(data=DataConfig("digits-lt")).override({"runtime.accumulate": 0}).validate()
+    RunConfig(data=DataConfig("digits-lt")).override({"runtime.batch_size": 96, "runtime.num_workers": 3,
                           "runtime.accumulate": 4}).validate()

@@ -620,14 +620,13 @@ def _dataset_class_info(checkpoint: Path) -> dict[str, Any] | None:
         return None
     try:
         from lfm_ray.config import RunConfig
-        from lfm_ray.data import build_dataset, options_for
+        from lfm_ray.data import build_dataset, run_options
         from lfm_ray.safe_load import load_state_file
 
         state = load_state_file(checkpoint / "state.pt")
         data = RunConfig.from_dict(state["config"]).data
         ds = build_dataset(data.name, root=data.root,
-                           **options_for(data.name, seed=data.seed,
-                                         imbalance_factor=data.imbalance_factor))
+                           **run_options(data))
         return {"class_counts": [int(c) for c in ds.class_counts],
                 "class_names": list(ds.class_names)}
     except Exception:  # noqa: BLE001 - the figure is optional when the data set is absent

@@ -407,16 +407,14 @@ def p_source_text(source: str | None) -> str:
 # ---- γ′ against a swept α or τ -----------------------------------------------------------
 def effective_imbalance_view(study: StudyResults, param: str
                              ) -> tuple[go.Figure | None, str]:
-    """γ′ (lfm_ray.effective) against the swept α or τ, from the text features of the
-    study's model built as the trainer builds it (torch.manual_seed(runtime.seed) first,
+    """γ′ (lfm_ray.effective) against the swept α or τ, from the class features of the
+    study's text encoder (lfm_ray.text) built as the trainer builds it (torch.manual_seed(runtime.seed) first,
     which decides a randomly initialised model's text tower: one curve per seed then), the
     other parameters at the best configuration's values. (None, why) where the model's
     weights or the class counts are not at hand."""
-    import torch
-
     from lfm_ray.config import MIX_BETA, RunConfig
     from lfm_ray.effective import effective_imbalance_sweep, imbalance_factor
-    from lfm_ray.model import build_clip, text_features, weights_from_cache_only
+    from lfm_ray.text import CLIP, describe, resolve_text, standalone_features
 
     done = study.finished
     values = sorted(pd.to_numeric(done[param], errors="coerce").dropna().unique().tolist())
@@ -438,34 +436,36 @@ def effective_imbalance_view(study: StudyResults, param: str
         return None, f"γ′ against {param_label(param)} is not drawn: {exc}"
     stage = cfg.stage2 if param.startswith("stage2.") else cfg.stage1
     beta = stage.beta if stage.beta is not None else MIX_BETA["lfm"]
-    model = cfg.model.name + (f"/{cfg.model.pretrained}" if cfg.model.pretrained else "")
+    try:
+        text = resolve_text(cfg.model)
+    except LfmError as exc:
+        return None, f"γ′ against {param_label(param)} is not drawn: {exc}"
+    source = describe(cfg.model)
     seeds = best.seeds or [cfg.runtime.seed]
-    if cfg.model.pretrained:
-        seeds = seeds[:1]  # pretrained text features do not depend on the seed
+    random_tower = text == CLIP and not cfg.model.pretrained
+    if not random_tower:
+        seeds = seeds[:1]  # pretrained class features do not depend on the seed
     counts, names = result["class_counts"], result["class_names"]
     curves: dict[str, list[float]] = {}
     for seed in seeds:
         try:
-            with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed))
-                clip, _ = build_clip(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir,
-                                     "cpu")
-            feats = text_features(clip, names, cfg.model.templates, "cpu")
+            feats = standalone_features(cfg.model, names, int(seed))
         except LfmError as exc:
             # The first clause: what is missing, without this machine's cache folders.
-            return None, (f"γ′ against {param_label(param)} is not drawn: the text features "
-                          f"of {model} are not at hand on this machine "
+            return None, (f"γ′ against {param_label(param)} is not drawn: the {source} "
+                          f"are not at hand on this machine "
                           f"({str(exc).split(';')[0]}; a report never downloads weights)")
-        label = f"text features of {model}" if cfg.model.pretrained else \
-            f"{seeds_text([seed])} (random-init text tower)"
+        if feats is None:
+            return None, (f"γ′ against {param_label(param)} is not drawn: the model has no "
+                          "class text features (model.text none)")
+        label = f"{seeds_text([seed])} (random-init text tower)" if random_tower else source
         curves[label] = effective_imbalance_sweep(
             counts, feats, param, values, alpha=stage.alpha, tau=stage.tau, beta=beta)
     fixed = "α" if param.endswith("tau") else "τ"
     held = stage.alpha if fixed == "α" else stage.tau
     which = "stage 2" if param.startswith("stage2.") else "stage 1"
     title = (f"{study.name}: effective imbalance γ′ against {param_label(param)}<br><sup>"
-             f"{which}: {fixed} = {held:g}, λ ~ Beta({beta:g}, {beta:g}); text features of "
-             f"{model}</sup>")
+             f"{which}: {fixed} = {held:g}, λ ~ Beta({beta:g}, {beta:g}); {source}</sup>")
     fig = effective_imbalance_figure(param, values, curves,
                                      imbalance=imbalance_factor(counts), title=title)
     caption = (f"γ′: the largest over the smallest expected label mass a class receives per "

@@ -95,8 +95,9 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     """As `checkpoint_features` for a RunConfig and a checkpoint state; with no state, the
     model as built (pretrained F_I, W_I = identity): the zero-shot features."""
     from lfm_ray.augment import BatchBuilder, DeviceImages
-    from lfm_ray.backbones import build_backbone, build_classifier_for, model_family
-    from lfm_ray.data import load_arrays, options_for
+    from lfm_ray.backbones import build_backbone, build_classifier_for
+    from lfm_ray.text import has_text
+    from lfm_ray.data import load_arrays, run_options
     from lfm_ray.finetune import prepare
 
     dev = torch.device(device)
@@ -110,10 +111,9 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     data = cfg.data
     arrays = load_arrays(data.name, root=data.root, image=spec,
                          cache_dir=data.cache_dir,
-                         **options_for(data.name, seed=data.seed,
-                                       imbalance_factor=data.imbalance_factor))
+                         **run_options(data))
     picked_classes = resolve_classes(classes, arrays.class_names)
-    model, _ = build_classifier_for(backbone, cfg, arrays.class_names, dev)
+    model, _ = build_classifier_for(backbone, cfg, arrays.class_names, dev, spec.size)
     del backbone
     if state is not None:
         # The tower as the run trained it: with its fine-tuning mode's modules.
@@ -139,8 +139,8 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     for start in range(0, len(picked), 256):
         pos = torch.as_tensor(picked[start:start + 256])
         z = model.encode(build(store.gather(pos))).float()
-        if model_family(cfg.model.name) == "clip":
-            z = model.proj(z)  # W_I F_I(x); a timm model's features are its pooled features
+        if has_text(cfg.model):
+            z = model.proj(z)  # W_I F_I(x); a linear head's features are the pooled features
         out.append(torch.nn.functional.normalize(z, dim=-1).cpu())
     return {"features": torch.cat(out).numpy(), "labels": labels[picked],
             "classes": picked_classes, "class_names": list(arrays.class_names),

@@ -6,11 +6,12 @@
 
 Given the target classes (--dataset, --data-root) and candidate class names (a text file,
 one name a line, e.g. ImageNet-21k's class names), it proposes each target class's
-neighbours by CLIP text similarity (the run's --model, --pretrained and --template): k for
-the largest class, more for smaller ones, k_t = min(max_k, ceil(k · n_max / n_t)). Given a
-folder of candidate images (crawled/<candidate>/*), it keeps the images whose feature's
-cosine to their class prototype lies in [--min-cos, --max-cos] (the paper: 0.7 and 0.98) and
-writes them to OUTPUT/<class>/. The neighbour map goes to OUTPUT/neighbours.json; without
+neighbours by text similarity (the run's text encoder: --model.text, CLIP's own tower with
+--model, --pretrained and --template, or GloVe word vectors): k for the largest class, more
+for smaller ones, k_t = min(max_k, ceil(k · n_max / n_t)). Given a folder of candidate
+images (crawled/<candidate>/*), it keeps the images whose feature (the run's image tower, as
+loaded) has a cosine to their class prototype in [--min-cos, --max-cos] (the paper: 0.7 and
+0.98) and writes them to OUTPUT/<class>/. The neighbour map goes to OUTPUT/neighbours.json; without
 --images it lists the proposed classes, whose images are then to be collected.
 (This module is not called aux.py: AUX is a reserved file name on Windows.)
 """

@@ -18,7 +18,8 @@ import sys
 from typing import Any
 
 from lfm_ray.config import (
-    NO_PRESET, PRESETS, SMOKE, ConfigLayers, field_docs, read_config_file,
+    EMBEDDED_PRESETS, NO_PRESET, PAPER_PRESETS, PRESETS, SMOKE, ConfigLayers, field_docs,
+    read_config_file,
 )
 from lfm_ray.errors import LfmError
 
@@ -89,9 +90,10 @@ def add_run_flags(parser: argparse.ArgumentParser, *, seed_alias: bool = True) -
                        help="JSON or YAML file of config sections (stage1: {lr: 1e-6}) or "
                             "dotted keys; every value it names is used")
     group.add_argument("--preset", choices=[NO_PRESET, *PRESETS], metavar="NAME",
-                       help="the paper's Table 6 hyperparameters of a data set "
-                            f"({', '.join(PRESETS)}); default: the data set's own on those data "
-                            "sets, none elsewhere; 'none' turns it off")
+                       help="a data set's hyperparameters: the paper's Table 6 "
+                            f"({', '.join(PAPER_PRESETS)}) or the embedded benchmark's recipe "
+                            f"({', '.join(EMBEDDED_PRESETS)}); default: the data set's own on "
+                            "those data sets, none elsewhere; 'none' turns it off")
     docs = field_docs()
     for flag, dotted in SHORT_NAMES.items():
         if flag == "--seed" and not seed_alias:
@@ -167,6 +169,11 @@ def announce_presets(layers: ConfigLayers, datasets: list[str]) -> None:
             continue
         backbone = STUDY_PRESETS.get(layers.study or "", {}).get(chosen, {}).get("model.name")
         extra = f", the paper's {backbone} backbone for {layers.study}" if backbone else ""
-        how = "the paper's preset" if layers.preset is None else "preset"
-        print(f"{name}: {how} {chosen} (Table 6 hyperparameters{extra}); --preset none turns "
-              "it off", file=sys.stderr, flush=True)
+        if chosen in EMBEDDED_PRESETS:
+            what = "the embedded benchmark's recipe, results/fashion_recipe.md"
+        else:
+            what = f"Table 6 hyperparameters{extra}"
+        how = "the preset" if chosen in EMBEDDED_PRESETS else "the paper's preset"
+        how = how if layers.preset is None else "preset"
+        print(f"{name}: {how} {chosen} ({what}); --preset none turns it off",
+              file=sys.stderr, flush=True)

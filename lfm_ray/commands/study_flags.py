@@ -57,8 +57,8 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
     g.add_argument("--protocol", choices=PROTOCOLS,
                    help="α and τ sweeps: 'branch' trains stage 1 once per seed and sweeps the "
                         "value in stage 2 on it (the paper's Figs. 9 and 10; default on the "
-                        "paper data sets), 'full' retrains both stages per value (default "
-                        "elsewhere)")
+                        "paper data sets and fashion-lt), 'full' retrains both stages per "
+                        "value (default elsewhere)")
     g.add_argument("--address", help="Ray cluster address, e.g. auto (default: RAY_ADDRESS "
                    "or a local Ray instance)")
     g.add_argument("--storage-path",
@@ -165,7 +165,8 @@ def requested_datasets(args: argparse.Namespace) -> list[str]:
 
 
 def paper_protocol(args: argparse.Namespace) -> str:
-    """--protocol, else "branch" when a data set is one of the paper's, else "full"."""
+    """--protocol, else "branch" when a data set has a preset (the paper's four and the
+    embedded fashion-lt), else "full" (digits-lt, folders)."""
     from lfm_ray.config import PRESETS
 
     if args.protocol:
@@ -178,15 +179,18 @@ def execute(study, args: argparse.Namespace) -> int:
     """--dry-run: print the checked plan as JSON on stdout; else run the study and report."""
     from lfm_ray.study import plan_study, run_study
 
-    if study.layers is not None:
-        announce_presets(study.layers, study.datasets())
+    def announce() -> None:  # once the request is checked: an error stays one line
+        if study.layers is not None:
+            announce_presets(study.layers, study.datasets())
+
     if args.dry_run:
         import json
 
         plan = plan_study(study, extend=args.extend, restart=args.restart)
+        announce()
         print(json.dumps(plan, indent=2, default=str))
         return 0
-    run_study(study, extend=args.extend, restart=args.restart)
+    run_study(study, extend=args.extend, restart=args.restart, announce=announce)
     if not args.no_report:
         write_study_report(study.result_dir)
     return 0

@@ -1,6 +1,7 @@
 """Long-tailed data sets: a registry by name, class counts and shot groups, the node cache.
 
-    build_dataset("digits-lt")                     # embedded, no files needed
+    build_dataset("fashion-lt")                    # embedded (the default), no files needed
+    build_dataset("digits-lt")                     # embedded, tiny (fast tests)
     build_dataset("cifar100-lt", root="/data", imbalance_factor=100)
     build_dataset("imagenet-lt", root="/data/imagenet")
 """
@@ -17,6 +18,7 @@ from lfm_ray.data.cache import ArraySet, load_arrays
 from lfm_ray.data.cifar import build_cifar_lt
 from lfm_ray.data.counts import long_tail_counts, shot_groups
 from lfm_ray.data.digits import build_digits_lt
+from lfm_ray.data.fashion import build_fashion_lt
 from lfm_ray.data.fingerprint import data_fingerprint, run_data_fingerprint
 from lfm_ray.data.folder import build_folder
 from lfm_ray.data.inat import build_inat2018
@@ -38,6 +40,7 @@ def _split_set(name: str) -> Callable[..., LongTailDataset]:
 
 
 DATASETS: dict[str, Callable[..., LongTailDataset]] = {
+    "fashion-lt": build_fashion_lt,
     "digits-lt": build_digits_lt,
     "cifar10-lt": _cifar("cifar10-lt"),
     "cifar100-lt": _cifar("cifar100-lt"),
@@ -94,26 +97,40 @@ def options_for(name: str, **candidates: Any) -> dict[str, Any]:
     return {k: v for k, v in candidates.items() if k in accepted and v is not None}
 
 
+def run_options(data) -> dict[str, Any]:
+    """The builder options of a run's data section (DataConfig): seed and imbalance factor
+    where the data set takes them, and max_count, which only some take (refused elsewhere
+    rather than ignored)."""
+    if data.max_count is not None and "max_count" not in inspect.signature(
+            DATASETS.get(data.name, build_dataset)).parameters:
+        takers = [n for n, b in DATASETS.items() if "max_count" in inspect.signature(b).parameters]
+        raise LfmError(f"data.max_count={data.max_count} is not an option of data set "
+                       f"{data.name!r}; data sets that take it: {', '.join(takers)}")
+    return options_for(data.name, seed=data.seed, imbalance_factor=data.imbalance_factor,
+                       max_count=data.max_count)
+
+
 __all__ = [
     "DATASETS", "ArraySet", "ImageList", "LongTailDataset", "build_dataset", "data_fingerprint",
     "has_validation_split", "load_arrays", "long_tail_counts", "options_for",
-    "resolve_options", "run_data_fingerprint", "shot_groups",
+    "resolve_options", "run_options", "run_data_fingerprint", "shot_groups",
 ]
 
 
 def has_validation_split(name: str, root=None) -> bool:
     """Whether data set `name` under `root` has a validation split, from its layout alone
     (no image is read): ImageNet-LT and Places-LT with their _val split file, a folder with
-    images in val/ (a val/ without any is refused), iNat2018 always (its hold-out from train2018). The CIFAR sets and digits-lt have
-    none."""
+    images in val/ (a val/ without any is refused), iNat2018 always (its hold-out from
+    train2018), fashion-lt always (held out from the official training images). The CIFAR sets
+    and digits-lt have none."""
     from pathlib import Path
 
     from lfm_ray.data.split_files import SPLIT_SETS, _find_split
 
     if name not in DATASETS:
         raise unknown_name("data set", name, list(DATASETS))
-    if name == "inat2018":
-        return True  # the selection split is carved from train2018 (lfm_ray.data.inat)
+    if name in ("inat2018", "fashion-lt"):
+        return True  # carved from the training images (lfm_ray.data.inat, .fashion)
     if root is None:
         return False
     root_path = Path(root).expanduser()

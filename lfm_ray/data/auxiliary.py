@@ -15,8 +15,9 @@ names, a map naming an unknown target or auxiliary class, an auxiliary class no 
 unreadable image. Names are matched after reading `_` and `-` as spaces, ignoring case.
 
 Embedded sets (`aux.root` = one of EMBEDDED) stand in for crawled data on the embedded
-`digits-lt` (see `embedded_set`): they are built from scikit-learn's digits deterministically
-and carry their own neighbour map. An embedded name wins over a folder of the same name in
+`fashion-lt` and `digits-lt` (see `embedded_set`): they are built from the shipped
+Fashion-MNIST pool or scikit-learn's digits deterministically and carry their own neighbour
+map. An embedded name wins over a folder of the same name in
 the working directory (give `./digits-aux` for the folder).
 
 The images are cached like any data set (lfm_ray/data/cache.py): decoded and preprocessed
@@ -98,7 +99,7 @@ def scan_folder(root: str | os.PathLike, target_names: Sequence[str]) -> tuple[l
     if not path.is_dir():
         raise LfmError(f"aux.root {str(root)!r} is not a folder; expected root/<auxiliary "
                        f"class>/* image folders, or an embedded set ({', '.join(EMBEDDED)}, "
-                       "for digits-lt)")
+                       "for fashion-lt and digits-lt)")
     folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise LfmError(f"aux.root {str(path)!r} has no class folders; expected "
@@ -188,7 +189,7 @@ def _listed(names: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-# ---- embedded sets (digits-lt) -------------------------------------------------------------
+# ---- embedded sets (digits-lt, fashion-lt) ------------------------------------------------
 def _digits_pool(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as digits-lt stores them (uint8 RGB 8×8), without any image equal
     to one of digits-lt's test images for `seed`: auxiliary data never shows a test image."""
@@ -229,6 +230,18 @@ def _digits_set(prefix: str, transform: Callable[[np.ndarray], np.ndarray]):
     return build
 
 
+def _fashion_set(prefix: str, transform: Callable[[np.ndarray], np.ndarray]):
+    def build(seed: int) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, list[str]]]:
+        from lfm_ray.data import fashion
+
+        images, labels = fashion.auxiliary_pool()
+        rgb = np.repeat(images[..., None], 3, axis=3)
+        names = [f"{prefix} {c}" for c in fashion.CLASS_NAMES]
+        mapping = {c: [f"{prefix} {c}"] for c in fashion.CLASS_NAMES}
+        return names, transform(rgb), labels, mapping
+    return build
+
+
 # name -> (the target data set it is for, builder(seed) -> names, images, labels, map). The
 # digit k's auxiliary class is built from every non-test image of digit k:
 # - digits-aux: turned a quarter turn clockwise ("rotated three"): the same strokes, a new
@@ -237,15 +250,19 @@ def _digits_set(prefix: str, transform: Callable[[np.ndarray], np.ndarray]):
 #   three a three.
 # - digits-aux-scrambled: pixels permuted by one fixed permutation ("scrambled three"): as
 #   much extra data, from classes no digit resembles (the paper's random-extra-data control).
+# fashion-aux and fashion-aux-scrambled do the same for fashion-lt ("rotated Sneaker"), from
+# the shipped pool's training candidates (never a val or test image).
 EMBEDDED: dict[str, tuple[str, Callable[[int], tuple]]] = {
     "digits-aux": ("digits-lt", _digits_set("rotated", _quarter_turned)),
     "digits-aux-scrambled": ("digits-lt", _digits_set("scrambled", _scrambled)),
+    "fashion-aux": ("fashion-lt", _fashion_set("rotated", _quarter_turned)),
+    "fashion-aux-scrambled": ("fashion-lt", _fashion_set("scrambled", _scrambled)),
 }
 
 
 def embedded_set(name: str, seed: int = 0):
-    """(class names, uint8 images (N, 8, 8, 3), labels, neighbour map) of an embedded set,
-    built for digits-lt's data seed `seed` (its test images are left out)."""
+    """(class names, uint8 images (N, H, W, 3), labels, neighbour map) of an embedded set,
+    built for its data set's data seed `seed` (no test or val image is in it)."""
     return EMBEDDED[name][1](int(seed))
 
 

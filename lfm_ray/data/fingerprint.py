@@ -5,10 +5,11 @@ files changed in place (images replaced, a split file edited, a CIFAR batch swap
 never served from a stale cache nor resumed as if it were the same data. Two kinds of file:
 
 - split and annotation files (ImageNet-LT's and Places-LT's split lists, iNaturalist's JSON
-  files, CIFAR's meta file, digits' bundled CSV): their bytes are hashed (they are small, and an edit may keep the
+  files, CIFAR's meta file, digits' bundled CSV, fashion-lt's shipped pool and the official
+  Fashion-MNIST label files): their bytes are hashed (they are small, and an edit may keep the
   size and the modification time);
 - image files (every image a split file lists, every image of a folder set, CIFAR's batch
-  files): their size and modification time (nanoseconds), as `make` and `rsync` judge a file;
+  files, Fashion-MNIST's official image files): their size and modification time (nanoseconds), as `make` and `rsync` judge a file;
   reading a million images per trial would cost minutes.
 
 Paths enter relative to the data root, so the same files at another root fingerprint the
@@ -58,6 +59,19 @@ def _digits_files(root: Any, **_: Any) -> Iterator[tuple[Path, str]]:
 
     # scikit-learn's bundled digits: the embedded set's only source.
     yield Path(str(files("sklearn.datasets").joinpath("data", "digits.csv.gz"))), HASHED
+
+
+def _fashion_files(root: Any, **_: Any) -> Iterator[tuple[Path, str]]:
+    from lfm_ray.data import fashion
+
+    if root is None:  # the shipped pool: the embedded set's only source
+        for path in fashion.pool_files():
+            yield path, HASHED
+        return
+    for split in fashion.OFFICIAL:
+        images, labels = fashion.find_official(Path(root).expanduser(), split)
+        yield images, STAT
+        yield labels, HASHED
 
 
 def _cifar_files(name: str):
@@ -124,6 +138,7 @@ def _inat_files(root: Any, **_: Any) -> Iterator[tuple[Path, str]]:
 
 
 SOURCES = {
+    "fashion-lt": _fashion_files,
     "digits-lt": _digits_files,
     "cifar10-lt": _cifar_files("cifar10-lt"),
     "cifar100-lt": _cifar_files("cifar100-lt"),
@@ -139,14 +154,15 @@ def source_entries(name: str, root: Any = None) -> list[list[Any]]:
     data set `name` under `root`, in a stable order."""
     if name not in SOURCES:
         raise unknown_name("data set", name, list(SOURCES))
-    if name != "digits-lt":
+    # The embedded sets need no root (fashion-lt reads the official files where one is given).
+    if name == "digits-lt" or (name == "fashion-lt" and root is None):
+        root_path = None
+    else:
         if root is None:
             return [["<no data root>", "root", "missing"]]
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             return [[str(root_path), "root", "missing"]]
-    else:
-        root_path = None
     return [_entry(path, root_path, kind) for path, kind in SOURCES[name](root)]
 
 

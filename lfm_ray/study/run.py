@@ -15,7 +15,7 @@ import shlex
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from ray import tune
@@ -220,12 +220,16 @@ def logger_callbacks(study: Study) -> list[Any]:
 
 
 # ---- running -----------------------------------------------------------------------------------
-def run_study(study: Study, *, extend: bool = False, restart: bool = False) -> pd.DataFrame:
+def run_study(study: Study, *, extend: bool = False, restart: bool = False,
+              announce: Callable[[], None] | None = None) -> pd.DataFrame:
     """Run a study: new, resumed (same name, same request), extended (`extend`: the new
     seeds or grid values only) or run afresh (`restart`). Returns the trials table, also
     written to results/<name>/trials.csv; Tune's ResultGrid is left on `study.result_grid`.
-    A different request under a stored name is refused before anything is written."""
+    A different request under a stored name is refused before anything is written.
+    `announce` is called once the request is checked, before Ray starts."""
     rerun = check_study(study, extend=extend, restart=restart)
+    if announce is not None:
+        announce()
     apply_fast_start_env()
     # Save Tune's experiment state often, so a killed driver loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")

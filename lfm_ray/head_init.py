@@ -1,17 +1,21 @@
 """Where trained class weights start (`model.classifier_init`): LIFT's head initialisations.
 
-Two kinds of run train class weights in stage 1: a CLIP model in `stage1.finetune
+Two kinds of run train class weights in stage 1: an open_clip ViT in `stage1.finetune
 classifier` (weights w_k in z_k = s·cos(W_I F_I(x), w_k), W_I the identity during stage 1)
-and a timm model (its linear head z = s·(W f + b), trained with the backbone). The choices:
+and a timm model without a text encoder (its linear head z = s·(W f + b), trained with the
+backbone). Every other run classifies with its frozen class text features. The choices:
 
-- text: w_k = f_T[k], the class text features (CLIP only; LIFT's default, and lfm-ray's).
+- text: w_k = f_T[k], the class text features (a model with them only; LIFT's default, and
+  lfm-ray's).
 - class-mean: w_k = m_k / ‖m_k‖, m_k the mean feature of class k's training images under
   the tower as it is before stage 1 trains (LIFT's `init_head_class_mean`).
 - linear-probe: w_k = c_k / ‖c_k‖, c_k the coefficients of a logistic regression fitted
   first on those features (scikit-learn's L-BFGS, L2 penalty with C = 1, at most 100
   iterations, classes weighted to balance: LIFT's `init_head_linear_probe`); its intercept is
   dropped, as LIFT's.
-- auto: text for a CLIP model; a timm model's head as built (PyTorch's Linear initialisation).
+- auto: text for a model with class text features (a CLIP model, or any tower with a text
+  encoder, model.text); a timm model's linear head as built (PyTorch's Linear
+  initialisation) without one.
 
 A timm head's bias starts at 0 under class-mean and linear-probe. The features are
 `model.encode` of the unflipped training images (as evaluation sees them), computed once
@@ -37,32 +41,37 @@ PROBE = {"C": 1.0, "max_iter": 100, "class_weight": "balanced"}
 
 
 def resolved_init(cfg) -> str:
-    """`model.classifier_init` with auto resolved by the model family: text (CLIP) or
-    random (a timm head as built)."""
-    from lfm_ray.backbones import model_family
+    """`model.classifier_init` with auto resolved: text where the model has class text
+    features (CLIP's own or a text encoder's), else random (a timm head as built)."""
+    from lfm_ray.text import has_text
 
     init = cfg.model.classifier_init
     if init != "auto":
         return init
-    return "text" if model_family(cfg.model.name) == "clip" else TIMM_DEFAULT
+    return "text" if has_text(cfg.model) else TIMM_DEFAULT
 
 
 def check_classifier_init(cfg, family: str) -> None:
     """One LfmError where the run has no trained class weights for the chosen start, or the
     model family cannot give it (backbones.check_family calls it; RunConfig.validate checks
     what needs no model family)."""
+    from lfm_ray.text import has_text
+
     init = cfg.model.classifier_init
-    if family == "clip" and init in ("class-mean", "linear-probe") \
+    if has_text(cfg.model) and init in ("class-mean", "linear-probe") \
             and cfg.stage1.finetune != "classifier":
+        # A model with class text features (CLIP's own or a text encoder's, on any image
+        # tower) classifies with them frozen; only the classifier mode trains class weights.
         raise LfmError(
             f"model.classifier_init={init!r} starts trained class weights, but with "
-            f"stage1.finetune={cfg.stage1.finetune!r} the CLIP model's class weights are the "
-            "frozen text features; use stage1.finetune classifier, or model.classifier_init auto")
-    if family == "timm" and init == "text":
+            f"stage1.finetune={cfg.stage1.finetune!r} the {cfg.model.name} model's class "
+            "weights are the frozen class text features; use stage1.finetune classifier (an "
+            "open_clip ViT), or model.classifier_init auto")
+    if not has_text(cfg.model) and init == "text":
         raise LfmError(
             f"model.classifier_init='text' needs class text features, which the vision-only "
-            f"model {cfg.model.name} has not; use auto (the head as built), class-mean or "
-            "linear-probe")
+            f"model {cfg.model.name} has not without a text encoder; use auto (the head as "
+            "built), class-mean or linear-probe, or give it one (model.text glove)")
 
 
 def class_mean_weights(means: torch.Tensor) -> torch.Tensor:

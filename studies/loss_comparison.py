@@ -46,13 +46,15 @@ SMOKE = ["CE", "LADE", "CE + post-hoc LA", "CE + cRT", "LFM + CE"]
 def rows_for(args) -> list[str]:
     """The rows the study's model can run: zero-shot only with CLIP's own text tower."""
     from lfm_ray.commands.run_flags import config_layers, flag_values
+    from lfm_ray.commands.study_flags import requested_datasets
     from lfm_ray.text import CLIP, resolve_text
 
     flags = flag_values(args, several_datasets=True)
     flags.pop("data.name", None)  # each data set is resolved below, with its own preset
     layers = config_layers(args, flags=flags)
     names = list(METHODS)
-    if any(resolve_text(layers.resolve(d).model) != CLIP for d in args.datasets):
+    datasets = getattr(args, "datasets", None) or requested_datasets(args)
+    if any(resolve_text(layers.resolve(d).model) != CLIP for d in datasets):
         names.remove("zero-shot")
     return names
 

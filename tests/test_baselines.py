@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
+from lfm_ray.head_init import resolved_init
 from lfm_ray.sampling import EpochSampler, class_probabilities
 from lfm_ray.train import RESULT_FILE, Run, WorkerInfo, seeded_generator
 from test_train import fit_local, small_config
@@ -219,9 +220,15 @@ def test_classifier_init_refuses_what_has_no_trained_class_weights():
     for values, needle in [
         ({"model.classifier_init": "class-mean"},
          "model.classifier_init='class-mean' starts trained class weights, but with "
-         "stage1.finetune='full' the CLIP model's class weights are the frozen text features"),
+         "stage1.finetune='full' the tiny model's class weights are the frozen class text "
+         "features"),
         ({"model.name": TIMM_TEST, "model.classifier_init": "text"},
          "model.classifier_init='text' needs class text features"),
+        # A timm tower with a text encoder classifies with the frozen word-vector features.
+        ({"model.name": TIMM_TEST, "model.text": "glove", "model.classifier_init": "linear-probe"},
+         "model.classifier_init='linear-probe' starts trained class weights, but with "
+         "stage1.finetune='full' the timm:test_vit model's class weights are the frozen class "
+         "text features"),
     ]:
         with pytest.raises(LfmError, match=needle):
             check_family(RunConfig().override(values).validate())
@@ -240,18 +247,27 @@ def test_classifier_init_refuses_what_has_no_trained_class_weights():
     check_family(RunConfig().override({"model.classifier_init": "text"}).validate())
     check_family(RunConfig().override({"model.name": TIMM_TEST,
                                        "model.classifier_init": "class-mean"}).validate())
+    with_text = RunConfig().override({"model.name": TIMM_TEST, "model.text": "glove"}).validate()
+    check_family(with_text.override({"model.classifier_init": "text"}))
+    assert resolved_init(with_text) == "text"
+    assert resolved_init(RunConfig().override({"model.name": TIMM_TEST})) == "random"
 
 
 def test_config_json_records_the_classifier_init(capsys):
     from lfm_ray.cli import main
 
-    assert main(["train", "--stage1.finetune", "classifier", "--model.classifier_init",
-                 "linear-probe", "--dry-run"]) == 0
+    assert main(["train", "--dataset", "digits-lt", "--stage1.finetune", "classifier",
+                 "--model.classifier_init", "linear-probe", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["model"]["classifier_init"] == "linear-probe"
     assert printed["resolved"]["model.classifier_init"] == "linear-probe"
-    assert main(["train", "--dry-run"]) == 0
+    assert main(["train", "--dataset", "digits-lt", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["resolved"]["model.classifier_init"] == "text"
+    # The default (fashion-lt's timm tower with GloVe class features) classifies with them.
+    assert main(["train", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["name"].startswith("timm:")
+    assert printed["resolved"]["model.classifier_init"] == "text"
 
 
 # ---- one run with all of them --------------------------------------------------------------------

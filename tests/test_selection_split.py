@@ -61,7 +61,7 @@ def test_selecting_on_test_by_choice_is_said_so(tmp_path):
                  grid={"mix.tau": [0.05]}, results_dir=str(tmp_path / "r"))
     check_study(auto)
     assert auto.selection_split == "val" and "validation split" in selection_note(auto)
-    plain = RunConfig()  # digits-lt: no validation split at all
+    plain = RunConfig().override({"data.name": "digits-lt"})  # no validation split at all
     none = Study(name="n", base=plain, grid={"mix.tau": [0.05]},
                  results_dir=str(tmp_path / "r"))
     check_study(none)

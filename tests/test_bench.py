@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lfm_ray.cli import main
 
 CPU_KEYS = ("sampler_speedup", "stage2_cost_ratio", "trial_overhead_s", "sweep_speedup",
@@ -13,6 +15,7 @@ CPU_KEYS = ("sampler_speedup", "stage2_cost_ratio", "trial_overhead_s", "sweep_s
             "cache_memory_growth")
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--tiny", "--json", str(out)]) == 0
@@ -26,6 +29,7 @@ def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
     assert "sampler_speedup" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpu_figures_code_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     """The GPU part's own code (fabricated CIFAR-100 pickles, the trainer's epoch, packed
     trial processes, the reference DataLoader) on the CPU with the tiny model; CI has no GPU."""

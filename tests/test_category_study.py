@@ -135,6 +135,7 @@ def ray_instance():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_train_with_auxiliary_classes_writes_target_metrics(tmp_path, ray_instance):
     from lfm_ray import confusion
 

@@ -86,6 +86,7 @@ def test_the_default_run_is_fashion_lt_with_its_preset(capsys):
     assert config["data"]["selection_split"] == "auto" and "preset fashion-lt" in captured.err
 
 
+@pytest.mark.slow
 def test_a_train_run_writes_the_three_files(tmp_path, capsys, ray_instance):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "digits-lt", "--output", str(out)]) == 0
@@ -103,6 +104,7 @@ def test_a_train_run_writes_the_three_files(tmp_path, capsys, ray_instance):
     assert metrics["acc_all"] > 0.2
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_run_on_cpu(tmp_path, ray_instance):
     out = tmp_path / "ddp"
     code = main(["train", "--dataset", "digits-lt", "--num-workers", "2", "--stage1.epochs", "1",

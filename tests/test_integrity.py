@@ -224,6 +224,7 @@ def history(out: Path) -> list[tuple[int, int, float]]:
             for r in csv.DictReader((out / "history.csv").open())]
 
 
+@pytest.mark.slow
 def test_train_reruns_end_to_end(tmp_path, capsys, ray_instance):
     out = tmp_path / "run"
     assert main(quick_flags(tmp_path, out)) == 0
@@ -399,6 +400,7 @@ def assert_instance_gone(pids: set[int], timeout_s: float = 20.0) -> None:
     assert not left, f"Ray processes of the killed driver's instance survive: {left}"
 
 
+@pytest.mark.slow
 def test_killed_driver_leaves_no_ray_process_and_resumes_to_the_same_metrics(tmp_path):
     out, cache = tmp_path / "killed", tmp_path / "cache"
     command, proc = start_train(out, cache, epochs=8)
@@ -432,6 +434,7 @@ def test_killed_driver_leaves_no_ray_process_and_resumes_to_the_same_metrics(tmp
     assert [r[2] for r in history(out)] == pytest.approx([r[2] for r in history(whole)])
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     out, cache = tmp_path / "interrupted", tmp_path / "cache"
     command, proc = start_train(out, cache, epochs=40)

@@ -62,6 +62,7 @@ def test_the_default_storage_is_a_ray_folder_in_the_results_folder(tmp_path):
     assert Study(name="s").results_dir == "runs" and Study(name="s").storage_path == "runs/ray"
 
 
+@pytest.mark.slow
 def test_extensions_and_look_alike_names_keep_apart(tmp_path, capsys, local_ray):
     """`col` extended runs a second experiment; studies named col-ext1, col_stage1 and
     col_train each keep their own trials; `col --restart` leaves all of them alone."""
@@ -98,6 +99,7 @@ def test_extensions_and_look_alike_names_keep_apart(tmp_path, capsys, local_ray)
         assert sorted(p.name for p in (storage / n).rglob("*")) == before[n]
 
 
+@pytest.mark.slow
 def test_a_storage_folder_that_is_not_the_studys_is_refused(tmp_path, capsys, local_ray):
     """Another study's folder under the same storage path (same name, other results folder),
     or a folder lfm-ray did not make: refused, also with --restart, and left as it was."""
@@ -151,6 +153,7 @@ def train_argv(tmp_path: Path, out: Path, *flags: str) -> list[str]:
             *flags]
 
 
+@pytest.mark.slow
 def test_train_into_a_studies_folder_restarts_without_touching_it(tmp_path, capsys, local_ray):
     """The reported case: `lfm-ray train --output results` where results/ holds ray/
     (other studies' Tune state): the run's own files go beside it, the refusal names exactly

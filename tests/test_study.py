@@ -111,6 +111,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_grid_smoke_study_writes_tables(tmp_path, local_ray):
     import tau_sweep
 
@@ -129,6 +130,7 @@ def test_grid_smoke_study_writes_tables(tmp_path, local_ray):
     assert meta["swept"] == ["mix.tau", "runtime.seed"]
 
 
+@pytest.mark.slow
 def test_optuna_smoke_study_with_conditional_parameters(tmp_path, local_ray):
     study = study_in(
         tmp_path, name="opt", search="optuna", num_samples=2, max_concurrent=2,
@@ -175,6 +177,7 @@ def test_address_with_no_cluster_is_one_clear_error(tmp_path):
     assert time.time() - start < 10
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_marked_failed_while_the_study_goes_on(tmp_path, local_ray):
     from lfm_ray.analysis import load_study
     from lfm_ray.study import run_study
@@ -242,6 +245,7 @@ def test_lean_trainer_drops_only_the_unused_run_actors(tmp_path, monkeypatch):
     assert BackendSetupCallback in local and BackendSetupCallback in cluster
 
 
+@pytest.mark.slow
 def test_a_trial_in_its_own_process_matches_a_worker_group_trial(tmp_path, local_ray):
     """Same config and seed: training in the trial's process (Ray Train local mode, reports
     straight to Tune) gives the worker group's numbers, epoch by epoch."""
@@ -268,6 +272,7 @@ def test_a_trial_in_its_own_process_matches_a_worker_group_trial(tmp_path, local
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_asha_stops_in_process_trials_cleanly(tmp_path, local_ray):
     """ASHA stops in-process trials between epochs; the reused trial process goes on to
     the next trial. One trial at a time, in grid order, on the training loss: from the same

@@ -46,6 +46,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+@pytest.mark.slow
 def test_an_extension_keeps_the_history_and_one_that_adds_nothing_writes_nothing(
         tmp_path, capsys, local_ray):
     assert main(argv(tmp_path, "hist", "--grid", "mix.tau=0.05", "--seeds", "0")) == 0
@@ -87,6 +88,7 @@ def test_an_extension_keeps_the_history_and_one_that_adds_nothing_writes_nothing
     assert runs[2]["trials_added"] == 0
 
 
+@pytest.mark.slow
 def test_an_extension_that_adds_nothing_from_python(tmp_path, local_ray):
     from lfm_ray import RunConfig, Study, run_study
     from lfm_ray.errors import LfmError
@@ -103,6 +105,7 @@ def test_an_extension_that_adds_nothing_from_python(tmp_path, local_ray):
     assert files_of(tmp_path / "results") == before
 
 
+@pytest.mark.slow
 def test_changed_data_refuses_a_resume_and_an_extension(tmp_path, capsys, local_ray):
     """The reported case: a study on a folder, then two test classes' folders swapped and a
     training image deleted, then more seeds with --extend: refused, naming what changed."""
@@ -148,6 +151,7 @@ def dry_run_json(out: str) -> dict:
     return json.JSONDecoder().raw_decode(text)[0]
 
 
+@pytest.mark.slow
 def test_an_address_on_a_local_study_is_free(tmp_path, capsys, local_ray):
     """A study run on a local instance (each trial in its own process), rerun with --address
     (a worker group per trial): resumed and extended, not refused."""

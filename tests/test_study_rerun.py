@@ -40,6 +40,7 @@ def table(tmp_path) -> pd.DataFrame:
     return pd.read_csv(tmp_path / "results" / "taus" / "trials.csv")
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_refuses_extends_or_restarts(tmp_path, capsys, local_ray):
     assert run_tau(tmp_path, "--seeds", "0") == 0
     out = capsys.readouterr().out
@@ -141,6 +142,7 @@ def test_the_recorded_commit_is_dirty_only_for_code_changes(tmp_path):
     assert git_commit(tmp_path) == head + "+dirty"
 
 
+@pytest.mark.slow
 def test_python_api_runs_a_study(tmp_path, local_ray):
     from ray.tune import ResultGrid
 
@@ -176,6 +178,7 @@ def test_python_api_runs_a_study(tmp_path, local_ray):
     assert len(runs) == 2 and all("acc_all" in r.data.metrics for r in runs)
 
 
+@pytest.mark.slow
 def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatch, local_ray):
     import builtins
 
@@ -203,6 +206,7 @@ def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatc
     assert final["epoch"] == 2 and (tmp_path / "run" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_shared_stage1_study_branches_stage2_and_equals_full_runs(tmp_path, local_ray):
     """The paper's ablation protocol: one stage 1 per seed, each τ swept in stage 2 from its
     checkpoint; each branch ends exactly where a full two-stage run of its config ends."""

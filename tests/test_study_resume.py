@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -36,6 +37,7 @@ def kill_and_run_again(first: subprocess.Popen, command: list[str],
     return second
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
     command = [sys.executable, str(ROOT / "studies" / "tau_sweep.py"), "--smoke",
                "--dataset", "digits-lt", "--seeds", "0", "--name", "resume", "--max-concurrent", "1", "--no-report",
@@ -66,6 +68,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path):
         assert after["wall_time_s"] == before["wall_time_s"]
 
 
+@pytest.mark.slow
 def test_killed_in_process_trial_resumes_from_its_last_epoch(tmp_path):
     """A trial training in its own process keeps its checkpoints in Tune: killed mid-trial,
     the same command resumes it from its last epoch rather than from the start."""

@@ -71,6 +71,7 @@ def test_a_run_without_lfm_trains_without_reading_the_file(tmp_path, local_ray):
 
 
 # ---- one line per failed trial ---------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_failed_trial_is_one_line_unless_verbose(tmp_path, capsys, caplog, local_ray,
                                                    verbose):

@@ -45,6 +45,7 @@ from lfm_ray.analysis.load import (
     DONE, METRICS, SEED, VAL_METRICS, StudyResults, aggregate, best_row, config_key,
     is_numeric_param, load_study, shown_path, trial_confusion, trial_result,
 )
+from lfm_ray.analysis.power import detectable_text
 from lfm_ray.errors import LfmError
 
 CHROMES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -319,7 +320,9 @@ def per_class_view(study: StudyResults, facet_value: Any = None
     caption = (f"Shown: {said}. "
                + ("It is better than every other configuration at 95 %. "
                   if best.separation.separated else
-                  f"Note: {NO_BEST}; it is shown as the highest value, not as a winner. "))
+                  f"Note: {NO_BEST}; it is shown as the highest value, not as a winner. "
+                  + (f"Against the runner-up, {power}. " if (power := detectable_text(
+                      best.separation)) else "")))
     if reference:
         caption += f"Grey diamonds: {ref_label}."
     return fig, caption

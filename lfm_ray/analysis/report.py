@@ -1096,12 +1096,17 @@ def _incomplete_html(study: StudyResults) -> str:
 
 def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                  params: Sequence[str] | None = None, band: str = "auto",
-                 png: bool = True) -> Path:
+                 png: bool = True, front: str | None = None) -> Path:
     """Write report.html for a study (a results directory, a Tune experiment or a trials
     CSV) and a PNG of each headline figure beside it; returns the HTML's path. PNG export
-    that is impossible (no Chromium) is one warning line, never an error."""
+    that is impossible (no Chromium) is one warning line, never an error. `front`
+    ("acc_many,acc_few"): also the trade-off front in those two metrics
+    (lfm_ray.analysis.front)."""
+    from lfm_ray.analysis.front import front_view, parse_front
+
     study = load_study(study_dir)
     study.require_finished()
+    axes = parse_front(front, study) if front else None
     if out:
         target = Path(out)
     elif study.path is not None and study.path.is_dir():
@@ -1112,6 +1117,10 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
         raise LfmError(f"--out {str(target)!r} must name an .html file")
     target.parent.mkdir(parents=True, exist_ok=True)
     built = build_figures(study, params=params, band=band)
+    if axes:
+        built.figs["front"], built.captions["front"] = front_view(
+            study, *axes, varying_params(study))
+        built.titles["front"] = f"Trade-off front: {axes[1]} against {axes[0]}"
     pngs: list[Path] = []
     png_note = None
     if png:

@@ -139,3 +139,10 @@ def test_optuna_smoke_study_writes_its_journal(tmp_path, local_ray):
 
     loaded = views_study(load_study(tmp_path / "results" / "opt"))
     assert len(loaded.trials) == 2 and loaded._storage.__class__.__name__ == "JournalStorage"
+
+
+def test_dry_run_names_the_storage_kind(tmp_path):
+    from lfm_ray.study.run import plan_study
+
+    assert plan_study(optuna_study(str(tmp_path)))["optuna_storage"] == "journal"
+    assert not (tmp_path / "ray").exists()  # a dry run writes nothing

@@ -92,6 +92,7 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
             "search": study.search, "grid": req["grid"], "space": req["space"],
             "seeds": study.seeds, "metric": study.metric,
             "selection_split": study.selection_split, "scheduler": study.scheduler,
+            "optuna_storage": req["optuna_storage_kind"],
             "protocol": study.protocol, "share_stage1": study.share_stage1,
             "presets": {d: (study.layers.preset_for(d) if study.layers else None)
                         for d in study.datasets()},

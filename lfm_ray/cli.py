@@ -15,7 +15,7 @@ from lfm_ray.commands.run_flags import ExactParser
 from lfm_ray.errors import LfmError
 
 # Subcommand name -> module under lfm_ray.commands with `register(subparsers)`.
-COMMANDS = ("data", "train", "study", "report", "bench", "aux")
+COMMANDS = ("data", "train", "study", "report", "compare", "bench", "aux")
 # Where a command's module has another name (AUX is a reserved file name on Windows).
 MODULES = {"aux": "auxiliary"}
 

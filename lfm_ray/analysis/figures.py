@@ -25,6 +25,7 @@ from lfm_ray.analysis.load import (
     GROUPS, METRICS, SEED, Separation, StudyResults, aggregate, best_row, better_than_rest,
     config_key, is_numeric_param, seed_values,
 )
+from lfm_ray.analysis.power import Design, detectable_difference, detectable_text
 from lfm_ray.errors import LfmError
 
 COLORS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728", "all": "#2ca02c"}
@@ -195,7 +196,9 @@ def verdict_text(sep: Separation, label: Mapping[Any, str] | None = None,
     if not sep.separated:
         against = names.get(sep.against, str(sep.against))
         why = f" ({name} against {against}: {sep.reason})" if sep.reason else ""
-        return NO_BEST + why
+        power = detectable_text(sep, unit)
+        return NO_BEST + why + (f"; {name} against the runner-up {other}: {power}"
+                                if power else "")
     if sep.test == "paired":
         return (f"{name} is better than every other configuration at 95 %: over the "
                 f"{sep.n} seeds it shares with the runner-up {other}, the mean paired "
@@ -318,6 +321,11 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     else:
         why = f"{NO_BEST} ({metric}): no star" if most > 1 else \
             "one seed: no interval to tell the values apart, no star"
+        mdd = detectable_difference(sep.sd, sep.n, Design(paired=sep.test == "paired"))
+        if most > 1 and sep.test and math.isfinite(mdd):
+            why += (f"<br>these seeds could have detected {mdd * 100:.2f} points "
+                    f"({'paired' if sep.test == 'paired' else 'two-sample'} t-test power, "
+                    "95 %, 80 %; see the report's best table)")
         fig.add_annotation(text=why, xref="paper", yref="paper",
                            x=0.0, y=1.0, xanchor="left", yanchor="bottom", showarrow=False,
                            font={"size": 12, "color": "#7a5b00"})
@@ -517,6 +525,13 @@ def table_caption(table: pd.DataFrame, mode: str = "max") -> str:
                  "t-interval over the seeds both ran)")
     else:
         marks = f"no cell is bold: {NO_BEST}"
+        column = {int(i): v for i, v in enumerate(table["all_values"]) if v}
+        if not facet and len(column) > 1:
+            sep = better_than_rest({i: list(v.values()) for i, v in column.items()},
+                                   {i: list(v.keys()) for i, v in column.items()}, mode=mode)
+            power = detectable_text(sep, unit=1.0)  # the table's values are in percent
+            marks += f"; in column all, the highest mean against the runner-up: {power}" \
+                if power else ""
     return f"Top-1 test accuracy (%), {spread}; {marks}."
 
 

@@ -654,6 +654,7 @@ class Separation:
     n: int = 0             # seeds behind the runner-up comparison (shared ones when paired)
     reason: str = ""
     against: Any = None    # the configuration the best is not separated from, if any
+    sd: float = float("nan")  # std of the paired differences (pooled std when unpaired)
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -706,7 +707,7 @@ def better_than_rest(values_by_config: Mapping[Any, Sequence[float]],
     return Separation(best, order[1], separated, first.test, first.diff, first.low,
                       first.high, first.n,
                       "" if failing is None else results[failing].reason,
-                      None if failing is None else order[1 + failing])
+                      None if failing is None else order[1 + failing], first.sd)
 
 
 def _compare(best: dict[Any, float], other: dict[Any, float], sign: float, paired: bool,
@@ -717,7 +718,8 @@ def _compare(best: dict[Any, float], other: dict[Any, float], sign: float, paire
         mean, low, high = t_interval(diffs, confidence)
         ok = bool(low > 0) if sign > 0 else bool(high < 0)
         return Separation(None, None, ok, "paired", mean, low, high, len(shared),
-                          "" if ok else "the interval of the paired difference includes 0")
+                          "" if ok else "the interval of the paired difference includes 0",
+                          sd=float(np.std(diffs, ddof=1)))
     a, b = list(best.values()), list(other.values())
     diff = float(np.mean(a) - np.mean(b))
     if len(a) < 2 or len(b) < 2:
@@ -726,8 +728,10 @@ def _compare(best: dict[Any, float], other: dict[Any, float], sign: float, paire
     _, a_low, a_high = t_interval(a, confidence)
     _, b_low, b_high = t_interval(b, confidence)
     ok = bool(a_low > b_high) if sign > 0 else bool(a_high < b_low)
+    pooled = math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1))
+                       / (len(a) + len(b) - 2))
     return Separation(None, None, ok, "unpaired", diff, n=min(len(a), len(b)),
-                      reason="" if ok else "the intervals of the means overlap")
+                      reason="" if ok else "the intervals of the means overlap", sd=pooled)
 
 
 def seed_values(trials: pd.DataFrame, by: Sequence[str], metric: str

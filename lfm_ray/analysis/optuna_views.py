@@ -3,7 +3,8 @@ with a caveat below IMPORTANCE_MIN_TRIALS complete trials), parallel coordinates
 Pareto front of a multi-objective search; parameters named by their symbols.
 
 The Optuna study comes from its storage when the study recorded one (study.json
-"optuna_storage", e.g. sqlite:///results/optuna.db), else it is rebuilt from the trials
+"optuna_journal", the journal file under the storage path, or "optuna_storage", a database
+URL), else it is rebuilt from the trials
 table with `optuna.trial.create_trial`: distributions from the study's declared search space
 where it has one, otherwise inferred from the table (numbers: a float or int range, log when
 the values span more than 1.5 decades; anything else: categorical).
@@ -146,9 +147,23 @@ def rebuild_optuna_study(study: StudyResults):
 
 
 def optuna_study(study: StudyResults):
-    """The study's Optuna study: from its storage when recorded, else rebuilt."""
+    """The study's Optuna study: from its storage when recorded (its journal file where the
+    storage path is on this machine, or the database URL given), else rebuilt."""
     import optuna
 
+    from lfm_ray.analysis.load import storage_roots
+    from lfm_ray.study.optuna_storage import open_journal, recorded_journal
+
+    journal = recorded_journal(study.meta, storage_roots(study))
+    if journal is not None:
+        try:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            return optuna.load_study(study_name=study.name, storage=open_journal(journal))
+        except Exception as exc:  # noqa: BLE001 - the table holds the same trials
+            study.notes.append(f"Optuna journal {journal.name} could not be read "
+                               f"({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                               "the Optuna views are rebuilt from the trials table")
+            return rebuild_optuna_study(study)
     storage = study.meta.get("optuna_storage")
     if storage and "://" in str(storage):
         try:

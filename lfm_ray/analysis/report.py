@@ -45,6 +45,7 @@ from lfm_ray.analysis.load import (
     DONE, METRICS, SEED, VAL_METRICS, StudyResults, aggregate, best_row, config_key,
     is_numeric_param, load_study, shown_path, trial_confusion, trial_result,
 )
+from lfm_ray.analysis.power import detectable_text
 from lfm_ray.errors import LfmError
 
 CHROMES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -319,7 +320,9 @@ def per_class_view(study: StudyResults, facet_value: Any = None
     caption = (f"Shown: {said}. "
                + ("It is better than every other configuration at 95 %. "
                   if best.separation.separated else
-                  f"Note: {NO_BEST}; it is shown as the highest value, not as a winner. "))
+                  f"Note: {NO_BEST}; it is shown as the highest value, not as a winner. "
+                  + (f"Against the runner-up, {power}. " if (power := detectable_text(
+                      best.separation)) else "")))
     if reference:
         caption += f"Grey diamonds: {ref_label}."
     return fig, caption
@@ -1093,12 +1096,17 @@ def _incomplete_html(study: StudyResults) -> str:
 
 def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                  params: Sequence[str] | None = None, band: str = "auto",
-                 png: bool = True) -> Path:
+                 png: bool = True, front: str | None = None) -> Path:
     """Write report.html for a study (a results directory, a Tune experiment or a trials
     CSV) and a PNG of each headline figure beside it; returns the HTML's path. PNG export
-    that is impossible (no Chromium) is one warning line, never an error."""
+    that is impossible (no Chromium) is one warning line, never an error. `front`
+    ("acc_many,acc_few"): also the trade-off front in those two metrics
+    (lfm_ray.analysis.front)."""
+    from lfm_ray.analysis.front import front_view, parse_front
+
     study = load_study(study_dir)
     study.require_finished()
+    axes = parse_front(front, study) if front else None
     if out:
         target = Path(out)
     elif study.path is not None and study.path.is_dir():
@@ -1109,6 +1117,10 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
         raise LfmError(f"--out {str(target)!r} must name an .html file")
     target.parent.mkdir(parents=True, exist_ok=True)
     built = build_figures(study, params=params, band=band)
+    if axes:
+        built.figs["front"], built.captions["front"] = front_view(
+            study, *axes, varying_params(study))
+        built.titles["front"] = f"Trade-off front: {axes[1]} against {axes[0]}"
     pngs: list[Path] = []
     png_note = None
     if png:

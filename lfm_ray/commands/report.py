@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--band", choices=("auto", "ci", "std"), default="auto",
                    help="ablation error bars over seeds: 95%% t-interval of the mean (ci), "
                         "± std, or auto: ci with 3 or more seeds, else std (none with one)")
+    p.add_argument("--front", metavar="X,Y",
+                   help="also draw the configurations as a trade-off front in two metrics, "
+                        "e.g. acc_many,acc_few (the α sweep's many- against few-shot "
+                        "accuracy), each point with its seed intervals")
     p.add_argument("--no-png", action="store_true", help="skip the PNG files")
     p.add_argument("--tsne", nargs="+", metavar="CHECKPOINT",
                    help="t-SNE of the image features of these checkpoint directories")
@@ -87,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
         from lfm_ray.analysis import write_report
 
         path = write_report(args.study, args.out, params=args.param, band=args.band,
-                            png=not args.no_png)
+                            png=not args.no_png, front=args.front)
     print(f"wrote {path}")
     return 0

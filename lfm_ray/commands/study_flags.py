@@ -75,8 +75,10 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                    help="also log to this tracker (repeatable): TensorBoard event files or an "
                         "MLflow SQLite store in the storage folder, or W&B")
     g.add_argument("--optuna-storage", metavar="URL",
-                   help="Optuna storage URL for an Optuna search (default: an SQLite file in "
-                        "the study's storage folder), e.g. sqlite:///optuna.db")
+                   help="a database for an Optuna search's Optuna study, e.g. "
+                        "postgresql://user@host/db (checked before the study starts); default: "
+                        "Optuna's journal file <storage>/<name>/optuna.journal, safe for "
+                        "several drivers at once")
     g.add_argument("--smoke", action="store_true",
                    help="a quick check that the study runs: fewer values, one epoch per "
                         "stage of a few steps")

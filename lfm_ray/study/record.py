@@ -20,6 +20,7 @@ from typing import Any
 
 from lfm_ray.config import ConfigLayers, RunConfig
 from lfm_ray.errors import LfmError
+from lfm_ray.study.optuna_storage import storage_kind, storage_record
 from lfm_ray.study.spec import Dim, Study
 from lfm_ray.study.storage import LAYOUT, experiment_name, new_study_id, restart_removes
 
@@ -27,7 +28,7 @@ STUDY_FILE = "study.json"
 # What decides a study's results; a rerun must match these (or only add trials).
 RESULT_KEYS = ("search", "grid", "space", "seeds", "num_samples", "metric", "mode",
                "objectives", "scheduler", "sampler", "variants", "share_stage1",
-               "base_configs")
+               "base_configs", "optuna_storage_kind")
 EXTENDABLE = ("grid", "seeds")
 
 
@@ -44,6 +45,8 @@ def request(study: Study) -> dict[str, Any]:
         else None,
         "variants": study.variants, "share_stage1": study.share_stage1,
         "base_configs": {d: c.to_dict() for d, c in study.base_configs().items()},
+        # where the sampler's history lives (lfm_ray.study.optuna_storage says why it counts)
+        "optuna_storage_kind": storage_kind(study),
     }
     return json.loads(json.dumps(raw, default=str))
 
@@ -297,7 +300,8 @@ def study_meta(study: Study, experiments: list[str],
         "metric": study.metric, "mode": study.mode, "objectives": study.objectives,
         "selection_split": study.selection_split, "selection": _selection_note(study),
         "scheduler": study.scheduler, "sampler": study.sampler,
-        "optuna_storage": study.optuna_storage, "storage_path": study.storage_path,
+        "optuna_storage": study.optuna_storage, **storage_record(study),
+        "storage_path": study.storage_path,
         "base_config": study.base.to_dict(),
         "layers": study.layers.to_dict() if study.layers is not None else None,
         "max_concurrent": study.max_concurrent, "max_failures": study.max_failures,

@@ -27,11 +27,12 @@ from lfm_ray.launch import (
     show_tune_trial_tables, write_json_atomic,
 )
 from lfm_ray.study import storage
+from lfm_ray.study.optuna_storage import check_storage_choice
 from lfm_ray.study.record import (
     STUDY_FILE, Rerun, check_data, data_record, plan_rerun, read_stored, record_run, request,
 )
 from lfm_ray.study.search import (
-    check_optuna_storage, concurrency, optuna_storage_url, param_space, scheduler, search_alg,
+    concurrency, param_space, scheduler, search_alg,
 )
 from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, validate
 from lfm_ray.study.tables import (
@@ -53,11 +54,7 @@ def check_study(study: Study, *, extend: bool = False, restart: bool = False) ->
     """Everything that can be checked before Ray starts or anything is written."""
     resolve_selection(study)
     validate(study)
-    if study.optuna_storage and study.search != "optuna":
-        raise LfmError(f"--optuna-storage is for --search optuna; this study is a "
-                       f"{study.search} search")
-    if study.search == "optuna":
-        check_optuna_storage(optuna_storage_url(study))
+    check_storage_choice(study)  # the Optuna storage URL parses and answers
     for tracker in study.trackers:
         tracker_callback(tracker, study, check_only=True)
     if extend and restart:
@@ -95,6 +92,7 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
             "search": study.search, "grid": req["grid"], "space": req["space"],
             "seeds": study.seeds, "metric": study.metric,
             "selection_split": study.selection_split, "scheduler": study.scheduler,
+            "optuna_storage": req["optuna_storage_kind"],
             "protocol": study.protocol, "share_stage1": study.share_stage1,
             "presets": {d: (study.layers.preset_for(d) if study.layers else None)
                         for d in study.datasets()},

@@ -8,9 +8,8 @@ from typing import Any
 
 from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
-from lfm_ray.study.spec import SEED, Dim, Study, join_path
+from lfm_ray.study.spec import SEED, Dim, Study
 
-OPTUNA_DB = "optuna.db"  # the default Optuna storage, beside the study's Tune experiment
 
 
 def param_space(study: Study, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -55,13 +54,9 @@ def random_space(study: Study) -> dict[str, Any]:
 
 
 def optuna_storage_url(study: Study) -> str | None:
-    """The study's Optuna storage: the URL given, else an SQLite file beside the study's Tune
-    experiment (local storage only; a cloud storage path has no file to put it in)."""
-    if study.optuna_storage:
-        return study.optuna_storage
-    if "://" in study.storage_path:
-        return None
-    return "sqlite:///" + str(Path(join_path(study.storage_path, study.name)) / OPTUNA_DB)
+    """The database URL the user gave for the study's Optuna storage; None: the study's
+    journal file (lfm_ray.study.optuna_storage)."""
+    return study.optuna_storage or None
 
 
 def check_optuna_storage(url: str | None) -> None:
@@ -108,12 +103,9 @@ def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: 
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
-    url = optuna_storage_url(study)
-    storage = None
-    if url:
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        storage = optuna.storages.RDBStorage(url)
+    from lfm_ray.study.optuna_storage import open_storage
+
+    storage = open_storage(study)  # a journal file, a database the user gave, or memory
     objectives = study.objectives if len(study.objectives) > 1 else None
     return OptunaSearch(
         space=DefineByRun(study.space, study.base.to_dict()),

@@ -135,7 +135,8 @@ class Study:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     scheduler: str = "none"              # none | asha (on the global epoch)
     sampler: str = "tpe"                 # Optuna sampler
-    # Optuna's storage URL; None: an SQLite file in the study's storage folder (local storage)
+    # Optuna's storage: a database URL; None: a journal file in the study's storage folder
+    # (lfm_ray.study.optuna_storage), in memory for a cloud storage path
     optuna_storage: str | None = None
     # trials.csv, best.json, study.json and the report go to <results_dir>/<name> (runs/ is
     # git-ignored; studies/run_all.py writes the committed demo results to results/)

@@ -8,7 +8,7 @@ A study named N writes two folders:
   `lfm_ray_study.json` (whose folder it is), `tune` (the Tune experiment of the first run),
   `tune-ext1`, `tune-ext2`, ... (one per --extend that added trials), `stage1`,
   `stage1-ext1`, ... (shared stage-1 runs), `train` (Ray Train runs of worker-group
-  trials), and `optuna.db` / `mlflow.db` where those are used.
+  trials), and `optuna.journal` (Optuna's journal file) / `mlflow.db` where those are used.
 
 Every folder lfm-ray makes for a study lies inside that study's own folders, so no study
 name can produce another study's folder. Study names are letters, digits, - and _; `ray`
@@ -33,7 +33,7 @@ from lfm_ray.study.spec import Study, join_path
 LAYOUT = 2                     # study.json's storage_layout: one storage folder per study
 MARKER = "lfm_ray_study.json"  # in <storage>/<name>/: the study it belongs to
 TUNE, STAGE1, TRAIN = "tune", "stage1", "train"
-DATABASES = ("optuna.db", "mlflow.db")
+DATABASES = ("optuna.db", "optuna.journal", "optuna.journal.lock", "mlflow.db")
 RESERVED_NAMES = ("ray",)
 # What a study writes in its results folder (and what a restart removes there).
 RESULT_FILES = ("study.json", "trials.csv", "best.json", "report.html")

@@ -81,6 +81,28 @@ def open_storage(study: Study):
     return None
 
 
+def check_optuna_storage(url: str | None) -> None:
+    """A storage URL SQLAlchemy can parse, of a dialect it has; checked before anything is
+    written (a bad URL would otherwise fail inside Tune after the study started)."""
+    if url is None:
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        parsed.get_dialect()  # an unknown scheme fails here ("bogus://x")
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ...
+        raise LfmError(f"--optuna-storage {url!r} is not a database URL Optuna can use "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                       "expected e.g. sqlite:///path/optuna.db or "
+                       "postgresql://user@host/db") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().absolute().parent
+        from lfm_ray.study.spec import check_storage
+
+        check_storage(str(folder), "--optuna-storage folder")
+
+
 def check_storage_choice(study: Study) -> None:
     """Before anything runs: a URL only for Optuna searches, and one Optuna can use (parsed,
     its dialect installed, and a database server answering); one LfmError otherwise."""
@@ -90,8 +112,6 @@ def check_storage_choice(study: Study) -> None:
     if study.search != "optuna":
         raise LfmError(f"--optuna-storage is for --search optuna; this study is a "
                        f"{study.search} search")
-    from lfm_ray.study.search import check_optuna_storage
-
     check_optuna_storage(url)  # parses, has a dialect, an SQLite folder that can be written
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url

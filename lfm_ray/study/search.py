@@ -3,7 +3,6 @@ how many trials run at once."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lfm_ray.config import RunConfig
@@ -51,34 +50,6 @@ def random_space(study: Study) -> dict[str, Any]:
         else:
             out[name] = tune.choice(list(dim.choices))
     return out
-
-
-def optuna_storage_url(study: Study) -> str | None:
-    """The database URL the user gave for the study's Optuna storage; None: the study's
-    journal file (lfm_ray.study.optuna_storage)."""
-    return study.optuna_storage or None
-
-
-def check_optuna_storage(url: str | None) -> None:
-    """A storage URL SQLAlchemy can parse, of a dialect it has; checked before anything is
-    written (a bad URL would otherwise fail inside Tune after the study started)."""
-    if url is None:
-        return
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-        parsed.get_dialect()  # an unknown scheme fails here ("bogus://x")
-    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ...
-        raise LfmError(f"--optuna-storage {url!r} is not a database URL Optuna can use "
-                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                       "expected e.g. sqlite:///path/optuna.db or "
-                       "postgresql://user@host/db") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().absolute().parent
-        from lfm_ray.study.spec import check_storage
-
-        check_storage(str(folder), "--optuna-storage folder")
 
 
 def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: int = 0):

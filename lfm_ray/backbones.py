@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from lfm_ray.errors import LfmError
+from lfm_ray.families import TIMM_PREFIX, model_family, timm_arch
 
-TIMM_PREFIX = "timm:"
-FAMILIES = ("clip", "timm")
 # timm's eval crop modes and the lfm-ray resize mode that does the same (lfm_ray.data.preprocess):
 # 'center' resizes the short side and takes the centre crop, 'squash' resizes to S × S.
 TIMM_CROP_MODES = {"center": "shortest", "squash": "squash"}
@@ -46,16 +45,6 @@ NEEDS_TEXT = {
 
 
 # ---- names ---------------------------------------------------------------------------------
-def model_family(name: str) -> str:
-    """'timm' for a "timm:ARCH" model, else 'clip' (an open_clip model)."""
-    return "timm" if str(name).startswith(TIMM_PREFIX) else "clip"
-
-
-def timm_arch(name: str) -> str:
-    """"timm:resnet50" → "resnet50"."""
-    return str(name)[len(TIMM_PREFIX):]
-
-
 def _weights_file(pretrained: str | None) -> str | None:
     """The weights file a pretrained value names (a path, or a name ending in .pt/.pth/...),
     expanded; None for a tag or no weights."""

@@ -146,7 +146,8 @@ def bench_stage_cost(steps: int = 30, batch: int = 64, repeats: int = 5,
     The stages' epochs alternate, so drift in the machine's speed touches both alike: the
     ratio is the median over the rounds of stage 2's epoch over the stage-1 epoch just before
     it (the best epochs' ratio, which one lucky epoch can move, is kept beside it)."""
-    from lfm_ray.train import Run, WorkerInfo, prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.loop import Run, prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     cfg = RunConfig().override({"runtime.batch_size": batch, "runtime.max_steps_per_epoch": steps,
                                 "data.cache_dir": cache_dir})
@@ -268,7 +269,7 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
     from lfm_ray.commands.run_flags import new_parser
     from lfm_ray.commands.study_flags import add_study_flags, study_from_args
     from lfm_ray.study import run_study
-    from lfm_ray.train import train_loop_per_worker
+    from lfm_ray.worker.loop import train_loop_per_worker
 
     _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
     import tau_sweep
@@ -659,10 +660,11 @@ def gpu_run_config(data_root: Path | str, cache_dir: str, model: str = GPU_MODEL
 def stage1_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
                         ready: Callable[[], None] | None = None, stage_number: int = 1) -> float:
     """Stage-1 (or `stage_number` 2) training images per second of the trainer's own epoch
-    function (`lfm_ray.train.train_epoch`: gather, flip, resize, LFM partners and mixing, bf16
+    function (`lfm_ray.worker.loop.train_epoch`: gather, flip, resize, LFM partners and mixing, bf16
     forward and backward, Adam), after a warm-up epoch. `ready` is called between the two, so
     packed trials start their timed epochs together."""
-    from lfm_ray.train import Run, Stage, WorkerInfo, prepare_stage, train_epoch
+    from lfm_ray.worker.loop import Run, Stage, prepare_stage, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device(device)))
     stage = Stage(number=stage_number, first_epoch=1, epochs=1)

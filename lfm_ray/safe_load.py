@@ -5,7 +5,7 @@ crafted state.pt in a shared storage path could run any code on every node that 
 Every checkpoint lfm-ray reads (resume, stage-1 branches, the analysis, t-SNE) therefore
 goes through `load_state_file`, which uses torch's weights-only unpickler: it admits
 tensors, numbers, strings, None and plain containers (dict, list, tuple, OrderedDict),
-which is all the trainer writes (lfm_ray.train.save_state), and refuses any other name
+which is all the trainer writes (lfm_ray.worker.loop.save_state), and refuses any other name
 before anything is called.
 """
 

@@ -1,4 +1,5 @@
-"""Sharing stage 1: what its result depends on, and checkpoints of a completed stage 1.
+"""Sharing stage 1: what its result depends on (`stage1_key`); the worker reads a completed
+stage 1's checkpoint with lfm_ray.worker.checkpoint.load_stage1.
 
 The paper's α and τ ablations sweep a stage-2 value on one trained stage-1 model (the
 authors' config/ablation/*.yaml name a `phase1_model`). A run can therefore train stage 1
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 from lfm_ray.config import RunConfig
@@ -67,7 +66,7 @@ def stage1_key(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _differences(a: RunConfig, b: RunConfig) -> str:
+def differences(a: RunConfig, b: RunConfig) -> str:
     fa, fb = stage1_fields(a), stage1_fields(b)
     diff = [f"{k} ({fa.get(k)!r} there, {fb.get(k)!r} here)"
             for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
@@ -83,53 +82,3 @@ def check_branch_config(cfg: RunConfig) -> None:
     if cfg.stage2.epochs < 1:
         raise LfmError("stage1_from: stage2.epochs=0; a branch trains stage 2 only, so it "
                        "would train nothing")
-
-
-def load_stage1(cfg: RunConfig, checkpoint_dir: str | os.PathLike,
-                map_location: Any = "cpu") -> dict[str, Any]:
-    """The state of a completed stage 1 that `cfg` may branch from, else one LfmError.
-
-    The checkpoint must be the last epoch of stage 1 (a `stop_after_stage1` run's final
-    checkpoint, or that epoch's checkpoint of a full run), and the config stored in it must
-    have this run's stage1_key. `checkpoint_dir` is a local (or shared) folder, or a URI a
-    Ray checkpoint can be read from (s3://, gs://, file://): a study's storage path.
-    """
-    check_branch_config(cfg)
-    where = str(checkpoint_dir)
-    if "://" in where:
-        from ray.train import Checkpoint
-
-        try:
-            with Checkpoint(path=where).as_directory() as local:
-                return _checked(cfg, where, Path(local), map_location, mmap=False)
-        except LfmError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises assorted types
-            raise LfmError(f"stage1_from {where!r} cannot be read: {exc}") from None
-    # Memory-mapped: the driver's check reads the config, not the weights.
-    return _checked(cfg, where, Path(where), map_location, mmap=True)
-
-
-def _checked(cfg: RunConfig, where: str, folder: Path, map_location: Any,
-             mmap: bool) -> dict[str, Any]:
-    from lfm_ray.safe_load import load_state_file
-    from lfm_ray.train import STATE_FILE
-
-    path = folder / STATE_FILE
-    if not path.is_file():
-        raise LfmError(f"stage1_from {where!r} holds no {STATE_FILE}; give the checkpoint "
-                       "directory of a completed stage 1")
-    state = load_state_file(path, map_location=map_location, mmap=mmap, what="stage1_from")
-    stored = RunConfig.from_dict(state["config"])
-    if int(state["stage"]) != 1 or int(state["epoch"]) != stored.stage1.epochs:
-        raise LfmError(
-            f"stage1_from {where!r} holds epoch {state['epoch']} (stage {state['stage']}); a "
-            f"branch needs the checkpoint of a completed stage 1, epoch "
-            f"{stored.stage1.epochs} of stage 1")
-    theirs, ours = stage1_key(stored), stage1_key(cfg)
-    if theirs != ours:
-        raise LfmError(
-            f"stage1_from {where!r} was trained with stage-1 key {theirs}, this run's stage-1 "
-            f"key is {ours}: its stage 1 is not this run's. They differ in "
-            f"{_differences(stored, cfg)}")
-    return state

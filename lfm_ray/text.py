@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfm_ray.errors import LfmError, unknown_name
+from lfm_ray.families import model_family
 
 AUTO, CLIP, NONE = "auto", "clip", "none"
 
@@ -72,8 +73,6 @@ ENCODERS = (AUTO, CLIP, *WORD_VECTORS, NONE)
 def resolve_text(model_cfg) -> str:
     """The encoder a ModelConfig's run uses: `auto` is clip for a CLIP model and none for a
     timm model."""
-    from lfm_ray.backbones import model_family
-
     name = model_cfg.text
     if name not in ENCODERS:
         raise unknown_name("text encoder (model.text)", name, list(ENCODERS))
@@ -90,8 +89,6 @@ def has_text(model_cfg) -> bool:
 def check_text(cfg) -> None:
     """model.text against the model family and what the run asks for, one LfmError each;
     a word-vector package must be installed (nothing is loaded)."""
-    from lfm_ray.backbones import model_family
-
     text, family = resolve_text(cfg.model), model_family(cfg.model.name)
     if text == CLIP and family != "clip":
         raise LfmError(f"model.text=clip is the CLIP model's own text tower, which the "

@@ -34,7 +34,7 @@ SMOKE = ["LFM, text classifier", "LFM, linear head, image prototypes"]
 
 
 def declare(args) -> ScriptPlan:
-    from lfm_ray.backbones import model_family
+    from lfm_ray.families import model_family
     from lfm_ray.commands.run_flags import config_layers
     from lfm_ray.errors import LfmError
 

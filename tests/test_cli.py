@@ -64,7 +64,7 @@ def test_missing_weights_for_the_documented_real_data_command(tmp_path, capsys, 
 def ray_instance():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -312,7 +312,7 @@ def study_meta(study: Study, experiments: list[str],
 def _resolved(study: Study) -> dict[str, Any]:
     """What the settings resolve to (model family, LFM's similarity source): per data set's
     base configuration, and for each grid point that resolves otherwise than its base."""
-    from lfm_ray.similarity import resolved_choices
+    from lfm_ray.resolved import resolved_choices
 
     bases = {d: resolved_choices(c) for d, c in study.base_configs().items()}
     points: list[dict[str, Any]] = []

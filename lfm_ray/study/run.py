@@ -22,9 +22,8 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback, TBXLoggerCallback
 
 from lfm_ray.errors import LfmError
-from lfm_ray.launch import (
-    apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs,
-    show_tune_trial_tables, write_json_atomic,
+from lfm_ray.driver.launch import (
+    apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs, show_tune_trial_tables, write_json_atomic,
 )
 from lfm_ray.study import storage
 from lfm_ray.study.record import (
@@ -77,7 +76,7 @@ def check_study(study: Study, *, extend: bool = False, restart: bool = False) ->
 def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> dict[str, Any]:
     """What `--dry-run` prints: the checked study as it would run (base configs, grid or space,
     seeds, number of trials, and new / resume / extend / restart). Starts nothing."""
-    from lfm_ray.launch import check_inputs, check_local_resources
+    from lfm_ray.driver.launch import check_inputs, check_local_resources
 
     rerun = check_study(study, extend=extend, restart=restart)
     classes = {}

@@ -233,7 +233,7 @@ def join_path(root: str, name: str) -> str:
 # ---- checks before any trial starts ---------------------------------------------------------
 def validate(study: Study) -> None:
     """One clear error for the first problem, before Ray starts and before anything is written."""
-    from lfm_ray.launch import check_names  # light: names only, registries load on demand
+    from lfm_ray.driver.launch import check_names# light: names only, registries load on demand
 
     from lfm_ray.study.storage import check_folders, check_name
 
@@ -257,7 +257,7 @@ def validate(study: Study) -> None:
                        "integer >= 1 (or leave it out: as many as the resources allow)")
     if study.max_failures < 0:
         raise LfmError(f"max_failures={study.max_failures} is not valid; expected >= 0")
-    from lfm_ray.train import OBJECTIVE_KEYS
+    from lfm_ray.contract import OBJECTIVE_KEYS
 
     for m in [study.metric, *study.objectives]:
         if m is not None and m not in OBJECTIVE_KEYS:
@@ -318,7 +318,7 @@ def resolve_selection(study: Study) -> str:
     metric (default val_acc_all or acc_all); refuse a metric on the other split, and data
     sets that would select on different splits. Reads the data sets' layout only."""
     from lfm_ray.data import has_validation_split
-    from lfm_ray.train import ACCURACY_KEYS, resolve_selection_split, selection_metric
+    from lfm_ray.contract import ACCURACY_KEYS, resolve_selection_split, selection_metric
 
     splits = {}
     for name, cfg in study.base_configs().items():

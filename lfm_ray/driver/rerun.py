@@ -251,10 +251,16 @@ def discard(out: Path) -> None:
 def record(cfg: RunConfig, fingerprint: str | None,
            extensions: list[dict[str, Any]]) -> dict[str, Any]:
     """config.json: the RunConfig sections, the data fingerprint, the extensions."""
-    from lfm_ray.launch import with_resolved
-
     out: dict[str, Any] = with_resolved(cfg.to_dict(), cfg)
     out[FINGERPRINT_KEY] = fingerprint
     if extensions:
         out[EXTENSIONS_KEY] = extensions
     return out
+
+
+def with_resolved(settings: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """`settings` with the resolved section (model family, LFM's similarity source) added."""
+    from lfm_ray.config import DERIVED_SECTION
+    from lfm_ray.resolved import resolved_choices  # torch: only when a record is written
+
+    return {**settings, DERIVED_SECTION: resolved_choices(cfg)}

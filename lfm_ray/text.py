@@ -219,7 +219,8 @@ def standalone_features(model_cfg, class_names: Sequence[str], seed: int,
     initialised tower (tiny) gives the run's features. LfmError where they cannot be had."""
     if resolve_text(model_cfg) != CLIP:
         return class_features(model_cfg, class_names, device)
-    from lfm_ray.model import build_clip, weights_from_cache_only
+    from lfm_ray.model import build_clip
+    from lfm_ray.weights import weights_from_cache_only
 
     with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

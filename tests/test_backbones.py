@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lfm_ray.model
+import lfm_ray.weights
 from lfm_ray.backbones import (
     LinearClassifier, build_backbone, build_timm, check_family, check_timm_name, model_family,
     timm_image_spec,
@@ -26,7 +27,7 @@ TIMM_TEST = "timm:test_vit"   # timm's own tiny test ViT (random init here), at 
 
 @pytest.fixture
 def no_network(monkeypatch):
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(lfm_ray.weights, "hub_reachable", lambda timeout_s=3.0: False)
 
 
 def test_families_and_names():

@@ -102,14 +102,15 @@ def test_checks_refuse_what_a_run_cannot_have(tmp_path):
     cfg = RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "text:ViT-B-32:openai",
                                 "model.cache_dir": str(tmp_path / "hub")})
     import lfm_ray.model
+    import lfm_ray.weights
 
-    saved = lfm_ray.model._hub_reachable
-    lfm_ray.model._hub_reachable = lambda timeout_s=3.0: False
+    saved = lfm_ray.weights.hub_reachable
+    lfm_ray.weights.hub_reachable = lambda timeout_s=3.0: False
     try:
         with pytest.raises(LfmError, match="text:ViT-B-32:openai.*are not cached"):
             check_similarity(cfg, weights=True)
     finally:
-        lfm_ray.model._hub_reachable = saved
+        lfm_ray.weights.hub_reachable = saved
 
 
 # ---- S against direct computations --------------------------------------------------------

@@ -121,10 +121,10 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
         try:
             model.load_weights(state)
         except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
-            from lfm_ray.model import _reason
+            from lfm_ray.weights import load_failure_reason
 
             raise LfmError(f"the checkpoint's weights do not fit the model its config names "
-                           f"({cfg.model.name}): {_reason(exc)}") from None
+                           f"({cfg.model.name}): {load_failure_reason(exc)}") from None
     model.to(dev)
     model.eval()
     split = split or "test"  # the reported split

@@ -679,7 +679,7 @@ def test_concurrent_load_arrays_build_once(tmp_path, monkeypatch):
     import threading
     import time
 
-    import lfm_ray.data as data
+    import lfm_ray.data.registry as data
 
     real, builds = data.build_dataset, []
 

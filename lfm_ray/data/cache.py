@@ -166,7 +166,7 @@ def load_arrays(name: str, root=None, image: "ImageSpec | None" = None, cache_di
     splits: store only these of the data set's splits (the others are None in the result;
     five-crop evaluation keeps val and test at a larger size so); None: all of them.
     """
-    from lfm_ray.data import resolve_options
+    from lfm_ray.data.registry import resolve_options
 
     options = resolve_options(name, options)  # unknown options fail before anything is written
     if image is not None and not hasattr(image, "resize_mode"):
@@ -224,7 +224,7 @@ def make_cache_dir(base: Path) -> None:
 
 def _build(name: str, root: Any, options: dict[str, Any], target: Path,
            image: "ImageSpec | None", only: tuple[str, ...] | None = None) -> None:
-    from lfm_ray.data import build_dataset
+    from lfm_ray.data.registry import build_dataset
 
     ds = build_dataset(name, root, **options)
     stored = [s for s in _splits(ds) if only is None or s in only]

@@ -233,7 +233,7 @@ def join_path(root: str, name: str) -> str:
 # ---- checks before any trial starts ---------------------------------------------------------
 def validate(study: Study) -> None:
     """One clear error for the first problem, before Ray starts and before anything is written."""
-    from lfm_ray.driver.launch import check_names# light: names only, registries load on demand
+    from lfm_ray.driver.launch import check_names  # light: names only, registries load on demand
 
     from lfm_ray.study.storage import check_folders, check_name
 

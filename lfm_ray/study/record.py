@@ -20,7 +20,7 @@ from typing import Any
 
 from lfm_ray.config import ConfigLayers, RunConfig
 from lfm_ray.errors import LfmError
-from lfm_ray.study.spec import Dim, Study
+from lfm_ray.study.spec import Dim, Study, selection_note
 from lfm_ray.study.storage import LAYOUT, experiment_name, new_study_id, restart_removes
 
 STUDY_FILE = "study.json"
@@ -295,7 +295,7 @@ def study_meta(study: Study, experiments: list[str],
         "space": {k: v.to_dict() for k, v in study.space.items()},
         "variants": study.variants, "seeds": study.seeds, "num_samples": study.num_samples,
         "metric": study.metric, "mode": study.mode, "objectives": study.objectives,
-        "selection_split": study.selection_split, "selection": _selection_note(study),
+        "selection_split": study.selection_split, "selection": selection_note(study),
         "scheduler": study.scheduler, "sampler": study.sampler,
         "optuna_storage": study.optuna_storage, "storage_path": study.storage_path,
         "base_config": study.base.to_dict(),
@@ -342,12 +342,6 @@ def selection_holdouts(study: Study) -> dict[str, Any]:
                      "seed": cfg.data.seed,
                      "image_ids": [int(i) for i in holdout_images(cfg.data.root, cfg.data.seed)]}
     return out
-
-
-def _selection_note(study: Study) -> str:
-    from lfm_ray.study.run import selection_note
-
-    return selection_note(study)
 
 
 def machine() -> dict[str, Any]:

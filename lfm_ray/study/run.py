@@ -32,7 +32,8 @@ from lfm_ray.study.record import (
 from lfm_ray.study.search import (
     check_optuna_storage, concurrency, optuna_storage_url, param_space, scheduler, search_alg,
 )
-from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, validate
+from lfm_ray.study.checks import validate
+from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, selection_note
 from lfm_ray.study.tables import (
     FINAL_STATUSES, Rows, combine, kept_rows, relative_to_storage, table_from_results,
     write_tables,
@@ -99,18 +100,6 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
                         for d in study.datasets()},
             "base_configs": req["base_configs"], "results": str(study.result_dir),
             "experiment": study.experiment_path}
-
-
-def selection_note(study: Study) -> str:
-    """What the study selects on, and on which split it reports (banner, study.json, report)."""
-    if study.selection_split == "val":
-        return (f"selected on {study.metric} (the validation split); test figures (acc_*) "
-                "reported beside it")
-    if any(c.data.selection_split == "test" for c in study.base_configs().values()):
-        return (f"selected on {study.metric} (test): selected on test, as "
-                "data.selection_split test chose (any validation split is not used)")
-    return (f"selected on {study.metric} (test): selected on test: this data set has no "
-            "validation split")
 
 
 def prepare_node_data(study: Study) -> None:

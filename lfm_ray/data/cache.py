@@ -21,16 +21,14 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from lfm_ray.data.base import ImageList
-from lfm_ray.data.preprocess import preprocess_file, resize_uint8
+from lfm_ray.data.preprocess import ImageSpec, preprocess_file, resize_uint8
 from lfm_ray.errors import LfmError
 
-if TYPE_CHECKING:
-    from lfm_ray.model import ImageSpec
 
 # In-memory sets (digits, CIFAR) are stored resized to the model's input size when that copy
 # stays under this size, so batches skip the per-step resize; larger ones (CIFAR at 224 px is
@@ -108,7 +106,7 @@ PROGRESS_EVERY = 512
 DECODE_RUN = 16
 
 
-def _decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: str,
+def decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: str,
                  done: np.ndarray | None = None,
                  save_progress: Callable[[np.ndarray], None] | None = None,
                  threads: int | None = None) -> None:
@@ -251,7 +249,7 @@ def _build(name: str, root: Any, options: dict[str, Any], target: Path,
                 print(f"  caching {ds.name} {split}: continuing a stopped build, "
                       f"{int(done.sum())}/{len(images)} images done", flush=True)
             try:
-                _decode_into(out, images, image, f"{ds.name} {split}", done,
+                decode_into(out, images, image, f"{ds.name} {split}", done,
                              lambda d, _p=progress: _save_progress(_p, d))
             except LfmError:
                 # A bad image: the data must change, which gives another cache key, so the

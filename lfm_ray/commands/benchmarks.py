@@ -100,7 +100,7 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 def _sampler_rates(num_classes: int, batch: int, per_class: int, repeats: int):
     """(pairs/s of the alias sampler, of the per-sample Python loop, the sampler's build time
     in s, the sampler, P) for random unit text features at τ = 0.05."""
-    from lfm_ray.bench_reference import python_partner_sampler
+    from lfm_ray.commands.bench_reference import python_partner_sampler
     from lfm_ray.mixing import PairSampler, local_sampling_matrix
 
     g = torch.Generator().manual_seed(0)
@@ -440,8 +440,8 @@ def bench_cache_build(root: Path, images: int = 3000, size: int = 224,
     machine's drift in speed falls on both alike."""
     from lfm_ray.data import build_dataset
     from lfm_ray.data.base import ImageList
-    from lfm_ray.data.cache import _decode_into
-    from lfm_ray.model import ImageSpec
+    from lfm_ray.data.cache import decode_into
+    from lfm_ray.data.preprocess import ImageSpec
 
     data = root / "imagenet_style"
     write_imagenet_style(data, images, *source)
@@ -451,14 +451,14 @@ def bench_cache_build(root: Path, images: int = 3000, size: int = 224,
     out = np.ones((len(files), size, size, 3), dtype=np.uint8)  # written: no page faults timed
     for path in files.paths[:20]:  # warm the page cache and both code paths alike
         _pil_baseline(path, size)
-    _decode_into(out[:20], ImageList(files.paths[:20]), spec, "bench", threads=1)
+    decode_into(out[:20], ImageList(files.paths[:20]), spec, "bench", threads=1)
 
     def baseline(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             out[i] = _pil_baseline(files.paths[i], size)
 
     def build(lo: int, hi: int, threads: int = 1) -> None:
-        _decode_into(out[lo:hi], ImageList(files.paths[lo:hi]), spec, "bench", threads=threads)
+        decode_into(out[lo:hi], ImageList(files.paths[lo:hi]), spec, "bench", threads=threads)
 
     spent = {"baseline": 0.0, "build": 0.0}
     for k, lo in enumerate(range(0, len(files), chunk)):
@@ -689,7 +689,7 @@ def stage1_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
 
 _PACKED_TRIAL = r"""
 import json, sys
-from lfm_ray.bench import stage1_images_per_s
+from lfm_ray.commands.benchmarks import stage1_images_per_s
 from lfm_ray.config import RunConfig
 
 def ready():
@@ -737,7 +737,7 @@ def reference_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
                            loader_workers: int | None = None) -> float:
     """The same stage-1 measurement through the reference-style pipeline: a DataLoader whose
     workers resize PIL images one by one and mix in the collate function, then fp32."""
-    from lfm_ray.bench_reference import reference_loader, reference_step
+    from lfm_ray.commands.bench_reference import reference_loader, reference_step
     from lfm_ray.data import load_arrays, run_options
     from lfm_ray.mixing import local_sampling_matrix
     from lfm_ray.model import LFMClassifier, build_clip, text_features

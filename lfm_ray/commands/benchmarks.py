@@ -261,18 +261,15 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
                           tiny: bool = False) -> dict[str, float]:
     """The τ study through Ray against the same trials one after another in this process,
     without Ray (Ray Train's in-process mode runs the same loop)."""
-    import sys as _sys
-
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from lfm_ray.commands.catalog import tau_sweep
     from lfm_ray.commands.run_flags import new_parser
     from lfm_ray.commands.study_flags import add_study_flags, study_from_args
     from lfm_ray.study import run_study
     from lfm_ray.worker.loop import train_loop_per_worker
 
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import tau_sweep
 
     # The script's own flags and defaults, as `python studies/tau_sweep.py` parses them.
     parser = new_parser()
@@ -357,14 +354,11 @@ def bench_shared_stage1(root: Path, cache_dir: str, quick: bool,
     """The default τ study with a shared stage 1 (the paper's protocol: one stage 1 per seed,
     each τ in stage 2 from it) over the same study retraining both stages per τ, both run
     here one after the other; `quick` runs one seed."""
-    import sys as _sys
-
+    from lfm_ray.commands.catalog import tau_sweep
     from lfm_ray.commands.run_flags import new_parser
     from lfm_ray.commands.study_flags import add_study_flags, requested_datasets, study_from_args
     from lfm_ray.study import run_study
 
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import tau_sweep
 
     walls = {}
     for protocol in ("full", "branch"):

@@ -532,6 +532,33 @@ class RunConfig:
                            "weights train in stage 1 only; give stage 1 epochs or use auto")
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted path: value} (`cfg.to_dict()` → {"stage1.lr": ..., ...}); an
+    empty dict stays one value. Reruns, study records and stage-1 keys all compare this."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal as settings: numbers by value (1 and 1.0), booleans never as numbers."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def diff(old: dict[str, Any], new: dict[str, Any], absent: Any = None
+         ) -> list[tuple[str, Any, Any]]:
+    """(path, old, new) for every flat path whose values differ (`absent` where a side has
+    none), in path order."""
+    return [(k, old.get(k, absent), new.get(k, absent)) for k in sorted(set(old) | set(new))
+            if not same_value(old.get(k), new.get(k))]
+
+
 def is_shorthand(dotted: str) -> bool:
     """`mix.alpha`, `mix.tau` or `mix.beta`: a name that sets both stages' field."""
     section, _, key = dotted.partition(".")

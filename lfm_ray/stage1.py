@@ -26,7 +26,7 @@ import hashlib
 import json
 from typing import Any
 
-from lfm_ray.config import RunConfig
+from lfm_ray.config import RunConfig, diff, flatten
 from lfm_ray.errors import LfmError
 
 # Bump when the trainer's stage 1 changes meaning (then no old checkpoint matches).
@@ -47,16 +47,19 @@ STAGE2_PREFIX = "stage2."
 
 def stage1_fields(cfg: RunConfig) -> dict[str, Any]:
     """Dotted name -> value of everything stage 1 depends on (what stage1_key hashes)."""
-    out: dict[str, Any] = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            dotted = f"{section}.{key}"
-            if dotted.startswith(STAGE2_PREFIX) or dotted in NOT_STAGE1:
-                continue
-            out[dotted] = value
-    rt = cfg.runtime
-    out["runtime.num_workers"] = max(1, int(rt.num_workers))            # the world size
-    out["runtime.gpus_per_worker"] = "gpu" if rt.gpus_per_worker > 0 else "cpu"
+    return {k: v for k, v in comparable(flatten(cfg.to_dict())).items()
+            if not k.startswith(STAGE2_PREFIX)}
+
+
+def comparable(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flat config fields (under `prefix`) as runs compare them: NOT_STAGE1 left out, the
+    worker count as the world size max(1, n), the GPU share as the device kind."""
+    out = {k: v for k, v in fields.items() if k[len(prefix):] not in NOT_STAGE1}
+    workers, gpus = f"{prefix}runtime.num_workers", f"{prefix}runtime.gpus_per_worker"
+    if isinstance(out.get(workers), int) and not isinstance(out[workers], bool):
+        out[workers] = max(1, out[workers])                                 # the world size
+    if isinstance(out.get(gpus), (int, float)) and not isinstance(out[gpus], bool):
+        out[gpus] = "gpu" if out[gpus] > 0 else "cpu"
     return out
 
 
@@ -67,10 +70,10 @@ def stage1_key(cfg: RunConfig) -> str:
 
 
 def differences(a: RunConfig, b: RunConfig) -> str:
-    fa, fb = stage1_fields(a), stage1_fields(b)
-    diff = [f"{k} ({fa.get(k)!r} there, {fb.get(k)!r} here)"
-            for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-    return "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    """The stage-1 fields two configs differ in, for a refusal (six named, then a count)."""
+    named = [f"{k} ({x!r} there, {y!r} here)"
+             for k, x, y in diff(stage1_fields(a), stage1_fields(b))]
+    return "; ".join(named[:6]) + (f"; and {len(named) - 6} more" if len(named) > 6 else "")
 
 
 def check_branch_config(cfg: RunConfig) -> None:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_ray.config import ConfigLayers, RunConfig
+from lfm_ray.config import ConfigLayers, RunConfig, diff, flatten, same_value
 from lfm_ray.errors import LfmError
+from lfm_ray.stage1 import comparable as comparable_fields
 from lfm_ray.study.spec import Dim, Study, selection_note
 from lfm_ray.study.storage import LAYOUT, experiment_name, new_study_id, restart_removes
 
@@ -48,50 +49,15 @@ def request(study: Study) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
-            and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    return a == b
-
-
 def comparable(configs: Any) -> Any:
-    """Base configurations as a rerun compares them: without the fields that change where
-    things live or how fast, not what is learned (lfm_ray.stage1.NOT_STAGE1), with the world
+    """Base configurations as a rerun compares them (lfm_ray.stage1.comparable): without the
+    fields that change where things live or how fast, not what is learned, with the world
     size for the worker count (0, Ray Train's local mode, trains as one rank: the study's
     default on a laptop, 1 with --address or a GPU) and the device kind for the GPU share."""
-    from lfm_ray.stage1 import NOT_STAGE1
-
     if not isinstance(configs, dict):
         return configs
-    out = {}
-    for dataset, cfg in configs.items():
-        if not isinstance(cfg, dict):
-            out[dataset] = cfg
-            continue
-        cfg = {section: dict(values) if isinstance(values, dict) else values
-               for section, values in cfg.items()}
-        for dotted in NOT_STAGE1:
-            section, _, key = dotted.partition(".")
-            if isinstance(cfg.get(section), dict):
-                cfg[section].pop(key, None)
-        rt = cfg.get("runtime")
-        if isinstance(rt, dict):
-            if isinstance(rt.get("num_workers"), int):
-                rt["num_workers"] = max(1, rt["num_workers"])
-            if isinstance(rt.get("gpus_per_worker"), (int, float)):
-                rt["gpus_per_worker"] = "gpu" if rt["gpus_per_worker"] > 0 else "cpu"
-        out[dataset] = cfg
-    return out
+    return {dataset: comparable_fields(flatten(cfg)) if isinstance(cfg, dict) else cfg
+            for dataset, cfg in configs.items()}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -101,10 +67,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
         a, b = old.get(key), new.get(key)
         if key == "base_configs":
             a, b = comparable(a), comparable(b)
-        a, b = flatten(a, key), flatten(b, key)
-        for path in sorted(set(a) | set(b)):
-            if not _same(a.get(path), b.get(path)):
-                out.append((path, a.get(path, "(absent)"), b.get(path, "(absent)")))
+        out += diff(flatten(a, key), flatten(b, key), absent="(absent)")
     return out
 
 
@@ -263,7 +226,7 @@ def _added_points(study: Study, old: dict[str, Any]) -> list[dict[str, Any]]:
         raise LfmError(f"--extend keeps the grid's parameters ({', '.join(old_grid)}); "
                        f"got {', '.join(study.grid)}. Use a new --name or --restart")
     for name, values in old_grid.items():
-        missing = [v for v in values if not any(_same(v, w) for w in study.grid[name])]
+        missing = [v for v in values if not any(same_value(v, w) for w in study.grid[name])]
         if missing:
             raise LfmError(f"--extend only adds values; {name} drops {missing}. "
                            "Use a new --name or --restart")

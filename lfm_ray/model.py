@@ -208,6 +208,16 @@ def _image_spec(model: nn.Module, name: str) -> ImageSpec:
 
 
 # ---- the model -------------------------------------------------------------------------------
+def seeded_build(seed: int, build: Callable[[], Any], device: Any = None) -> Any:
+    """build() with torch's global generator seeded as the trainer seeds before it builds its
+    model (lfm_ray.worker.loop.Run), so a randomly initialised tower (tiny) is the run's own;
+    the global generator (and `device`'s, on a GPU) is left as it was."""
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        return build()
+
+
 def build_clip(name: str, pretrained: str | None = None, cache_dir: str | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, ImageSpec]:
     """(open_clip model in eval mode, ImageSpec from the model's own preprocessing config).

@@ -433,19 +433,17 @@ def other_text_similarity(source: Source, class_names: Sequence[str], templates:
     """S from another open_clip text tower (or a word-vector encoder, text:glove): its class
     text features' cosines. A randomly initialised tower is seeded with the run's seed, and
     the global RNG is left as it was."""
-    from lfm_ray.model import build_clip, text_features
+    from lfm_ray.model import build_clip, seeded_build, text_features
     from lfm_ray.text import WORD_VECTORS, word_vector_features
 
     if source.model in WORD_VECTORS:
         return text_similarity(word_vector_features(WORD_VECTORS[source.model], class_names))
 
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        try:
-            clip, _ = build_clip(source.model, source.pretrained, cache_dir, device)
-        except LfmError as exc:
-            raise LfmError(f"mix.similarity={str(source)!r}: {exc}") from None
+    try:
+        clip, _ = seeded_build(seed, lambda: build_clip(source.model, source.pretrained,
+                                                        cache_dir, device), device)
+    except LfmError as exc:
+        raise LfmError(f"mix.similarity={str(source)!r}: {exc}") from None
     feats = text_features(clip, class_names, templates, device)
     del clip
     return text_similarity(feats)

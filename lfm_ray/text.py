@@ -219,13 +219,12 @@ def standalone_features(model_cfg, class_names: Sequence[str], seed: int,
     initialised tower (tiny) gives the run's features. LfmError where they cannot be had."""
     if resolve_text(model_cfg) != CLIP:
         return class_features(model_cfg, class_names, device)
-    from lfm_ray.model import build_clip
+    from lfm_ray.model import build_clip, seeded_build
     from lfm_ray.weights import weights_from_cache_only
 
-    with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        clip = build() if build is not None else build_clip(
-            model_cfg.name, model_cfg.pretrained, model_cfg.cache_dir, "cpu")[0]
+    with weights_from_cache_only():
+        clip = seeded_build(seed, build if build is not None else lambda: build_clip(
+            model_cfg.name, model_cfg.pretrained, model_cfg.cache_dir, "cpu")[0])
     return class_features(model_cfg, class_names, device, clip_model=clip)
 
 

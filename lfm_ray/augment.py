@@ -70,7 +70,7 @@ class BatchBuilder:
     """uint8 (B, H, W, 3) → normalised float (B, 3, S, S), with an optional random h-flip."""
 
     def __init__(self, spec, device: torch.device):
-        # spec: lfm_ray.model.ImageSpec (size, interpolation, mean, std), so preprocessing
+        # spec: lfm_ray.data.preprocess.ImageSpec (size, interpolation, mean, std), so preprocessing
         # follows the model.
         self.spec = spec
         self.device = torch.device(device)

@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from lfm_ray import weights
 from lfm_ray.errors import LfmError
+from lfm_ray.families import TIMM_PREFIX, model_family, timm_arch
 
-TIMM_PREFIX = "timm:"
-FAMILIES = ("clip", "timm")
 # timm's eval crop modes and the lfm-ray resize mode that does the same (lfm_ray.data.preprocess):
 # 'center' resizes the short side and takes the centre crop, 'squash' resizes to S × S.
 TIMM_CROP_MODES = {"center": "shortest", "squash": "squash"}
@@ -46,25 +46,13 @@ NEEDS_TEXT = {
 
 
 # ---- names ---------------------------------------------------------------------------------
-def model_family(name: str) -> str:
-    """'timm' for a "timm:ARCH" model, else 'clip' (an open_clip model)."""
-    return "timm" if str(name).startswith(TIMM_PREFIX) else "clip"
-
-
-def timm_arch(name: str) -> str:
-    """"timm:resnet50" → "resnet50"."""
-    return str(name)[len(TIMM_PREFIX):]
-
-
 def _weights_file(pretrained: str | None) -> str | None:
     """The weights file a pretrained value names (a path, or a name ending in .pt/.pth/...),
     expanded; None for a tag or no weights."""
-    from lfm_ray.model import _looks_like_path
-
     if not pretrained:
         return None
     path = os.path.expanduser(pretrained)
-    return path if _looks_like_path(pretrained) or os.path.isfile(path) else None
+    return path if weights.looks_like_path(pretrained) or os.path.isfile(path) else None
 
 
 def check_timm_name(name: str, pretrained: str | None = None) -> None:
@@ -156,8 +144,6 @@ def _timm_hub_files(arch: str, pretrained: str | None):
     weights timm fetches from a plain URL)."""
     import timm
 
-    from lfm_ray.model import _HubFiles
-
     if not pretrained or _weights_file(pretrained) is not None:
         return None
     cfg = timm.models.get_pretrained_cfg(f"{arch}.{pretrained}")
@@ -167,7 +153,7 @@ def _timm_hub_files(arch: str, pretrained: str | None):
     filename = getattr(cfg, "hf_hub_filename", None)
     # timm reads model.safetensors where the repository has it, else pytorch_model.bin.
     names = (filename,) if filename else ("model.safetensors", "pytorch_model.bin")
-    return _HubFiles(hub.split("@")[0], (names,))
+    return weights.HubFiles(hub.split("@")[0], (names,))
 
 
 def _url_weights(arch: str, pretrained: str | None, cache_dir: str | None) -> str | None:
@@ -188,26 +174,25 @@ def _url_weights(arch: str, pretrained: str | None, cache_dir: str | None) -> st
 def check_timm_weights(name: str, pretrained: str | None, cache_dir: str | None) -> None:
     """LfmError where building would fail for want of weights: hub weights must be cached or
     the hub reachable. Loads nothing."""
-    from lfm_ray.model import _env_offline, _hub_cache, _hub_reachable, _missing
-
     check_timm_name(name, pretrained)
     arch = timm_arch(name)
     hub = _timm_hub_files(arch, pretrained)
     if hub is not None:
-        missing = _missing(hub, cache_dir)
-        if missing and (_env_offline() or not _hub_reachable()):
-            cache = _hub_cache(cache_dir)
+        missing = weights.missing_files(hub, cache_dir)
+        if missing and (weights.env_offline() or not weights.hub_reachable()):
+            cache = weights.hub_cache(cache_dir)
             wanted = " or ".join(missing[0])
             raise LfmError(
                 f"the weights of {name}/{pretrained} are not cached and the Hugging Face hub "
-                f"cannot be reached{' (HF_HUB_OFFLINE is set)' if _env_offline() else ''}; "
+                f"cannot be reached{' (HF_HUB_OFFLINE is set)' if weights.env_offline() else ''}; "
                 f"timm looks for {wanted} of the hub repository {hub.repo} in the cache "
                 f"{cache}; on a machine with network access run `hf download {hub.repo} "
                 f"{missing[0][0]} --cache-dir {cache}` and copy that cache folder here, or "
                 "pass a local weights file as pretrained (--pretrained /path/to/weights.pth)")
         return
     file = _url_weights(arch, pretrained, cache_dir)
-    if file is not None and not os.path.isfile(file) and (_env_offline() or not _hub_reachable()):
+    if file is not None and not os.path.isfile(file) \
+            and (weights.env_offline() or not weights.hub_reachable()):
         raise LfmError(f"the weights of {name}/{pretrained} are not cached ({file}) and cannot "
                        "be downloaded from here; put the file there or pass a local weights "
                        "file as pretrained")
@@ -247,8 +232,6 @@ def build_timm(name: str, pretrained: str | None = None, cache_dir: str | None =
     """
     import timm
 
-    from lfm_ray.model import _cache_first
-
     check_timm_name(name, pretrained)
     arch = timm_arch(name)
     kwargs: dict[str, Any] = {"num_classes": 0}
@@ -268,7 +251,7 @@ def build_timm(name: str, pretrained: str | None = None, cache_dir: str | None =
         build = lambda: timm.create_model(  # noqa: E731
             f"{arch}.{pretrained}", pretrained=True, cache_dir=cache_dir, **kwargs)
     with _quiet_timm():
-        model = _cache_first(build, what)
+        model = weights.cache_first(build, what)
     if file is not None:
         # timm loads a file without its classifier non-strictly; a file of another
         # architecture must not leave layers at random init, nor bring layers it has not.
@@ -310,7 +293,7 @@ def timm_image_spec(model: nn.Module, name: str, image_size: int | None = None):
     `image_size` replaces the config's input size."""
     from timm.data import resolve_model_data_config
 
-    from lfm_ray.model import ImageSpec
+    from lfm_ray.data.preprocess import ImageSpec
 
     cfg = resolve_model_data_config(model)
     _, height, width = cfg["input_size"]

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,61 +26,81 @@ from typing import Any
 from lfm_ray.errors import LfmError, unknown_name
 
 
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A config field: its default and, in its metadata, the help text `--help`, the docs and
+    the messages read (the one place a field is described); a list default is copied per
+    instance."""
+    metadata = {"help": help, **meta}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
-    name: str = "fashion-lt"           # registry name, see lfm_ray.data.DATASETS
-    root: str | None = None            # data root on disk (not needed for fashion-lt and digits-lt)
-    imbalance_factor: float | None = None  # n_max / n_min; None: the data set's default
-    max_count: int | None = None       # n_max, the largest class's training images (fashion-lt); None: the data set's default
-    seed: int = 0                      # picks the long-tailed subset (not the training seed)
-    cache_dir: str | None = None       # node-local uint8 image cache; None: ~/.cache/lfm-ray
-    # Split that model selection reads (val_acc_* every epoch): auto | val | test; auto: val
-    # where the data set has one, else test. Test (acc_*) is always the reported split.
-    selection_split: str = "auto"
+    name: str = setting("fashion-lt", "registry name, see lfm_ray.data.DATASETS")
+    root: str | None = setting(None, "data root on disk (not needed for fashion-lt and digits-lt)")
+    imbalance_factor: float | None = setting(None, "n_max / n_min; None: the data set's default")
+    max_count: int | None = setting(None, "n_max, the largest class's training images (fashion-"
+                                          "lt); None: the data set's default")
+    seed: int = setting(0, "picks the long-tailed subset (not the training seed)")
+    cache_dir: str | None = setting(None, "node-local uint8 image cache; None: ~/.cache/lfm-ray")
+    selection_split: str = setting(
+        "auto", "split that model selection reads (val_acc_* every epoch): auto | val | test; "
+                "auto: val where the data set has one, else test. Test (acc_*) is always the "
+                "reported split")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"                 # open_clip architecture, e.g. ViT-B-32; "tiny" for tests
-    pretrained: str | None = None      # open_clip tag ("openai"), a weights file, or None
+    name: str = setting("tiny", "open_clip architecture, e.g. ViT-B-32; \"tiny\" for tests")
+    pretrained: str | None = setting(None, "open_clip tag (\"openai\"), a weights file, or None")
     # frozen text encoder of the class features (lfm_ray/text.py): auto (clip for CLIP models,
     # none for timm models) | clip (the CLIP model's own tower) | glove (GloVe word vectors) |
     # none (a timm model's linear head)
-    text: str = "auto"                 # class features: auto | clip | glove | none
-    # prompt templates, {} the class name; several are averaged (an ensemble); CLIP's tower only
-
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}"])
-    logit_scale: float | None = None   # s in z = s·cos; None: the loss's default (LOGIT_SCALE)
-    cache_dir: str | None = None       # where open_clip caches weights; None: its default
-    image_size: int | None = None      # timm models only: square input size in px; None: the model's own
+    text: str = setting("auto", "class features: auto | clip | glove | none")
+    templates: list[str] = setting(["a photo of a {}"], "prompt templates, {} the class name; "
+                                                        "several are averaged (an ensemble); "
+                                                        "CLIP's tower only")
+    logit_scale: float | None = setting(None, "s in z = s·cos; None: the loss's default "
+                                              "(LOGIT_SCALE)")
+    cache_dir: str | None = setting(None, "where open_clip caches weights; None: its default")
+    image_size: int | None = setting(None, "timm models only: square input size in px; None: the "
+                                           "model's own")
     # Where trained class weights start (stage1.finetune classifier; a timm model's stage-1
     # head): auto (text for CLIP, timm's own init for timm) | text | class-mean | linear-probe
-    classifier_init: str = "auto"      # start of trained class weights: auto, text, class-mean (the frozen tower's class means) or linear-probe
+    classifier_init: str = setting("auto", "start of trained class weights: auto, text, class-"
+                                           "mean (the frozen tower's class means) or linear-probe")
 
 
 @dataclass
 class StageConfig:
-    epochs: int = 20                   # passes over the training set
-    lr: float = 2e-3                   # Adam learning rate at the start of the stage
-    min_lr: float = 1e-5               # cosine annealing ends here
-    alpha: float = 1.0                 # label-shift strength α (paper Eq. 2), >= 0
-    tau: float = 0.05                  # local-sampling temperature τ (paper Eq. 1), > 0
-    # λ ~ Beta(beta, beta), > 0; None: the mixing method's own law (MIX_BETA)
-    beta: float | None = None
+    epochs: int = setting(20, "passes over the training set")
+    lr: float = setting(2e-3, "Adam learning rate at the start of the stage")
+    min_lr: float = setting(1e-5, "cosine annealing ends here")
+    alpha: float = setting(1.0, "label-shift strength α (paper Eq. 2), >= 0")
+    tau: float = setting(0.05, "local-sampling temperature τ (paper Eq. 1), > 0")
+    beta: float | None = setting(None, "λ ~ Beta(beta, beta), > 0; None: the mixing method's own "
+                                       "law (MIX_BETA)")
     # What the stage trains (lfm_ray/finetune.py). Stage 1: full (the whole image tower),
     # classifier (class weights, initialised as model.classifier_init says; the tower frozen),
     # bitfit (the tower's biases), or on a ViT tower lora, adaptformer, vpt or ssf. Stage 2:
     # proj (W_I).
-    finetune: str = "full"             # what the stage trains; stage 2 trains W_I only (proj)
+    finetune: str = setting("full", "what the stage trains; stage 2 trains W_I only (proj)")
     # Sizes of the lightweight modes, None for LIFT's defaults; LIFT's rule for a LoRA rank or
     # an adapter width is 2^max(0, floor(log2(C / (2 · blocks)))) for C classes.
-    lora_rank: int | None = None       # lora: rank r of ΔW on q and v, scaled 1/r; None: LIFT's
-    adapter_dim: int | None = None     # adaptformer: bottleneck width per block; None: LIFT's
-    vpt_length: int | None = None      # vpt: learned tokens added to the input; None: 10 (LIFT's)
+    lora_rank: int | None = setting(None, "lora: rank r of ΔW on q and v, scaled 1/r; None: "
+                                          "LIFT's")
+    adapter_dim: int | None = setting(None, "adaptformer: bottleneck width per block; None: "
+                                            "LIFT's")
+    vpt_length: int | None = setting(None, "vpt: learned tokens added to the input; None: 10 "
+                                           "(LIFT's)")
     # Which images an epoch draws (lfm_ray/sampling.py): instance-balanced (a shuffle of the
     # training set), class-balanced (class uniform, then an image of it) or square-root (class
     # ∝ √n_k); LFM's first sample is the paper's uniform draw, so LFM refuses the other two.
-    sampler: str = "instance-balanced"  # images an epoch draws: instance-balanced (a shuffle), class-balanced, square-root (class ∝ √n_k)
+    sampler: str = setting("instance-balanced", "images an epoch draws: instance-balanced (a "
+                                                "shuffle), class-balanced, square-root (class ∝ "
+                                                "√n_k)")
 
 # Stage 1's fine-tuning modes (lfm_ray.finetune.MODES holds their builders) and stage 2's one.
 FINETUNE_MODES = ("full", "classifier", "bitfit", "lora", "adaptformer", "vpt", "ssf")
@@ -95,17 +117,20 @@ CLASSIFIER_INITS = ("auto", "text", "class-mean", "linear-probe")
 
 @dataclass
 class MixConfig:
-    method: str = "lfm"                # none | mixup | remix | cutmix | lfm | concutmix
-    remix_kappa: float = 3.0           # Remix κ (count ratio threshold)
-    remix_tau: float = 0.5             # Remix τ_r (mixing-ratio threshold)
+    method: str = setting("lfm", "none | mixup | remix | cutmix | lfm | concutmix")
+    remix_kappa: float = setting(3.0, "Remix κ (count ratio threshold)")
+    remix_tau: float = setting(0.5, "Remix τ_r (mixing-ratio threshold)")
     # ConCutMix's target is ρ·ŷ_sem + (1 − ρ)·ỹ_area, ρ = ω·log(λN_a + (1 − λ)N_b) / Σ_k log N_k;
     # None below: the data set's setting in CONCUTMIX_SETTINGS.
-    concutmix_omega: float | None = None   # ConCutMix ω (scales ρ), >= 0
-    concutmix_topk: int | None = None      # ConCutMix k nearest class centres in ŷ_sem, >= 1
-    concutmix_prob: float = 0.5            # probability that a batch is cut-mixed at all
-    concutmix_warmup: float | None = None  # fraction of a stage's epochs with ỹ_area alone
+    concutmix_omega: float | None = setting(None, "ConCutMix ω (scales ρ), >= 0")
+    concutmix_topk: int | None = setting(None, "ConCutMix k nearest class centres in ŷ_sem, >= 1")
+    concutmix_prob: float = setting(0.5, "probability that a batch is cut-mixed at all")
+    concutmix_warmup: float | None = setting(None, "fraction of a stage's epochs with ỹ_area "
+                                                   "alone")
     # Where LFM's class similarity S comes from (P = softmax(S/τ)), see lfm_ray/similarity.py.
-    similarity: str = "auto"  # LFM's S: auto (text for CLIP models, image-prototypes for timm models) | text | text:MODEL[:PRETRAINED] | image-prototypes | taxonomy[:FILE] | file:PATH | uniform
+    similarity: str = setting("auto", "LFM's S: auto (text for CLIP models, image-prototypes for "
+                                      "timm models) | text | text:MODEL[:PRETRAINED] | image-"
+                                      "prototypes | taxonomy[:FILE] | file:PATH | uniform")
 
 
 # The mixing methods' own laws of λ ~ Beta(β, β), used when the stage's β is None: Mixup and
@@ -148,15 +173,16 @@ LOGIT_SCALE = {"ce": 1.0, "balce": 1.0, "focal": 1.0, "ldam": 30.0, "mms": 100.0
 
 @dataclass
 class LossConfig:
-    name: str = "ce"                   # ce | balce | focal | ldam | mms | cb | grw | lade
-    focal_gamma: float = 2.0           # Focal γ
-    ldam_max_margin: float = 0.5       # LDAM: largest class margin m (cosine units)
-    mms_margin: float = 0.3            # MMS: margin·(1 − cos(f_T[y], f_T[k])) (cosine units)
-    balce_tau: float = 1.0             # BalCE τ_b: logits + τ_b·log(n_k / Σn), >= 0
-    cb_beta: float = 0.9999            # CB: class weight (1 − β)/(1 − β^n_k), β in [0, 1)
-    grw_exponent: float = 1.0          # GRW: class weight (n_k / Σn)^(−ρ), ρ >= 0
-    lade_weight: float = 0.1           # LADE: weight of its regulariser beside BalCE, >= 0
-    lade_remine_lambda: float = 0.1    # LADE: ReMINE's λ on the squared log-partition term, >= 0
+    name: str = setting("ce", "ce | balce | focal | ldam | mms | cb | grw | lade")
+    focal_gamma: float = setting(2.0, "Focal γ")
+    ldam_max_margin: float = setting(0.5, "LDAM: largest class margin m (cosine units)")
+    mms_margin: float = setting(0.3, "MMS: margin·(1 − cos(f_T[y], f_T[k])) (cosine units)")
+    balce_tau: float = setting(1.0, "BalCE τ_b: logits + τ_b·log(n_k / Σn), >= 0")
+    cb_beta: float = setting(0.9999, "CB: class weight (1 − β)/(1 − β^n_k), β in [0, 1)")
+    grw_exponent: float = setting(1.0, "GRW: class weight (n_k / Σn)^(−ρ), ρ >= 0")
+    lade_weight: float = setting(0.1, "LADE: weight of its regulariser beside BalCE, >= 0")
+    lade_remine_lambda: float = setting(0.1, "LADE: ReMINE's λ on the squared log-partition term,"
+                                             " >= 0")
     # LDAM's scale and MMS's 1/temperature are the run's logit scale s (model.logit_scale,
     # defaults in LOGIT_SCALE): LDAM subtracts s·m_y, MMS adds s·margin·(1 − cos).
 
@@ -178,35 +204,36 @@ class LossConfig:
 
 @dataclass
 class RuntimeConfig:
-    batch_size: int = 32               # global batch (images per optimiser step, all workers)
-    eval_batch_size: int = 256         # per worker
-    num_workers: int = 1               # Ray Train workers (DDP ranks)
-    cpus_per_worker: float = 1.0       # CPUs each worker (or in-process trial) holds
-    gpus_per_worker: float = 0.0       # fractions pack several one-worker trials on a GPU
-    seed: int = 0                      # training seed (init, shuffling, mixing draws)
-    zero_shot: bool = False            # evaluate the text classifier only, no training
-    max_steps_per_epoch: int | None = None  # cap for smoke runs; None: full epochs
-    threads: int | None = None         # torch CPU threads per worker; None: cpus_per_worker
-    compile: bool | None = None        # torch.compile the image tower; None: on GPUs only
-    # confusion.npz (C×C test counts and P) beside metrics.json and in checkpoints; None:
-    # only for data sets of at most confusion.MAX_CLASSES (1,000) classes
-    save_confusion: bool | None = None
+    batch_size: int = setting(32, "global batch (images per optimiser step, all workers)")
+    eval_batch_size: int = setting(256, "per worker")
+    num_workers: int = setting(1, "Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = setting(1.0, "CPUs each worker (or in-process trial) holds")
+    gpus_per_worker: float = setting(0.0, "fractions pack several one-worker trials on a GPU")
+    seed: int = setting(0, "training seed (init, shuffling, mixing draws)")
+    zero_shot: bool = setting(False, "evaluate the text classifier only, no training")
+    max_steps_per_epoch: int | None = setting(None, "cap for smoke runs; None: full epochs")
+    threads: int | None = setting(None, "torch CPU threads per worker; None: cpus_per_worker")
+    compile: bool | None = setting(None, "torch.compile the image tower; None: on GPUs only")
+    save_confusion: bool | None = setting(
+        None, "confusion.npz (C×C test counts and P) beside metrics.json and in checkpoints; "
+              "None: only for data sets of at most confusion.MAX_CLASSES (1,000) classes")
     # Gradient accumulation: batch_size stays the global batch of one optimiser step, split
     # into num_workers × accumulate equal micro-batches (one mixing draw each).
-    accumulate: int = 1                # micro-batches per optimiser step and worker
+    accumulate: int = setting(1, "micro-batches per optimiser step and worker")
 
 
 @dataclass
 class EvalConfig:
     # Test-time augmentation of every evaluation (val and test), logits averaged over views.
-    tta: str = "none"                  # none | flip (image and mirror) | fivecrop (corners, centre)
+    tta: str = setting("none", "none | flip (image and mirror) | fivecrop (corners, centre)")
     # fivecrop: the evaluation images are resized to this side (the node cache keeps them so)
     # and cut into four corner crops and a centre crop at the model's input size S; LIFT
     # resizes to 224 + 24 = 248 px for its 224 px models, which None scales to any S.
-    fivecrop_resize: int | None = None  # fivecrop's resize (px, > S); None: round(S · 248/224)
+    fivecrop_resize: int | None = setting(None, "fivecrop's resize (px, > S); None: round(S · "
+                                                "248/224)")
     # Post-hoc logit adjustment (Menon et al. 2021) of every evaluation: the argmax of
     # z_k − τ·log(n_k / Σn), n_k the training counts; 0 leaves the logits as they are.
-    logit_adjust_tau: float = 0.0      # post-hoc adjustment τ (>= 0) on val and test logits
+    logit_adjust_tau: float = setting(0.0, "post-hoc adjustment τ (>= 0) on val and test logits")
 
 
 # ---- category extrapolation ("Learning from Neighbors", Zhao et al., CVPR 2025) -------------
@@ -226,10 +253,10 @@ class AuxConfig:
     # (digits-aux: digits turned a quarter turn, the neighbours; digits-aux-scrambled:
     # pixel-scrambled digits, unrelated extra data). neighbours: a JSON file
     # {target class: [auxiliary classes]}.
-    root: str | None = None            # auxiliary images root/<class>/*, or digits-aux(-scrambled)
-    neighbours: str | None = None      # neighbour map (JSON); None: an embedded set's own
-    max_per_class: int = 50            # images per auxiliary class per epoch (fresh subset), >= 1
-    silence: str = "neighbours"        # classes a sample's softmax and target drop
+    root: str | None = setting(None, "auxiliary images root/<class>/*, or digits-aux(-scrambled)")
+    neighbours: str | None = setting(None, "neighbour map (JSON); None: an embedded set's own")
+    max_per_class: int = setting(50, "images per auxiliary class per epoch (fresh subset), >= 1")
+    silence: str = setting("neighbours", "classes a sample's softmax and target drop")
 
     def check(self, loss_name: str) -> None:
         """One LfmError for a bad value or a combination neighbour silencing cannot run."""
@@ -346,7 +373,7 @@ class RunConfig:
         fields = {f.name: f for f in dataclasses.fields(target)}
         if key not in fields:
             raise unknown_name("config field", dotted, known_fields())
-        setattr(target, key, _coerce(dotted, fields[key], value))
+        setattr(target, key, _coerce(dotted, type(target), key, value))
 
     def get(self, dotted: str) -> Any:
         section, _, key = dotted.partition(".")
@@ -532,6 +559,33 @@ class RunConfig:
                            "weights train in stage 1 only; give stage 1 epochs or use auto")
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted path: value} (`cfg.to_dict()` → {"stage1.lr": ..., ...}); an
+    empty dict stays one value. Reruns, study records and stage-1 keys all compare this."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal as settings: numbers by value (1 and 1.0), booleans never as numbers."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def diff(old: dict[str, Any], new: dict[str, Any], absent: Any = None
+         ) -> list[tuple[str, Any, Any]]:
+    """(path, old, new) for every flat path whose values differ (`absent` where a side has
+    none), in path order."""
+    return [(k, old.get(k, absent), new.get(k, absent)) for k in sorted(set(old) | set(new))
+            if not same_value(old.get(k), new.get(k))]
+
+
 def is_shorthand(dotted: str) -> bool:
     """`mix.alpha`, `mix.tau` or `mix.beta`: a name that sets both stages' field."""
     section, _, key = dotted.partition(".")
@@ -548,25 +602,47 @@ def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
         raise LfmError(f"{name}={value!r} is not valid; expected {accepted}")
 
 
-def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls: type, name: str) -> tuple[Any, bool]:
+    """(the field's type without None, whether it may be None), from its annotation."""
+    tp = _hints(cls)[name]
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def type_name(cls: type, name: str) -> str:
+    """The field's type as --help shows it: "float", "int | None", "list[str]"."""
+    tp, nullable = field_type(cls, name)
+    shown = "list[str]" if typing.get_origin(tp) is list else tp.__name__
+    return f"{shown} | None" if nullable else shown
+
+
+def _coerce(dotted: str, cls: type, name: str, value: Any) -> Any:
     """Turn CLI strings and JSON numbers into the field's type, with a clear error."""
-    kind = str(fld.type)
+    tp, nullable = field_type(cls, name)
+    expected = type_name(cls, name).replace(" | None", " or null")
     if value is None:
-        if "None" in kind:
+        if nullable:
             return None
         raise LfmError(f"{dotted} may not be null")
-    if isinstance(value, bool) and not kind.startswith(("bool", "list")):
+    is_list = typing.get_origin(tp) is list
+    if isinstance(value, bool) and not (tp is bool or is_list):
         # JSON/YAML `true` is an int to Python; a number field must not take it as 1.
-        expected = kind.replace(" | None", " or null")
         raise LfmError(f"{dotted}={value!r} is not valid; expected {expected}")
     try:
-        if kind.startswith("list"):
+        if is_list:
             if isinstance(value, str):
                 return [value]
             return [str(v) for v in value]
-        if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in kind:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null") and nullable:
             return None
-        if "bool" in kind:
+        if tp is bool:
             if isinstance(value, str):
                 low = value.strip().lower()
                 if low in ("1", "true", "yes", "on"):
@@ -575,19 +651,18 @@ def _coerce(dotted: str, fld: dataclasses.Field, value: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
-        if kind.startswith("int"):
+        if tp is int:
             as_float = float(value)
             if not math.isfinite(as_float) or not as_float.is_integer():
                 raise ValueError(value)
             return int(as_float)
-        if kind.startswith("float"):
+        if tp is float:
             out = float(value)
             if not math.isfinite(out):  # nan and inf are never a setting
                 raise ValueError(value)
             return out
         return str(value)
     except (TypeError, ValueError):
-        expected = kind.replace(" | None", " or null")
         raise LfmError(f"{dotted}={value!r} is not valid; expected {expected}") from None
 
 
@@ -822,26 +897,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def field_docs() -> dict[str, dict[str, Any]]:
-    """Per dotted field: type, default and the comment beside it in this file (its unit and
-    meaning), for --help. The comments are the one place a field is described."""
-    import inspect
-    import re
-
+    """Per dotted field: type, default, help (its `setting` metadata: meaning and unit) and
+    accepted values, for --help, the docs and the messages."""
     defaults = RunConfig().to_dict()
     out: dict[str, dict[str, Any]] = {}
     for section, cls in SECTIONS.items():
-        comments, above = {}, ""
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
-            if line.strip().startswith("#"):
-                above = line.strip().lstrip("#").strip()  # a comment on the line above
-            elif m:
-                comments[m.group(1)] = (m.group(2) or above).strip()
-                above = ""
         for f in dataclasses.fields(cls):
             dotted = f"{section}.{f.name}"
-            out[dotted] = {"type": str(f.type), "default": defaults[section][f.name],
-                           "help": comments.get(f.name, ""), "choices": CHOICES.get(dotted)}
+            out[dotted] = {"type": type_name(cls, f.name), "default": defaults[section][f.name],
+                           "help": f.metadata.get("help", ""), "choices": CHOICES.get(dotted)}
     for key in STAGE_SHORTHANDS:
         doc = out[f"stage1.{key}"]
         out[f"mix.{key}"] = {**doc, "help": f"sets stage1.{key} and stage2.{key}: {doc['help']}"}

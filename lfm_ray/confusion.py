@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from lfm_ray.contract import CONFUSION_FILE
 from lfm_ray.errors import LfmError
 
-CONFUSION_FILE = "confusion.npz"
 MAX_CLASSES = 1000  # `runtime.save_confusion = None` saves up to this many classes
 
 

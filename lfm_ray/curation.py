@@ -174,7 +174,8 @@ def curate(cfg, candidates_file: str | Path, output: str | Path,
            device: str | torch.device = "cpu") -> Curation:
     """Propose neighbours for the target classes of `cfg.data` from the candidate names, and
     with `images_root` keep the candidates' clean images; write the folder and the map."""
-    from lfm_ray.backbones import build_backbone, model_family
+    from lfm_ray.backbones import build_backbone
+    from lfm_ray.families import model_family
     from lfm_ray.data import build_dataset, run_options
     from lfm_ray.text import check_text, class_features
 

@@ -1,7 +1,7 @@
 """Category extrapolation in the trainer: auxiliary classes train beside the target classes.
 
 "Learning from Neighbors: Category Extrapolation for Long-Tail Learning" (Zhao et al., CVPR
-2025; code Shizhen-ZHAO/Gran_LT). With `aux.root` set, one worker's run (lfm_ray.train.Run)
+2025; code Shizhen-ZHAO/Gran_LT). With `aux.root` set, one worker's run (lfm_ray.worker.loop.Run)
 changes in these places, all through `AuxTraining`:
 
 - classes: C_t target classes, then C_a auxiliary ones. The head has C_t + C_a rows (the
@@ -155,7 +155,7 @@ class AuxTraining:
         """Which cached auxiliary image fills each auxiliary position in `epoch`: per class a
         uniform subset of min(n_a, cap) of its images, without replacement, from a generator
         seeded by (seed, epoch)."""
-        from lfm_ray.train import seeded_generator
+        from lfm_ray.worker.distributed import seeded_generator
 
         gen = seeded_generator(self.cfg.runtime.seed, epoch, AUX_STREAM)
         picks = []

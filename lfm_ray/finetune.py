@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from lfm_ray.config import FINETUNE_MODES, STAGE2_FINETUNE
 from lfm_ray.errors import LfmError
+from lfm_ray.model import register_configs, trainable_names
 
 VIT_MODES = ("lora", "adaptformer", "vpt", "ssf")
 DEFAULT_VPT_LENGTH = 10  # LIFT's
@@ -54,7 +55,10 @@ def lift_width(num_classes: int, blocks: int) -> int:
 
 
 class TuningModule(nn.Module):
-    """A module a lightweight mode adds to the tower: its parameters are what stage 1 trains."""
+    """A module a lightweight mode adds to the tower: its parameters are what stage 1 trains
+    (lfm_ray.model.trainable_names finds them by `tuning_module`)."""
+
+    tuning_module = True
 
 
 # ---- the added modules -----------------------------------------------------------------------
@@ -260,8 +264,6 @@ def check_architecture(model_name: str, mode: str) -> None:
         return
     import open_clip
 
-    from lfm_ray.model import register_configs
-
     register_configs()
     cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
     vision = cfg.get("vision_cfg")
@@ -383,35 +385,6 @@ def prepare(model: nn.Module, stage_cfg: Any, num_classes: int,
     MODES[mode](model, sizes, model_name)
     model.finetune = mode
     return sizes
-
-
-def trainable_names(model: nn.Module, stage: int) -> list[str]:
-    """Names (as model.named_parameters gives them) of what `stage` trains: in stage 1 the
-    model's mode's set, in stage 2 W_I (proj.weight) alone."""
-    if hasattr(model, "trainable_names"):  # a model that says itself what it trains (timm)
-        return model.trainable_names(stage)
-    if stage == 2:
-        return ["proj.weight"]
-    mode = getattr(model, "finetune", "full")
-    names = [name for name, _ in model.named_parameters()]
-    # A bridge to another encoder's text features (lfm_ray.text) starts untrained: stage 1
-    # trains it in every mode.
-    bridge = [n for n in names if n.startswith("bridge.")]
-    if mode == "full":
-        return [n for n in names if n.startswith("visual.")] + bridge
-    if mode == "classifier":
-        return [n for n in names if n == "class_weights"] + bridge
-    if mode == "bitfit":  # "in_proj_bias" of the attention included
-        return [n for n in names if n.startswith("visual.") and n.endswith("bias")] + bridge
-    added = _added(model)
-    return [n for n in names if n in added] + bridge
-
-
-def _added(model: nn.Module) -> set[str]:
-    """Names of the parameters of the TuningModules in the model."""
-    return {f"{prefix}.{name}" for prefix, module in model.named_modules()
-            if isinstance(module, TuningModule)
-            for name, _ in module.named_parameters()}
 
 
 def trained_params(model: nn.Module) -> dict[str, int]:

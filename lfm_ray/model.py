@@ -5,11 +5,8 @@ gives, so the batch builder never drifts from the model. "tiny" is a small archi
 open_clip's own JSON config format (lfm_ray/model_configs/tiny.json), registered with
 open_clip's registry on first use, for tests and the embedded demo (random init, 32 px input).
 
-Weights are looked up cache first, where open_clip caches them (the Hugging Face hub cache,
-or `cache_dir`), so a cluster can pre-stage them and a machine without network never waits on
-hub retries: what is cached is loaded with the hub in offline mode; what is missing is fetched
-only when the hub answers a short probe, and otherwise the error says which file of which hub
-repository to put into which cache directory.
+Weights are looked up cache first (lfm_ray.weights). `ImageSpec` lives beside the image
+preprocessing it describes (lfm_ray.data.preprocess).
 """
 
 from __future__ import annotations
@@ -18,51 +15,26 @@ import contextlib
 import difflib
 import logging
 import os
-import threading
-from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfm_ray.data.preprocess import check_preprocessing
+from lfm_ray import weights
+from lfm_ray.data.preprocess import ImageSpec, check_preprocessing
 from lfm_ray.errors import LfmError
 
 TINY_MODEL = "tiny"
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
-# A `pretrained` value with one of these endings (or a path separator) is a file, not a tag.
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 # Prompts per text-tower call: bounds memory for 1000 classes × several templates.
 TEXT_BATCH = 256
 # Architectures named first when an unknown one is listed (the full list is ~150 names).
 _COMMON_MODELS = (TINY_MODEL, "ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50")
 _LIST_MODELS_HINT = "python -c \"import open_clip; print(open_clip.list_models())\""
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """What the model expects, from its open_clip preprocessing config: the square input size,
-    per-channel mean and std (in [0, 1] units), and how an image is brought to that size:
-    resize_mode (shortest, longest or squash, as open_clip defines them; see
-    lfm_ray/data/preprocess.py), interpolation (bicubic or bilinear) and fill_color (the
-    padding of 'longest'). Those three default to open_clip's own defaults (its PreprocessCfg),
-    which is what a model without them in its config gets from open_clip too."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize_mode: str = "shortest"
-    interpolation: str = "bicubic"
-    fill_color: int = 0
-
-    def __post_init__(self) -> None:
-        check_preprocessing(self.size, self.resize_mode, self.interpolation, self.fill_color,
-                            "ImageSpec")
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -80,11 +52,6 @@ def known_models() -> list[str]:
 
     register_configs()
     return list(open_clip.list_models())
-
-
-def _looks_like_path(pretrained: str) -> bool:
-    return (os.sep in pretrained or "/" in pretrained or pretrained.startswith(("~", "."))
-            or pretrained.lower().endswith(WEIGHT_SUFFIXES))
 
 
 def _arch(name: str) -> str:
@@ -140,7 +107,7 @@ def check_model_name(name: str, pretrained: str | None = None) -> None:
         raise LfmError(f"weights file {pretrained!r} for {name} is a directory; give the "
                        ".pt/.pth/.bin/.safetensors file in it (or local-dir:PATH as the model "
                        "for a folder with open_clip_config.json)")
-    if _looks_like_path(pretrained):
+    if weights.looks_like_path(pretrained):
         raise LfmError(f"weights file {pretrained!r} for {name} does not exist; give an "
                        "existing .pt/.pth/.bin/.safetensors file or a pretrained tag")
     tags = open_clip.list_pretrained_tags_by_model(arch)
@@ -149,17 +116,7 @@ def check_model_name(name: str, pretrained: str | None = None) -> None:
 
 
 # ---- where open_clip keeps weights -----------------------------------------------------------
-@dataclass(frozen=True)
-class _HubFiles:
-    """Files of one hub repository a build needs; each entry lists interchangeable names,
-    the one open_clip is configured with first, then the .safetensors twin it prefers when
-    the repository has one."""
-
-    repo: str
-    needed: tuple[tuple[str, ...], ...]
-
-
-def _hub_files(name: str, pretrained: str | None) -> _HubFiles | None:
+def _hub_files(name: str, pretrained: str | None) -> weights.HubFiles | None:
     """The hub files open_clip downloads for this model, or None when it downloads none."""
     import open_clip
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
@@ -167,7 +124,7 @@ def _hub_files(name: str, pretrained: str | None) -> _HubFiles | None:
 
     if name.startswith(HF_HUB_PREFIX):
         repo = name[len(HF_HUB_PREFIX):].strip("/")
-        return _HubFiles(repo, ((HF_CONFIG_NAME,), (HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME)))
+        return weights.HubFiles(repo, ((HF_CONFIG_NAME,), (HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME)))
     if not pretrained or name.startswith(LOCAL_DIR_PREFIX):
         return None
     cfg = open_clip.get_pretrained_cfg(_arch(name), pretrained)
@@ -177,164 +134,10 @@ def _hub_files(name: str, pretrained: str | None) -> _HubFiles | None:
     # open_clip's convention: "org/repo/file.bin", or "org/repo/" for its default file name.
     repo, filename = os.path.split(hub)
     filename = filename or HF_WEIGHTS_NAME
-    return _HubFiles(repo, ((filename, *_get_safe_alternatives(filename)),))
+    return weights.HubFiles(repo, ((filename, *_get_safe_alternatives(filename)),))
 
 
-def _hub_cache(cache_dir: str | None) -> str:
-    from huggingface_hub import constants
-
-    return str(cache_dir or constants.HF_HUB_CACHE)
-
-
-def _missing(hub: _HubFiles, cache_dir: str | None) -> list[tuple[str, ...]]:
-    from huggingface_hub import try_to_load_from_cache
-
-    return [names for names in hub.needed
-            if not any(isinstance(try_to_load_from_cache(hub.repo, n, cache_dir=cache_dir), str)
-                       for n in names)]
-
-
-def _env_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1", "ON", "YES", "TRUE")
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the hub (or the proxy in front of it) accepts a connection within timeout_s.
-
-    huggingface_hub retries a failed request for about half a minute; this probe, bounded
-    as a whole (name lookup included, hence the thread), decides in at most timeout_s."""
-    import socket
-
-    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-                  if os.environ.get(k)), None)
-    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(result and result[0])
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """huggingface_hub in offline mode: cached files are served without an etag request.
-
-    The flag is read at call time by huggingface_hub, so flipping the module constant works
-    after import (the environment variable would not)."""
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-@contextlib.contextmanager
-def weights_from_cache_only() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 for the block: weights come from the local cache only, so a report or
-    `lfm-ray data` never starts a download (build_clip reads the variable when it runs)."""
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
-
-
-def _not_cached(exc: BaseException) -> bool:
-    """Whether exc (or what caused it) is the hub saying a file is not in the local cache."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying why a build failed; torch's own messages for a weights file that is
-    not one, holds objects (refused: loading them could run code) or belongs to another
-    model are multi-line and give advice that does not apply, so they are summarised."""
-    import pickle
-
-    from lfm_ray.safe_load import _refused_name
-
-    message = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) or message.startswith("Weights only load failed"):
-        name = _refused_name(message)
-        if name is not None:
-            return (f"the file names {name}; a weights file holds only tensors, and loading "
-                    "anything else could run code, so it is refused")
-        return "it is not a PyTorch weights file"
-    if "Error(s) in loading state_dict" in message:
-        return _state_dict_mismatch(message)
-    if isinstance(exc, (KeyError, EOFError)) or "PytorchStreamReader" in message \
-            or "invalid load key" in message or "Invalid magic number" in message:
-        return f"it is not a PyTorch weights file ({type(exc).__name__}: {message[:80]})"
-    text = message.strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
-def _state_dict_mismatch(message: str) -> str:
-    """'its tensors do not fit this model: 3 missing (e.g. 'x'), ...' from torch's message."""
-    import re
-
-    parts = []
-    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
-                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
-        m = re.search(pattern, message)
-        if m:
-            keys = re.findall(r'"([^"]+)"', m.group(1))
-            parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]!r})" if keys else label)
-    sizes = re.findall(r"size mismatch for ([^:]+):", message)
-    if sizes:
-        parts.append(f"{len(sizes)} of another shape (e.g. {sizes[0]!r})")
-    detail = ", ".join(parts) or "its keys differ"
-    return f"its tensors do not fit this model ({detail}); is it the weights of another model?"
-
-
-def _weights_missing(name: str, pretrained: str | None, hub: _HubFiles,
-                     missing: list[tuple[str, ...]], cache_dir: str | None) -> LfmError:
-    """Where open_clip looks for the weights, and the two ways to put them there."""
-    cache = _hub_cache(cache_dir)
-    wanted = " and ".join(names[0] + (f" (or {' or '.join(names[1:])})" if names[1:] else "")
-                          for names in missing)
-    folder = f"{cache}/models--{hub.repo.replace('/', '--')}/snapshots/<revision>/"
-    what = f"the weights of {name}/{pretrained}" if pretrained else f"the files of the model {name}"
-    get = " ".join(["hf download", hub.repo, *(names[0] for names in missing)])
-    local = ("or pass a local weights file as pretrained (--pretrained /path/to/weights.pt)"
-             if pretrained else "or give a local folder holding them as local-dir:/path")
-    return LfmError(
-        f"{what} are not cached and the Hugging Face hub cannot be reached"
-        f"{' (HF_HUB_OFFLINE is set)' if _env_offline() else ''}; open_clip looks for "
-        f"{wanted} of the hub repository {hub.repo} in the cache {cache} (as {folder}); on a "
-        f"machine with network access run `{get} --cache-dir {cache}` and copy that cache "
-        f"folder here, {local}"
-    )
-
-
-def _fetch(name: str, pretrained: str | None, hub: _HubFiles, cache_dir: str | None) -> None:
+def _fetch(name: str, pretrained: str | None, hub: weights.HubFiles, cache_dir: str | None) -> None:
     """Download what the build needs with open_clip's own downloaders, before building.
 
     Done up front because open_clip, for hf-hub: models, logs a failed weights download
@@ -354,29 +157,8 @@ def _fetch(name: str, pretrained: str | None, hub: _HubFiles, cache_dir: str | N
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one message
         what = f"{name}/{pretrained}" if pretrained else name
         raise LfmError(f"could not download the weights of {what} from the hub repository "
-                       f"{hub.repo} into {_hub_cache(cache_dir)}: {_reason(exc)}") from None
-
-
-def _cache_first(build: Callable[[], Any], what: str) -> Any:
-    """build() with the hub offline; if it lacks a file that is not cached, once more online
-    when the hub answers. Other failures are user-facing load errors."""
-    try:
-        with _hub_offline():
-            return build()
-    except LfmError:
-        raise
-    except ImportError as exc:
-        raise LfmError(f"{what} needs a package that is not installed: {_reason(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - open_clip raises plain exceptions
-        if not _not_cached(exc):
-            raise LfmError(f"{what} could not be loaded: {_reason(exc)}") from None
-        if _env_offline() or not _hub_reachable():
-            raise LfmError(f"{what} needs files from the Hugging Face hub that are not in "
-                           f"its cache, and the hub cannot be reached: {_reason(exc)}") from None
-    try:
-        return build()
-    except Exception as exc:  # noqa: BLE001
-        raise LfmError(f"{what} could not be loaded: {_reason(exc)}") from None
+                       f"{hub.repo} into {weights.hub_cache(cache_dir)}: "
+                       f"{weights.load_failure_reason(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -426,6 +208,16 @@ def _image_spec(model: nn.Module, name: str) -> ImageSpec:
 
 
 # ---- the model -------------------------------------------------------------------------------
+def seeded_build(seed: int, build: Callable[[], Any], device: Any = None) -> Any:
+    """build() with torch's global generator seeded as the trainer seeds before it builds its
+    model (lfm_ray.worker.loop.Run), so a randomly initialised tower (tiny) is the run's own;
+    the global generator (and `device`'s, on a GPU) is left as it was."""
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        return build()
+
+
 def build_clip(name: str, pretrained: str | None = None, cache_dir: str | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, ImageSpec]:
     """(open_clip model in eval mode, ImageSpec from the model's own preprocessing config).
@@ -443,17 +235,17 @@ def build_clip(name: str, pretrained: str | None = None, cache_dir: str | None =
         pretrained = os.path.expanduser(pretrained)  # a weights file
     hub = _hub_files(name, pretrained)
     if hub is not None:
-        missing = _missing(hub, cache_dir)
+        missing = weights.missing_files(hub, cache_dir)
         if missing:
-            if _env_offline() or not _hub_reachable():
-                raise _weights_missing(name, pretrained, hub, missing, cache_dir)
+            if weights.env_offline() or not weights.hub_reachable():
+                raise weights.weights_missing_error(name, pretrained, hub, missing, cache_dir)
             _fetch(name, pretrained, hub, cache_dir)
 
     what = f"{name} with weights {pretrained!r}" if pretrained else f"model {name}"
     with _quiet_build(random_init=not pretrained and hub is None):
-        model = _cache_first(lambda: open_clip.create_model(
+        model = weights.cache_first(lambda: open_clip.create_model(
             name, pretrained=pretrained, device=device, cache_dir=cache_dir), what)
-        tokenizer = _cache_first(lambda: open_clip.get_tokenizer(name, cache_dir=cache_dir),
+        tokenizer = weights.cache_first(lambda: open_clip.get_tokenizer(name, cache_dir=cache_dir),
                                  f"the tokenizer of {name}")
     model.lfm_tokenizer = tokenizer
     model.eval()
@@ -540,8 +332,6 @@ class LFMClassifier(nn.Module):
     def set_stage(self, stage: int) -> None:
         """Stage 1: what the model's fine-tuning mode trains (full: F_I), W_I frozen.
         Stage 2: W_I trainable, everything else frozen."""
-        from lfm_ray.finetune import trainable_names
-
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         train = set(trainable_names(self, stage))
@@ -575,6 +365,37 @@ class LFMClassifier(nn.Module):
                 self.class_weights.copy_(state["class_weights"])
 
 
+def trainable_names(model: nn.Module, stage: int) -> list[str]:
+    """Names (as model.named_parameters gives them) of what `stage` trains: in stage 1 the
+    model's mode's set (`model.finetune`, set by lfm_ray.finetune.prepare; full where unset),
+    in stage 2 W_I (proj.weight) alone."""
+    if hasattr(model, "trainable_names"):  # a model that says itself what it trains (timm)
+        return model.trainable_names(stage)
+    if stage == 2:
+        return ["proj.weight"]
+    mode = getattr(model, "finetune", "full")
+    names = [name for name, _ in model.named_parameters()]
+    # A bridge to another encoder's text features (lfm_ray.text) starts untrained: stage 1
+    # trains it in every mode.
+    bridge = [n for n in names if n.startswith("bridge.")]
+    if mode == "full":
+        return [n for n in names if n.startswith("visual.")] + bridge
+    if mode == "classifier":
+        return [n for n in names if n == "class_weights"] + bridge
+    if mode == "bitfit":  # "in_proj_bias" of the attention included
+        return [n for n in names if n.startswith("visual.") and n.endswith("bias")] + bridge
+    added = _tuning_parameters(model)
+    return [n for n in names if n in added] + bridge
+
+
+def _tuning_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters of the modules a lightweight mode added (lfm_ray.finetune's
+    TuningModules, which say so by `tuning_module`)."""
+    return {f"{prefix}.{name}" for prefix, module in model.named_modules()
+            if getattr(module, "tuning_module", False)
+            for name, _ in module.named_parameters()}
+
+
 def build_classifier(model_cfg, class_names: Sequence[str], logit_scale: float,
                      device: str | torch.device = "cpu") -> tuple[LFMClassifier, ImageSpec]:
     """The classifier for a ModelConfig: text features computed once, the text tower dropped."""
@@ -591,6 +412,6 @@ def check_weights(name: str, pretrained: str | None = None, cache_dir: str | Non
     hub = _hub_files(name, pretrained)
     if hub is None:
         return
-    missing = _missing(hub, cache_dir)
-    if missing and (_env_offline() or not _hub_reachable()):
-        raise _weights_missing(name, pretrained, hub, missing, cache_dir)
+    missing = weights.missing_files(hub, cache_dir)
+    if missing and (weights.env_offline() or not weights.hub_reachable()):
+        raise weights.weights_missing_error(name, pretrained, hub, missing, cache_dir)

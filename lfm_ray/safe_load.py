@@ -5,7 +5,7 @@ crafted state.pt in a shared storage path could run any code on every node that 
 Every checkpoint lfm-ray reads (resume, stage-1 branches, the analysis, t-SNE) therefore
 goes through `load_state_file`, which uses torch's weights-only unpickler: it admits
 tensors, numbers, strings, None and plain containers (dict, list, tuple, OrderedDict),
-which is all the trainer writes (lfm_ray.train.save_state), and refuses any other name
+which is all the trainer writes (lfm_ray.worker.loop.save_state), and refuses any other name
 before anything is called.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from lfm_ray.errors import LfmError
 
 
-def _refused_name(message: str) -> str | None:
+def refused_name(message: str) -> str | None:
     """What the weights-only unpickler refused ('posix.system'), from its message."""
     m = re.search(r"unsupported GLOBAL (\S+)", message, re.IGNORECASE) \
         or re.search(r"Unsupported global: GLOBAL (\S+)", message)
@@ -42,7 +42,7 @@ def load_state_file(path: str | os.PathLike, map_location: Any = "cpu",
     try:
         state = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        name = _refused_name(str(exc))
+        name = refused_name(str(exc))
         if name is None:  # a damaged or foreign file, not a refused object
             raise LfmError(f"{what} file {str(file)!r} is not a PyTorch checkpoint "
                            f"({_first_line(exc)})") from None

@@ -29,8 +29,8 @@ encoder does not know) and where it cannot apply (vision-only backbones). The so
 
 `auto` is `text` where the run has class text features (a CLIP model, or any model with a
 text encoder) and `image-prototypes` for a timm model without one. Whatever S is, the text
-features stay the classifier. `resolved_choices` is what config.json and
-study.json record.
+features stay the classifier. lfm_ray.resolved records the resolved source in config.json
+and study.json.
 """
 
 from __future__ import annotations
@@ -124,20 +124,6 @@ def similarity_source(cfg) -> Source:
     if value == AUTO:
         return Source("text") if has_text(cfg.model) else Source("image-prototypes")
     return parse_similarity(value)
-
-
-def resolved_choices(cfg) -> dict[str, str]:
-    """What config.json and study.json record of a run beside its settings: the model family,
-    the similarity source its LFM uses ('auto' resolved, file paths absolute) and where its
-    class weights start ('auto' resolved, lfm_ray.head_init)."""
-    from lfm_ray.backbones import model_family
-    from lfm_ray.text import record
-
-    from lfm_ray.head_init import resolved_init
-
-    return {"model.family": model_family(cfg.model.name), **record(cfg.model),
-            "mix.similarity": similarity_source(cfg).resolved(),
-            "model.classifier_init": resolved_init(cfg)}
 
 
 def uses_similarity(cfg) -> bool:
@@ -447,26 +433,24 @@ def other_text_similarity(source: Source, class_names: Sequence[str], templates:
     """S from another open_clip text tower (or a word-vector encoder, text:glove): its class
     text features' cosines. A randomly initialised tower is seeded with the run's seed, and
     the global RNG is left as it was."""
-    from lfm_ray.model import build_clip, text_features
+    from lfm_ray.model import build_clip, seeded_build, text_features
     from lfm_ray.text import WORD_VECTORS, word_vector_features
 
     if source.model in WORD_VECTORS:
         return text_similarity(word_vector_features(WORD_VECTORS[source.model], class_names))
 
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        try:
-            clip, _ = build_clip(source.model, source.pretrained, cache_dir, device)
-        except LfmError as exc:
-            raise LfmError(f"mix.similarity={str(source)!r}: {exc}") from None
+    try:
+        clip, _ = seeded_build(seed, lambda: build_clip(source.model, source.pretrained,
+                                                        cache_dir, device), device)
+    except LfmError as exc:
+        raise LfmError(f"mix.similarity={str(source)!r}: {exc}") from None
     feats = text_features(clip, class_names, templates, device)
     del clip
     return text_similarity(feats)
 
 
 def for_run(run, launch_dir: str | None = None) -> torch.Tensor | None:
-    """LFM's S for a trainer's `Run` (lfm_ray.train.Run), once, before stage 1: None where
+    """LFM's S for a trainer's `Run` (lfm_ray.worker.loop.Run), once, before stage 1: None where
     P comes straight from the run's own text features (`text`), or where nothing reads S
     (neither LFM nor a kept confusion matrix, whose file carries P). Reads the run's
     configuration, classes, model (not yet trained), images, batch builder and worker;
@@ -505,7 +489,7 @@ def training_features(run) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tens
     mode: (features, positions, reduce). features(pos) is the (B, d) float32 `model.encode`
     of the unflipped images at those positions (as evaluation sees them); positions are this
     worker's share; reduce sums a tensor over the workers (None on one worker)."""
-    from lfm_ray.train import _all_reduce_sum
+    from lfm_ray.worker.distributed import all_reduce_sum
 
     info, model = run.info, run.model
     was_training = model.training
@@ -517,7 +501,7 @@ def training_features(run) -> Iterator[tuple[Callable[[torch.Tensor], torch.Tens
             return model.encode(run.build(run.train_images.gather(pos))).float()
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        return _all_reduce_sum(t.to(info.device), info).cpu()
+        return all_reduce_sum(t.to(info.device), info).cpu()
 
     positions = torch.arange(info.rank, len(run.train_images), info.world_size)
     try:

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfm_ray.errors import LfmError, unknown_name
+from lfm_ray.families import model_family
 
 AUTO, CLIP, NONE = "auto", "clip", "none"
 
@@ -72,8 +73,6 @@ ENCODERS = (AUTO, CLIP, *WORD_VECTORS, NONE)
 def resolve_text(model_cfg) -> str:
     """The encoder a ModelConfig's run uses: `auto` is clip for a CLIP model and none for a
     timm model."""
-    from lfm_ray.backbones import model_family
-
     name = model_cfg.text
     if name not in ENCODERS:
         raise unknown_name("text encoder (model.text)", name, list(ENCODERS))
@@ -90,8 +89,6 @@ def has_text(model_cfg) -> bool:
 def check_text(cfg) -> None:
     """model.text against the model family and what the run asks for, one LfmError each;
     a word-vector package must be installed (nothing is loaded)."""
-    from lfm_ray.backbones import model_family
-
     text, family = resolve_text(cfg.model), model_family(cfg.model.name)
     if text == CLIP and family != "clip":
         raise LfmError(f"model.text=clip is the CLIP model's own text tower, which the "
@@ -222,12 +219,12 @@ def standalone_features(model_cfg, class_names: Sequence[str], seed: int,
     initialised tower (tiny) gives the run's features. LfmError where they cannot be had."""
     if resolve_text(model_cfg) != CLIP:
         return class_features(model_cfg, class_names, device)
-    from lfm_ray.model import build_clip, weights_from_cache_only
+    from lfm_ray.model import build_clip, seeded_build
+    from lfm_ray.weights import weights_from_cache_only
 
-    with weights_from_cache_only(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        clip = build() if build is not None else build_clip(
-            model_cfg.name, model_cfg.pretrained, model_cfg.cache_dir, "cpu")[0]
+    with weights_from_cache_only():
+        clip = seeded_build(seed, build if build is not None else lambda: build_clip(
+            model_cfg.name, model_cfg.pretrained, model_cfg.cache_dir, "cpu")[0])
     return class_features(model_cfg, class_names, device, clip_model=clip)
 
 

@@ -1,25 +1,15 @@
 """Mixing comparison (paper Table 5): none, Mixup, Remix, CutMix, ConCutMix and LFM, with CE.
 
-Each mixing method draws λ from its authors' law (see README). On CIFAR-100-LT the paper's
-preset applies, with the paper's ViT-B/16 backbone for this table.
-    python studies/mixup_comparison.py
-    python studies/mixup_comparison.py --seeds 0,1,2
-"""
+Declared in lfm_ray/commands/catalog/mixup_comparison.py (`--help` says what it sweeps and how)."""
 
 import sys
 
-from lfm_ray.commands.study_flags import ScriptPlan, run_script
-
-METHODS = ["none", "mixup", "remix", "cutmix", "concutmix", "lfm"]
-
-
-def declare(args) -> ScriptPlan:
-    return ScriptPlan(fixed={"loss.name": "ce"},
-                      grid={"mix.method": ["none", "lfm"] if args.smoke else METHODS}, seeds=[0])
+from lfm_ray.commands.catalog import mixup_comparison as study
+from lfm_ray.commands.catalog.mixup_comparison import *  # noqa: F401,F403 - its declarations
 
 
 def main(argv=None) -> int:
-    return run_script(declare, __file__, __doc__, argv)
+    return study.main(argv, script_file=__file__)
 
 
 if __name__ == "__main__":

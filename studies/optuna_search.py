@@ -1,35 +1,15 @@
 """Joint Optuna search over α, τ, both learning rates and the loss, across data sets.
 
-A seeded TPE sampler; loss-specific parameters (Focal's γ, MMS's margin) exist only in trials
-of their loss. `--dataset` may repeat: the data set becomes a searched choice, each with its
-own paper preset.
-    python studies/optuna_search.py
-    python studies/optuna_search.py --dataset cifar10-lt --dataset cifar100-lt --data-root /data
-"""
+Declared in lfm_ray/commands/catalog/optuna_search.py (`--help` says what it sweeps and how)."""
 
 import sys
 
-from lfm_ray.commands.study_flags import ScriptPlan, run_script
-
-
-def declare(args) -> ScriptPlan:
-    from lfm_ray.study import Dim
-
-    space = {
-        "stage1.alpha": Dim.uniform(0.0, 2.0),
-        "stage1.tau": Dim.loguniform(0.002, 31.25),
-        "stage1.lr": Dim.loguniform(1e-4, 1e-2),
-        "stage2.lr": Dim.loguniform(1e-3, 1e-1),
-        "loss.name": Dim.choice(["ce", "balce", "focal", "mms"]),
-        "loss.focal_gamma": Dim.uniform(0.5, 4.0, when={"loss.name": "focal"}),
-        "loss.mms_margin": Dim.uniform(0.1, 0.5, when={"loss.name": "mms"}),
-    }
-    return ScriptPlan(fixed={"mix.method": "lfm"}, search="optuna", space=space,
-                      num_samples=4 if args.smoke else 16, seeds=[0])
+from lfm_ray.commands.catalog import optuna_search as study
+from lfm_ray.commands.catalog.optuna_search import *  # noqa: F401,F403 - its declarations
 
 
 def main(argv=None) -> int:
-    return run_script(declare, __file__, __doc__, argv)
+    return study.main(argv, script_file=__file__)
 
 
 if __name__ == "__main__":

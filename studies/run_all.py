@@ -11,11 +11,9 @@ import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lfm_ray.commands.catalog import STUDIES
 
-STUDIES = ["tau_sweep", "alpha_sweep", "loss_comparison", "mixup_comparison",
-           "imbalance_sweep", "optuna_search", "finetune_modes", "category_extrapolation",
-           "similarity_sources", "text_encoder"]
+HERE = Path(__file__).resolve().parent
 FLAGS = ["--restart", "--results-dir", "results"]  # the committed demo results
 SEEDS = ["--seeds", "0,1,2"]  # every study but the Optuna search, which samples with one
 
@@ -32,7 +30,8 @@ def main(argv=None) -> int:
     for name in names:
         print(f"=== {name}", file=sys.stderr, flush=True)
         seeds = [] if name == "optuna_search" else SEEDS
-        code = importlib.import_module(name).main([*FLAGS, *seeds, *extra])
+        study = importlib.import_module(f"lfm_ray.commands.catalog.{name}")
+        code = study.main([*FLAGS, *seeds, *extra], script_file=str(HERE / f"{name}.py"))
         if code:
             return code
     return 0

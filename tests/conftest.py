@@ -31,7 +31,7 @@ def local_ray():
     """One local Ray instance for a test module (starting Ray costs seconds)."""
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield

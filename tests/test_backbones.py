@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lfm_ray.model
+import lfm_ray.weights
 from lfm_ray.backbones import (
     LinearClassifier, build_backbone, build_timm, check_family, check_timm_name, model_family,
     timm_image_spec,
@@ -26,7 +27,7 @@ TIMM_TEST = "timm:test_vit"   # timm's own tiny test ViT (random init here), at 
 
 @pytest.fixture
 def no_network(monkeypatch):
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(lfm_ray.weights, "hub_reachable", lambda timeout_s=3.0: False)
 
 
 def test_families_and_names():
@@ -201,7 +202,7 @@ def test_linear_head_logits_stages_and_fresh_head():
     ({"mix.similarity": "text"}, "mix.similarity='text' needs the run's class text features"),
 ])
 def test_what_needs_text_is_refused_for_a_timm_model(override, message):
-    from lfm_ray.launch import check_names
+    from lfm_ray.driver.launch import check_names
 
     cfg = RunConfig(data=DataConfig("digits-lt")).override({"model.name": TIMM_TEST, **override}).validate()
     with pytest.raises(LfmError, match=message):
@@ -232,8 +233,8 @@ def test_the_cli_refuses_mms_for_a_timm_model_and_its_dry_run_says_what_resolves
 
 def test_config_json_records_the_family_and_the_similarity(tmp_path):
     from lfm_ray.config import read_config_file
-    from lfm_ray.launch import write_json_atomic
-    from lfm_ray.rerun import record
+    from lfm_ray.driver.launch import write_json_atomic
+    from lfm_ray.driver.rerun import record
 
     cfg = RunConfig(data=DataConfig("digits-lt")).override({"model.name": TIMM_TEST, "model.image_size": 32})
     write_json_atomic(tmp_path / "config.json", record(cfg, None, []))
@@ -258,7 +259,7 @@ def timm_config(tmp_path, **overrides) -> RunConfig:
 def test_a_timm_model_trains_both_stages_with_lfm(tmp_path):
     from test_train import fit_local
 
-    from lfm_ray.train import load_state
+    from lfm_ray.worker.checkpoint import load_state
 
     cfg = timm_config(tmp_path, **{"stage1.epochs": 2, "stage2.epochs": 2})
     result = fit_local(cfg, tmp_path / "ckpt")
@@ -279,7 +280,7 @@ def test_a_timm_model_trains_both_stages_with_lfm(tmp_path):
 def test_stage_two_retrains_a_fresh_head_also_after_a_resume_at_the_boundary(tmp_path):
     from test_train import fit_local
 
-    from lfm_ray.train import load_state
+    from lfm_ray.worker.checkpoint import load_state
 
     # With a vanishing stage-2 learning rate the head stays where stage 2 started it: zero.
     cfg = timm_config(tmp_path, **{"stage2.lr": 1e-12, "stage2.min_lr": 0.0})
@@ -312,7 +313,9 @@ def test_tsne_features_of_a_timm_checkpoint_are_its_pooled_features(tmp_path):
     from test_train import fit_local
 
     from lfm_ray.analysis.tsne import checkpoint_features
-    from lfm_ray.train import Run, WorkerInfo, load_state
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
+    from lfm_ray.worker.checkpoint import load_state
 
     cfg = timm_config(tmp_path, **{"stage2.epochs": 0})
     fit_local(cfg, tmp_path / "ckpt")

@@ -251,9 +251,9 @@ def test_tsne_checkpoint_with_a_payload_is_refused_and_never_runs(tmp_path, caps
 
 # ---- lfm-ray bench ------------------------------------------------------------------------
 def test_bench_json_path_is_checked_before_the_benchmark(tmp_path, capsys, monkeypatch):
-    import lfm_ray.bench
+    import lfm_ray.commands.benchmarks
 
-    monkeypatch.setattr(lfm_ray.bench, "run_bench",
+    monkeypatch.setattr(lfm_ray.commands.benchmarks, "run_bench",
                         lambda **k: pytest.fail("the benchmark ran before --json was checked"))
     one_line(capsys, main(["bench", "--json", str(tmp_path / "no" / "b.json")]),
              "the folder")
@@ -266,10 +266,10 @@ def test_bench_json_path_is_checked_before_the_benchmark(tmp_path, capsys, monke
     ("sampler,nope", "--only: unknown part 'nope'; accepted: sampler"),
 ])
 def test_bench_only_must_name_parts(capsys, monkeypatch, only, needle):
-    import lfm_ray.bench
+    import lfm_ray.commands.benchmarks
 
     parts = []
-    monkeypatch.setattr(lfm_ray.bench, "bench_sampler", lambda **k: parts.append("ran") or {})
+    monkeypatch.setattr(lfm_ray.commands.benchmarks, "bench_sampler", lambda **k: parts.append("ran") or {})
     one_line(capsys, main(["bench", "--only", only]), needle)
     assert parts == []  # refused before any part ran
 

@@ -15,7 +15,9 @@ from lfm_ray.config import RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.head_init import resolved_init
 from lfm_ray.sampling import EpochSampler, class_probabilities
-from lfm_ray.train import RESULT_FILE, Run, WorkerInfo, seeded_generator
+from lfm_ray.contract import RESULT_FILE
+from lfm_ray.worker.loop import Run
+from lfm_ray.worker.distributed import WorkerInfo, seeded_generator
 from test_train import fit_local, small_config
 from test_tta import check_against
 
@@ -91,7 +93,7 @@ def test_balanced_samplers_draw_classes_by_their_law_and_images_uniformly(name, 
 
 
 def test_a_stage_trains_on_its_samplers_positions(tmp_path):
-    from lfm_ray.train import prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.loop import prepare_stage, stage_plan, train_epoch
 
     cfg = small_config(tmp_path, **{"mix.method": "none", "stage2.sampler": "class-balanced"})
     run = Run(cfg.validate(), WorkerInfo(0, 1, CPU))
@@ -274,7 +276,7 @@ def test_config_json_records_the_classifier_init(capsys):
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_a_run_with_a_probe_head_a_crt_stage_and_adjusted_metrics(tmp_path):
     from lfm_ray.head_init import initialise_classifier
-    from lfm_ray.train import load_state
+    from lfm_ray.worker.checkpoint import load_state
 
     # Stage 1 at a learning rate that leaves the class weights where they started.
     cfg = small_config(tmp_path, **{"stage1.finetune": "classifier",

@@ -23,7 +23,7 @@ def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
     for key in CPU_KEYS:
         assert key in result and result[key] > 0, key
     assert result["machine"]["cpus"] >= 1 and "torch" in result["machine"]
-    from lfm_ray.bench import INFO
+    from lfm_ray.commands.benchmarks import INFO
 
     assert set(result["targets_met"]) >= set(CPU_KEYS) - set(INFO)
     assert "sampler_speedup" in capsys.readouterr().out
@@ -33,7 +33,7 @@ def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
 def test_gpu_figures_code_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     """The GPU part's own code (fabricated CIFAR-100 pickles, the trainer's epoch, packed
     trial processes, the reference DataLoader) on the CPU with the tiny model; CI has no GPU."""
-    from lfm_ray.bench import bench_gpu
+    from lfm_ray.commands.benchmarks import bench_gpu
 
     out = bench_gpu(tmp_path, seconds=0.2, device="cpu", model="tiny", per_class=100, batch=16,
                     packed_trials=2, paper_batch=8, large_model="tiny")
@@ -52,7 +52,7 @@ def test_an_unknown_part_is_one_clear_error(capsys):
 
 def test_the_help_names_every_part_the_bench_runs():
     """--help lists the parts from its own light copy; it must be the bench's list."""
-    from lfm_ray.bench import PARTS
+    from lfm_ray.commands.benchmarks import PARTS
     from lfm_ray.commands.bench import PART_NAMES
 
     assert PART_NAMES == PARTS

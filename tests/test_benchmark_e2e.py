@@ -34,7 +34,7 @@ T_SHIRT, SHIRT = 0, 6  # fashion-lt's class indices
 def local_ray():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -128,7 +128,7 @@ def test_the_study_on_a_users_folder_drops_the_random_row(tmp_path, capsys):
 def ray_instance():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield

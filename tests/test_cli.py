@@ -44,8 +44,9 @@ def test_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys, flag
 
 def test_missing_weights_for_the_documented_real_data_command(tmp_path, capsys, monkeypatch):
     import lfm_ray.model
+    import lfm_ray.weights
 
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(lfm_ray.weights, "hub_reachable", lambda timeout_s=3.0: False)
     # The weights are checked first (they decide the cache size), then the data.
     command = ["train", "--dataset", "cifar100-lt", "--data-root", str(tmp_path / "none"),
                "--model", "ViT-B-32", "--pretrained", "openai", "--output", str(tmp_path / "o")]
@@ -64,7 +65,7 @@ def test_missing_weights_for_the_documented_real_data_command(tmp_path, capsys, 
 def ray_instance():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -31,7 +31,7 @@ def test_strings_from_the_command_line_are_coerced():
 
 
 def test_compile_is_on_off_or_automatic():
-    from lfm_ray.train import compile_encoder
+    from lfm_ray.worker.loop import compile_encoder
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     auto = RunConfig()

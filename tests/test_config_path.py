@@ -296,7 +296,7 @@ def test_tunes_per_trial_tables_wait_for_verbose():
     and errors do not); verbose, its default level shows them again."""
     from ray.tune.experimental.output import AirVerbosity, TuneReporterBase
 
-    from lfm_ray.launch import show_tune_trial_tables
+    from lfm_ray.driver.launch import show_tune_trial_tables
 
     try:
         show_tune_trial_tables(False)

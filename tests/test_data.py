@@ -679,7 +679,7 @@ def test_concurrent_load_arrays_build_once(tmp_path, monkeypatch):
     import threading
     import time
 
-    import lfm_ray.data as data
+    import lfm_ray.data.registry as data
 
     real, builds = data.build_dataset, []
 
@@ -860,10 +860,10 @@ def test_a_truncated_jpeg_names_itself_on_both_paths(tmp_path):
 
 
 def test_the_build_gives_the_same_cache_on_one_thread_and_on_several(tmp_path):
-    """_decode_into on this thread and on a pool, in runs of images, writes the same rows as
+    """decode_into on this thread and on a pool, in runs of images, writes the same rows as
     preprocess_file one image at a time, and marks every row done."""
     from lfm_ray.data.base import ImageList
-    from lfm_ray.data.cache import DECODE_RUN, _decode_into
+    from lfm_ray.data.cache import DECODE_RUN, decode_into
     from lfm_ray.data.preprocess import preprocess_file
 
     rng = np.random.default_rng(4)
@@ -877,7 +877,7 @@ def test_the_build_gives_the_same_cache_on_one_thread_and_on_several(tmp_path):
     for threads in (1, 3):
         out, done = np.zeros_like(expected), np.zeros(len(paths), dtype=bool)
         done[5] = True  # recorded by an earlier build: left as it is
-        _decode_into(out, ImageList(paths), image, "test", done, threads=threads)
+        decode_into(out, ImageList(paths), image, "test", done, threads=threads)
         assert done.all()
         assert not out[5].any()
         assert np.array_equal(np.delete(out, 5, axis=0), np.delete(expected, 5, axis=0))

@@ -171,9 +171,10 @@ def test_data_command_prints_gamma_for_the_run_defaults_and_given_values(capsys)
 
 def test_data_command_skips_gamma_in_one_line_without_the_weights(capsys, monkeypatch):
     import lfm_ray.model
+    import lfm_ray.weights
 
     # As on a machine whose hub cache lacks the weights (the command never downloads).
-    monkeypatch.setattr(lfm_ray.model, "_missing", lambda hub, cache_dir: list(hub.needed))
+    monkeypatch.setattr(lfm_ray.weights, "missing_files", lambda hub, cache_dir: list(hub.needed))
     assert main(["data", "digits-lt", "--model", "ViT-B-32", "--pretrained", "openai"]) == 0
     out = capsys.readouterr().out
     assert "imbalance ratio" in out and "γ′ =" not in out

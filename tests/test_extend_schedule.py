@@ -34,7 +34,7 @@ def cosine(t: int, total: int, start: float = 0.01, end: float = 0.0001) -> floa
 
 
 def test_segments_follow_the_recorded_extensions():
-    from lfm_ray.rerun import schedule_segments
+    from lfm_ray.driver.rerun import schedule_segments
 
     cfg = RunConfig().override({"stage1.epochs": 2, "stage2.epochs": 5})
     assert schedule_segments(cfg, []) == {}

@@ -464,13 +464,14 @@ def test_a_run_without_auxiliary_classes_records_none(tmp_path):
 
 
 def worker_run(cfg):
-    from lfm_ray.train import Run, WorkerInfo
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
 
     return Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
 
 
 def test_the_head_loss_and_mixer_span_all_classes_and_inference_only_the_targets(tmp_path):
-    from lfm_ray.train import _mixer, stage_plan
+    from lfm_ray.worker.loop import _mixer, stage_plan
 
     cfg = small(tmp_path, **{"mix.method": "lfm"})
     run = worker_run(cfg)
@@ -504,7 +505,7 @@ def test_silence_none_trains_the_configured_loss_over_all_classes(tmp_path):
 
 
 def test_a_resumed_run_draws_the_subsets_an_uninterrupted_one_does(tmp_path):
-    from lfm_ray.train import load_state
+    from lfm_ray.worker.checkpoint import load_state
     from test_train import fit_local
 
     cfg = small(tmp_path, **{"stage1.epochs": 2, "stage2.epochs": 1, "aux.max_per_class": 5})

@@ -273,7 +273,8 @@ def test_classifier_mode_trains_class_weights_initialised_from_the_text_features
 # ---- the trainer: what receives gradients, what the optimiser holds, the counts -----------------
 @pytest.mark.parametrize("mode", FINETUNE_MODES)
 def test_exactly_the_modes_parameters_receive_gradients(tmp_path, tiny, mode):
-    from lfm_ray.train import Run, WorkerInfo, prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.loop import Run, prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     cfg = small_config(tmp_path, **{"stage1.finetune": mode}).validate()
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=CPU))
@@ -295,7 +296,10 @@ def test_exactly_the_modes_parameters_receive_gradients(tmp_path, tiny, mode):
 
 @pytest.mark.parametrize("mode", FINETUNE_MODES)
 def test_each_mode_trains_end_to_end_and_records_its_count(tmp_path, tiny, mode):
-    from lfm_ray.train import RESULT_FILE, Run, WorkerInfo, load_state
+    from lfm_ray.contract import RESULT_FILE
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
+    from lfm_ray.worker.checkpoint import load_state
 
     cfg = small_config(tmp_path, **{"stage1.finetune": mode})
     result = fit_local(cfg, tmp_path / "ckpt")
@@ -331,7 +335,7 @@ def test_each_mode_trains_end_to_end_and_records_its_count(tmp_path, tiny, mode)
 def test_a_lightweight_run_resumes_as_an_uninterrupted_one(tmp_path):
     cfg = small_config(tmp_path, **{"stage1.finetune": "lora", "stage1.epochs": 2,
                                     "stage2.epochs": 1})
-    from lfm_ray.train import load_state
+    from lfm_ray.worker.checkpoint import load_state
 
     full = fit_local(cfg, tmp_path / "full")
     fit_local(cfg, tmp_path / "part", stop_after_epoch=1)

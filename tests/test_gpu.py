@@ -27,7 +27,8 @@ def test_batches_built_on_the_gpu_match_the_cpu():
 
 
 def _one_epoch(cfg: RunConfig, device: str):
-    from lfm_ray.train import Run, Stage, WorkerInfo, prepare_stage, train_epoch
+    from lfm_ray.worker.loop import Run, Stage, prepare_stage, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device(device)))
     stage = Stage(number=1, first_epoch=1, epochs=1)
@@ -53,7 +54,8 @@ def test_a_bf16_epoch_on_the_gpu_matches_the_fp32_epoch_on_the_cpu(tmp_path):
 
 def test_the_compiled_encoder_gives_the_eager_logits(tmp_path):
     from lfm_ray.patch_embed import PatchConv2d
-    from lfm_ray.train import Run, WorkerInfo
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
 
     cache = str(tmp_path / "cache")
     info = WorkerInfo(rank=0, world_size=1, device=torch.device("cuda"))

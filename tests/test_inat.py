@@ -168,7 +168,8 @@ def test_inat_trains_with_the_taxonomy_similarity_and_selects_on_the_hold_out(in
     from test_train import fit_local, small_config
 
     from lfm_ray.similarity import taxonomy_similarity
-    from lfm_ray.train import Run, WorkerInfo
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
 
     cfg = small_config(tmp_path, **{"data.name": "inat2018", "data.root": str(inat),
                                     "mix.method": "lfm", "mix.similarity": "taxonomy",

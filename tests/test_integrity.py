@@ -24,7 +24,7 @@ from lfm_ray.cli import main
 from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.data import data_fingerprint, load_arrays, run_data_fingerprint
 from lfm_ray.errors import LfmError
-from lfm_ray.rerun import plan_train_rerun, record
+from lfm_ray.driver.rerun import plan_train_rerun, record
 from lfm_ray.safe_load import load_state_file
 from test_bad_inputs import Payload
 
@@ -199,7 +199,7 @@ def test_plan_refuses_leftovers_without_a_record_and_a_broken_record(tmp_path):
 def ray_instance():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -307,8 +307,8 @@ def test_checkpoint_loaders_refuse_a_payload(tmp_path, capsys, ray_instance):
         load_state_file(evil)
 
     from lfm_ray.analysis.load import _dataset_class_info
-    from lfm_ray.stage1 import load_stage1
-    from lfm_ray.train import load_state
+    from lfm_ray.worker.checkpoint import load_stage1
+    from lfm_ray.worker.checkpoint import load_state
 
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lfm_ray.model
+import lfm_ray.weights
 from lfm_ray.config import ModelConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.model import ImageSpec, LFMClassifier, build_classifier, build_clip, text_features
@@ -26,7 +27,7 @@ def tiny():
 @pytest.fixture
 def no_network(monkeypatch):
     """The hub probe answers "unreachable" (as on the test machine), whatever the network."""
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(lfm_ray.weights, "hub_reachable", lambda timeout_s=3.0: False)
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def never_probe(monkeypatch):
     """Fails the test if the build even asks whether the hub can be reached."""
     def probe(timeout_s=3.0):
         raise AssertionError("the hub was probed although everything was cached")
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", probe)
+    monkeypatch.setattr(lfm_ray.weights, "hub_reachable", probe)
 
 
 def stage_in_hub_cache(cache, repo: str, contents: dict[str, bytes]) -> None:
@@ -297,7 +298,7 @@ def test_a_failed_hub_download_is_an_error_not_random_weights(tmp_path, monkeypa
     """open_clip itself would log the failure and build the hf-hub model with random weights."""
     import open_clip.pretrained as pre
 
-    monkeypatch.setattr(lfm_ray.model, "_hub_reachable", lambda timeout_s=3.0: True)
+    monkeypatch.setattr(lfm_ray.weights, "hub_reachable", lambda timeout_s=3.0: True)
 
     def refuse(model_id, filename=None, revision=None, cache_dir=None):
         raise FileNotFoundError(f"Failed to download file ({filename}) for {model_id}")

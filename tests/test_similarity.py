@@ -13,9 +13,10 @@ import torch
 from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.mixing import build_mixer, class_sampling_matrix, local_sampling_matrix
+from lfm_ray.resolved import resolved_choices
 from lfm_ray.similarity import (
     Source, check_similarity, cosine_similarity, image_prototype_similarity, parse_similarity,
-    read_similarity_file, read_taxonomy_file, resolved_choices, similarity_source,
+    read_similarity_file, read_taxonomy_file, similarity_source,
     taxonomy_similarity,
 )
 
@@ -101,14 +102,15 @@ def test_checks_refuse_what_a_run_cannot_have(tmp_path):
     cfg = RunConfig(data=DataConfig("digits-lt")).override({"mix.similarity": "text:ViT-B-32:openai",
                                 "model.cache_dir": str(tmp_path / "hub")})
     import lfm_ray.model
+    import lfm_ray.weights
 
-    saved = lfm_ray.model._hub_reachable
-    lfm_ray.model._hub_reachable = lambda timeout_s=3.0: False
+    saved = lfm_ray.weights.hub_reachable
+    lfm_ray.weights.hub_reachable = lambda timeout_s=3.0: False
     try:
         with pytest.raises(LfmError, match="text:ViT-B-32:openai.*are not cached"):
             check_similarity(cfg, weights=True)
     finally:
-        lfm_ray.model._hub_reachable = saved
+        lfm_ray.weights.hub_reachable = saved
 
 
 # ---- S against direct computations --------------------------------------------------------
@@ -268,7 +270,8 @@ def test_taxonomy_files_map_names_or_list_paths(tmp_path):
 
 # ---- each source trains on the embedded set --------------------------------------------------
 def _run(cfg):
-    from lfm_ray.train import Run, WorkerInfo
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
 
     torch.set_num_threads(1)
     return Run(cfg.validate(), WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
@@ -332,7 +335,7 @@ def test_each_source_gives_s_and_trains_lfm_end_to_end(tmp_path, source):
     P = class_sampling_matrix(S, cfg.stage1.tau).float()
     assert torch.allclose(run.sampling_matrix(), P, atol=1e-6)
     # The stage's mixer draws from the same P, and the whole two-stage run trains.
-    from lfm_ray.train import _mixer, stage_plan
+    from lfm_ray.worker.loop import _mixer, stage_plan
 
     assert torch.allclose(_mixer(run, stage_plan(cfg)[0]).P.float(), P, atol=1e-6)
     result = fit_local(cfg, tmp_path / "ckpt")
@@ -415,8 +418,9 @@ def test_the_check_before_a_run_reads_only_the_header_of_a_npy(tmp_path):
 def test_relative_files_are_read_from_where_the_run_was_started(tmp_path, monkeypatch):
     """Ray runs trials and workers in folders of their own: the trainer reads a relative
     similarity file from the launch folder it is given (launch.launch_dir)."""
-    from lfm_ray.launch import launch_dir
-    from lfm_ray.train import Run, WorkerInfo
+    from lfm_ray.driver.launch import launch_dir
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
 
     S = np.eye(10) * 0.5
     np.save(tmp_path / "S.npy", S)

@@ -104,7 +104,7 @@ def test_script_reports_a_bad_seed_list_with_exit_2(tmp_path, capsys):
 def local_ray():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -205,7 +205,7 @@ def test_trial_resources_follow_where_the_trial_trains(tmp_path):
 
 
 def test_default_trial_workers(monkeypatch):
-    from lfm_ray.launch import default_trial_workers
+    from lfm_ray.driver.launch import default_trial_workers
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert default_trial_workers(None, 0.0) == 0
@@ -231,7 +231,7 @@ def test_lean_trainer_drops_only_the_unused_run_actors(tmp_path, monkeypatch):
         PlacementGroupCleanerCallback,
     )
 
-    from lfm_ray.launch import LOCAL_FLAG, make_trainer
+    from lfm_ray.driver.launch import LOCAL_FLAG, make_trainer
 
     def kinds(local: bool) -> set[type]:
         monkeypatch.setenv(LOCAL_FLAG, "1" if local else "0")

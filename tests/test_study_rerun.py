@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 def local_ray():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -185,7 +185,7 @@ def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatc
     from ray.train.torch import TorchTrainer
 
     from lfm_ray.config import DataConfig, RunConfig
-    from lfm_ray.launch import _lean_trainer_class, fit_run
+    from lfm_ray.driver.launch import _lean_trainer_class, fit_run
 
     real_import = builtins.__import__
 
@@ -193,7 +193,7 @@ def test_stock_torch_trainer_when_rays_private_modules_move(tmp_path, monkeypatc
         # As if a later Ray had moved the private modules lfm-ray reaches for (Ray's own
         # imports of them still work).
         if name.startswith("ray.train.v2._internal") and \
-                (globals or {}).get("__name__") == "lfm_ray.launch":
+                (globals or {}).get("__name__") == "lfm_ray.driver.launch":
             raise ImportError(f"No module named {name!r}")
         return real_import(name, globals, *args, **kwargs)
 

@@ -84,7 +84,7 @@ def test_auto_is_clip_for_clip_models_and_none_for_timm_models():
     ({"model.text": "bert"}, "unknown text encoder"),
 ])
 def test_what_cannot_work_is_refused_before_anything_runs(values, message):
-    from lfm_ray.launch import check_names
+    from lfm_ray.driver.launch import check_names
 
     with pytest.raises(LfmError, match=message):
         check_names(config(**values).validate())
@@ -126,7 +126,8 @@ def test_clip_keeps_its_own_tower_and_no_bridge():
 
 
 def test_similarity_auto_reads_the_text_encoder_on_a_timm_model():
-    from lfm_ray.similarity import resolved_choices, similarity_source
+    from lfm_ray.resolved import resolved_choices
+    from lfm_ray.similarity import similarity_source
 
     cfg = config(**{"model.name": TIMM_TEST, "model.text": "glove"})
     assert similarity_source(cfg).kind == "text" and similarity_source(cfg).model is None

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lfm_ray.config import DataConfig, RunConfig
-from lfm_ray.train import (
-    METRIC_KEYS, RESULT_FILE, STATE_FILE, accuracy_summary, load_state, seeded_generator,
-    stage_plan, steps_per_epoch,
-)
+from lfm_ray.contract import METRIC_KEYS, RESULT_FILE, STATE_FILE
+from lfm_ray.worker.loop import accuracy_summary, stage_plan, steps_per_epoch
+from lfm_ray.worker.checkpoint import load_state
+from lfm_ray.worker.distributed import seeded_generator
 
 
 def small_config(tmp_path, **overrides) -> RunConfig:
@@ -31,7 +31,7 @@ def fit_local(cfg: RunConfig, checkpoint_dir, **extra):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from lfm_ray.train import train_loop_per_worker
+    from lfm_ray.worker.loop import train_loop_per_worker
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -174,7 +174,8 @@ def test_pre_resized_cache_gives_the_logits_of_the_batch_resize(tmp_path):
 
 
 def _run_in_process(cfg):
-    from lfm_ray.train import Run, WorkerInfo
+    from lfm_ray.worker.loop import Run
+    from lfm_ray.worker.distributed import WorkerInfo
 
     return Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))
 
@@ -189,7 +190,7 @@ def test_the_runs_loss_is_built_at_the_runs_logit_scale(tmp_path):
 
 
 def test_concutmix_in_the_trainer_warms_up_per_stage_then_uses_the_semantic_label(tmp_path):
-    from lfm_ray.train import prepare_stage, train_epoch
+    from lfm_ray.worker.loop import prepare_stage, train_epoch
 
     cfg = small_config(tmp_path, **{"mix.method": "concutmix", "mix.concutmix_prob": 1.0,
                                     "stage1.epochs": 2, "stage2.epochs": 2,
@@ -247,7 +248,7 @@ def results_by_epoch(checkpoint_dir, epochs) -> dict[int, dict]:
 
 def count_evaluations(monkeypatch) -> list[str]:
     """The splits Run.evaluate is called on, in order (the loop runs in this process)."""
-    from lfm_ray.train import Run
+    from lfm_ray.worker.loop import Run
 
     calls: list[str] = []
     real = Run.evaluate
@@ -293,7 +294,7 @@ def direct_accuracy(cfg: RunConfig, state: dict, split: str):
 def test_selection_on_val_every_epoch_and_test_at_the_end_of_each_stage(tmp_path, monkeypatch):
     from lfm_ray import confusion
     from lfm_ray.mixing import local_sampling_matrix
-    from lfm_ray.train import VAL_METRIC_KEYS, metric_keys
+    from lfm_ray.contract import VAL_METRIC_KEYS, metric_keys
 
     write_folder_with_val(tmp_path / "data")
     cfg = small_config(tmp_path, **{"data.name": "folder", "data.root": str(tmp_path / "data"),
@@ -333,7 +334,7 @@ def test_selection_on_val_every_epoch_and_test_at_the_end_of_each_stage(tmp_path
 
 
 def test_selection_on_test_evaluates_test_once_every_epoch(tmp_path, monkeypatch):
-    from lfm_ray.train import VAL_METRIC_KEYS
+    from lfm_ray.contract import VAL_METRIC_KEYS
 
     from lfm_ray import confusion
 
@@ -361,7 +362,7 @@ def test_confusion_is_kept_up_to_1000_classes_unless_asked():
 
 def test_resolving_the_selection_split():
     from lfm_ray.errors import LfmError
-    from lfm_ray.train import resolve_selection_split, selection_metric
+    from lfm_ray.contract import resolve_selection_split, selection_metric
 
     assert resolve_selection_split("auto", True, "places-lt") == "val"
     assert resolve_selection_split("auto", False, "digits-lt") == "test"
@@ -374,17 +375,17 @@ def test_resolving_the_selection_split():
 
 
 def test_val_on_a_data_set_without_one_fails_in_the_driver_before_ray(tmp_path, monkeypatch):
-    import lfm_ray.launch
+    import lfm_ray.driver.launch
     from lfm_ray.errors import LfmError
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(lfm_ray.launch, "init_ray", no_ray)
+    monkeypatch.setattr(lfm_ray.driver.launch, "init_ray", no_ray)
     cfg = small_config(tmp_path, **{"data.selection_split": "val"})
     with pytest.raises(LfmError, match="data.selection_split='val', but data set 'digits-lt' "
                                        "has no validation split"):
-        lfm_ray.launch.fit_run(cfg, tmp_path / "out")
+        lfm_ray.driver.launch.fit_run(cfg, tmp_path / "out")
 
 
 # ---- stage 2 from a shared stage 1 -----------------------------------------------------------
@@ -398,7 +399,7 @@ def without(record: dict, keys=TIMING + ("stage1_from",)) -> dict:
 def test_branches_start_from_the_shared_stage_1_and_equal_a_full_run(tmp_path, monkeypatch):
     import copy
 
-    import lfm_ray.train
+    import lfm_ray.worker.loop
 
     base = small_config(tmp_path, **{"stage1.epochs": 2, "stage2.epochs": 2})
     # The shared stage 1: its own stage 2 (τ = 1) never runs.
@@ -410,14 +411,14 @@ def test_branches_start_from_the_shared_stage_1_and_equal_a_full_run(tmp_path, m
 
     starts: dict[str, dict] = {}
     now = {"run": ""}
-    real_prepare = lfm_ray.train.prepare_stage
+    real_prepare = lfm_ray.worker.loop.prepare_stage
 
     def recording_prepare(run, stage, steps):
         if stage.number == 2:  # the weights stage 2 starts from
             starts[now["run"]] = copy.deepcopy(run.model.state_dict())
         return real_prepare(run, stage, steps)
 
-    monkeypatch.setattr(lfm_ray.train, "prepare_stage", recording_prepare)
+    monkeypatch.setattr(lfm_ray.worker.loop, "prepare_stage", recording_prepare)
     runs = {}
     for name, tau, extra in (("a", 0.05, {"stage1_from": stage1_ckpt}),
                              ("b", 0.5, {"stage1_from": stage1_ckpt}),
@@ -458,7 +459,8 @@ def test_branches_start_from_the_shared_stage_1_and_equal_a_full_run(tmp_path, m
 
 def test_a_branch_refuses_a_stage_1_that_is_not_its_own(tmp_path):
     from lfm_ray.errors import LfmError
-    from lfm_ray.stage1 import load_stage1, stage1_key
+    from lfm_ray.worker.checkpoint import load_stage1
+    from lfm_ray.stage1 import stage1_key
 
     base = small_config(tmp_path, **{"stage1.epochs": 1, "stage2.epochs": 1})
     fit_local(base, tmp_path / "full")
@@ -484,7 +486,7 @@ def test_a_branch_refuses_a_stage_1_that_is_not_its_own(tmp_path):
 def ray_instance():
     import ray
 
-    from lfm_ray.launch import init_ray
+    from lfm_ray.driver.launch import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -498,7 +500,7 @@ def test_lfm_ray_train_files_for_a_shared_stage_1_and_its_branch(tmp_path, ray_i
 
     from lfm_ray import confusion
     from lfm_ray.commands.train import format_table
-    from lfm_ray.launch import fit_run
+    from lfm_ray.driver.launch import fit_run
     from lfm_ray.stage1 import stage1_key
 
     # Ray Train's local mode (no worker group): the files are what is tested here.
@@ -536,7 +538,8 @@ def test_lfm_ray_train_files_for_a_shared_stage_1_and_its_branch(tmp_path, ray_i
 def one_step_gradients(tmp_path, stage_number: int, **overrides):
     """(loss, {name: gradient}) of one optimiser step of the trainer's epoch loop, from the
     same initial weights (the run's seed), captured as the optimiser gets them."""
-    from lfm_ray.train import Run, WorkerInfo, prepare_stage, train_epoch
+    from lfm_ray.worker.loop import Run, prepare_stage, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     cfg = small_config(tmp_path, **overrides).validate()
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device("cpu")))

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from lfm_ray.augment import BatchBuilder, five_crops
 from lfm_ray.errors import LfmError
 from lfm_ray.model import ImageSpec
-from lfm_ray.train import (
-    CLASS_KEYS, HMEAN_FLOOR, METRIC_KEYS, VAL_METRIC_KEYS, Run, WorkerInfo, accuracy_summary,
-    fivecrop_size,
-)
+from lfm_ray.contract import CLASS_KEYS, HMEAN_FLOOR, METRIC_KEYS, VAL_METRIC_KEYS
+from lfm_ray.worker.loop import Run, accuracy_summary, fivecrop_size
+from lfm_ray.worker.distributed import WorkerInfo
 from test_train import small_config
 
 CPU = torch.device("cpu")

@@ -46,6 +46,7 @@ from lfm_ray.analysis.load import (
     is_numeric_param, load_study, shown_path, trial_confusion, trial_result,
 )
 from lfm_ray.analysis.power import detectable_text
+from lfm_ray.config import flatten
 from lfm_ray.errors import LfmError
 
 CHROMES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -912,17 +913,6 @@ LAYER_NAMES = (("flags", "command-line flag"), ("smoke", "--smoke"),
                ("fixed", "the study script"), ("file", "--config file"))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out
-
-
 def config_sources(study: StudyResults) -> dict[str, str]:
     """dotted field → what set it in this study (the preset, a --config file, the study
     script, --smoke, a flag, the method, or the sweep; each over the one before) for every
@@ -962,7 +952,7 @@ def _config_html(study: StudyResults) -> str:
         return "<p>The base run configuration was not recorded.</p>"
     sources = config_sources(study)
     rows = []
-    for name, value in sorted(_flatten(base).items()):
+    for name, value in sorted(flatten(base).items()):
         src = sources.get(name)
         cls = " class='set'" if src else ""
         rows.append(f"<tr><td{cls}>{_esc(name)}</td><td>{_esc(json.dumps(value, default=str))}"

@@ -99,15 +99,14 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
     from lfm_ray.text import has_text
     from lfm_ray.data import load_arrays, run_options
     from lfm_ray.finetune import prepare
+    from lfm_ray.model import seeded_build
 
     dev = torch.device(device)
     # As in training: the model first, since its input size is the size lazily decoded
     # data sets are cached at; then the class names for the text features.
-    with torch.random.fork_rng(devices=[]):
-        # The trainer seeds before building, so a randomly initialised backbone (the tiny
-        # test model) is the same one here: its zero-shot features are the trial's.
-        torch.manual_seed(cfg.runtime.seed)
-        backbone, spec = build_backbone(cfg.model, dev)  # open_clip, or a timm: model
+    # Seeded as the trainer seeds, so a randomly initialised backbone (the tiny test model) is
+    # the same one here: its zero-shot features are the trial's. Open_clip, or a timm: model.
+    backbone, spec = seeded_build(cfg.runtime.seed, lambda: build_backbone(cfg.model, dev))
     data = cfg.data
     arrays = load_arrays(data.name, root=data.root, image=spec,
                          cache_dir=data.cache_dir,
@@ -121,10 +120,10 @@ def features_of(cfg, state: dict | None, classes: Sequence[int | str], per_class
         try:
             model.load_weights(state)
         except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
-            from lfm_ray.model import _reason
+            from lfm_ray.weights import load_failure_reason
 
             raise LfmError(f"the checkpoint's weights do not fit the model its config names "
-                           f"({cfg.model.name}): {_reason(exc)}") from None
+                           f"({cfg.model.name}): {load_failure_reason(exc)}") from None
     model.to(dev)
     model.eval()
     split = split or "test"  # the reported split

@@ -9,7 +9,7 @@ from pathlib import Path
 from lfm_ray.errors import LfmError
 
 
-# lfm_ray.bench.PARTS, named here so that --help imports nothing heavy (a test keeps the two
+# lfm_ray.commands.benchmarks.PARTS, named here so that --help imports nothing heavy (a test keeps the two
 # lists equal).
 PART_NAMES = ("sampler", "sampler_inat", "cache_build", "cache_memory", "stage_cost",
               "data_share", "sweep", "laptop", "shared_stage1", "study_overhead",
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="speed benchmarks against a reference-style pipeline",
         description="Measure each figure beside its baseline in one run; "
-                    "see lfm_ray/bench.py for what each claims.")
+                    "see lfm_ray/commands/benchmarks.py for what each claims.")
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes: 1,200 JPEGs, a 200-trial study, a smaller τ study, no "
                         "worker-group trials (about 10 minutes on 2 cores)")
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lfm_ray.bench import PARTS, run_bench, summary
+    from lfm_ray.commands.benchmarks import PARTS, run_bench, summary
     from lfm_ray.commands.paths import check_output_file
 
     only = None

@@ -114,7 +114,8 @@ def gamma_config(args: argparse.Namespace, dataset: str | None = None):
     if dataset in CHOICES["data.name"]:  # an unknown name is the data set's own error, later
         flags["data.name"] = dataset
     cfg = ConfigLayers(flags=flags).resolve().validate()
-    from lfm_ray.backbones import check_backbone, model_family
+    from lfm_ray.backbones import check_backbone
+    from lfm_ray.families import model_family
 
     if model_family(cfg.model.name) == "clip":
         check_model_name(cfg.model.name, cfg.model.pretrained)  # a typo is an error, not a skip

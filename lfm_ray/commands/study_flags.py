@@ -120,7 +120,7 @@ def study_seeds(args: argparse.Namespace, default: list[int]) -> list[int]:
 def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str | None = None,
                     command: list[str] | None = None, called_by: list[str] | None = None):
     """The Study the flags and a script's plan describe, its base config resolved in layers."""
-    from lfm_ray.launch import default_trial_workers
+    from lfm_ray.driver.launch import default_trial_workers
     from lfm_ray.study import Dim, Study
 
     flags = flag_values(args, several_datasets=True)

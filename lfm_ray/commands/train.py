@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lfm_ray.launch import check_inputs, check_local_resources, config_json, fit_run, is_local
+    from lfm_ray.driver.launch import (
+        check_inputs, check_local_resources, config_json, fit_run, is_local,
+    )
 
     layers = config_layers(args, smoke=args.smoke)
     cfg = layers.resolve().validate()

@@ -34,18 +34,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from lfm_ray.data.base import ImageList, readable
-from lfm_ray.data.cache import DEFAULT_CACHE, PRE_RESIZE_BYTES, _decode_into, cache_key
+from lfm_ray.data.cache import DEFAULT_CACHE, PRE_RESIZE_BYTES, decode_into, cache_key
 from lfm_ray.data.folder import IMAGE_SUFFIXES
-from lfm_ray.data.preprocess import resize_uint8
+from lfm_ray.data.preprocess import ImageSpec, resize_uint8
 from lfm_ray.errors import LfmError
 
-if TYPE_CHECKING:
-    from lfm_ray.model import ImageSpec
 
 NEIGHBOURS_FILE = "neighbours.json"  # where `lfm-ray aux` writes the map, beside the folders
 AUX_CACHE_NAME = "aux"               # the node cache's folder prefix for auxiliary images
@@ -341,7 +339,7 @@ def _build(source: AuxSource, target: Path, image: "ImageSpec | None") -> None:
             out = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8,
                                             shape=(len(source.images), image.size, image.size, 3))
             try:
-                _decode_into(out, source.images, image, "auxiliary images")
+                decode_into(out, source.images, image, "auxiliary images")
             except LfmError as exc:
                 raise LfmError(f"aux.root {source.root!r}: {exc}") from None
             out.flush()

@@ -21,16 +21,14 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from lfm_ray.data.base import ImageList
-from lfm_ray.data.preprocess import preprocess_file, resize_uint8
+from lfm_ray.data.preprocess import ImageSpec, preprocess_file, resize_uint8
 from lfm_ray.errors import LfmError
 
-if TYPE_CHECKING:
-    from lfm_ray.model import ImageSpec
 
 # In-memory sets (digits, CIFAR) are stored resized to the model's input size when that copy
 # stays under this size, so batches skip the per-step resize; larger ones (CIFAR at 224 px is
@@ -108,7 +106,7 @@ PROGRESS_EVERY = 512
 DECODE_RUN = 16
 
 
-def _decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: str,
+def decode_into(out: np.ndarray, images: ImageList, image: "ImageSpec", label: str,
                  done: np.ndarray | None = None,
                  save_progress: Callable[[np.ndarray], None] | None = None,
                  threads: int | None = None) -> None:
@@ -166,7 +164,7 @@ def load_arrays(name: str, root=None, image: "ImageSpec | None" = None, cache_di
     splits: store only these of the data set's splits (the others are None in the result;
     five-crop evaluation keeps val and test at a larger size so); None: all of them.
     """
-    from lfm_ray.data import resolve_options
+    from lfm_ray.data.registry import resolve_options
 
     options = resolve_options(name, options)  # unknown options fail before anything is written
     if image is not None and not hasattr(image, "resize_mode"):
@@ -224,7 +222,7 @@ def make_cache_dir(base: Path) -> None:
 
 def _build(name: str, root: Any, options: dict[str, Any], target: Path,
            image: "ImageSpec | None", only: tuple[str, ...] | None = None) -> None:
-    from lfm_ray.data import build_dataset
+    from lfm_ray.data.registry import build_dataset
 
     ds = build_dataset(name, root, **options)
     stored = [s for s in _splits(ds) if only is None or s in only]
@@ -251,7 +249,7 @@ def _build(name: str, root: Any, options: dict[str, Any], target: Path,
                 print(f"  caching {ds.name} {split}: continuing a stopped build, "
                       f"{int(done.sum())}/{len(images)} images done", flush=True)
             try:
-                _decode_into(out, images, image, f"{ds.name} {split}", done,
+                decode_into(out, images, image, f"{ds.name} {split}", done,
                              lambda d, _p=progress: _save_progress(_p, d))
             except LfmError:
                 # A bad image: the data must change, which gives another cache key, so the

@@ -88,12 +88,12 @@ def _cifar_files(name: str):
 
 def _split_set_files(name: str):
     def source(root: Any, **_: Any) -> Iterator[tuple[Path, str]]:
-        from lfm_ray.data.split_files import SPLIT_SETS, _find_split
+        from lfm_ray.data.split_files import SPLIT_SETS, find_split
 
         prefix = SPLIT_SETS[name][0]
         root_path = Path(root).expanduser()
         for split in ("train", "val", "test"):
-            path = _find_split(root_path, prefix, split)
+            path = find_split(root_path, prefix, split)
             if path is None:
                 yield root_path / f"{prefix}_{split}.txt", HASHED  # enters as missing
                 continue

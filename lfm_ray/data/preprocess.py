@@ -23,6 +23,7 @@ uint8 values times them are exact, so no rounding differs.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +33,6 @@ from lfm_ray.errors import LfmError
 if TYPE_CHECKING:
     import torch
 
-    from lfm_ray.model import ImageSpec
 
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -56,6 +56,28 @@ def check_preprocessing(size: object, resize_mode: object, interpolation: object
             or not 0 <= fill_color <= 255:
         raise LfmError(f"{what}: fill_color {fill_color!r} is not valid; expected an integer "
                        "0..255")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model expects, from its open_clip preprocessing config: the square input size,
+    per-channel mean and std (in [0, 1] units), and how an image is brought to that size:
+    resize_mode (shortest, longest or squash, as open_clip defines them; see
+    lfm_ray/data/preprocess.py), interpolation (bicubic or bilinear) and fill_color (the
+    padding of 'longest'). Those three default to open_clip's own defaults (its PreprocessCfg),
+    which is what a model without them in its config gets from open_clip too."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
+
+    def __post_init__(self) -> None:
+        check_preprocessing(self.size, self.resize_mode, self.interpolation, self.fill_color,
+                            "ImageSpec")
+
 
 
 # ---- image files: Pillow, as open_clip calls it ---------------------------------------------

@@ -75,7 +75,7 @@ def _split_folders(root: Path, prefix: str) -> list[Path]:
     return [root, root / prefix, root / f"{prefix}_v2", root / "data_txt"]
 
 
-def _find_split(root: Path, prefix: str, split: str) -> Path | None:
+def find_split(root: Path, prefix: str, split: str) -> Path | None:
     for folder in _split_folders(root, prefix):
         path = folder / f"{prefix}_{split}.txt"
         if path.is_file():
@@ -148,7 +148,7 @@ def build_split_set(name: str, root=None) -> LongTailDataset:
                        f"(get {source})")
     splits = {}
     for split in ("train", "val", "test"):
-        path = _find_split(root_path, prefix, split)
+        path = find_split(root_path, prefix, split)
         if path is None:
             if split == "val":
                 continue

@@ -19,7 +19,7 @@ from typing import Any
 
 from lfm_ray.study.spec import (
     METHOD, SAMPLERS, SCHEDULERS, SEARCHES, TRACKERS, Dim, Study, config_for, literal,
-    parse_dim, validate,
+    parse_dim,
 )
 
 _LAZY = {
@@ -28,6 +28,7 @@ _LAZY = {
     "write_tables": "tables", "trial_resources": "trial", "trial_driver": "trial",
     "TrialPlan": "trial", "load_study_spec": "record", "study_meta": "record",
     "plan_rerun": "record", "request": "record", "StudyInterrupted": "run",
+    "validate": "checks",
 }
 
 
@@ -38,4 +39,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["METHOD", "SAMPLERS", "SCHEDULERS", "SEARCHES", "TRACKERS", "Dim", "Study",
-           "config_for", "literal", "parse_dim", "validate", *_LAZY]
+           "config_for", "literal", "parse_dim", *_LAZY]

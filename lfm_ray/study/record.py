@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_ray.config import ConfigLayers, RunConfig
+from lfm_ray.config import ConfigLayers, RunConfig, diff, flatten, same_value
 from lfm_ray.errors import LfmError
+from lfm_ray.stage1 import comparable as comparable_fields
 from lfm_ray.study.optuna_storage import storage_kind, storage_record
-from lfm_ray.study.spec import Dim, Study
+from lfm_ray.study.spec import Dim, Study, selection_note
 from lfm_ray.study.storage import LAYOUT, experiment_name, new_study_id, restart_removes
 
 STUDY_FILE = "study.json"
@@ -51,50 +52,15 @@ def request(study: Study) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
-            and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    return a == b
-
-
 def comparable(configs: Any) -> Any:
-    """Base configurations as a rerun compares them: without the fields that change where
-    things live or how fast, not what is learned (lfm_ray.stage1.NOT_STAGE1), with the world
+    """Base configurations as a rerun compares them (lfm_ray.stage1.comparable): without the
+    fields that change where things live or how fast, not what is learned, with the world
     size for the worker count (0, Ray Train's local mode, trains as one rank: the study's
     default on a laptop, 1 with --address or a GPU) and the device kind for the GPU share."""
-    from lfm_ray.stage1 import NOT_STAGE1
-
     if not isinstance(configs, dict):
         return configs
-    out = {}
-    for dataset, cfg in configs.items():
-        if not isinstance(cfg, dict):
-            out[dataset] = cfg
-            continue
-        cfg = {section: dict(values) if isinstance(values, dict) else values
-               for section, values in cfg.items()}
-        for dotted in NOT_STAGE1:
-            section, _, key = dotted.partition(".")
-            if isinstance(cfg.get(section), dict):
-                cfg[section].pop(key, None)
-        rt = cfg.get("runtime")
-        if isinstance(rt, dict):
-            if isinstance(rt.get("num_workers"), int):
-                rt["num_workers"] = max(1, rt["num_workers"])
-            if isinstance(rt.get("gpus_per_worker"), (int, float)):
-                rt["gpus_per_worker"] = "gpu" if rt["gpus_per_worker"] > 0 else "cpu"
-        out[dataset] = cfg
-    return out
+    return {dataset: comparable_fields(flatten(cfg)) if isinstance(cfg, dict) else cfg
+            for dataset, cfg in configs.items()}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -104,10 +70,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
         a, b = old.get(key), new.get(key)
         if key == "base_configs":
             a, b = comparable(a), comparable(b)
-        a, b = flatten(a, key), flatten(b, key)
-        for path in sorted(set(a) | set(b)):
-            if not _same(a.get(path), b.get(path)):
-                out.append((path, a.get(path, "(absent)"), b.get(path, "(absent)")))
+        out += diff(flatten(a, key), flatten(b, key), absent="(absent)")
     return out
 
 
@@ -266,7 +229,7 @@ def _added_points(study: Study, old: dict[str, Any]) -> list[dict[str, Any]]:
         raise LfmError(f"--extend keeps the grid's parameters ({', '.join(old_grid)}); "
                        f"got {', '.join(study.grid)}. Use a new --name or --restart")
     for name, values in old_grid.items():
-        missing = [v for v in values if not any(_same(v, w) for w in study.grid[name])]
+        missing = [v for v in values if not any(same_value(v, w) for w in study.grid[name])]
         if missing:
             raise LfmError(f"--extend only adds values; {name} drops {missing}. "
                            "Use a new --name or --restart")
@@ -298,7 +261,7 @@ def study_meta(study: Study, experiments: list[str],
         "space": {k: v.to_dict() for k, v in study.space.items()},
         "variants": study.variants, "seeds": study.seeds, "num_samples": study.num_samples,
         "metric": study.metric, "mode": study.mode, "objectives": study.objectives,
-        "selection_split": study.selection_split, "selection": _selection_note(study),
+        "selection_split": study.selection_split, "selection": selection_note(study),
         "scheduler": study.scheduler, "sampler": study.sampler,
         "optuna_storage": study.optuna_storage, **storage_record(study),
         "storage_path": study.storage_path,
@@ -316,7 +279,7 @@ def study_meta(study: Study, experiments: list[str],
 def _resolved(study: Study) -> dict[str, Any]:
     """What the settings resolve to (model family, LFM's similarity source): per data set's
     base configuration, and for each grid point that resolves otherwise than its base."""
-    from lfm_ray.similarity import resolved_choices
+    from lfm_ray.resolved import resolved_choices
 
     bases = {d: resolved_choices(c) for d, c in study.base_configs().items()}
     points: list[dict[str, Any]] = []
@@ -346,12 +309,6 @@ def selection_holdouts(study: Study) -> dict[str, Any]:
                      "seed": cfg.data.seed,
                      "image_ids": [int(i) for i in holdout_images(cfg.data.root, cfg.data.seed)]}
     return out
-
-
-def _selection_note(study: Study) -> str:
-    from lfm_ray.study.run import selection_note
-
-    return selection_note(study)
 
 
 def machine() -> dict[str, Any]:

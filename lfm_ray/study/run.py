@@ -22,9 +22,8 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback, TBXLoggerCallback
 
 from lfm_ray.errors import LfmError
-from lfm_ray.launch import (
-    apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs,
-    show_tune_trial_tables, write_json_atomic,
+from lfm_ray.driver.launch import (
+    apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs, show_tune_trial_tables, write_json_atomic,
 )
 from lfm_ray.study import storage
 from lfm_ray.study.optuna_storage import check_storage_choice
@@ -34,7 +33,8 @@ from lfm_ray.study.record import (
 from lfm_ray.study.search import (
     concurrency, param_space, scheduler, search_alg,
 )
-from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, validate
+from lfm_ray.study.checks import validate
+from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, selection_note
 from lfm_ray.study.tables import (
     FINAL_STATUSES, Rows, combine, kept_rows, relative_to_storage, table_from_results,
     write_tables,
@@ -74,7 +74,7 @@ def check_study(study: Study, *, extend: bool = False, restart: bool = False) ->
 def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> dict[str, Any]:
     """What `--dry-run` prints: the checked study as it would run (base configs, grid or space,
     seeds, number of trials, and new / resume / extend / restart). Starts nothing."""
-    from lfm_ray.launch import check_inputs, check_local_resources
+    from lfm_ray.driver.launch import check_inputs, check_local_resources
 
     rerun = check_study(study, extend=extend, restart=restart)
     classes = {}
@@ -98,18 +98,6 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
                         for d in study.datasets()},
             "base_configs": req["base_configs"], "results": str(study.result_dir),
             "experiment": study.experiment_path}
-
-
-def selection_note(study: Study) -> str:
-    """What the study selects on, and on which split it reports (banner, study.json, report)."""
-    if study.selection_split == "val":
-        return (f"selected on {study.metric} (the validation split); test figures (acc_*) "
-                "reported beside it")
-    if any(c.data.selection_split == "test" for c in study.base_configs().values()):
-        return (f"selected on {study.metric} (test): selected on test, as "
-                "data.selection_split test chose (any validation split is not used)")
-    return (f"selected on {study.metric} (test): selected on test: this data set has no "
-            "validation split")
 
 
 def prepare_node_data(study: Study) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_ray.config import ConfigLayers, RunConfig, known_fields
-from lfm_ray.errors import LfmError, unknown_name
+from lfm_ray.config import ConfigLayers, RunConfig
+from lfm_ray.errors import LfmError
 
 ALWAYS_COLUMNS = ("data.name", "model.name", "loss.name", "mix.method")
 SEARCHES = ("grid", "optuna", "random")
@@ -231,95 +231,12 @@ def join_path(root: str, name: str) -> str:
     return str(Path(root).resolve() / name)
 
 
-# ---- checks before any trial starts ---------------------------------------------------------
-def validate(study: Study) -> None:
-    """One clear error for the first problem, before Ray starts and before anything is written."""
-    from lfm_ray.launch import check_names  # light: names only, registries load on demand
-
-    from lfm_ray.study.storage import check_folders, check_name
-
-    check_name(study.name)
-    if study.search not in SEARCHES:
-        raise unknown_name("search", study.search, SEARCHES)
-    if study.scheduler not in SCHEDULERS:
-        raise unknown_name("scheduler", study.scheduler, SCHEDULERS)
-    if study.sampler not in SAMPLERS:
-        raise unknown_name("Optuna sampler", study.sampler, SAMPLERS)
-    for tracker in study.trackers:
-        if tracker not in TRACKERS:
-            raise unknown_name("tracker", tracker, TRACKERS)
-    if study.share_stage1 and study.search != "grid":
-        raise LfmError("a shared stage 1 needs a grid study (its trials are known in advance); "
-                       f"this is a {study.search} search")
-    if study.mode not in ("max", "min"):
-        raise LfmError(f"mode {study.mode!r} is not valid; expected 'max' or 'min'")
-    if study.max_concurrent is not None and study.max_concurrent < 1:
-        raise LfmError(f"max_concurrent={study.max_concurrent} is not valid; expected an "
-                       "integer >= 1 (or leave it out: as many as the resources allow)")
-    if study.max_failures < 0:
-        raise LfmError(f"max_failures={study.max_failures} is not valid; expected >= 0")
-    from lfm_ray.train import OBJECTIVE_KEYS
-
-    for m in [study.metric, *study.objectives]:
-        if m is not None and m not in OBJECTIVE_KEYS:
-            raise unknown_name("metric", m, OBJECTIVE_KEYS)
-    if study.scheduler == "asha" and len(study.objectives) > 1:
-        raise LfmError("ASHA stops trials on one metric; use scheduler 'none' with several objectives")
-    if len(study.objectives) > 1 and study.search != "optuna":
-        raise LfmError("several objectives need search 'optuna' (its Pareto front)")
-    if not study.seeds:
-        raise LfmError("seeds is empty; give at least one seed")
-    if len(set(study.seeds)) != len(study.seeds):
-        raise LfmError(f"seeds {study.seeds} repeat a seed; give each seed once")
-    if study.search == "optuna" and len(study.seeds) > 1:
-        raise LfmError(f"an Optuna search trains each configuration it samples once, with one "
-                       f"seed (also its sampler's); got seeds {study.seeds}: give one seed")
-    fields = set(known_fields())
-    if study.search == "grid":
-        if not study.grid:
-            raise LfmError("the grid is empty; give at least one parameter with values")
-        for name, values in study.grid.items():
-            if not isinstance(values, (list, tuple)) or len(values) == 0:
-                raise LfmError(f"grid parameter {name!r} has no values; give a non-empty list")
-            if len(set(map(repr, values))) != len(values):
-                raise LfmError(f"grid parameter {name!r} repeats a value: {list(values)}")
-            if name == METHOD:
-                missing = [v for v in values if v not in study.variants]
-                if missing:
-                    raise unknown_name("method", missing[0], list(study.variants))
-                continue
-            if name not in fields:
-                raise unknown_name("study parameter", name, sorted(fields))
-            if name == SEED:
-                raise LfmError("give seeds with --seeds (the study's seeds), not as a grid "
-                               "parameter")
-    else:
-        if not study.space:
-            raise LfmError(f"search {study.search!r} needs a space; give at least one dimension")
-        if study.num_samples < 1:
-            raise LfmError(f"num_samples={study.num_samples} is not valid; expected >= 1")
-        for name, dim in study.space.items():
-            if name not in fields:
-                raise unknown_name("study parameter", name, sorted(fields))
-            dim.check(name)
-            for key in (dim.when or {}):
-                if key not in fields:
-                    raise unknown_name(f"condition of {name}", key, sorted(fields))
-    # Every value a trial could get must make a valid config with known names.
-    for params in corner_points(study):
-        cfg = study.config_for(params).validate()
-        check_names(cfg)
-    check_storage(study.storage_path, "storage path")
-    check_storage(study.results_dir, "results directory")
-    check_folders(study)
-
-
 def resolve_selection(study: Study) -> str:
     """Set the study's selection split (val where its data sets have one, else test) and its
     metric (default val_acc_all or acc_all); refuse a metric on the other split, and data
     sets that would select on different splits. Reads the data sets' layout only."""
     from lfm_ray.data import has_validation_split
-    from lfm_ray.train import ACCURACY_KEYS, resolve_selection_split, selection_metric
+    from lfm_ray.contract import ACCURACY_KEYS, resolve_selection_split, selection_metric
 
     splits = {}
     for name, cfg in study.base_configs().items():
@@ -341,6 +258,18 @@ def resolve_selection(study: Study) -> str:
                        f"{', '.join(splits)} lacks; select on {metric[4:]!r} (test)")
     study.metric, study.selection_split = metric, split
     return split
+
+
+def selection_note(study: Study) -> str:
+    """What the study selects on, and on which split it reports (banner, study.json, report)."""
+    if study.selection_split == "val":
+        return (f"selected on {study.metric} (the validation split); test figures (acc_*) "
+                "reported beside it")
+    if any(c.data.selection_split == "test" for c in study.base_configs().values()):
+        return (f"selected on {study.metric} (test): selected on test, as "
+                "data.selection_split test chose (any validation split is not used)")
+    return (f"selected on {study.metric} (test): selected on test: this data set has no "
+            "validation split")
 
 
 def corner_points(study: Study) -> list[dict[str, Any]]:

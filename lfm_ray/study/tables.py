@@ -14,7 +14,7 @@ import pandas as pd
 
 from lfm_ray.config import RunConfig
 from lfm_ray.study.spec import ALWAYS_COLUMNS, SEED, Study
-from lfm_ray.train import ACCURACY_KEYS, METRIC_KEYS, VAL_METRIC_KEYS  # what epochs report
+from lfm_ray.contract import ACCURACY_KEYS, METRIC_KEYS, VAL_METRIC_KEYS# what epochs report
 
 TRIALS_FILE = "trials.csv"
 BEST_FILE = "best.json"
@@ -257,7 +257,7 @@ def write_tables(study: Study, table: pd.DataFrame, complete: bool = False) -> N
     """trials.csv, replaced atomically; best.json only for a complete study (every trial
     finished or failed): while trials are missing there is no best, so an older best.json
     goes."""
-    from lfm_ray.launch import write_json_atomic
+    from lfm_ray.driver.launch import write_json_atomic
 
     study.result_dir.mkdir(parents=True, exist_ok=True)
     tmp = study.result_dir / (TRIALS_FILE + ".tmp")

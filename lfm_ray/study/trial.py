@@ -77,7 +77,7 @@ def trial_driver(config: dict[str, Any], plan: TrialPlan) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lfm_ray.launch import make_trainer, quiet_ray_logs, unwrap_training_error
+    from lfm_ray.driver.launch import make_trainer, quiet_ray_logs, unwrap_training_error
 
     if not plan.verbose:
         quiet_ray_logs()

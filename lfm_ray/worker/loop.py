@@ -14,7 +14,7 @@ early therefore still carries test figures from its last completed stage. Where 
 selection split is test (no val), test is evaluated every epoch and there are no `val_*`.
 
 A run may train stage 1 only (`stop_after_stage1`) and others start stage 2 from its
-checkpoint (`stage1_from`, checked by `lfm_ray.stage1.load_stage1`): the paper's ablations.
+checkpoint (`stage1_from`, checked by `lfm_ray.worker.checkpoint.load_stage1`): the paper's ablations.
 
 Randomness is drawn from generators seeded by (seed, epoch, rank), so a run resumed at an
 epoch boundary continues exactly as an uninterrupted one would.
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,113 +35,22 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from lfm_ray import confusion
 from lfm_ray.augment import BatchBuilder, DeviceImages
 from lfm_ray.config import RunConfig, StageConfig, with_absolute_paths
+from lfm_ray.contract import (
+    GROUPS, HISTORY_FILE, HMEAN_FLOOR, RESULT_FILE, TEST_KEYS, VAL_METRIC_KEYS, check_batch_size,
+    resolve_selection_split,
+)
 from lfm_ray.errors import LfmError
 from lfm_ray.extrapolation import aux_record, auxiliary_training
 from lfm_ray.head_init import initialise_classifier, resolved_init
 from lfm_ray.patch_embed import patch_convs_as_matmul
-from lfm_ray.stage1 import load_stage1, stage1_key
-
-GROUPS = ("many", "medium", "few")
-# Top-1 on the reported split (test), as fractions; `test_epoch` is the epoch they are from.
-ACCURACY_KEYS = ("acc_many", "acc_medium", "acc_few", "acc_all")
-# LIFT's figures over the classes of that split, as fractions: macro-F1, the harmonic mean of
-# the per-class accuracies (each at least HMEAN_FLOOR) and the worst class's accuracy.
-CLASS_KEYS = ("macro_f1", "acc_hmean", "acc_worst")
-TEST_KEYS = ACCURACY_KEYS + CLASS_KEYS
-# How many numbers each stage trains (lfm_ray.finetune; 0 for a stage of 0 epochs).
-PARAM_KEYS = ("trained_params_stage1", "trained_params_stage2")
-# What every epoch of every run reports.
-METRIC_KEYS = ("epoch", "stage", "train_loss", *TEST_KEYS, "test_epoch", "selection_split",
-               *PARAM_KEYS)
-# Reported as well, every epoch, by runs that select on the val split.
-VAL_METRIC_KEYS = tuple(f"val_{k}" for k in TEST_KEYS)
-# The numeric figures a study may select or stop on.
-OBJECTIVE_KEYS = ("train_loss", *TEST_KEYS, *VAL_METRIC_KEYS)
-# A class of accuracy 0 enters the harmonic mean as this (LIFT's 0.001 %), so the mean is
-# defined and close to 0 rather than exactly 0.
-HMEAN_FLOOR = 1e-5
-SELECTION_SPLITS = ("auto", "val", "test")
-STATE_FILE = "state.pt"      # model, optimiser and scheduler state at the end of an epoch
-RESULT_FILE = "result.json"  # that epoch's metrics and per-class accuracy
-HISTORY_FILE = "history.json"  # every epoch's metrics so far, one dict per epoch
-
-
-def resolve_selection_split(requested: str, has_val: bool, dataset: str) -> str:
-    """'val' or 'test': `data.selection_split` for a data set with or without a val split."""
-    if requested not in SELECTION_SPLITS:
-        raise LfmError(f"data.selection_split={requested!r} is not valid; expected "
-                       "'auto', 'val' or 'test'")
-    if requested == "auto":
-        return "val" if has_val else "test"
-    if requested == "val" and not has_val:
-        raise LfmError(f"data.selection_split='val', but data set {dataset!r} has no "
-                       "validation split; use 'auto' or 'test' (select on test)")
-    return requested
-
-
-def metric_keys(selection_split: str) -> tuple[str, ...]:
-    """The keys every epoch of a run with this (resolved) selection split reports."""
-    return METRIC_KEYS + (VAL_METRIC_KEYS if selection_split == "val" else ())
-
-
-def selection_metric(metric: str, selection_split: str) -> str:
-    """The reported name of `metric` (acc_all, acc_few, ...) on the selection split."""
-    if metric in TEST_KEYS and selection_split == "val":
-        return f"val_{metric}"
-    return metric
-
-
-# ---- workers ------------------------------------------------------------------------------
-@dataclass
-class WorkerInfo:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def worker_info(cfg: RunConfig, in_tune_trial: bool = False) -> WorkerInfo:
-    """Rank, world size and device of this worker. A loop in a Tune trial's own process
-    (local mode) is the only rank; Ray refuses `ray.train` calls inside a Tune trial."""
-    import ray.train
-
-    if in_tune_trial:
-        device = torch.device("cuda", 0) if cfg.runtime.gpus_per_worker > 0 \
-            and torch.cuda.is_available() else torch.device("cpu")
-        return WorkerInfo(rank=0, world_size=1, device=device)
-    ctx = ray.train.get_context()
-    if cfg.runtime.gpus_per_worker > 0 and torch.cuda.is_available():
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-    return WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device)
-
-
-def _all_reduce_sum(t: torch.Tensor, info: WorkerInfo) -> torch.Tensor:
-    if info.distributed:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def seeded_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded from integers (seed, epoch, rank, ...), stable across runs."""
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p) + 1) % (2**61 - 1)
-    return torch.Generator().manual_seed(seed)
-
+from lfm_ray.stage1 import stage1_key
+from lfm_ray.worker.checkpoint import load_stage1, load_state, save_state, write_confusion
+from lfm_ray.worker.distributed import WorkerInfo, all_reduce_sum, seeded_generator, worker_info
 
 # ---- what one worker holds -----------------------------------------------------------------
 class Run:
@@ -319,11 +227,11 @@ class Run:
             if counts is not None:
                 confusion.add_counts(counts, y, pred)
         if info.distributed:
-            summed = _all_reduce_sum(torch.stack([correct, total, predicted]).to(info.device),
+            summed = all_reduce_sum(torch.stack([correct, total, predicted]).to(info.device),
                                      info).cpu()
             correct, total, predicted = summed[0], summed[1], summed[2]
             if counts is not None:
-                counts = _all_reduce_sum(counts.to(info.device), info).cpu()
+                counts = all_reduce_sum(counts.to(info.device), info).cpu()
         out = accuracy_summary(correct, total, self.groups, predicted)
         if counts is not None:
             out["confusion"] = counts.round().long()
@@ -465,7 +373,7 @@ def cosine_segment(opt, scfg, total_steps: int):
 def segment_starts(stage: Stage, config: dict[str, Any]) -> list[int]:
     """The global epochs at which the stage's cosine segments start: its first epoch, and
     one more per `lfm-ray train --extend` of it (`schedule_segments`, epochs per segment,
-    from config.json's extensions; lfm_ray.rerun.schedule_segments)."""
+    from config.json's extensions; lfm_ray.driver.rerun.schedule_segments)."""
     segments = (config.get("schedule_segments") or {})
     lengths = segments.get(str(stage.number)) or segments.get(stage.number) or [stage.epochs]
     starts, epoch = [], stage.first_epoch
@@ -534,7 +442,7 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
         loss_sum += step_loss
         if log_every and (step + 1) % log_every == 0:
             print(f"  epoch {epoch} (stage {stage.number}): step {step + 1}/{steps}", flush=True)
-    total = _all_reduce_sum(loss_sum.reshape(1), info)
+    total = all_reduce_sum(loss_sum.reshape(1), info)
     mean = float(total) / (steps * info.world_size)
     if not math.isfinite(mean):
         raise LfmError(
@@ -729,50 +637,6 @@ def result_record(run: Run, metrics: dict[str, Any], selection: dict[str, Any],
     return out
 
 
-def write_confusion(path: Path, run: Run, last_test: dict[str, Any]) -> None:
-    """confusion.npz of the last test evaluation, when the run keeps one."""
-    if last_test.get("confusion") is None:
-        return
-    # .cpu(): a state restored with map_location on a GPU brings the counts there.
-    from lfm_ray.similarity import sampling_source
-
-    confusion.write(path / confusion.CONFUSION_FILE, last_test["confusion"].cpu().numpy(),
-                    run.sampling_matrix().numpy(), class_names=run.class_names, split="test",
-                    epoch=int(last_test["test_epoch"]), tau=run.cfg.stage1.tau,
-                    source=str(sampling_source(run.cfg)))
-
-
-def save_state(path: Path, run: Run, stage: Stage, epoch: int, opt, sched,
-               result: dict[str, Any], history: list[dict[str, Any]],
-               last_test: dict[str, Any]) -> None:
-    state = {
-        "epoch": epoch,
-        "stage": stage.number,
-        **run.model.weights(),  # the tower (with a mode's modules), W_I, class weights
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "config": run.cfg.to_dict(),
-        "stage1_key": stage1_key(run.cfg),
-        "train_time_total_s": result.get("train_time_total_s", 0.0),
-        "history": history,
-        "last_test": last_test,  # carried into the epochs until the next test evaluation
-    }
-    torch.save(state, path / STATE_FILE)
-    (path / RESULT_FILE).write_text(json.dumps(result))
-    (path / HISTORY_FILE).write_text(json.dumps(history))
-    write_confusion(path, run, last_test)
-
-
-def load_state(checkpoint_dir: str | os.PathLike, device: torch.device) -> dict[str, Any]:
-    """A checkpoint's state, read weights-only (lfm_ray.safe_load: no code runs from it)."""
-    from lfm_ray.safe_load import load_state_file
-
-    path = Path(checkpoint_dir) / STATE_FILE
-    if not path.is_file():
-        raise LfmError(f"checkpoint {str(checkpoint_dir)!r} has no {STATE_FILE}")
-    return load_state_file(path, map_location=device)
-
-
 def _start_state(config: dict[str, Any], cfg: RunConfig,
                  device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
     """(state to start from, the stage-1 checkpoint a branch starts from): the checkpoint
@@ -847,8 +711,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     to_tune = bool(config.get("report_to_tune"))
     info = worker_info(cfg, in_tune_trial=to_tune)
     run = Run(cfg, info, launch_dir=config.get("launch_dir"))
-    from lfm_ray.launch import check_batch_size
-
     check_batch_size(cfg, len(run.train_images))  # where the driver did not (a cluster)
     if cfg.runtime.zero_shot:
         selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
@@ -896,7 +758,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sched.load_state_dict(state["scheduler"])
         for epoch in range(max(done + 1, stage.first_epoch), last + 1):
             if epoch in starts[1:]:
-                # An extension's epochs: a cosine segment of their own (lfm_ray.rerun).
+                # An extension's epochs: a cosine segment of their own (lfm_ray.driver.rerun).
                 length = [*starts, last + 1][starts.index(epoch) + 1] - epoch
                 sched = cosine_segment(opt, scfg_of(run, stage), length * steps)
             start = time.perf_counter()

@@ -100,7 +100,7 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 def _sampler_rates(num_classes: int, batch: int, per_class: int, repeats: int):
     """(pairs/s of the alias sampler, of the per-sample Python loop, the sampler's build time
     in s, the sampler, P) for random unit text features at τ = 0.05."""
-    from lfm_ray.bench_reference import python_partner_sampler
+    from lfm_ray.commands.bench_reference import python_partner_sampler
     from lfm_ray.mixing import PairSampler, local_sampling_matrix
 
     g = torch.Generator().manual_seed(0)
@@ -146,7 +146,8 @@ def bench_stage_cost(steps: int = 30, batch: int = 64, repeats: int = 5,
     The stages' epochs alternate, so drift in the machine's speed touches both alike: the
     ratio is the median over the rounds of stage 2's epoch over the stage-1 epoch just before
     it (the best epochs' ratio, which one lucky epoch can move, is kept beside it)."""
-    from lfm_ray.train import Run, WorkerInfo, prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.loop import Run, prepare_stage, stage_plan, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     cfg = RunConfig().override({"runtime.batch_size": batch, "runtime.max_steps_per_epoch": steps,
                                 "data.cache_dir": cache_dir})
@@ -260,18 +261,15 @@ def bench_laptop_overhead(root: Path, cache_dir: str, quick: bool,
                           tiny: bool = False) -> dict[str, float]:
     """The τ study through Ray against the same trials one after another in this process,
     without Ray (Ray Train's in-process mode runs the same loop)."""
-    import sys as _sys
-
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from lfm_ray.commands.catalog import tau_sweep
     from lfm_ray.commands.run_flags import new_parser
     from lfm_ray.commands.study_flags import add_study_flags, study_from_args
     from lfm_ray.study import run_study
-    from lfm_ray.train import train_loop_per_worker
+    from lfm_ray.worker.loop import train_loop_per_worker
 
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import tau_sweep
 
     # The script's own flags and defaults, as `python studies/tau_sweep.py` parses them.
     parser = new_parser()
@@ -356,14 +354,11 @@ def bench_shared_stage1(root: Path, cache_dir: str, quick: bool,
     """The default τ study with a shared stage 1 (the paper's protocol: one stage 1 per seed,
     each τ in stage 2 from it) over the same study retraining both stages per τ, both run
     here one after the other; `quick` runs one seed."""
-    import sys as _sys
-
+    from lfm_ray.commands.catalog import tau_sweep
     from lfm_ray.commands.run_flags import new_parser
     from lfm_ray.commands.study_flags import add_study_flags, requested_datasets, study_from_args
     from lfm_ray.study import run_study
 
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import tau_sweep
 
     walls = {}
     for protocol in ("full", "branch"):
@@ -439,8 +434,8 @@ def bench_cache_build(root: Path, images: int = 3000, size: int = 224,
     machine's drift in speed falls on both alike."""
     from lfm_ray.data import build_dataset
     from lfm_ray.data.base import ImageList
-    from lfm_ray.data.cache import _decode_into
-    from lfm_ray.model import ImageSpec
+    from lfm_ray.data.cache import decode_into
+    from lfm_ray.data.preprocess import ImageSpec
 
     data = root / "imagenet_style"
     write_imagenet_style(data, images, *source)
@@ -450,14 +445,14 @@ def bench_cache_build(root: Path, images: int = 3000, size: int = 224,
     out = np.ones((len(files), size, size, 3), dtype=np.uint8)  # written: no page faults timed
     for path in files.paths[:20]:  # warm the page cache and both code paths alike
         _pil_baseline(path, size)
-    _decode_into(out[:20], ImageList(files.paths[:20]), spec, "bench", threads=1)
+    decode_into(out[:20], ImageList(files.paths[:20]), spec, "bench", threads=1)
 
     def baseline(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             out[i] = _pil_baseline(files.paths[i], size)
 
     def build(lo: int, hi: int, threads: int = 1) -> None:
-        _decode_into(out[lo:hi], ImageList(files.paths[lo:hi]), spec, "bench", threads=threads)
+        decode_into(out[lo:hi], ImageList(files.paths[lo:hi]), spec, "bench", threads=threads)
 
     spent = {"baseline": 0.0, "build": 0.0}
     for k, lo in enumerate(range(0, len(files), chunk)):
@@ -659,10 +654,11 @@ def gpu_run_config(data_root: Path | str, cache_dir: str, model: str = GPU_MODEL
 def stage1_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
                         ready: Callable[[], None] | None = None, stage_number: int = 1) -> float:
     """Stage-1 (or `stage_number` 2) training images per second of the trainer's own epoch
-    function (`lfm_ray.train.train_epoch`: gather, flip, resize, LFM partners and mixing, bf16
+    function (`lfm_ray.worker.loop.train_epoch`: gather, flip, resize, LFM partners and mixing, bf16
     forward and backward, Adam), after a warm-up epoch. `ready` is called between the two, so
     packed trials start their timed epochs together."""
-    from lfm_ray.train import Run, Stage, WorkerInfo, prepare_stage, train_epoch
+    from lfm_ray.worker.loop import Run, Stage, prepare_stage, train_epoch
+    from lfm_ray.worker.distributed import WorkerInfo
 
     run = Run(cfg, WorkerInfo(rank=0, world_size=1, device=torch.device(device)))
     stage = Stage(number=stage_number, first_epoch=1, epochs=1)
@@ -687,7 +683,7 @@ def stage1_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
 
 _PACKED_TRIAL = r"""
 import json, sys
-from lfm_ray.bench import stage1_images_per_s
+from lfm_ray.commands.benchmarks import stage1_images_per_s
 from lfm_ray.config import RunConfig
 
 def ready():
@@ -735,7 +731,7 @@ def reference_images_per_s(cfg: RunConfig, seconds: float, device: str = "cuda",
                            loader_workers: int | None = None) -> float:
     """The same stage-1 measurement through the reference-style pipeline: a DataLoader whose
     workers resize PIL images one by one and mix in the collate function, then fp32."""
-    from lfm_ray.bench_reference import reference_loader, reference_step
+    from lfm_ray.commands.bench_reference import reference_loader, reference_step
     from lfm_ray.data import load_arrays, run_options
     from lfm_ray.mixing import local_sampling_matrix
     from lfm_ray.model import LFMClassifier, build_clip, text_features

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm_ray.config import RECORD_KEYS, RunConfig
+from lfm_ray.config import RECORD_KEYS, RunConfig, diff, flatten
 from lfm_ray.errors import LfmError
+from lfm_ray.stage1 import NOT_STAGE1
 
 CONFIG_FILE = "config.json"
 # What `lfm-ray train` writes in an output folder (and --restart removes; nothing else). The
@@ -50,14 +51,7 @@ class TrainRerun:
 
 def free_fields() -> set[str]:
     """Fields a resume may change (they do not change the result)."""
-    from lfm_ray.stage1 import NOT_STAGE1
-
     return set(NOT_STAGE1)
-
-
-def flat(cfg: RunConfig) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in cfg.to_dict().items()
-            for key, value in values.items()}
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
@@ -92,10 +86,9 @@ def differences(stored: dict[str, Any], cfg: RunConfig,
                 fingerprint: str | None) -> list[tuple[str, Any, Any]]:
     """(path, old, new) for every field (and the data fingerprint) that differs, free
     fields left out."""
-    old, new = flat(RunConfig.from_dict(_sections(stored))), flat(cfg)
+    old = flatten(RunConfig.from_dict(_sections(stored)).to_dict())
     free = free_fields()
-    changes = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-               if k not in free and old.get(k) != new.get(k)]
+    changes = [c for c in diff(old, flatten(cfg.to_dict())) if c[0] not in free]
     old_fp = stored.get(FINGERPRINT_KEY)
     if old_fp is not None and fingerprint is not None and old_fp != fingerprint:
         changes.append((FINGERPRINT_KEY, old_fp, fingerprint))
@@ -251,10 +244,16 @@ def discard(out: Path) -> None:
 def record(cfg: RunConfig, fingerprint: str | None,
            extensions: list[dict[str, Any]]) -> dict[str, Any]:
     """config.json: the RunConfig sections, the data fingerprint, the extensions."""
-    from lfm_ray.launch import with_resolved
-
     out: dict[str, Any] = with_resolved(cfg.to_dict(), cfg)
     out[FINGERPRINT_KEY] = fingerprint
     if extensions:
         out[EXTENSIONS_KEY] = extensions
     return out
+
+
+def with_resolved(settings: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """`settings` with the resolved section (model family, LFM's similarity source) added."""
+    from lfm_ray.config import DERIVED_SECTION
+    from lfm_ray.resolved import resolved_choices  # torch: only when a record is written
+
+    return {**settings, DERIVED_SECTION: resolved_choices(cfg)}

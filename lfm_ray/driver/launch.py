@@ -21,6 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lfm_ray.config import RunConfig
+from lfm_ray.contract import (
+    CONFUSION_FILE, HISTORY_FILE, RESULT_FILE, check_batch_size, check_trains_something,
+    complete_checkpoint, resolve_selection_split,
+)
+from lfm_ray.driver.rerun import (
+    CHECKPOINT_DIR, RAY_DIR, discard, plan_train_rerun, record, schedule_segments, with_resolved,
+)
 from lfm_ray.errors import LfmError
 
 # Ray Train's controller polls its workers at this interval (default 2 s); every report and
@@ -232,7 +239,6 @@ def check_selection_split(cfg: RunConfig, arrays) -> str:
     (`prepare_node`'s result); `data.selection_split = val` on a data set without a val
     split is one LfmError here, in the driver, before Ray starts. Where the driver has not
     prepared the data (a cluster), the workers raise the same error."""
-    from lfm_ray.train import resolve_selection_split
 
     return resolve_selection_split(cfg.data.selection_split,
                                    getattr(arrays, "val_images", None) is not None, cfg.data.name)
@@ -246,7 +252,6 @@ def check_inputs(cfg: RunConfig) -> int:
     from lfm_ray.data import build_dataset, run_options
     from lfm_ray.data.cache import check_cache_dir
     from lfm_ray.similarity import check_similarity
-    from lfm_ray.train import resolve_selection_split
 
     cfg.validate()
     check_names(cfg)
@@ -410,7 +415,7 @@ def make_trainer(cfg: RunConfig, *, name: str, storage_path: str,
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig
 
-    from lfm_ray.train import train_loop_per_worker
+    from lfm_ray.worker.loop import train_loop_per_worker  # torch: not before a trainer is made
 
     backend = "nccl" if cfg.runtime.gpus_per_worker >= 1 else "gloo"
     return _lean_trainer_class()(
@@ -448,21 +453,6 @@ def unwrap_training_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def check_trains_something(cfg: RunConfig) -> None:
-    """A run with no epoch in either stage (and not zero-shot) would train nothing."""
-    if not cfg.runtime.zero_shot and cfg.stage1.epochs == 0 and cfg.stage2.epochs == 0:
-        raise LfmError("stage1.epochs=0 and stage2.epochs=0: the run would train nothing; "
-                       "give one stage epochs, or --zero-shot to evaluate without training")
-
-
-def check_batch_size(cfg: RunConfig, num_train: int) -> None:
-    """A global batch larger than the training split would repeat images within a step."""
-    if cfg.runtime.batch_size > num_train:
-        raise LfmError(f"runtime.batch_size={cfg.runtime.batch_size} is larger than the "
-                       f"{num_train} training images of {cfg.data.name}; give at most "
-                       f"{num_train}")
-
-
 def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = None,
             verbose: bool = False, announce: Callable[[], None] | None = None,
             progress: bool = True, stage1_from: str | os.PathLike | None = None,
@@ -471,7 +461,7 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     """Run one training on Ray and write config.json, history.csv, metrics.json and (where
     the run keeps one) confusion.npz to `output`.
 
-    An output folder holds one configuration and one data set (lfm_ray.rerun): the same
+    An output folder holds one configuration and one data set (lfm_ray.driver.rerun): the same
     again resumes from its last checkpoint; another is refused before anything is written,
     unless `extend` (more epochs of the last stage) or `restart` (discard and train afresh).
     `announce` is called once the inputs are checked, before training; `progress` draws a
@@ -482,10 +472,7 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     """
     from lfm_ray.data import run_data_fingerprint
     from lfm_ray.progress import ProgressFeed
-    from lfm_ray.rerun import (
-        CHECKPOINT_DIR, RAY_DIR, discard, plan_train_rerun, record, schedule_segments,
-    )
-    from lfm_ray.stage1 import load_stage1
+    from lfm_ray.worker.checkpoint import load_stage1  # torch: only when a run starts
 
     cfg.validate()
     check_names(cfg)
@@ -589,26 +576,6 @@ def config_json(cfg: RunConfig) -> str:
     return json.dumps(with_resolved(cfg.to_dict(), cfg), indent=2, sort_keys=True)
 
 
-def with_resolved(settings: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
-    from lfm_ray.config import DERIVED_SECTION
-    from lfm_ray.similarity import resolved_choices
-
-    return {**settings, DERIVED_SECTION: resolved_choices(cfg)}
-
-
-def complete_checkpoint(folder: Path) -> bool:
-    """Whether a kept checkpoint was written to its end: the trainer writes state.pt, then
-    result.json, then history.json, so a readable history.json means the rest is whole (a
-    process killed while writing leaves a folder without it, which a resume passes over)."""
-    from lfm_ray.train import HISTORY_FILE, RESULT_FILE, STATE_FILE
-
-    try:
-        json.loads((folder / HISTORY_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return (folder / STATE_FILE).is_file() and (folder / RESULT_FILE).is_file()
-
-
 def check_output_parent(out: Path) -> None:
     """--output is a folder or can become one: refused now, before Ray starts."""
     if out.exists():
@@ -631,9 +598,6 @@ def final_result(checkpoint, copy_to: Path | None = None
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(final metrics with per-class accuracy, every epoch's metrics) from the last
     checkpoint; with `copy_to`, its confusion.npz is copied there (or a stale one removed)."""
-    from lfm_ray.confusion import CONFUSION_FILE
-    from lfm_ray.train import HISTORY_FILE, RESULT_FILE
-
     if checkpoint is None:
         raise LfmError("the run reported no checkpoint; nothing to write")
     with checkpoint.as_directory() as d:

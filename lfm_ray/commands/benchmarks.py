@@ -909,7 +909,7 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
         from lfm_ray.commands import bench_scale
 
         parts["report_scale"] = lambda: bench_scale.bench_report_scale(
-            root, trials=300 if tiny else 10_000)
+            root, trials=60 if tiny else 10_000)
         if only and "cluster" in only:
             parts["cluster"] = lambda: bench_scale.bench_cluster(
                 root, nodes=(1, 2) if tiny else ((1, 4) if quick else (1, 4, 16)),

@@ -40,6 +40,16 @@ def test_time_breakdown_adds_up_from_the_trial_records(tmp_path):
     assert out["branch_outside_trials_s"] == pytest.approx(2 * 30.0 - 17.0 - 10.0)
 
 
+def test_phase_spans_from_report_timestamps(tmp_path):
+    _write_records(tmp_path / "stage1", [[{"timestamp": 110, "time_this_iter_s": 10.0},
+                                          {"timestamp": 130, "time_this_iter_s": 20.0}]])
+    _write_records(tmp_path / "tune", [[{"timestamp": 140, "time_this_iter_s": 5.0}],
+                                       [{"timestamp": 150, "time_this_iter_s": 8.0}]])
+    out = bench_scale.phase_spans({"stage1": tmp_path / "stage1", "stage2": tmp_path / "tune"})
+    assert out == {"branch_stage1_span_s": 30.0, "branch_stage2_span_s": 15.0,
+                   "branch_trials_span_s": 50.0}
+
+
 def test_peak_per_node_counts_overlapping_trials():
     rows = [{"node": "a", "start": 0, "end": 2}, {"node": "a", "start": 1, "end": 3},
             {"node": "a", "start": 2, "end": 4},  # starts as the first ends: not three

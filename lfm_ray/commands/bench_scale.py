@@ -89,6 +89,37 @@ def time_breakdown(experiments: dict[str, Path], wall_s: float, slots: int) -> d
     return out
 
 
+def phase_spans(experiments: dict[str, Path]) -> dict[str, float]:
+    """Each experiment's span, from its first trial's start to its last trial's end (Tune's
+    report timestamps, whole seconds), and the span of all of them: the trials' part of a
+    study's wall time, read back from a finished study's Ray folder."""
+    out: dict[str, float] = {}
+    starts, ends = [], []
+    for label, folder in experiments.items():
+        trials = tune_records(folder)
+        if not trials:
+            continue
+        s = min(r[0]["timestamp"] - r[0]["time_this_iter_s"] for r in trials)
+        e = max(r[-1]["timestamp"] for r in trials)
+        out[f"branch_{label}_span_s"] = e - s
+        starts.append(s)
+        ends.append(e)
+    if starts:
+        out["branch_trials_span_s"] = max(ends) - min(starts)
+    return out
+
+
+def study_breakdown(study_folder: Path, slots: int) -> dict[str, float]:
+    """time_breakdown and phase_spans of a finished branch study's Ray folder
+    (<storage-path>/<name>/, with its stage1/ and tune/ experiments), over the span of its
+    trials: `python -c "from lfm_ray.commands.bench_scale import study_breakdown; ..."`."""
+    folder = Path(study_folder)
+    experiments = {"stage1": folder / "stage1", "stage2": folder / "tune"}
+    spans = phase_spans(experiments)
+    return {**time_breakdown(experiments, spans.get("branch_trials_span_s", 0.0), slots),
+            **spans}
+
+
 # ---- a simulated cluster -----------------------------------------------------------------------
 def _descendants(pid: int) -> set[int]:
     """Every live process below `pid` (from /proc's parent links)."""

@@ -383,13 +383,14 @@ def bench_shared_stage1(root: Path, cache_dir: str, quick: bool,
         run_study(study)
         walls[protocol] = time.perf_counter() - start
         trials = len(study.grid_points())
-    from lfm_ray.commands.bench_scale import time_breakdown
+    from lfm_ray.commands.bench_scale import phase_spans, time_breakdown
     from lfm_ray.study.search import concurrency
 
     # Where the branch study's time went, from its trials' own records.
     folder = Path(study.experiment_path)
-    breakdown = time_breakdown({"stage1": folder / "stage1", "stage2": folder / "tune"},
-                               walls["branch"], concurrency(study))
+    experiments = {"stage1": folder / "stage1", "stage2": folder / "tune"}
+    breakdown = {**time_breakdown(experiments, walls["branch"], concurrency(study)),
+                 **phase_spans(experiments)}
     return {"shared_stage1_s": walls["branch"], "full_sweep_s": walls["full"],
             "shared_stage1_trials": trials,
             "shared_stage1_ratio": walls["branch"] / walls["full"], **breakdown}

@@ -360,7 +360,7 @@ def _epochs_for(study: StudyResults, experiments: list[str]) -> pd.DataFrame:
     per-trial frames, else the history.json of their checkpoints."""
     frames, missing = [], []
     records: list[dict[str, Any]] = []  # the copies' epochs, one frame for all (fast at 10,000)
-    for _, row in study.trials.iterrows():
+    for row in study.trials.to_dict("records"):  # plain dicts: fast at 10,000 trials
         copy = copy_dir(study, row)
         history = _history(copy) if copy is not None else []
         if history:

@@ -520,12 +520,18 @@ def write_large_study(folder: Path, trials: int, seed: int = 0) -> Path:
 
 
 def bench_report_scale(root: Path, trials: int = 10_000) -> dict[str, Any]:
-    """`lfm-ray report` on a fabricated random search of `trials` trials: wall time and HTML
-    size; the loaders (trials.csv, the per-trial copies) timed alone."""
+    """`lfm-ray report` on a fabricated random search of `trials` trials: wall time (loading
+    included) and HTML size; trials.csv read alone (report_scale_csv_s) and the loader with
+    every per-trial history (report_scale_load_s), each timed alone before."""
     from lfm_ray.analysis import load_study
     from lfm_ray.analysis.report import write_report
 
+    from lfm_ray.analysis.load import read_trials_csv
+
     folder = write_large_study(root / "report_scale" / f"search_{trials}", trials)
+    start = time.perf_counter()
+    read_trials_csv(folder / "trials.csv")
+    csv_s = time.perf_counter() - start
     start = time.perf_counter()
     study = load_study(folder)
     load_s = time.perf_counter() - start
@@ -533,5 +539,6 @@ def bench_report_scale(root: Path, trials: int = 10_000) -> dict[str, Any]:
     html = write_report(folder, png=False)
     report_s = time.perf_counter() - start
     return {"report_scale_trials": len(study.trials), "report_scale_load_s": load_s,
+            "report_scale_csv_s": csv_s,
             "report_scale_s": report_s,
             "report_scale_html_mib": html.stat().st_size / 2**20}

@@ -372,6 +372,21 @@ def _per_trial(start: float, ends: list[float], window: int) -> tuple[float, flo
     return (ends[window] - ends[0]) / window, (ends[-1] - ends[-1 - window]) / window
 
 
+def smoke_search(name: str, root: Path, cache_dir: str, trials: int, callback: Any):
+    """A random search over τ of `trials` smoke trials (one step per stage, batch 8, in the
+    trial's own process) with `callback` on Tune, its files under `root`."""
+    from lfm_ray.config import RunConfig
+    from lfm_ray.study import Dim, Study
+
+    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
+                                 "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
+                                 "runtime.batch_size": 8, "data.cache_dir": cache_dir})
+    return Study(name=name, base=base, search="random",
+                 space={"mix.tau": Dim.loguniform(0.002, 31.25)}, num_samples=trials,
+                 storage_path=str(root / "ray"), results_dir=str(root / "results"),
+                 callbacks=[callback], command=["lfm-ray", "bench"])
+
+
 def trivial_trial(config: dict[str, Any]) -> None:
     """Plain Tune's side: a function trainable that reports once and ends."""
     from ray import tune
@@ -387,18 +402,12 @@ def bench_study_scale(root: Path, cache_dir: str, trials: int = 10_000,
     import pandas as pd
     from ray import tune
 
-    from lfm_ray.config import RunConfig
-    from lfm_ray.study import Dim, Study, run_study
+    from lfm_ray.study import run_study
     from lfm_ray.study.search import concurrency
 
-    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
-                                 "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
-                                 "runtime.batch_size": 8, "data.cache_dir": cache_dir})
     ours = _Ends()
-    study = Study(name=f"scale_{trials}", base=base, search="random",
-                  space={"mix.tau": Dim.loguniform(0.002, 31.25)}, num_samples=trials,
-                  storage_path=str(root / "ray"), results_dir=str(root / "results"),
-                  callbacks=[ours], command=["lfm-ray", "bench"])
+    study = smoke_search(f"scale_{trials}", root, cache_dir, trials, ours)
+    base = study.base
     start = time.perf_counter()
     table = run_study(study)
     our_wall = time.perf_counter() - start

@@ -333,16 +333,11 @@ def bench_study_overhead(root: Path, cache_dir: str, trials: int = 1000,
     """A random search of `trials` smoke trials (one step per stage) through the engine:
     wall time per trial over its last `window` trials over the same for its first `window`
     (the tables, experiment-state saves and callbacks must not grow with the study)."""
-    from lfm_ray.study import Dim, Study, run_study
+    from lfm_ray.commands.bench_scale import smoke_search
+    from lfm_ray.study import run_study
 
-    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
-                                 "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
-                                 "runtime.batch_size": 8, "data.cache_dir": cache_dir})
     clock = _Completions()
-    study = Study(name=f"overhead_{trials}", base=base, search="random",
-                  space={"mix.tau": Dim.loguniform(0.002, 31.25)}, num_samples=trials,
-                  storage_path=str(root / "ray"), results_dir=str(root / "results"),
-                  callbacks=[clock], command=["lfm-ray", "bench"])
+    study = smoke_search(f"overhead_{trials}", root, cache_dir, trials, clock)
     start = time.perf_counter()
     run_study(study)
     total = time.perf_counter() - start

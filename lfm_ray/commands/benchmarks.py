@@ -41,6 +41,8 @@ Figures (JSON keys) and the claim each supports:
   gpu_vit_b16_images_per_s, the ImageNet-LT preset's ViT-B/16 stage 1 at 224 px from the
   pre-resized cache, and gpu_stage2_cost_ratio, its stage-2 time per image over stage 1's.
   State the GPU each was measured on (gpu_name): H100 and H200 figures are not interchangeable.
+- cluster_*, scale_*, report_scale_*, branch_*: the parts at scale, described in
+  lfm_ray.commands.bench_scale (cluster and study_scale run only when --only names them).
 """
 
 from __future__ import annotations

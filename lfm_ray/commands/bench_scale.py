@@ -246,6 +246,8 @@ def _cluster_round(nodes: int, gpus_per_node: int, trials_per_slot: int, hold_s:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_TMPDIR"] = str(root)
     (root / "ray").mkdir(parents=True, exist_ok=True)  # where Ray writes the address file
+    if ray.is_initialized():  # an earlier part's local instance
+        ray.shutdown()
     before = _tree_rss_mib(os.getpid())
     cluster = Cluster(shutdown_at_exit=True)
     out: dict[str, Any] = {}
@@ -272,7 +274,8 @@ def _cluster_round(nodes: int, gpus_per_node: int, trials_per_slot: int, hold_s:
         fit_start = time.time()
         grid = tuner.fit()
         rows = [r.metrics for r in grid if r.metrics and "start" in r.metrics]
-        peak_mib = _tree_rss_mib(os.getpid()) - before  # the trials' processes are kept
+        # After the run: reused trial processes may already have ended, so this is no peak.
+        after_mib = _tree_rss_mib(os.getpid()) - before
         ends = sorted(r["end"] for r in rows)
         mid = ends[len(ends) // 4: len(ends) - len(ends) // 4]
         peaks = _peak_per_node(rows)
@@ -287,7 +290,7 @@ def _cluster_round(nodes: int, gpus_per_node: int, trials_per_slot: int, hold_s:
             "first_trial_s": min(r["start"] for r in rows) - fit_start,
             "trials_per_s": (len(mid) - 1) / (mid[-1] - mid[0]) if len(mid) > 1 else float("nan"),
             "ideal_trials_per_s": slots / hold_s,  # every slot busy, nothing between trials
-            "wall_s": ends[-1] - fit_start, "with_trials_mib": peak_mib,
+            "wall_s": ends[-1] - fit_start, "after_trials_mib": after_mib,
         })
     finally:
         if ray.is_initialized():
@@ -326,7 +329,8 @@ def bench_cluster(root: Path, nodes: tuple[int, ...] = (1, 4, 16), gpus_per_node
         r = _cluster_round(n, gpus_per_node, trials_per_slot, hold_s, work,
                            root / f"cluster{n}")
         per_node = r["nodes_mib"] / n
-        per_slot = max(0.0, r["with_trials_mib"] - r["nodes_mib"]) / r["slots"]
+        # A lower bound: measured after the run (a trial process without torch is ~100 MB).
+        per_slot = max(100.0, (r["after_trials_mib"] - r["nodes_mib"]) / r["slots"])
         for key, value in r.items():
             out[f"cluster_n{n}_{key}"] = value
     sizes = [n for n in nodes if f"cluster_n{n}_placed_per_gpu" in out]

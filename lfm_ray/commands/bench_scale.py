@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -241,11 +243,13 @@ def _cluster_round(nodes: int, gpus_per_node: int, trials_per_slot: int, hold_s:
     # Loopback only: Ray keeps 127.0.0.1 where it thinks clusters are off, and the head's
     # address file goes to a temp folder of this run's own, so no other `ray.init()` on the
     # machine finds this cluster.
+    # Ray's own folder is short (its sockets' paths must stay under 108 bytes).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lfm-cluster-"))
     saved = ray_constants.ENABLE_RAY_CLUSTER, dict(os.environ)
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_TMPDIR"] = str(root)
-    (root / "ray").mkdir(parents=True, exist_ok=True)  # where Ray writes the address file
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    (ray_tmp / "ray").mkdir()  # where Ray writes the address file
     if ray.is_initialized():  # an earlier part's local instance
         ray.shutdown()
     before = _tree_rss_mib(os.getpid())
@@ -253,7 +257,7 @@ def _cluster_round(nodes: int, gpus_per_node: int, trials_per_slot: int, hold_s:
     out: dict[str, Any] = {}
     try:
         started = time.perf_counter()
-        cluster.add_node(temp_dir=str(root / "ray-tmp"), **node_args)
+        cluster.add_node(temp_dir=str(ray_tmp / "ray"), **node_args)
         for _ in range(nodes - 1):
             cluster.add_node(**{k: v for k, v in node_args.items() if k != "include_dashboard"})
         cluster.wait_for_nodes()
@@ -299,6 +303,7 @@ def _cluster_round(nodes: int, gpus_per_node: int, trials_per_slot: int, hold_s:
         ray_constants.ENABLE_RAY_CLUSTER = saved[0]
         os.environ.clear()
         os.environ.update(saved[1])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return out
 
 

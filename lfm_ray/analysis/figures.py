@@ -694,6 +694,10 @@ def comparison_figure(study: StudyResults, params: Sequence[str] | None = None,
 # ---- learning curves ----------------------------------------------------------------------
 CURVE_METRICS = ("acc_all", "acc_many", "acc_medium", "acc_few", "val_acc_all", "train_loss")
 SEED_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+# Above this many trials the learning curves are drawn as a summary (median and a band per
+# epoch, and the best trial's curve): thousands of curves are neither readable nor small.
+MAX_CURVES = 200
+CURVE_BAND = (10, 90)  # percentiles of the summary's band
 
 
 def trial_labels(study: StudyResults, digits: int | None = 3) -> dict[str, str]:
@@ -732,12 +736,9 @@ def stage_boundaries(epochs: pd.DataFrame) -> list[float]:
     distinct boundary among the trials."""
     if epochs.empty or "stage" not in epochs.columns:
         return []
-    out = set()
-    for _, df in epochs.groupby("trial_id"):
-        s1, s2 = df[df["stage"] == 1]["epoch"], df[df["stage"] == 2]["epoch"]
-        if len(s1) and len(s2):
-            out.add(float(s1.max()) + 0.5)
-    return sorted(out)
+    last1 = epochs[epochs["stage"] == 1].groupby("trial_id")["epoch"].max()
+    has2 = set(epochs.loc[epochs["stage"] == 2, "trial_id"])
+    return sorted({float(e) + 0.5 for t, e in last1.items() if t in has2})
 
 
 def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.Figure:
@@ -754,6 +755,9 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
         raise LfmError(f"metric {metric!r} is not known; expected one of "
                        f"{', '.join(CURVE_METRICS)}")
     trials = study.trials.set_index("trial_id")
+    present_ids = set(epochs["trial_id"]) & set(trials.index)
+    if len(present_ids) > MAX_CURVES:
+        return learning_curves_summary(study, metric)
     stopped = set(trials.index[trials["stopped_early"].fillna(False).astype(bool)]) \
         if "stopped_early" in trials.columns else set()
     labels = trial_labels(study, digits=None if study.search == "grid" else 3)
@@ -842,6 +846,71 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
                       "y": 1.02, "yanchor": "bottom", "showactive": True,
                       "active": metrics.index(metric) if metric in metrics else 0}])
     fig.update_xaxes(**epoch_ticks(last_epoch))
+    return fig
+
+
+def learning_curves_summary(study: StudyResults, metric: str = "acc_all") -> go.Figure:
+    """The learning curves of a study of many trials: per global epoch the median over the
+    trials that reached it and the band between CURVE_BAND's percentiles, beside the curve
+    of the best trial by the selection metric; the same menu of metrics. The title says
+    that it is a summary and of how many trials."""
+    epochs = study.epochs
+    done = study.finished
+    epochs = epochs[epochs["trial_id"].isin(set(done["trial_id"]))]
+    metrics = [m for m in CURVE_METRICS if m in epochs.columns and
+               pd.to_numeric(epochs[m], errors="coerce").notna().any()]
+    by_epoch = {m: pd.DataFrame({"epoch": pd.to_numeric(epochs["epoch"], errors="coerce"),
+                                 "y": _curve_y(epochs, m)}).groupby("epoch")["y"]
+                for m in metrics}
+    x = np.array(sorted(pd.to_numeric(epochs["epoch"], errors="coerce").dropna().unique()))
+    low, high = CURVE_BAND
+    sel = selection_metric(study)
+    values = pd.to_numeric(done[sel], errors="coerce") if sel in done.columns else None
+    best_id = None
+    if values is not None and values.notna().any():
+        best_id = done.loc[values.idxmin() if study.mode == "min" else values.idxmax(),
+                           "trial_id"]
+    best = epochs[epochs["trial_id"] == best_id].sort_values("epoch")
+
+    def traces(m: str) -> list[np.ndarray]:
+        g = by_epoch[m]
+        return [g.quantile(low / 100).reindex(x).to_numpy(float),
+                g.quantile(high / 100).reindex(x).to_numpy(float),
+                g.median().reindex(x).to_numpy(float), _curve_y(best, m)]
+
+    ys = {m: traces(m) for m in metrics}
+    first = ys.get(metric) or traces(metrics[0])
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=first[0], mode="lines", line={"width": 0},
+                             showlegend=False, hoverinfo="skip", name=f"{low}th percentile"))
+    fig.add_trace(go.Scatter(x=x, y=first[1], mode="lines", line={"width": 0}, fill="tonexty",
+                             fillcolor=_rgba(COLORS["many"], 0.2),
+                             name=f"{low}th-{high}th percentile of the trials"))
+    fig.add_trace(go.Scatter(x=x, y=first[2], mode="lines+markers",
+                             line={"color": COLORS["many"], "width": 2},
+                             name="median of the trials"))
+    if best_id is not None:
+        fig.add_trace(go.Scatter(x=best["epoch"].to_numpy(), y=first[3], mode="lines+markers",
+                                 line={"color": "#d62728", "width": 2},
+                                 name=f"best trial by {sel} ({best_id})"))
+    for b in stage_boundaries(epochs):
+        fig.add_vline(x=b, line_dash="dot", line_color="gray", annotation_position="top",
+                      annotation_text=f"stage 2 from epoch {int(b + 0.5)}")
+    n = done["trial_id"].isin(set(epochs["trial_id"])).sum()
+    buttons = [{"label": _button_label(m), "method": "update",
+                "args": [{"y": ys[m][:4 if best_id is not None else 3]},
+                         {"yaxis.title.text": _curve_axis_title(m)}]} for m in metrics]
+    fig.update_layout(
+        title=f"{study.name}: learning curves over both stages<br><sup>a summary of {n} "
+              f"trials (over {MAX_CURVES}: one curve each would not be readable): the median "
+              f"per epoch and the band from the {low}th to the {high}th percentile, with the "
+              "best trial's curve</sup>",
+        xaxis_title="epoch (stage 1, then stage 2)", yaxis_title=_curve_axis_title(metric),
+        template=TEMPLATE, margin={"t": 90},
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right",
+                      "y": 1.02, "yanchor": "bottom", "showactive": True,
+                      "active": metrics.index(metric) if metric in metrics else 0}])
+    fig.update_xaxes(**epoch_ticks(float(x.max()) if len(x) else 1.0))
     return fig
 
 

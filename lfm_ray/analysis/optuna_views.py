@@ -27,6 +27,10 @@ from lfm_ray.analysis.load import DONE, FAILED, StudyResults
 # Below this many complete trials an importance ranking moves from one search to the next.
 IMPORTANCE_MIN_TRIALS = 50
 IMPORTANCE_EVALUATOR = "PED-ANOVA"  # optuna.importance.PedAnovaImportanceEvaluator
+# Optuna draws one line per trial in its parallel coordinates: above this many complete
+# trials the figure draws a seeded sample of them (PARALLEL_SAMPLE_SEED) and says so.
+PARALLEL_MAX_TRIALS = 1000
+PARALLEL_SAMPLE_SEED = 0
 from lfm_ray.errors import LfmError
 
 
@@ -211,7 +215,8 @@ def optuna_figures(study: StudyResults) -> dict[str, go.Figure]:
             figs["pareto"] = vis.plot_pareto_front(ost, target_names=shown)
         figs["history"] = vis.plot_optimization_history(ost, target=first,
                                                         target_name=shown[0])
-        figs["parallel"] = vis.plot_parallel_coordinate(ost, params=common, target=first,
+        drawn = parallel_sample(ost, complete)
+        figs["parallel"] = vis.plot_parallel_coordinate(drawn, params=common, target=first,
                                                         target_name=shown[0])
         importance = _importance_figure(ost, shown, study)
         if importance is not None:
@@ -225,12 +230,40 @@ def optuna_figures(study: StudyResults) -> dict[str, go.Figure]:
             title=f"{figs['importance'].layout.title.text}<br><sup>{IMPORTANCE_EVALUATOR} "
                   f"over {len(complete)} trials: below about {IMPORTANCE_MIN_TRIALS}, a hint, "
                   "not a finding</sup>", margin={"t": 90})
+    if drawn is not ost:
+        figs["parallel"].update_layout(
+            title=f"{figs['parallel'].layout.title.text}<br><sup>a sample of "
+                  f"{PARALLEL_MAX_TRIALS:,} of the {len(complete):,} complete trials (seeded "
+                  f"{PARALLEL_SAMPLE_SEED}): one line per trial is not readable beyond "
+                  "that</sup>", margin={"t": 90})
     if conditional:
         labels = ", ".join(param_label(p.removeprefix("params/")) for p in conditional)
         figs["parallel"].update_layout(
             title=f"{figs['parallel'].layout.title.text}<br><sup>not drawn: {labels} "
                   "(conditional: only some trials draw them)</sup>", margin={"t": 90})
     return figs
+
+
+def parallel_sample(ost, complete: list[Any]):
+    """`ost` itself, or above PARALLEL_MAX_TRIALS complete trials an in-memory study of a
+    seeded sample of them (same directions and objective names) for the parallel
+    coordinates."""
+    import random
+
+    import optuna
+
+    if len(complete) <= PARALLEL_MAX_TRIALS:
+        return ost
+    picked = random.Random(PARALLEL_SAMPLE_SEED).sample(range(len(complete)),
+                                                        PARALLEL_MAX_TRIALS)
+    with _quiet_optuna():
+        sample = optuna.create_study(study_name=ost.study_name, directions=ost.directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if ost.metric_names:
+            sample.set_metric_names(list(ost.metric_names))
+    sample.add_trials([complete[i] for i in sorted(picked)])
+    return sample
 
 
 def in_percent(ost, names: list[str]):

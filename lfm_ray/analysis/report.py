@@ -169,6 +169,15 @@ def best_configuration(study: StudyResults, metric: str | None = None,
     metric = metric or selection_metric(study)
     params = varying_params(study)
     facet = study_facet(study)
+    cache_key = ("best_configuration", metric, facet_value, id(study.trials), len(study.trials))
+    if cache_key not in study.computed:
+        study.computed[cache_key] = _best_configuration(study, done, metric, params, facet,
+                                                        facet_value)
+    return study.computed[cache_key]
+
+
+def _best_configuration(study: StudyResults, done: pd.DataFrame, metric: str,
+                        params: list[str], facet: str | None, facet_value: Any) -> Best:
     if facet is not None:
         value = facet_values(study)[0] if facet_value is None else facet_value
         done = _where(done, {facet: value})

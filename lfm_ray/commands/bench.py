@@ -13,7 +13,7 @@ from lfm_ray.errors import LfmError
 # lists equal).
 PART_NAMES = ("sampler", "sampler_inat", "cache_build", "cache_memory", "stage_cost",
               "data_share", "sweep", "laptop", "shared_stage1", "study_overhead",
-              "worker_group", "gpu")
+              "worker_group", "gpu", "report_scale", "cluster", "study_scale")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="smaller sizes: 1,200 JPEGs, a 200-trial study, a smaller τ study, no "
                         "worker-group trials (about 10 minutes on 2 cores)")
     p.add_argument("--json", help="write the figures to this JSON file")
-    p.add_argument("--only", help="comma-separated parts: " + ", ".join(PART_NAMES))
+    p.add_argument("--only", help="comma-separated parts: " + ", ".join(PART_NAMES)
+                   + " (cluster, a simulated 16-node cluster, and study_scale, a study of "
+                     "10,000 smoke trials, run only when named)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-suite sizes
     p.set_defaults(func=run)
 

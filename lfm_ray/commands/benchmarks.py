@@ -41,6 +41,8 @@ Figures (JSON keys) and the claim each supports:
   gpu_vit_b16_images_per_s, the ImageNet-LT preset's ViT-B/16 stage 1 at 224 px from the
   pre-resized cache, and gpu_stage2_cost_ratio, its stage-2 time per image over stage 1's.
   State the GPU each was measured on (gpu_name): H100 and H200 figures are not interchangeable.
+- cluster_*, scale_*, report_scale_*, branch_*: the parts at scale, described in
+  lfm_ray.commands.bench_scale (cluster and study_scale run only when --only names them).
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ TARGETS = {
     "gpu_speedup_vs_reference": (">=", 3.0),
     "gpu_packed_speedup_b32": (">=", 2.0),
     "gpu_stage2_cost_ratio": ("<=", 0.35),
+    "cluster_placed_per_gpu": (">=", 4.0),
+    "scale_growth": ("<=", 1.2),
+    "scale_rss_growth": ("<=", 1.5),
+    "report_scale_s": ("<=", 60.0),
+    "report_scale_html_mib": ("<=", 20.0),
+    "report_scale_load_s": ("<=", 5.0),
 }
 
 
@@ -327,16 +335,11 @@ def bench_study_overhead(root: Path, cache_dir: str, trials: int = 1000,
     """A random search of `trials` smoke trials (one step per stage) through the engine:
     wall time per trial over its last `window` trials over the same for its first `window`
     (the tables, experiment-state saves and callbacks must not grow with the study)."""
-    from lfm_ray.study import Dim, Study, run_study
+    from lfm_ray.commands.bench_scale import smoke_search
+    from lfm_ray.study import run_study
 
-    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
-                                 "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
-                                 "runtime.batch_size": 8, "data.cache_dir": cache_dir})
     clock = _Completions()
-    study = Study(name=f"overhead_{trials}", base=base, search="random",
-                  space={"mix.tau": Dim.loguniform(0.002, 31.25)}, num_samples=trials,
-                  storage_path=str(root / "ray"), results_dir=str(root / "results"),
-                  callbacks=[clock], command=["lfm-ray", "bench"])
+    study = smoke_search(f"overhead_{trials}", root, cache_dir, trials, clock)
     start = time.perf_counter()
     run_study(study)
     total = time.perf_counter() - start
@@ -377,9 +380,17 @@ def bench_shared_stage1(root: Path, cache_dir: str, quick: bool,
         run_study(study)
         walls[protocol] = time.perf_counter() - start
         trials = len(study.grid_points())
+    from lfm_ray.commands.bench_scale import phase_spans, time_breakdown
+    from lfm_ray.study.search import concurrency
+
+    # Where the branch study's time went, from its trials' own records.
+    folder = Path(study.experiment_path)
+    experiments = {"stage1": folder / "stage1", "stage2": folder / "tune"}
+    breakdown = {**time_breakdown(experiments, walls["branch"], concurrency(study)),
+                 **phase_spans(experiments)}
     return {"shared_stage1_s": walls["branch"], "full_sweep_s": walls["full"],
             "shared_stage1_trials": trials,
-            "shared_stage1_ratio": walls["branch"] / walls["full"]}
+            "shared_stage1_ratio": walls["branch"] / walls["full"], **breakdown}
 
 
 # ---- building the node cache from image files -----------------------------------------------------
@@ -847,9 +858,12 @@ def machine() -> dict[str, Any]:
 
 
 PARTS = ("sampler", "sampler_inat", "cache_build", "cache_memory", "stage_cost", "data_share", "sweep", "laptop", "shared_stage1",
-         "study_overhead", "worker_group", "gpu")
+         "study_overhead", "worker_group", "gpu", "report_scale", "cluster", "study_scale")
+# "cluster" (a simulated cluster) and "study_scale" (a study of 10,000 trials: an hour or
+# more on a laptop) run only when --only names them.
 # Figures with no target, printed for information.
-INFO = ("shared_stage1_ratio", "sweep_concurrency_speedup", "trial_overhead_worker_group_s")
+INFO = ("shared_stage1_ratio", "sweep_concurrency_speedup", "trial_overhead_worker_group_s",
+        "scale_overhead_ratio", "cluster_rate_scaling")
 
 
 def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = None) -> dict[str, Any]:
@@ -890,6 +904,19 @@ def run_bench(quick: bool = False, tiny: bool = False, only: list[str] | None = 
                 root, cache, trials=1 if tiny or quick else 3, workers=1)
         if torch.cuda.is_available() and not tiny:
             parts["gpu"] = lambda: bench_gpu(root, 10.0 if quick else 30.0)
+        from lfm_ray.commands import bench_scale
+
+        parts["report_scale"] = lambda: bench_scale.bench_report_scale(
+            root, trials=60 if tiny else 10_000)
+        if only and "cluster" in only:
+            parts["cluster"] = lambda: bench_scale.bench_cluster(
+                root, nodes=(1, 2) if tiny else ((1, 4) if quick else (1, 4, 16)),
+                trials_per_slot=1 if tiny else 3, hold_s=0.5 if tiny else 5.0,
+                work=10_000 if tiny else 200_000)
+        if only and "study_scale" in only:
+            parts["study_scale"] = lambda: bench_scale.bench_study_scale(
+                root, cache, trials=50 if tiny else (1_000 if quick else 10_000),
+                window=10 if tiny else (100 if quick else 1_000))
         try:
             for name, fn in parts.items():
                 if only and name not in only:

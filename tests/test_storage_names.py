@@ -15,6 +15,8 @@ from lfm_ray.cli import main
 from lfm_ray.errors import LfmError
 from lfm_ray.study import validate
 
+from captured import own_text
+
 SMOKE = ["--stage1.epochs", "1", "--stage2.epochs", "1", "--runtime.max_steps_per_epoch", "2",
          "--no-report"]
 
@@ -112,7 +114,7 @@ def test_a_storage_folder_that_is_not_the_studys_is_refused(tmp_path, capsys, lo
              "--results-dir", str(tmp_path / "elsewhere")]
     for extra in ([], ["--restart"]):
         assert main(other + extra) == 2
-        err = capsys.readouterr().err
+        err = own_text(capsys.readouterr().err)
         assert "holds study 'same'" in err and err.count("\n") == 1
     assert not (tmp_path / "elsewhere").exists()
     assert (Path(shared) / "same" / "tune").is_dir()

@@ -222,6 +222,45 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     of the selection metric is starred only when better_than_rest separates it from every
     other value; otherwise the figure says no value is better. Other swept parameters are
     held at `where`, or else at the best configuration's values."""
+    rows, fixed, agg = _ablation_rows(study, param, band, where)
+    x = agg[param].to_numpy(float)
+    log = use_log_axis(x)
+    seeds_per_point = agg["acc_all_n"].to_numpy(int)
+    fewest, most = int(seeds_per_point.min()), int(seeds_per_point.max())
+    if band == "auto":
+        band = "ci" if fewest >= 3 else "std"
+    spread = {"ci": "95 % t-interval of the mean", "std": "± 1 std over seeds"}[band]
+    fig = go.Figure()
+    clipped_any = False
+    for k, g in enumerate(GROUPS):
+        clipped_any |= _add_ablation_group(fig, agg, rows, param, x, log, k, g, band, spread,
+                                           most)
+    _mark_ablation_best(fig, study, rows, param, agg, x, most)
+    if most == 1:
+        what = "one seed per value (no spread)"
+    else:
+        n = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+        what = f"mean of {n} seeds (line), each seed (points), error bars {spread}"
+        if fewest == 1:
+            what += " (none where one seed)"
+    title = f"{study.name}: test accuracy against {param_label(param)}<br><sup>{what}"
+    if clipped_any:
+        title += "; ▲▼ an interval cut at 0 or 100 %"
+    if fixed:
+        title += f"<br>{html.escape(fixed, quote=False)}"
+    title += "</sup>"
+    fig.update_layout(title=title, yaxis_title=f"test {PERCENT}", template=TEMPLATE,
+                      legend_title="shot group", margin={"t": 110})
+    fig.update_yaxes(range=[-2, 102], ticksuffix="")
+    fig.update_xaxes(title=axis_title(param, log), type="log" if log else "linear",
+                     **value_ticks(x))
+    return fig
+
+
+def _ablation_rows(study: StudyResults, param: str, band: str,
+                   where: Mapping[str, Any] | None) -> tuple[pd.DataFrame, str, pd.DataFrame]:
+    """(the trials at the held values of the other parameters, what they are held at, their
+    aggregate per value of `param` in order); LfmError where there is nothing to plot."""
     if band not in BANDS:
         raise LfmError(f"band {band!r} is not known; expected one of {', '.join(BANDS)}")
     study.require_param(param)
@@ -240,69 +279,75 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     if len(agg) < 2:
         raise LfmError(f"parameter {param!r} has fewer than two finished values"
                        f"{' (' + fixed + ')' if fixed else ''}; nothing to plot")
-    x = agg[param].to_numpy(float)
-    log = use_log_axis(x)
-    seeds_per_point = agg["acc_all_n"].to_numpy(int)
-    fewest, most = int(seeds_per_point.min()), int(seeds_per_point.max())
-    if band == "auto":
-        band = "ci" if fewest >= 3 else "std"
-    spread = {"ci": "95 % t-interval of the mean", "std": "± 1 std over seeds"}[band]
-    fig = go.Figure()
-    clipped_any = False
-    for k, g in enumerate(GROUPS):
-        m = f"acc_{g}"
-        mean = agg[f"{m}_mean"].to_numpy(float) * 100
-        half = agg[f"{m}_{band}"].to_numpy(float) * 100
-        half = np.where(np.isnan(half), 0.0, half)  # one seed: no spread to draw
-        upper, lower = mean + half, mean - half
-        top, bottom = np.minimum(upper, 100.0), np.maximum(lower, 0.0)
-        low, high = agg[f"{m}_ci_low"] * 100, agg[f"{m}_ci_high"] * 100
-        cut = np.where((low < 0) | (high > 100), " cut at 0 and 100 %", "")
-        custom = np.empty((len(agg), 5), dtype=object)  # numbers, and the cut's note
-        for j, column in enumerate([agg[f"{m}_std"] * 100, low.clip(lower=0),
-                                    high.clip(upper=100), agg[f"{m}_n"], cut]):
-            custom[:, j] = list(column)
-        dodge = _dodge(x, log, k)
+    return rows, fixed, agg
+
+
+def _add_ablation_group(fig: go.Figure, agg: pd.DataFrame, rows: pd.DataFrame, param: str,
+                        x: np.ndarray, log: bool, k: int, g: str, band: str, spread: str,
+                        most: int) -> bool:
+    """Shot group `g`'s traces: its mean line, and with several seeds its error bars and
+    seed points beside it and triangles where a bar is cut at the axis; True when one is."""
+    clipped = False
+    m = f"acc_{g}"
+    mean = agg[f"{m}_mean"].to_numpy(float) * 100
+    half = agg[f"{m}_{band}"].to_numpy(float) * 100
+    half = np.where(np.isnan(half), 0.0, half)  # one seed: no spread to draw
+    upper, lower = mean + half, mean - half
+    top, bottom = np.minimum(upper, 100.0), np.maximum(lower, 0.0)
+    low, high = agg[f"{m}_ci_low"] * 100, agg[f"{m}_ci_high"] * 100
+    cut = np.where((low < 0) | (high > 100), " cut at 0 and 100 %", "")
+    custom = np.empty((len(agg), 5), dtype=object)  # numbers, and the cut's note
+    for j, column in enumerate([agg[f"{m}_std"] * 100, low.clip(lower=0),
+                                high.clip(upper=100), agg[f"{m}_n"], cut]):
+        custom[:, j] = list(column)
+    dodge = _dodge(x, log, k)
+    fig.add_trace(go.Scatter(
+        x=x, y=mean, mode="lines+markers", name=g, legendgroup=g,
+        line={"color": COLORS[g], "width": 2.5}, marker={"size": 8},
+        customdata=custom,
+        hovertemplate=f"{html.escape(param_label(param))} = %{{x}}<br>{g}: mean "
+                      "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
+                      "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]%{customdata[4]}<br>seeds: "
+                      "%{customdata[3]}<extra></extra>"))
+    if most > 1:
+        # The spread beside the line, each group's a little to the side, so four
+        # groups' bars never pile up on one vertical line.
         fig.add_trace(go.Scatter(
-            x=x, y=mean, mode="lines+markers", name=g, legendgroup=g,
-            line={"color": COLORS[g], "width": 2.5}, marker={"size": 8},
-            customdata=custom,
-            hovertemplate=f"{html.escape(param_label(param))} = %{{x}}<br>{g}: mean "
-                          "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
-                          "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]%{customdata[4]}<br>seeds: "
-                          "%{customdata[3]}<extra></extra>"))
-        if most > 1:
-            # The spread beside the line, each group's a little to the side, so four
-            # groups' bars never pile up on one vertical line.
-            fig.add_trace(go.Scatter(
-                x=dodge, y=mean, mode="markers", name=f"{g}: {spread}", legendgroup=g,
-                showlegend=False, marker={"size": 1, "color": COLORS[g]},
-                error_y={"type": "data", "symmetric": False, "array": top - mean,
-                         "arrayminus": mean - bottom, "thickness": 1.2, "width": 3,
-                         "color": COLORS[g]}, hoverinfo="skip"))
-            seeds_x, seeds_y, seeds_t = _seed_points(rows, param, m, dict(zip(x, dodge)))
-            fig.add_trace(go.Scatter(
-                x=seeds_x, y=seeds_y, mode="markers", name=f"{g}: seeds",
-                legendgroup=g, showlegend=False, text=seeds_t,
-                marker={"color": COLORS[g], "size": 5, "opacity": 0.6, "line": {"width": 0}},
-                hovertemplate=f"{g}, %{{text}}: %{{y:.2f}} %<extra></extra>"))
-        above, below = upper > 100.0 + 1e-9, lower < -1e-9
-        if most > 1 and (above.any() or below.any()):
-            clipped_any = True
-            fx = np.concatenate([dodge[above], dodge[below]])
-            fy = np.concatenate([np.full(above.sum(), 100.0), np.zeros(below.sum())])
-            bounds = np.concatenate([np.stack([lower, upper], axis=1)[above],
-                                     np.stack([lower, upper], axis=1)[below]])
-            fig.add_trace(go.Scatter(
-                x=fx, y=fy, mode="markers", legendgroup=g, showlegend=False,
-                name=f"{g}: interval cut at the axis",
-                marker={"symbol": ["triangle-up"] * int(above.sum())
-                        + ["triangle-down"] * int(below.sum()),
-                        "size": 9, "color": COLORS[g], "line": {"color": "black", "width": 1}},
-                customdata=bounds,
-                hovertemplate=f"{g}: the interval [%{{customdata[0]:.1f}}, "
-                              "%{customdata[1]:.1f}] % reaches past the axis and is cut"
-                              "<extra></extra>"))
+            x=dodge, y=mean, mode="markers", name=f"{g}: {spread}", legendgroup=g,
+            showlegend=False, marker={"size": 1, "color": COLORS[g]},
+            error_y={"type": "data", "symmetric": False, "array": top - mean,
+                     "arrayminus": mean - bottom, "thickness": 1.2, "width": 3,
+                     "color": COLORS[g]}, hoverinfo="skip"))
+        seeds_x, seeds_y, seeds_t = _seed_points(rows, param, m, dict(zip(x, dodge)))
+        fig.add_trace(go.Scatter(
+            x=seeds_x, y=seeds_y, mode="markers", name=f"{g}: seeds",
+            legendgroup=g, showlegend=False, text=seeds_t,
+            marker={"color": COLORS[g], "size": 5, "opacity": 0.6, "line": {"width": 0}},
+            hovertemplate=f"{g}, %{{text}}: %{{y:.2f}} %<extra></extra>"))
+    above, below = upper > 100.0 + 1e-9, lower < -1e-9
+    if most > 1 and (above.any() or below.any()):
+        clipped = True
+        fx = np.concatenate([dodge[above], dodge[below]])
+        fy = np.concatenate([np.full(above.sum(), 100.0), np.zeros(below.sum())])
+        bounds = np.concatenate([np.stack([lower, upper], axis=1)[above],
+                                 np.stack([lower, upper], axis=1)[below]])
+        fig.add_trace(go.Scatter(
+            x=fx, y=fy, mode="markers", legendgroup=g, showlegend=False,
+            name=f"{g}: interval cut at the axis",
+            marker={"symbol": ["triangle-up"] * int(above.sum())
+                    + ["triangle-down"] * int(below.sum()),
+                    "size": 9, "color": COLORS[g], "line": {"color": "black", "width": 1}},
+            customdata=bounds,
+            hovertemplate=f"{g}: the interval [%{{customdata[0]:.1f}}, "
+                          "%{customdata[1]:.1f}] % reaches past the axis and is cut"
+                          "<extra></extra>"))
+    return clipped
+
+
+def _mark_ablation_best(fig: go.Figure, study: StudyResults, rows: pd.DataFrame, param: str,
+                        agg: pd.DataFrame, x: np.ndarray, most: int) -> None:
+    """A star on the best value where better_than_rest separates it, else a note saying why
+    there is none (with the difference these seeds could have detected)."""
     metric = selection_metric(study)
     sep = separation(study, rows, [param], metric)
     group = metric.removeprefix("val_").removeprefix("acc_")
@@ -329,25 +374,6 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
         fig.add_annotation(text=why, xref="paper", yref="paper",
                            x=0.0, y=1.0, xanchor="left", yanchor="bottom", showarrow=False,
                            font={"size": 12, "color": "#7a5b00"})
-    if most == 1:
-        what = "one seed per value (no spread)"
-    else:
-        n = f"{fewest}" if fewest == most else f"{fewest}-{most}"
-        what = f"mean of {n} seeds (line), each seed (points), error bars {spread}"
-        if fewest == 1:
-            what += " (none where one seed)"
-    title = f"{study.name}: test accuracy against {param_label(param)}<br><sup>{what}"
-    if clipped_any:
-        title += "; ▲▼ an interval cut at 0 or 100 %"
-    if fixed:
-        title += f"<br>{html.escape(fixed, quote=False)}"
-    title += "</sup>"
-    fig.update_layout(title=title, yaxis_title=f"test {PERCENT}", template=TEMPLATE,
-                      legend_title="shot group", margin={"t": 110})
-    fig.update_yaxes(range=[-2, 102], ticksuffix="")
-    fig.update_xaxes(title=axis_title(param, log), type="log" if log else "linear",
-                     **value_ticks(x))
-    return fig
 
 
 def _dodge(x: np.ndarray, log: bool, k: int) -> np.ndarray:

@@ -787,14 +787,8 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
     stopped = set(trials.index[trials["stopped_early"].fillna(False).astype(bool)]) \
         if "stopped_early" in trials.columns else set()
     labels = trial_labels(study, digits=None if study.search == "grid" else 3)
-    params = study.params
     present = [t for t in epochs["trial_id"].unique() if t in trials.index]
-    keys = {t: config_key(trials.loc[t], params) for t in present}
-    configs: list[tuple] = []
-    for t in sorted(present, key=lambda t: _sort_key(study, trials.loc[t], params)):
-        if keys[t] not in configs:
-            configs.append(keys[t])
-    seeds = sorted({_seed_of(trials.loc[t]) for t in present}, key=_seed_order)
+    keys, configs, seeds = _curve_groups(study, trials, present)
     dash = {s: SEED_DASHES[i % len(SEED_DASHES)] for i, s in enumerate(seeds)}
     palette = _palette(len(configs))
     colour = {c: palette[i] for i, c in enumerate(configs)}
@@ -832,31 +826,9 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
             for m in metrics:
                 ys[m].append(_curve_y(last, m))
     if len(seeds) > 1:
-        for s in seeds:  # the line style of each seed, once
-            fig.add_trace(go.Scatter(
-                x=[None], y=[None], mode="lines", name=seeds_text([s]),
-                line={"dash": dash[s], "color": "#555", "width": 2},
-                legendgroup=f"seed {s}", showlegend=True, hoverinfo="skip"))
-            for m in metrics:
-                ys[m].append(np.array([np.nan]))
-    bounds = stage_boundaries(epochs)
-    if not bounds:
-        e1 = (study.meta.get("base_config") or {}).get("stage1", {}).get("epochs")
-        bounds = [float(e1) + 0.5] if e1 else []
-    for b in bounds:
-        fig.add_vline(x=b, line_dash="dot", line_color="gray",
-                      annotation_text="stage 1 | stage 2" if len(bounds) == 1
-                      else f"stage 2 from epoch {int(b + 0.5)}",
-                      annotation_position="top")
-    legend_title = curve_legend_title(study) + \
-        (" (colour); seed (line style)" if len(seeds) > 1 else "")
-    legend: dict[str, Any] = {"title": {"text": legend_title}}
-    entries = len(configs) + (len(seeds) if len(seeds) > 1 else 0)
-    if entries > 9 or max((len(labels.get(t, t)) for t in present), default=0) > 28:
-        # Many or long entries go below the plot, in columns, not beside it.
-        legend.update({"orientation": "h", "yanchor": "top", "y": -0.16, "xanchor": "left",
-                       "x": 0})
-        fig.update_layout(height=520 + 24 * math.ceil(entries / 5))
+        _add_seed_styles(fig, seeds, dash, metrics, ys)
+    _mark_stage_boundaries(fig, study, epochs)
+    legend = _curve_legend(fig, study, labels, present, len(configs), seeds)
     buttons = [{"label": _button_label(m), "method": "update",
                 "args": [{"y": ys[m]}, {"yaxis.title.text": _curve_axis_title(m)}]}
                for m in metrics]
@@ -873,6 +845,61 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
                       "active": metrics.index(metric) if metric in metrics else 0}])
     fig.update_xaxes(**epoch_ticks(last_epoch))
     return fig
+
+
+def _curve_groups(study: StudyResults, trials: pd.DataFrame, present: list
+                  ) -> tuple[dict[Any, tuple], list[tuple], list]:
+    """(each trial's configuration key, the configurations in the study's order, the seeds
+    in order): a colour goes to each configuration, a line style to each seed."""
+    params = study.params
+    keys = {t: config_key(trials.loc[t], params) for t in present}
+    configs: list[tuple] = []
+    for t in sorted(present, key=lambda t: _sort_key(study, trials.loc[t], params)):
+        if keys[t] not in configs:
+            configs.append(keys[t])
+    seeds = sorted({_seed_of(trials.loc[t]) for t in present}, key=_seed_order)
+    return keys, configs, seeds
+
+
+def _add_seed_styles(fig: go.Figure, seeds: list, dash: dict, metrics: list[str],
+                     ys: dict[str, list[np.ndarray]]) -> None:
+    """The line style of each seed, once, as a legend entry (no data: a menu's y is NaN)."""
+    for s in seeds:
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="lines", name=seeds_text([s]),
+            line={"dash": dash[s], "color": "#555", "width": 2},
+            legendgroup=f"seed {s}", showlegend=True, hoverinfo="skip"))
+        for m in metrics:
+            ys[m].append(np.array([np.nan]))
+
+
+def _mark_stage_boundaries(fig: go.Figure, study: StudyResults, epochs: pd.DataFrame) -> None:
+    """A dotted line where stage 2 starts (from the epochs, else from the base config)."""
+    bounds = stage_boundaries(epochs)
+    if not bounds:
+        e1 = (study.meta.get("base_config") or {}).get("stage1", {}).get("epochs")
+        bounds = [float(e1) + 0.5] if e1 else []
+    for b in bounds:
+        fig.add_vline(x=b, line_dash="dot", line_color="gray",
+                      annotation_text="stage 1 | stage 2" if len(bounds) == 1
+                      else f"stage 2 from epoch {int(b + 0.5)}",
+                      annotation_position="top")
+
+
+def _curve_legend(fig: go.Figure, study: StudyResults, labels: dict, present: list,
+                  n_configs: int, seeds: list) -> dict[str, Any]:
+    """The legend's layout: beside the plot, or below it in columns (a taller figure) when
+    its entries are many or long."""
+    legend_title = curve_legend_title(study) + \
+        (" (colour); seed (line style)" if len(seeds) > 1 else "")
+    legend: dict[str, Any] = {"title": {"text": legend_title}}
+    entries = n_configs + (len(seeds) if len(seeds) > 1 else 0)
+    if entries > 9 or max((len(labels.get(t, t)) for t in present), default=0) > 28:
+        # Many or long entries go below the plot, in columns, not beside it.
+        legend.update({"orientation": "h", "yanchor": "top", "y": -0.16, "xanchor": "left",
+                       "x": 0})
+        fig.update_layout(height=520 + 24 * math.ceil(entries / 5))
+    return legend
 
 
 def learning_curves_summary(study: StudyResults, metric: str = "acc_all") -> go.Figure:

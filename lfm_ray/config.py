@@ -608,11 +608,11 @@ def check_fields(obj: Any, section: str, given_name: Callable[[str], str] = str)
         if value is None or meta.get("registry"):
             continue
         choices = field_choices(meta, section)
-        ok = value in choices if choices is not None else within_bounds(meta, value) \
-            if bounds_text(meta) is not None else True
-        if not ok:
-            _check(False, given_name(f"{section}.{f.name}"), value,
-                   accepted_text(cls, f, section) or "")
+        if choices is not None:
+            ok = value in choices
+        else:
+            ok = bounds_text(meta) is None or within_bounds(meta, value)
+        _check(ok, given_name(f"{section}.{f.name}"), value, accepted_text(cls, f, section) or "")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,8 +12,6 @@ from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.errors import LfmError
 from lfm_ray.study import Dim, Study, best_configs, parse_dim, validate
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "studies"))
 
 
 def smoke_base(tmp_path) -> RunConfig:
@@ -90,7 +87,7 @@ def test_best_config_averages_over_seeds(tmp_path):
 
 
 def test_script_reports_a_bad_seed_list_with_exit_2(tmp_path, capsys):
-    import tau_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     code = tau_sweep.main(["--seeds", "a,b", "--storage-path", str(tmp_path / "ray"),
                            "--results-dir", str(tmp_path / "results"), "--no-report"])
@@ -113,7 +110,7 @@ def local_ray():
 
 @pytest.mark.slow
 def test_grid_smoke_study_writes_tables(tmp_path, local_ray):
-    import tau_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     code = tau_sweep.main(["--smoke", "--seeds", "0", "--name", "taus", "--dataset", "digits-lt",
                            "--storage-path", str(tmp_path / "ray"),
@@ -216,7 +213,7 @@ def test_default_trial_workers(monkeypatch):
 
 
 def test_script_num_workers_flag(tmp_path, capsys):
-    import tau_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     code = tau_sweep.main(["--num-workers", "-1", "--storage-path", str(tmp_path / "ray"),
                            "--results-dir", str(tmp_path / "results")])

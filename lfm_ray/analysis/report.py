@@ -620,14 +620,27 @@ def _space_text(study: StudyResults) -> str:
 def _record_html(study: StudyResults) -> str:
     """The header: what was selected on which split, what was searched, with which seeds,
     how many trials for how long, and where and with what it ran."""
-    meta, t = study.meta, study.trials
-    rows: list[tuple[str, str]] = []
-    selection = meta.get("selection") or (
+    rows = [*_selection_rows(study), *_search_rows(study), *_trial_rows(study),
+            *_provenance_rows(study)]
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table class='record'>{body}</table>"
+
+
+def _selection_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """What was selected on which split, and the objectives of a multi-objective study."""
+    selection = study.meta.get("selection") or (
         f"selected on {study.metric} ({study.selection_split} split)")
-    rows.append(("selection", _esc(f"{selection}; {'higher' if study.mode == 'max' else 'lower'}"
-                                   " is better")))
+    rows = [("selection", _esc(f"{selection}; {'higher' if study.mode == 'max' else 'lower'}"
+                                " is better"))]
     if len(study.objectives) > 1:
         rows.append(("objectives", _esc(", ".join(study.objectives))))
+    return rows
+
+
+def _search_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """The search and its space, the seeds and the protocol."""
+    meta, t = study.meta, study.trials
+    rows: list[tuple[str, str]] = []
     search = study.search
     if search in ("optuna", "random"):
         sampler = f", sampler {meta['sampler']}" if search == "optuna" and meta.get("sampler") \
@@ -648,12 +661,18 @@ def _record_html(study: StudyResults) -> str:
             "branch: one stage 1 per seed, the swept value applied in stage 2 from its "
             "checkpoint" if protocol == "branch" else
             "full: both stages trained for every configuration")))
+    return rows
+
+
+def _trial_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """How many trials ended how, and for how long they ran."""
+    t = study.trials
     counts = t["status"].astype(str).value_counts().to_dict()
     parts = [f"{len(t)} trials", f"{counts.get(DONE, 0)} finished"]
     parts += [f"{n} {s.lower()}" for s, n in counts.items() if s != DONE]
     if "stopped_early" in t.columns and t["stopped_early"].fillna(False).astype(bool).any():
         parts.append(f"{int(t['stopped_early'].fillna(False).astype(bool).sum())} stopped early")
-    rows.append(("trials", _esc(", ".join(parts))))
+    rows = [("trials", _esc(", ".join(parts)))]
     wall = pd.to_numeric(t["wall_time_s"], errors="coerce") if "wall_time_s" in t else None
     if wall is not None and wall.notna().any():
         time_text = f"{_duration(float(wall.sum()))} of trial time in all"
@@ -665,6 +684,13 @@ def _record_html(study: StudyResults) -> str:
         if gpu is not None and gpu.fillna(0).sum() > 0:
             time_text += f"; {gpu.sum():.3f} GPU-hours"
         rows.append(("time", _esc(time_text)))
+    return rows
+
+
+def _provenance_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """Data and model, the machine, the versions and the command it ran with."""
+    meta, t = study.meta, study.trials
+    rows: list[tuple[str, str]] = []
     base = meta.get("base_config") or {}
     data = (base.get("data") or {}).get("name") or _one(t, "data.name")
     model = (base.get("model") or {}).get("name") or _one(t, "model.name")
@@ -684,8 +710,7 @@ def _record_html(study: StudyResults) -> str:
     rows.append(("command", f"<code>{_esc(command)}</code>"
                  + (f" (called by <code>{_esc(called_text)}</code>)" if called_text else "")
                  + (f"; started {_esc(meta['started'])}" if meta.get("started") else "")))
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    return f"<table class='record'>{body}</table>"
+    return rows
 
 
 def _machine_text(machine: dict[str, Any]) -> str:

@@ -82,13 +82,17 @@ def test_each_suggestion_runs_once_per_seed_and_the_searcher_hears_the_mean():
     assert inner.told[1] == ("t3", None, True)
 
 
-def test_the_repeater_survives_saving_and_restoring(tmp_path):
+def test_the_repeater_state_survives_tunes_save_and_restore():
     rep = SeedRepeater(Recorder(), seeds=[3, 4], metrics=["acc_all"])
     rep.suggest("a")
-    rep.save(str(tmp_path / "s.pkl"))
+    state = rep.get_state()  # what Tune keeps of a wrapper (the searcher saves itself)
+    assert "searcher" not in state
     back = SeedRepeater(Recorder(), seeds=[0], metrics=["x"])
-    back.restore(str(tmp_path / "s.pkl"))
+    back.set_state(state)
     assert back.suggest("b")["params"] == {"mix.tau": 1.0, SEED: 4}
+    back.on_trial_complete("a", {"acc_all": 0.2})
+    back.on_trial_complete("b", {"acc_all": 0.4})
+    assert back.searcher.told == [("a", {"acc_all": pytest.approx(0.3)}, False)]
 
 
 # ---- best.json: the Pareto set ---------------------------------------------------------------
@@ -168,7 +172,7 @@ def optuna_trials(storage_root: Path, name: str):
 @pytest.mark.slow
 def test_a_three_seed_optuna_search_from_the_command_line(tmp_path, local_ray):
     results, storage = tmp_path / "r", tmp_path / "ray"
-    assert main(["study", "--name", "s3", "--search", "optuna", "--space",
+    assert main(["study", "--name", "s3", "--dataset", "digits-lt", "--search", "optuna", "--space",
                  "mix.tau=loguniform:0.01:1", "--num-samples", "2", "--seeds", "0,1,2", *QUICK,
                  "--results-dir", str(results), "--storage-path", str(storage),
                  "--data.cache_dir", str(tmp_path / "cache")]) == 0

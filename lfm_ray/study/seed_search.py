@@ -9,13 +9,16 @@ searcher never sees a single seed's result: per-epoch reports are not passed on 
 would interleave the seeds of one configuration), and a configuration with a failed seed,
 or one without a value, is told as failed (its mean would rest on fewer seeds than the
 others').
+
+Tune's own Repeater does not fit: it averages one metric (not a multi-objective search's
+several), drops a failed repeat from the mean (nanmean), and numbers the repeats in a config
+key of its own where the study's trials carry their seed among their swept values.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import pickle
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -84,13 +87,21 @@ class SeedRepeater(Searcher):
                  for m in self.metrics}
         self.searcher.on_trial_complete(config_id, result=means, error=False)
 
+    # Tune saves a wrapper as it saves its own (ConcurrencyLimiter, Repeater): the wrapper's
+    # state without the searcher (get_state), and the searcher itself (save, restore).
+    def get_state(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["searcher"]
+        return copy.deepcopy(state)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__.copy(), fh)
+        self.searcher.save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))
+        self.searcher.restore(checkpoint_path)
 
 
 def _is_number(value: Any) -> bool:

@@ -225,3 +225,15 @@ def test_a_two_objective_search_over_seeds_writes_its_pareto_set(tmp_path, local
     page = write_report(tmp_path / "results" / "mo", png=False).read_text()
     assert "Trade-off front: acc_few against acc_many" in page
     assert "Several objectives: no single best" in page
+
+
+@pytest.mark.slow
+def test_a_random_search_keeps_each_samples_values_over_its_seeds(tmp_path, local_ray):
+    from lfm_ray.study import run_study
+
+    table = run_study(study_in(tmp_path, name="rs", search="random", seeds=[0, 1],
+                               num_samples=2, max_concurrent=2,
+                               space={"mix.tau": Dim.loguniform(0.01, 1.0)}))
+    assert len(table) == 4 and (table["status"] == "TERMINATED").all()
+    by_config = table.groupby("mix.tau")[SEED].apply(sorted)
+    assert len(by_config) == 2 and all(s == [0, 1] for s in by_config)

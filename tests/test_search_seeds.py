@@ -237,3 +237,21 @@ def test_a_random_search_keeps_each_samples_values_over_its_seeds(tmp_path, loca
     assert len(table) == 4 and (table["status"] == "TERMINATED").all()
     by_config = table.groupby("mix.tau")[SEED].apply(sorted)
     assert len(by_config) == 2 and all(s == [0, 1] for s in by_config)
+
+
+def test_the_optuna_script_runs_over_seeds_and_objectives(tmp_path, capsys):
+    """studies/optuna_search.py keeps its one default seed; --seeds and --objectives make it
+    a search over seeds with a Pareto set (checked here as its dry run plans it)."""
+    from lfm_ray.commands.catalog import optuna_search
+
+    where = ["--dataset", "digits-lt", "--smoke", "--results-dir", str(tmp_path / "r"),
+             "--storage-path", str(tmp_path / "ray"), "--dry-run"]
+    assert optuna_search.main(where) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["seeds"] == [0] and plan["trials"] == 4
+    assert optuna_search.main([*where, "--seeds", "0,1,2", "--objectives",
+                               "acc_many,acc_few"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["seeds"] == [0, 1, 2] and plan["trials"] == 12
+    assert plan["objectives"] == ["acc_many", "acc_few"]
+    assert not (tmp_path / "r").exists()

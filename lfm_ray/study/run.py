@@ -90,7 +90,7 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
         trials = study.num_samples * trials_per_sample(study)
     return {"study": study.name, "action": rerun.kind, "trials": trials,
             "search": study.search, "grid": req["grid"], "space": req["space"],
-            "seeds": study.seeds, "metric": study.metric,
+            "seeds": study.seeds, "metric": study.metric, "objectives": study.objectives,
             "selection_split": study.selection_split, "scheduler": study.scheduler,
             "optuna_storage": req["optuna_storage_kind"],
             "protocol": study.protocol, "share_stage1": study.share_stage1,

@@ -255,3 +255,58 @@ def test_the_optuna_script_runs_over_seeds_and_objectives(tmp_path, capsys):
     assert plan["seeds"] == [0, 1, 2] and plan["trials"] == 12
     assert plan["objectives"] == ["acc_many", "acc_few"]
     assert not (tmp_path / "r").exists()
+
+
+# ---- the analysis of a search over seeds (fabricated results) -----------------------------
+def seeded_search(root: Path, objectives: list[str]) -> Path:
+    """A finished Optuna search over seeds 0-2: four values of τ, acc_* per seed."""
+    rng = np.random.default_rng(5)
+    d = root / "ss"
+    d.mkdir()
+    rows = []
+    for i, tau in enumerate([0.02, 0.05, 0.2, 0.7]):
+        for seed in range(3):
+            accs = {f"acc_{g}": float(rng.uniform(0.3, 0.9))
+                    for g in ("many", "medium", "few", "all")}
+            rows.append({"trial_id": f"t{i}{seed}", "status": "TERMINATED", "mix.tau": tau,
+                         SEED: seed, **accs})
+    pd.DataFrame(rows).to_csv(d / "trials.csv", index=False)
+    (d / "study.json").write_text(json.dumps({
+        "name": "ss", "search": "optuna", "metric": "acc_all", "mode": "max",
+        "swept": ["mix.tau", SEED], "seeds": [0, 1, 2], "num_samples": 4,
+        "space": {"mix.tau": Dim.loguniform(0.01, 1).to_dict()},
+        "objectives": objectives, "command": ["lfm-ray", "study"]}))
+    return d
+
+
+def test_the_rebuilt_optuna_study_of_a_search_over_seeds_holds_the_means(tmp_path):
+    from lfm_ray.analysis import load_study, optuna_study
+
+    study = load_study(seeded_search(tmp_path, []))
+    ost = optuna_study(study)
+    means = study.finished.groupby("mix.tau")["acc_all"].mean()
+    assert len(ost.trials) == 4
+    for t in ost.trials:
+        assert t.value == pytest.approx(means[t.params["mix.tau"]])
+
+
+def test_the_report_of_a_search_over_seeds_shows_intervals_and_the_front(tmp_path):
+    from lfm_ray.analysis import write_report
+
+    d = seeded_search(tmp_path, ["acc_many", "acc_few"])
+    page = write_report(d, png=False).read_text()
+    table = pd.read_csv(d / "trials.csv")
+    agg = table.groupby("mix.tau")["acc_all"]
+    half = stats.t.ppf(0.975, 2) * agg.std(ddof=1) / math.sqrt(3)
+    for tau, mean in agg.mean().items():
+        lo, hi = (mean - half[tau]) * 100, (mean + half[tau]) * 100
+        assert f"[{max(lo, 0):.2f}, {min(hi, 100):.2f}]" in page
+    assert "Trade-off front: acc_few against acc_many" in page
+    assert "Several objectives: no single best" in page
+    means = table.groupby("mix.tau")[["acc_many", "acc_few"]].mean()
+    front = [tau for tau in means.index if not any(
+        (means.loc[o] >= means.loc[tau]).all() and (means.loc[o] > means.loc[tau]).any()
+        for o in means.index if o != tau)]
+    pareto = page[page.index("Several objectives"):page.index("</table>",
+                                                              page.index("Several objectives"))]
+    assert pareto.count("<tr>") - 1 == len(front)  # a header row, then the front

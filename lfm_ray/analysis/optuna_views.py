@@ -341,10 +341,17 @@ def _relabel(fig: go.Figure, study: StudyResults) -> None:
 
 def importance_caveat(study: StudyResults) -> str:
     """What the importance figure rests on, and a caveat below IMPORTANCE_MIN_TRIALS."""
-    n = int((study.trials["status"] == DONE).sum())
+    from lfm_ray.analysis.load import SEED
+
+    done = study.trials[study.trials["status"] == DONE]
+    if SEED in study.swept and study.params:  # Optuna's trials: configurations, seeds pooled
+        n = int(done.groupby(study.params, dropna=False).ngroups)
+        what = "complete configuration(s), each its mean over its seeds"
+    else:
+        n, what = len(done), "complete trial(s)"
     text = (f"Parameter importance by Optuna's {IMPORTANCE_EVALUATOR} evaluator from {n} "
-            "complete trial(s): the share of the objective's variation each parameter "
-            "explains among these trials.")
+            f"{what}: the share of the objective's variation each parameter explains among "
+            "these.")
     if n < IMPORTANCE_MIN_TRIALS:
         text += (f" Caveat: fewer than about {IMPORTANCE_MIN_TRIALS} trials stand behind it, "
                  "so the ranking can change with more trials or another sampler seed; read "

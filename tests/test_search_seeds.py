@@ -310,3 +310,30 @@ def test_the_report_of_a_search_over_seeds_shows_intervals_and_the_front(tmp_pat
     pareto = page[page.index("Several objectives"):page.index("</table>",
                                                               page.index("Several objectives"))]
     assert pareto.count("<tr>") - 1 == len(front)  # a header row, then the front
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_over_seeds_resumes_and_tells_optuna_each_mean_once(tmp_path,
+                                                                                   local_ray):
+    """Ctrl-C after the first seed's trial; the same request again resumes: the wrapper's
+    state (which configuration's seeds are still to run, which have ended) comes back with
+    Tune's experiment, so every configuration still gets all its seeds and Optuna one mean."""
+    from test_interrupted_study import CtrlCAfterFirstTrial
+
+    from lfm_ray.study import StudyInterrupted, run_study
+
+    study = study_in(tmp_path, name="cut", search="optuna", seeds=[0, 1], num_samples=2,
+                     max_concurrent=1, space={"mix.tau": Dim.loguniform(0.01, 1.0)},
+                     callbacks=[CtrlCAfterFirstTrial(tmp_path / "sent")])
+    with pytest.raises(StudyInterrupted):
+        run_study(study)
+    study.callbacks = []
+    table = run_study(study)
+    done = table[table["status"] == "TERMINATED"]
+    assert len(done) == 4
+    assert all(sorted(rows[SEED]) == [0, 1] for _, rows in done.groupby("mix.tau"))
+    trials = optuna_trials(tmp_path / "ray", "cut")
+    assert len(trials) == 2
+    for t in trials:
+        rows = done[done["mix.tau"] == t.params["params/mix.tau"]]
+        assert t.value == pytest.approx(rows["acc_all"].mean(), abs=1e-12)

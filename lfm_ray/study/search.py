@@ -76,7 +76,8 @@ def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: 
         return BasicVariantGenerator(points_to_evaluate=[{"params": p} for p in points],
                                      max_concurrent=slots)
     if study.search == "random":
-        return BasicVariantGenerator(max_concurrent=slots, constant_grid_search=True)
+        return BasicVariantGenerator(max_concurrent=slots,
+                                     constant_grid_search=len(study.seeds) > 1)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 

@@ -296,9 +296,3 @@ def test_asha_stops_in_process_trials_cleanly(tmp_path, local_ray):
     # A trial after a stopped one trained in the reused process, at least to the first rung.
     stopped = [i for i in range(len(table)) if table.iloc[i]["stopped_early"]]
     assert all(table.iloc[i + 1]["epoch"] >= 2 for i in stopped if i + 1 < len(table))
-
-
-def test_an_optuna_search_takes_one_seed(tmp_path):
-    with pytest.raises(LfmError, match="Optuna search trains each configuration it samples once"):
-        validate(study_in(tmp_path, name="s", search="optuna", seeds=[0, 1],
-                          space={"stage1.lr": Dim.loguniform(1e-4, 1e-2)}))

@@ -36,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", action="append", default=[], metavar="FIELD=KIND:...",
                    help="a search dimension: loguniform:LOW:HIGH, uniform:LOW:HIGH, "
                         "int:LOW:HIGH or choice:A,B")
-    p.add_argument("--objectives", help="several metrics, e.g. acc_few,acc_many (Optuna, Pareto)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLER_NAMES,
                    help="Optuna sampler (default tpe)")
     add_study_flags(p)
@@ -90,7 +89,6 @@ def build_study(args: argparse.Namespace):
         raise LfmError(f"--grid is for a grid search; --search {args.search} takes --space")
     plan = ScriptPlan(grid=grid, space=space, search=args.search)
     study = study_from_args(args, plan, command=command)
-    study.objectives = [o for o in (args.objectives or "").split(",") if o]
     study.sampler = args.sampler
     return study
 

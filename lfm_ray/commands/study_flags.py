@@ -51,6 +51,10 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                                    "the grid)")
     g.add_argument("--seed", type=int, help="one training seed (= --seeds N)")
     g.add_argument("--metric", help="what the study selects on (best.json, ASHA, Optuna)")
+    g.add_argument("--objectives", metavar="M1,M2",
+                   help="several metrics, e.g. acc_many,acc_few: a multi-objective Optuna "
+                        "search, told each one's mean over the seeds; best.json holds the "
+                        "Pareto set")
     g.add_argument("--scheduler", choices=("none", "asha"), help="stop weak trials early "
                    "with ASHA on the global epoch (default none)")
     g.add_argument("--num-samples", type=int, help="trials of an Optuna or random search")
@@ -145,8 +149,10 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
         raise LfmError("--num-samples is for an Optuna or random search; this study is a grid")
     if args.protocol is not None and plan.protocol is None:
         raise LfmError("--protocol is for the α and τ sweeps (alpha_sweep.py, tau_sweep.py)")
+    objectives = [o.strip() for o in (args.objectives or "").split(",") if o.strip()]
     return Study(
         name=args.name, base=layers.resolve(first), layers=layers, search=plan.search,
+        objectives=objectives,
         grid=grid, space=space, variants=plan.variants, seeds=study_seeds(args, plan.seeds),
         num_samples=args.num_samples if args.num_samples is not None else plan.num_samples,
         metric=args.metric or plan.metric, scheduler=args.scheduler or "none",

@@ -31,7 +31,7 @@ from lfm_ray.study.record import (
     STUDY_FILE, Rerun, check_data, data_record, plan_rerun, read_stored, record_run, request,
 )
 from lfm_ray.study.search import (
-    concurrency, param_space, scheduler, search_alg,
+    concurrency, param_space, scheduler, search_alg, trials_per_sample,
 )
 from lfm_ray.study.checks import validate
 from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, selection_note
@@ -87,10 +87,10 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
     if study.search == "grid":
         trials = len(rerun.new_points) if rerun.kind == "extend" else len(study.grid_points())
     else:
-        trials = study.num_samples * (len(study.seeds) if study.search == "random" else 1)
+        trials = study.num_samples * trials_per_sample(study)
     return {"study": study.name, "action": rerun.kind, "trials": trials,
             "search": study.search, "grid": req["grid"], "space": req["space"],
-            "seeds": study.seeds, "metric": study.metric,
+            "seeds": study.seeds, "metric": study.metric, "objectives": study.objectives,
             "selection_split": study.selection_split, "scheduler": study.scheduler,
             "optuna_storage": req["optuna_storage_kind"],
             "protocol": study.protocol, "share_stage1": study.share_stage1,
@@ -344,7 +344,7 @@ def to_run(study: Study, rerun: Rerun) -> list[Any]:
         return []
     if study.search == "grid":
         return rerun.new_points if rerun.kind == "extend" else study.grid_points()
-    return list(range(study.num_samples * (len(study.seeds) if study.search == "random" else 1)))
+    return list(range(study.num_samples * trials_per_sample(study)))
 
 
 def all_ended(trials: list[Any] | None) -> bool:
@@ -653,8 +653,10 @@ def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None =
     alg, sched = search_alg(study, points, slots), scheduler(study) if scheduled else None
     if study.search == "grid":
         samples = len(points if points is not None else study.grid_points())
+    elif study.search == "optuna":
+        samples = study.num_samples * trials_per_sample(study)  # each seed is a trial
     else:
-        samples = study.num_samples
+        samples = study.num_samples  # the basic generator crosses each sample with the seeds
     return tune.TuneConfig(
         search_alg=alg, scheduler=sched,
         # No metric here: the searcher and scheduler carry their own, and with one Tune's
@@ -662,7 +664,7 @@ def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None =
         # seeds or interval behind it (ties included). The report says which configuration,
         # if any, is better than the rest (lfm_ray.analysis.load.better_than_rest).
         num_samples=samples,
-        max_concurrent_trials=None if study.search == "grid" else slots,
+        max_concurrent_trials=slots if study.search == "optuna" else None,
         trial_name_creator=TrialNamer(study.name),
         trial_dirname_creator=TrialNamer(study.name, folder=True),
         # A trial driver is reused by the next trial: its Ray process and imports

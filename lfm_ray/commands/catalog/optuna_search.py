@@ -2,8 +2,13 @@
 
 A seeded TPE sampler; loss-specific parameters (Focal's γ, MMS's margin) exist only in trials
 of their loss. `--dataset` may repeat: the data set becomes a searched choice, each with its
-own paper preset.
+own paper preset. One seed by default (also the sampler's); `--seeds 0,1,2` trains every
+sampled configuration on each seed and tells Optuna its mean over them (three times the
+trials); `--objectives acc_many,acc_few` makes it a multi-objective search whose best.json
+is the Pareto set and whose report draws the trade-off front.
     python studies/optuna_search.py
+    python studies/optuna_search.py --seeds 0,1,2
+    python studies/optuna_search.py --seeds 0,1,2 --objectives acc_many,acc_few
     python studies/optuna_search.py --dataset cifar10-lt --dataset cifar100-lt --data-root /data
 """
 

@@ -40,7 +40,8 @@ def test_empty_grid_and_empty_values(tmp_path):
 
 
 def test_bad_grid_value_fails_before_trials(tmp_path):
-    with pytest.raises(LfmError, match="stage1.tau"):
+    # named as the grid gives it (mix.tau), not as the stage field it sets
+    with pytest.raises(LfmError, match=r"mix\.tau=0\.0 is not valid"):
         validate(study_in(tmp_path, name="s", grid={"mix.tau": [0.05, 0.0]}))
     with pytest.raises(LfmError, match="unknown loss 'hinge'"):
         validate(study_in(tmp_path, name="s", grid={"loss.name": ["ce", "hinge"]}))

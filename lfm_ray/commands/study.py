@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objectives", help="several metrics, e.g. acc_few,acc_many (Optuna, Pareto)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLER_NAMES,
                    help="Optuna sampler (default tpe)")
+    p.add_argument("--warm-start", metavar="STUDY[:K]",
+                   help="Optuna: start with the K best configurations (default 1; a "
+                        "multi-objective study: its Pareto set) of an earlier study, by its "
+                        "name in --results-dir or its folder")
     add_study_flags(p)
     p.set_defaults(func=run)
 
@@ -72,11 +76,13 @@ def build_study(args: argparse.Namespace):
         if args.name and args.name != args.resume:
             raise LfmError(f"--resume {args.resume!r} and --name {args.name!r} disagree; give one")
         study = load_study_spec(args.results_dir, args.resume)
-        if flag_values(args, several_datasets=True) or args.grid or args.space or args.config:
+        if (flag_values(args, several_datasets=True) or args.grid or args.space or args.config
+                or args.warm_start):
             raise LfmError("--resume takes the stored study as it is; drop the other flags "
                            "(or give the full request with --name to extend it)")
         study.address, study.command = args.address, command
         study.max_concurrent, study.verbose = args.max_concurrent, args.verbose
+        study.budget_hours = args.budget_hours
         return study
     if not args.name:
         raise LfmError("give --name NAME (or --resume NAME)")

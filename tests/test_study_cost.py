@@ -232,6 +232,15 @@ def test_the_report_header_gives_the_measured_cost(tmp_path):
     header = write_report(d, png=False).read_text().split("<nav>")[0]
     assert f"measured cost {walls.sum() / 60:.1f} trial-minutes, 0.000 GPU-hours" in header
     assert "budget 2 GPU-hours" in header
+    stopped = make_study(tmp_path, "cut", {"mix.tau": TAUS}, seeds=(0,), meta={
+        "budget_hours": 0.5, "budget_unit": "trial-hours", "status": "stopped_by_budget",
+        "missing_trials": ["2 of 5 trials"],
+        "resume_command": "lfm-ray study --resume cut --budget-hours <more than 0.5>"})
+    page = write_report(stopped, png=False).read_text()
+    assert "<b>INCOMPLETE</b> — this study is stopped by budget" in page
+    assert "stopped by its budget of 0.5 trial-hours" in page
+    assert "--budget-hours &lt;more than 0.5&gt;" in page
+    assert not (stopped / "best.json").exists()
 
 
 def test_the_budget_stops_launching_before_the_cost_would_pass_it():

@@ -39,10 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objectives", help="several metrics, e.g. acc_few,acc_many (Optuna, Pareto)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLER_NAMES,
                    help="Optuna sampler (default tpe)")
-    p.add_argument("--warm-start", metavar="STUDY[:K]",
-                   help="Optuna: start with the K best configurations (default 1; a "
-                        "multi-objective study: its Pareto set) of an earlier study, by its "
-                        "name in --results-dir or its folder")
     add_study_flags(p)
     p.set_defaults(func=run)
 

@@ -79,6 +79,10 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                         "postgresql://user@host/db (checked before the study starts); default: "
                         "Optuna's journal file <storage>/<name>/optuna.journal, safe for "
                         "several drivers at once")
+    g.add_argument("--warm-start", metavar="STUDY[:K]",
+                   help="an Optuna search's first trials: the K best configurations (default "
+                        "1; of a multi-objective study, its Pareto set) of an earlier study, "
+                        "its name in --results-dir or its folder")
     g.add_argument("--budget-hours", type=float, metavar="H",
                    help="stop launching trials once the measured cost would pass H: GPU-hours "
                         "(trial wall time x GPUs per trial), or trial-hours when trials hold "
@@ -162,7 +166,7 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
         address=args.address, trackers=list(dict.fromkeys(args.tracker)),
         verbose=args.verbose, command=command or list(sys.argv), called_by=called_by,
         share_stage1=plan.share_stage1, protocol=plan.protocol,
-        warm_start=getattr(args, "warm_start", None), budget_hours=args.budget_hours,
+        warm_start=args.warm_start, budget_hours=args.budget_hours,
     )
 
 

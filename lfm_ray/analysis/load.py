@@ -117,13 +117,15 @@ class StudyResults:
     @property
     def incomplete(self) -> list[str]:
         """What is missing from a study whose trials have not all ended (study.json's status
-        "interrupted" or "running", or trials the table marks INTERRUPTED); empty for a
+        "interrupted", "running" or "stopped_by_budget", or trials the table marks
+        INTERRUPTED); empty for a
         complete study."""
         missing = [str(m) for m in self.meta.get("missing_trials") or []]
         stopped = [f"trial {t} (interrupted)" for t in
                    self.trials.loc[self.trials["status"] == INTERRUPTED, "trial_id"]] \
             if "status" in self.trials.columns else []
-        if self.meta.get("status") in ("running", "interrupted") and not (missing or stopped):
+        if self.meta.get("status") in ("running", "interrupted", "stopped_by_budget") \
+                and not (missing or stopped):
             missing = [f"unknown: study.json says the study is {self.meta['status']}"]
         return missing or stopped
 

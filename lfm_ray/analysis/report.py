@@ -701,8 +701,13 @@ def _trial_rows(study: StudyResults) -> list[tuple[str, str]]:
         if train is not None and train.notna().any():
             time_text += f" ({_duration(float(train.sum()))} training)"
         gpu = pd.to_numeric(t["gpu_hours"], errors="coerce") if "gpu_hours" in t else None
-        if gpu is not None and gpu.fillna(0).sum() > 0:
-            time_text += f"; {gpu.sum():.3f} GPU-hours"
+        time_text += f"; measured cost {wall.sum() / 60:.1f} trial-minutes"
+        time_text += f", {gpu.fillna(0).sum():.3f} GPU-hours" if gpu is not None else ""
+        budget, unit = meta.get("budget_hours"), meta.get("budget_unit") or "hours"
+        if budget is not None:
+            time_text += (f"; stopped by its budget of {budget:g} {unit}" if
+                          meta.get("status") == "stopped_by_budget" else
+                          f"; budget {budget:g} {unit}")
         rows.append(("time", _esc(time_text)))
     return rows
 
@@ -1190,7 +1195,7 @@ def _incomplete_html(study: StudyResults) -> str:
         return ""
     shown = "".join(f"<li>{_esc(m)}</li>" for m in missing[:50])
     more = f"<li>and {len(missing) - 50} more</li>" if len(missing) > 50 else ""
-    state = study.meta.get("status") or "interrupted"
+    state = (study.meta.get("status") or "interrupted").replace("_", " ")
     return (f"<div class='incomplete'><b>INCOMPLETE</b> — this study is {_esc(state)}: "
             f"{len(missing)} trial(s) have not finished, so the figures and tables below "
             "show only the trials that did and name no best configuration. Missing:"

@@ -71,11 +71,13 @@ def build_study(args: argparse.Namespace):
         if args.name and args.name != args.resume:
             raise LfmError(f"--resume {args.resume!r} and --name {args.name!r} disagree; give one")
         study = load_study_spec(args.results_dir, args.resume)
-        if flag_values(args, several_datasets=True) or args.grid or args.space or args.config:
+        if (flag_values(args, several_datasets=True) or args.grid or args.space or args.config
+                or args.warm_start):
             raise LfmError("--resume takes the stored study as it is; drop the other flags "
                            "(or give the full request with --name to extend it)")
         study.address, study.command = args.address, command
         study.max_concurrent, study.verbose = args.max_concurrent, args.verbose
+        study.budget_hours = args.budget_hours
         return study
     if not args.name:
         raise LfmError("give --name NAME (or --resume NAME)")

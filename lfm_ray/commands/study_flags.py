@@ -83,11 +83,22 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                         "postgresql://user@host/db (checked before the study starts); default: "
                         "Optuna's journal file <storage>/<name>/optuna.journal, safe for "
                         "several drivers at once")
+    g.add_argument("--warm-start", metavar="STUDY[:K]",
+                   help="an Optuna search's first trials: the K best configurations (default "
+                        "1; of a multi-objective study, its Pareto set) of an earlier study, "
+                        "its name in --results-dir or its folder")
+    g.add_argument("--budget-hours", type=float, metavar="H",
+                   help="stop launching trials once the measured cost would pass H: GPU-hours "
+                        "(trial wall time x GPUs per trial), or trial-hours when trials hold "
+                        "no GPU; the running trials finish and the study is marked stopped by "
+                        "budget (exit status 3), resumable with a larger H")
     g.add_argument("--smoke", action="store_true",
                    help="a quick check that the study runs: fewer values, one epoch per "
                         "stage of a few steps")
     g.add_argument("--dry-run", action="store_true",
-                   help="check everything and print the resolved study as JSON; train nothing")
+                   help="check everything and print the resolved study as JSON, with its "
+                        "number of trials and their estimated cost from earlier timings in "
+                        "the results folder; train nothing")
     g.add_argument("--extend", action="store_true",
                    help="rerun a stored study with added seeds or grid values: only the new "
                         "trials run, the finished ones are kept")
@@ -161,6 +172,7 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
         address=args.address, trackers=list(dict.fromkeys(args.tracker)),
         verbose=args.verbose, command=command or list(sys.argv), called_by=called_by,
         share_stage1=plan.share_stage1, protocol=plan.protocol,
+        warm_start=args.warm_start, budget_hours=args.budget_hours,
     )
 
 
@@ -201,7 +213,17 @@ def execute(study, args: argparse.Namespace) -> int:
     run_study(study, extend=args.extend, restart=args.restart, announce=announce)
     if not args.no_report:
         write_study_report(study.result_dir)
-    return 0
+    return STOPPED_BY_BUDGET_EXIT if stopped_by_budget(study) else 0
+
+
+STOPPED_BY_BUDGET_EXIT = 3  # the study stopped launching trials at its --budget-hours
+
+
+def stopped_by_budget(study) -> bool:
+    from lfm_ray.study.record import read_stored
+    from lfm_ray.study.run import STOPPED_BY_BUDGET
+
+    return (read_stored(study) or {}).get("status") == STOPPED_BY_BUDGET
 
 
 def script_command(script_file: str, argv: list[str] | None) -> tuple[list[str], list[str] | None]:

@@ -99,6 +99,9 @@ def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: 
         sampler=samplers[study.sampler](),
         study_name=study.name,
         storage=storage,
+        # a warm start's points (lfm_ray.study.warm), enqueued as Optuna's first trials
+        points_to_evaluate=[{"params/" + k: v for k, v in p.items()}
+                            for p in study.warm_points] or None,
     )
     if len(study.seeds) == 1:
         return optuna_search

@@ -685,8 +685,8 @@ def _search_rows(study: StudyResults) -> list[tuple[str, str]]:
 
 
 def _trial_rows(study: StudyResults) -> list[tuple[str, str]]:
-    """How many trials ended how, and for how long they ran."""
-    t = study.trials
+    """How many trials ended how, for how long they ran and what they cost."""
+    meta, t = study.meta, study.trials
     counts = t["status"].astype(str).value_counts().to_dict()
     parts = [f"{len(t)} trials", f"{counts.get(DONE, 0)} finished"]
     parts += [f"{n} {s.lower()}" for s, n in counts.items() if s != DONE]

@@ -240,8 +240,8 @@ def test_a_random_search_keeps_each_samples_values_over_its_seeds(tmp_path, loca
 
 
 def test_the_optuna_script_runs_over_seeds_and_objectives(tmp_path, capsys):
-    """studies/optuna_search.py keeps its one default seed; --seeds and --objectives make it
-    a search over seeds with a Pareto set (checked here as its dry run plans it)."""
+    """studies/optuna_search.py searches over seeds 0-2 by default (one seed with --smoke);
+    --objectives makes it a Pareto search (checked here as its dry run plans it)."""
     from lfm_ray.commands.catalog import optuna_search
 
     where = ["--dataset", "digits-lt", "--smoke", "--results-dir", str(tmp_path / "r"),
@@ -249,6 +249,10 @@ def test_the_optuna_script_runs_over_seeds_and_objectives(tmp_path, capsys):
     assert optuna_search.main(where) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["seeds"] == [0] and plan["trials"] == 4
+    full = [w for w in where if w != "--smoke"]
+    assert optuna_search.main(full) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["seeds"] == [0, 1, 2] and plan["trials"] == 12 * 3
     assert optuna_search.main([*where, "--seeds", "0,1,2", "--objectives",
                                "acc_many,acc_few"]) == 0
     plan = json.loads(capsys.readouterr().out)

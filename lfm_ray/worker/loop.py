@@ -456,12 +456,12 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
     # a lightweight mode) runs as in evaluation: no dropout, no statistics updates.
     model.train(stage.number == 1 and model.finetune == "full")
     log_every = max(1, steps // 10) if steps >= 50 and info.rank == 0 else 0
+    min_batch = 2 if batchnorm_trains(model) else 1
     for step in range(steps):
-        start = (step * per_worker) % len(mine)  # wraps only when more steps than one pass
-        batch = mine[start:start + per_worker]
+        batch = step_positions(mine, step, per_worker, min_batch)
         # runtime.accumulate micro-batches, each with its own mixing draw; weighting each
         # micro-batch's mean loss by its share of the batch gives the batch's mean loss.
-        parts = batch.chunk(cfg.runtime.accumulate)
+        parts = micro_batches(batch, cfg.runtime.accumulate, min_batch)
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=info.device)
         for k, pos_i in enumerate(parts):
@@ -487,6 +487,39 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
             "or check the data"
         )
     return mean
+
+
+def batchnorm_trains(model: torch.nn.Module) -> bool:
+    """Whether a batch-norm layer is in training mode (timm's CNNs: it normalises by the
+    batch's own statistics, which one image does not have)."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
+    return any(isinstance(m, norms) and m.training for m in model.modules())
+
+
+def step_positions(mine: torch.Tensor, step: int, per_worker: int,
+                   min_batch: int = 1) -> torch.Tensor:
+    """This rank's positions for one step: the next `per_worker` of its order (wrapping only
+    when there are more steps than one pass). A last batch shorter than `min_batch` is topped
+    up from the start of the order, so a training batch-norm layer never sees one image (a
+    training set of 64k + 1 images at batch 64 would otherwise end every epoch on a batch of
+    one; PyTorch refuses it)."""
+    start = (step * per_worker) % len(mine)
+    batch = mine[start:start + per_worker]
+    short = min(min_batch, len(mine)) - len(batch)
+    if short > 0:
+        batch = torch.cat([batch, mine[:short]])
+    return batch
+
+
+def micro_batches(batch: torch.Tensor, accumulate: int, min_batch: int = 1
+                  ) -> tuple[torch.Tensor, ...]:
+    """A step's positions in `accumulate` micro-batches (torch's chunk), or, where a training
+    batch-norm layer needs `min_batch` images in each, in as many near-equal ones as keep to
+    that (a last short batch: 3 images and accumulate 2 give one micro-batch of 3)."""
+    if min_batch <= 1:
+        return batch.chunk(accumulate)
+    return batch.tensor_split(max(1, min(accumulate, len(batch) // min_batch)))
 
 
 def _sync_gradients(trainable: torch.nn.Module, sync: bool):

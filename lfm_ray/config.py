@@ -2,7 +2,8 @@
 
 A `RunConfig` holds everything one training needs. It is plain dataclasses, so it turns into
 JSON and back (`to_dict` / `from_dict`), and studies change it by dotted names
-(`stage1.lr`, `mix.method`, `mix.tau`). Units are stated beside each field.
+(`stage1.lr`, `mix.method`, `mix.tau`). Each field's help, unit, bounds and accepted names
+are declared beside its default (`setting`); --help and `RunConfig.validate` read them there.
 
 `mix.alpha`, `mix.tau` and `mix.beta` are shorthands that set both stages at once: the
 paper's ablations sweep one value for the whole run, while its Places-LT preset gives each
@@ -21,87 +22,41 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from lfm_ray.errors import LfmError, unknown_name
 
 
-def setting(default: Any, help: str, **meta: Any) -> Any:
-    """A config field: its default and, in its metadata, the help text `--help`, the docs and
-    the messages read (the one place a field is described); a list default is copied per
-    instance."""
-    metadata = {"help": help, **meta}
+def setting(default: Any, help: str, *, unit: str | None = None,
+            at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None, below: float | None = None,
+            choices: tuple[str, ...] | dict[str, tuple[str, ...]] | None = None,
+            registry: str | None = None, null: str | None = None, note: str = "") -> Any:
+    """A config field: its default and, in its metadata, everything said about it (the one
+    place a field is described), which `--help`, the docs and `RunConfig.validate` read.
+
+    help: meaning; unit: what a number counts (px, epochs); at_least/above and at_most/below:
+    closed and open bounds of a number; choices: the accepted names (per section where the
+    sections sharing a dataclass differ: {"stage1": ..., "stage2": ...}); registry: the table
+    that checks the names itself (with its own message), so validation leaves them to it;
+    null: what None means, for the message; note: said after the accepted values in a
+    message. A list default is copied per instance."""
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
+    metadata = {"help": help, "unit": unit, "choices": choices, "registry": registry,
+                "null": null, "note": note, **{k: v for k, v in bounds.items() if v is not None}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-@dataclass
-class DataConfig:
-    name: str = setting("fashion-lt", "registry name, see lfm_ray.data.DATASETS")
-    root: str | None = setting(None, "data root on disk (not needed for fashion-lt and digits-lt)")
-    imbalance_factor: float | None = setting(None, "n_max / n_min; None: the data set's default")
-    max_count: int | None = setting(None, "n_max, the largest class's training images (fashion-"
-                                          "lt); None: the data set's default")
-    seed: int = setting(0, "picks the long-tailed subset (not the training seed)")
-    cache_dir: str | None = setting(None, "node-local uint8 image cache; None: ~/.cache/lfm-ray")
-    selection_split: str = setting(
-        "auto", "split that model selection reads (val_acc_* every epoch): auto | val | test; "
-                "auto: val where the data set has one, else test. Test (acc_*) is always the "
-                "reported split")
-
-
-@dataclass
-class ModelConfig:
-    name: str = setting("tiny", "open_clip architecture, e.g. ViT-B-32; \"tiny\" for tests")
-    pretrained: str | None = setting(None, "open_clip tag (\"openai\"), a weights file, or None")
-    # frozen text encoder of the class features (lfm_ray/text.py): auto (clip for CLIP models,
-    # none for timm models) | clip (the CLIP model's own tower) | glove (GloVe word vectors) |
-    # none (a timm model's linear head)
-    text: str = setting("auto", "class features: auto | clip | glove | none")
-    templates: list[str] = setting(["a photo of a {}"], "prompt templates, {} the class name; "
-                                                        "several are averaged (an ensemble); "
-                                                        "CLIP's tower only")
-    logit_scale: float | None = setting(None, "s in z = s·cos; None: the loss's default "
-                                              "(LOGIT_SCALE)")
-    cache_dir: str | None = setting(None, "where open_clip caches weights; None: its default")
-    image_size: int | None = setting(None, "timm models only: square input size in px; None: the "
-                                           "model's own")
-    # Where trained class weights start (stage1.finetune classifier; a timm model's stage-1
-    # head): auto (text for CLIP, timm's own init for timm) | text | class-mean | linear-probe
-    classifier_init: str = setting("auto", "start of trained class weights: auto, text, class-"
-                                           "mean (the frozen tower's class means) or linear-probe")
-
-
-@dataclass
-class StageConfig:
-    epochs: int = setting(20, "passes over the training set")
-    lr: float = setting(2e-3, "Adam learning rate at the start of the stage")
-    min_lr: float = setting(1e-5, "cosine annealing ends here")
-    alpha: float = setting(1.0, "label-shift strength α (paper Eq. 2), >= 0")
-    tau: float = setting(0.05, "local-sampling temperature τ (paper Eq. 1), > 0")
-    beta: float | None = setting(None, "λ ~ Beta(beta, beta), > 0; None: the mixing method's own "
-                                       "law (MIX_BETA)")
-    # What the stage trains (lfm_ray/finetune.py). Stage 1: full (the whole image tower),
-    # classifier (class weights, initialised as model.classifier_init says; the tower frozen),
-    # bitfit (the tower's biases), or on a ViT tower lora, adaptformer, vpt or ssf. Stage 2:
-    # proj (W_I).
-    finetune: str = setting("full", "what the stage trains; stage 2 trains W_I only (proj)")
-    # Sizes of the lightweight modes, None for LIFT's defaults; LIFT's rule for a LoRA rank or
-    # an adapter width is 2^max(0, floor(log2(C / (2 · blocks)))) for C classes.
-    lora_rank: int | None = setting(None, "lora: rank r of ΔW on q and v, scaled 1/r; None: "
-                                          "LIFT's")
-    adapter_dim: int | None = setting(None, "adaptformer: bottleneck width per block; None: "
-                                            "LIFT's")
-    vpt_length: int | None = setting(None, "vpt: learned tokens added to the input; None: 10 "
-                                           "(LIFT's)")
-    # Which images an epoch draws (lfm_ray/sampling.py): instance-balanced (a shuffle of the
-    # training set), class-balanced (class uniform, then an image of it) or square-root (class
-    # ∝ √n_k); LFM's first sample is the paper's uniform draw, so LFM refuses the other two.
-    sampler: str = setting("instance-balanced", "images an epoch draws: instance-balanced (a "
-                                                "shuffle), class-balanced, square-root (class ∝ "
-                                                "√n_k)")
-
+# Closed sets of names. The registries hold the builders (lfm_ray.data.DATASETS,
+# lfm_ray.mixing.MIXERS, lfm_ray.losses.LOSSES, lfm_ray.text.ENCODERS; a test keeps these equal
+# to them), so --help needs no heavy import.
+DATASET_NAMES = ("fashion-lt", "digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt",
+                 "places-lt", "inat2018", "folder")
+MIX_METHODS = ("none", "mixup", "remix", "cutmix", "lfm", "concutmix")
+LOSS_NAMES = ("ce", "balce", "focal", "ldam", "mms", "cb", "grw", "lade")
+TEXT_ENCODERS = ("auto", "clip", "glove", "none")
 # Stage 1's fine-tuning modes (lfm_ray.finetune.MODES holds their builders) and stage 2's one.
 FINETUNE_MODES = ("full", "classifier", "bitfit", "lora", "adaptformer", "vpt", "ssf")
 STAGE2_FINETUNE = "proj"
@@ -113,21 +68,114 @@ SAMPLERS = ("instance-balanced", "class-balanced", "square-root")
 # Where trained class weights start (lfm_ray.head_init): auto is text for a CLIP model and
 # the head's own initialisation for a timm model.
 CLASSIFIER_INITS = ("auto", "text", "class-mean", "linear-probe")
+SELECTION_SPLITS = ("auto", "val", "test")
+# ---- category extrapolation ("Learning from Neighbors", Zhao et al., CVPR 2025) -------------
+# Auxiliary classes train beside the target classes, each with its own head row, and are
+# dropped before every prediction (lfm_ray.extrapolation). Off while aux.root is None.
+AUX_SILENCE = ("none", "neighbours", "neighbours+aux")
+SILENCING_LOSSES = ("ce", "balce")  # the softmax cross-entropies neighbour silencing applies to
+# `lfm-ray aux` (lfm_ray.curation): k neighbours for the largest target class, at most max_k
+# for any; an image is kept when its cosine to its class prototype is in [min_cos, max_cos]
+# (the paper's 0.7 and 0.98).
+AUX_CURATION = {"k": 3, "max_k": 10, "min_cos": 0.7, "max_cos": 0.98}
+
+
+@dataclass
+class DataConfig:
+    name: str = setting("fashion-lt", "registry name, see lfm_ray.data.DATASETS",
+                        choices=DATASET_NAMES, registry="lfm_ray.data.DATASETS")
+    root: str | None = setting(None, "data root on disk (not needed for fashion-lt and digits-lt)")
+    imbalance_factor: float | None = setting(None, "n_max / n_min; None: the data set's default",
+                                             at_least=1, null="the data set's default")
+    max_count: int | None = setting(None, "n_max, the largest class's training images (fashion-"
+                                          "lt); None: the data set's default", unit="images",
+                                    at_least=1, null="the data set's default")
+    seed: int = setting(0, "picks the long-tailed subset (not the training seed)", at_least=0)
+    cache_dir: str | None = setting(None, "node-local uint8 image cache; None: ~/.cache/lfm-ray")
+    selection_split: str = setting(
+        "auto", "split that model selection reads (val_acc_* every epoch); auto: val where the "
+                "data set has one, else test. Test (acc_*) is always the reported split",
+        choices=SELECTION_SPLITS)
+
+
+@dataclass
+class ModelConfig:
+    name: str = setting("tiny", "open_clip architecture, e.g. ViT-B-32; \"tiny\" for tests")
+    pretrained: str | None = setting(None, "open_clip tag (\"openai\"), a weights file, or None")
+    # frozen text encoder of the class features (lfm_ray/text.py): auto (clip for CLIP models,
+    # none for timm models) | clip (the CLIP model's own tower) | glove (GloVe word vectors) |
+    # none (a timm model's linear head)
+    text: str = setting("auto", "class features", choices=TEXT_ENCODERS,
+                        registry="lfm_ray.text.ENCODERS")
+    # Checked by `_check_templates` (each needs its {}), not by bounds.
+    templates: list[str] = setting(["a photo of a {}"], "prompt templates, {} the class name; "
+                                                        "several are averaged (an ensemble); "
+                                                        "CLIP's tower only")
+    logit_scale: float | None = setting(None, "s in z = s·cos; None: the loss's default "
+                                              "(LOGIT_SCALE)", above=0,
+                                        null="the loss's default")
+    cache_dir: str | None = setting(None, "where open_clip caches weights; None: its default")
+    image_size: int | None = setting(None, "timm models only: square input size; None: the "
+                                           "model's own", unit="px", at_least=1,
+                                     null="the model's own input size")
+    # Where trained class weights start (stage1.finetune classifier; a timm model's stage-1
+    # head): auto (text for CLIP, timm's own init for timm) | text | class-mean | linear-probe
+    classifier_init: str = setting("auto", "start of trained class weights: auto, text, class-"
+                                           "mean (the frozen tower's class means) or linear-probe",
+                                   choices=CLASSIFIER_INITS)
+
+
+@dataclass
+class StageConfig:
+    epochs: int = setting(20, "passes over the training set", unit="epochs", at_least=0)
+    lr: float = setting(2e-3, "Adam learning rate at the start of the stage", above=0)
+    min_lr: float = setting(1e-5, "cosine annealing ends here", at_least=0)
+    alpha: float = setting(1.0, "label-shift strength α (paper Eq. 2)", at_least=0)
+    tau: float = setting(0.05, "local-sampling temperature τ (paper Eq. 1)", above=0)
+    beta: float | None = setting(None, "λ ~ Beta(beta, beta); None: the mixing method's own "
+                                       "law (MIX_BETA)", above=0, null="the method's own law")
+    # What the stage trains (lfm_ray/finetune.py). Stage 1: full (the whole image tower),
+    # classifier (class weights, initialised as model.classifier_init says; the tower frozen),
+    # bitfit (the tower's biases), or on a ViT tower lora, adaptformer, vpt or ssf. Stage 2:
+    # proj (W_I).
+    finetune: str = setting("full", "what the stage trains; stage 2 trains W_I only (proj)",
+                            choices={"stage1": FINETUNE_MODES, "stage2": (STAGE2_FINETUNE,)})
+    # Sizes of the lightweight modes, None for LIFT's defaults; LIFT's rule for a LoRA rank or
+    # an adapter width is 2^max(0, floor(log2(C / (2 · blocks)))) for C classes.
+    lora_rank: int | None = setting(None, "lora: rank r of ΔW on q and v, scaled 1/r; None: "
+                                          "LIFT's", at_least=1, null="LIFT's default")
+    adapter_dim: int | None = setting(None, "adaptformer: bottleneck width per block; None: "
+                                            "LIFT's", at_least=1, null="LIFT's default")
+    vpt_length: int | None = setting(None, "vpt: learned tokens added to the input; None: 10 "
+                                           "(LIFT's)", unit="tokens", at_least=1,
+                                     null="LIFT's default")
+    # Which images an epoch draws (lfm_ray/sampling.py): instance-balanced (a shuffle of the
+    # training set), class-balanced (class uniform, then an image of it) or square-root (class
+    # ∝ √n_k); LFM's first sample is the paper's uniform draw, so LFM refuses the other two.
+    sampler: str = setting("instance-balanced", "images an epoch draws: instance-balanced (a "
+                                                "shuffle), class-balanced, square-root (class ∝ "
+                                                "√n_k)", choices=SAMPLERS)
 
 
 @dataclass
 class MixConfig:
-    method: str = setting("lfm", "none | mixup | remix | cutmix | lfm | concutmix")
-    remix_kappa: float = setting(3.0, "Remix κ (count ratio threshold)")
-    remix_tau: float = setting(0.5, "Remix τ_r (mixing-ratio threshold)")
+    method: str = setting("lfm", "the mixing method", choices=MIX_METHODS,
+                          registry="lfm_ray.mixing.MIXERS")
+    remix_kappa: float = setting(3.0, "Remix κ (count ratio threshold)", at_least=1)
+    remix_tau: float = setting(0.5, "Remix τ_r (mixing-ratio threshold)", at_least=0, at_most=1)
     # ConCutMix's target is ρ·ŷ_sem + (1 − ρ)·ỹ_area, ρ = ω·log(λN_a + (1 − λ)N_b) / Σ_k log N_k;
     # None below: the data set's setting in CONCUTMIX_SETTINGS.
-    concutmix_omega: float | None = setting(None, "ConCutMix ω (scales ρ), >= 0")
-    concutmix_topk: int | None = setting(None, "ConCutMix k nearest class centres in ŷ_sem, >= 1")
-    concutmix_prob: float = setting(0.5, "probability that a batch is cut-mixed at all")
+    concutmix_omega: float | None = setting(None, "ConCutMix ω (scales ρ)", at_least=0,
+                                            null="the data set's")
+    concutmix_topk: int | None = setting(None, "ConCutMix k nearest class centres in ŷ_sem",
+                                         at_least=1, null="the data set's")
+    concutmix_prob: float = setting(0.5, "probability that a batch is cut-mixed at all",
+                                    at_least=0, at_most=1)
     concutmix_warmup: float | None = setting(None, "fraction of a stage's epochs with ỹ_area "
-                                                   "alone")
-    # Where LFM's class similarity S comes from (P = softmax(S/τ)), see lfm_ray/similarity.py.
+                                                   "alone", at_least=0, at_most=1,
+                                             null="the data set's")
+    # Where LFM's class similarity S comes from (P = softmax(S/τ)), see lfm_ray/similarity.py,
+    # which checks the source (its own message).
     similarity: str = setting("auto", "LFM's S: auto (text for CLIP models, image-prototypes for "
                                       "timm models) | text | text:MODEL[:PRETRAINED] | image-"
                                       "prototypes | taxonomy[:FILE] | file:PATH | uniform")
@@ -173,16 +221,17 @@ LOGIT_SCALE = {"ce": 1.0, "balce": 1.0, "focal": 1.0, "ldam": 30.0, "mms": 100.0
 
 @dataclass
 class LossConfig:
-    name: str = setting("ce", "ce | balce | focal | ldam | mms | cb | grw | lade")
+    name: str = setting("ce", "the loss", choices=LOSS_NAMES, registry="lfm_ray.losses.LOSSES")
     focal_gamma: float = setting(2.0, "Focal γ")
     ldam_max_margin: float = setting(0.5, "LDAM: largest class margin m (cosine units)")
     mms_margin: float = setting(0.3, "MMS: margin·(1 − cos(f_T[y], f_T[k])) (cosine units)")
-    balce_tau: float = setting(1.0, "BalCE τ_b: logits + τ_b·log(n_k / Σn), >= 0")
-    cb_beta: float = setting(0.9999, "CB: class weight (1 − β)/(1 − β^n_k), β in [0, 1)")
-    grw_exponent: float = setting(1.0, "GRW: class weight (n_k / Σn)^(−ρ), ρ >= 0")
-    lade_weight: float = setting(0.1, "LADE: weight of its regulariser beside BalCE, >= 0")
-    lade_remine_lambda: float = setting(0.1, "LADE: ReMINE's λ on the squared log-partition term,"
-                                             " >= 0")
+    balce_tau: float = setting(1.0, "BalCE τ_b: logits + τ_b·log(n_k / Σn)", at_least=0)
+    cb_beta: float = setting(0.9999, "CB: class weight (1 − β)/(1 − β^n_k)", at_least=0, below=1,
+                            note=" (0 weighs every class alike)")
+    grw_exponent: float = setting(1.0, "GRW: class weight (n_k / Σn)^(−ρ)", at_least=0)
+    lade_weight: float = setting(0.1, "LADE: weight of its regulariser beside BalCE", at_least=0)
+    lade_remine_lambda: float = setting(0.1, "LADE: ReMINE's λ on the squared log-partition "
+                                             "term", at_least=0)
     # LDAM's scale and MMS's 1/temperature are the run's logit scale s (model.logit_scale,
     # defaults in LOGIT_SCALE): LDAM subtracts s·m_y, MMS adds s·margin·(1 − cos).
 
@@ -204,47 +253,44 @@ class LossConfig:
 
 @dataclass
 class RuntimeConfig:
-    batch_size: int = setting(32, "global batch (images per optimiser step, all workers)")
-    eval_batch_size: int = setting(256, "per worker")
-    num_workers: int = setting(1, "Ray Train workers (DDP ranks)")
-    cpus_per_worker: float = setting(1.0, "CPUs each worker (or in-process trial) holds")
-    gpus_per_worker: float = setting(0.0, "fractions pack several one-worker trials on a GPU")
-    seed: int = setting(0, "training seed (init, shuffling, mixing draws)")
+    batch_size: int = setting(32, "global batch (per optimiser step, all workers)",
+                              unit="images", at_least=1)
+    eval_batch_size: int = setting(256, "per worker", unit="images", at_least=1)
+    num_workers: int = setting(1, "Ray Train workers (DDP ranks)", at_least=0)
+    cpus_per_worker: float = setting(1.0, "what each worker (or in-process trial) holds",
+                                    unit="CPUs", above=0)
+    gpus_per_worker: float = setting(0.0, "fractions pack several one-worker trials on a GPU",
+                                    unit="GPUs", at_least=0)
+    seed: int = setting(0, "training seed (init, shuffling, mixing draws)", at_least=0)
     zero_shot: bool = setting(False, "evaluate the text classifier only, no training")
-    max_steps_per_epoch: int | None = setting(None, "cap for smoke runs; None: full epochs")
-    threads: int | None = setting(None, "torch CPU threads per worker; None: cpus_per_worker")
+    max_steps_per_epoch: int | None = setting(None, "cap for smoke runs; None: full epochs",
+                                               unit="steps", at_least=1)
+    threads: int | None = setting(None, "torch CPU threads per worker; None: cpus_per_worker",
+                                   at_least=1, null="cpus_per_worker")
     compile: bool | None = setting(None, "torch.compile the image tower; None: on GPUs only")
     save_confusion: bool | None = setting(
         None, "confusion.npz (C×C test counts and P) beside metrics.json and in checkpoints; "
               "None: only for data sets of at most confusion.MAX_CLASSES (1,000) classes")
     # Gradient accumulation: batch_size stays the global batch of one optimiser step, split
     # into num_workers × accumulate equal micro-batches (one mixing draw each).
-    accumulate: int = setting(1, "micro-batches per optimiser step and worker")
+    accumulate: int = setting(1, "micro-batches per optimiser step and worker", at_least=1)
 
 
 @dataclass
 class EvalConfig:
     # Test-time augmentation of every evaluation (val and test), logits averaged over views.
-    tta: str = setting("none", "none | flip (image and mirror) | fivecrop (corners, centre)")
+    tta: str = setting("none", "views: none | flip (image and mirror) | fivecrop (corners, "
+                               "centre)", choices=TTA_MODES)
     # fivecrop: the evaluation images are resized to this side (the node cache keeps them so)
     # and cut into four corner crops and a centre crop at the model's input size S; LIFT
     # resizes to 224 + 24 = 248 px for its 224 px models, which None scales to any S.
-    fivecrop_resize: int | None = setting(None, "fivecrop's resize (px, > S); None: round(S · "
-                                                "248/224)")
+    fivecrop_resize: int | None = setting(None, "fivecrop's resize (larger than S); None: "
+                                                "round(S · 248/224)", unit="px", at_least=1,
+                                          null="round(S · 248/224)")
     # Post-hoc logit adjustment (Menon et al. 2021) of every evaluation: the argmax of
     # z_k − τ·log(n_k / Σn), n_k the training counts; 0 leaves the logits as they are.
-    logit_adjust_tau: float = setting(0.0, "post-hoc adjustment τ (>= 0) on val and test logits")
-
-
-# ---- category extrapolation ("Learning from Neighbors", Zhao et al., CVPR 2025) -------------
-# Auxiliary classes train beside the target classes, each with its own head row, and are
-# dropped before every prediction (lfm_ray.extrapolation). Off while aux.root is None.
-AUX_SILENCE = ("none", "neighbours", "neighbours+aux")
-SILENCING_LOSSES = ("ce", "balce")  # the softmax cross-entropies neighbour silencing applies to
-# `lfm-ray aux` (lfm_ray.curation): k neighbours for the largest target class, at most max_k
-# for any; an image is kept when its cosine to its class prototype is in [min_cos, max_cos]
-# (the paper's 0.7 and 0.98).
-AUX_CURATION = {"k": 3, "max_k": 10, "min_cos": 0.7, "max_cos": 0.98}
+    logit_adjust_tau: float = setting(0.0, "post-hoc adjustment τ on val and test logits",
+                                     at_least=0, note=" (0: no adjustment)")
 
 
 @dataclass
@@ -255,14 +301,14 @@ class AuxConfig:
     # {target class: [auxiliary classes]}.
     root: str | None = setting(None, "auxiliary images root/<class>/*, or digits-aux(-scrambled)")
     neighbours: str | None = setting(None, "neighbour map (JSON); None: an embedded set's own")
-    max_per_class: int = setting(50, "images per auxiliary class per epoch (fresh subset), >= 1")
-    silence: str = setting("neighbours", "classes a sample's softmax and target drop")
+    max_per_class: int = setting(50, "per auxiliary class per epoch (a fresh subset)",
+                                 unit="images", at_least=1)
+    silence: str = setting("neighbours", "classes a sample's softmax and target drop",
+                           choices=AUX_SILENCE)
 
     def check(self, loss_name: str) -> None:
-        """One LfmError for a bad value or a combination neighbour silencing cannot run."""
-        _check(self.max_per_class >= 1, "aux.max_per_class", self.max_per_class, "an integer >= 1")
-        _check(self.silence in AUX_SILENCE, "aux.silence", self.silence,
-               f"one of {', '.join(AUX_SILENCE)}")
+        """One LfmError for a combination neighbour silencing cannot run (each field's own
+        bounds are checked with the others', `check_fields`)."""
         if self.root is None:
             if self.neighbours is not None:
                 raise LfmError(f"aux.neighbours={self.neighbours!r} is set but aux.root is not; "
@@ -364,6 +410,8 @@ class RunConfig:
             except LfmError as exc:  # name the field as it was given
                 raise LfmError(str(exc).replace(f"stage1.{key}", dotted, 1)) from None
             self.set(f"stage2.{key}", value)
+            set_through = vars(self).setdefault("_set_through", {})
+            set_through.update({f"stage1.{key}": dotted, f"stage2.{key}": dotted})
             return
         if dotted in REMOVED_FIELDS:
             raise LfmError(f"config field {dotted!r} was removed: {REMOVED_FIELDS[dotted]}")
@@ -374,6 +422,7 @@ class RunConfig:
         if key not in fields:
             raise unknown_name("config field", dotted, known_fields())
         setattr(target, key, _coerce(dotted, type(target), key, value))
+        vars(self).get("_set_through", {}).pop(dotted, None)
 
     def get(self, dotted: str) -> Any:
         section, _, key = dotted.partition(".")
@@ -421,24 +470,27 @@ class RunConfig:
         return params
 
     def validate(self) -> "RunConfig":
-        """Raise one LfmError for the first bad value; names are checked by the registries."""
-        for name in ("stage1", "stage2"):
-            stage: StageConfig = getattr(self, name)
-            _check(stage.epochs >= 0, f"{name}.epochs", stage.epochs, "an integer >= 0")
-            _check(stage.lr > 0, f"{name}.lr", stage.lr, "a number > 0")
-            _check(stage.min_lr >= 0, f"{name}.min_lr", stage.min_lr, "a number >= 0")
-            _check(stage.alpha >= 0, f"{name}.alpha", stage.alpha, "a number >= 0")
-            _check(stage.tau > 0, f"{name}.tau", stage.tau, "a number > 0")
-            if stage.beta is not None:
-                _check(stage.beta > 0, f"{name}.beta", stage.beta,
-                       "a number > 0, or null for the method's own law")
-        _check(self.stage1.finetune in FINETUNE_MODES, "stage1.finetune", self.stage1.finetune,
-               f"one of {', '.join(FINETUNE_MODES)}")
-        for key in FINETUNE_SIZES:
-            value = getattr(self.stage1, key)
-            if value is not None:
-                _check(value >= 1, f"stage1.{key}", value, "an integer >= 1, or null for "
-                       "LIFT's default")
+        """Raise one LfmError for the first bad value: each field against the bounds and
+        choices declared beside its default (`check_fields`), then the rules that join
+        fields; names a registry holds (data sets, losses, ...) are checked by it."""
+        self._check_stage2_trains_w_i()  # before its fields: "proj" is its one choice
+        for section in SECTIONS:
+            check_fields(getattr(self, section), section, self.given_name)
+        self._check_templates()
+        self._check_worker_split()
+        self.mixer_params()  # a concutmix run needs every ConCutMix setting resolved
+        self._check_samplers()
+        self._check_classifier_init()
+        self.aux.check(self.loss.name)
+        return self
+
+    def given_name(self, dotted: str) -> str:
+        """The name `dotted` was set by: `mix.tau` for stage1.tau and stage2.tau set through
+        that shorthand (and not since by their own names), so a message names what was
+        given. (Kept beside the fields, not as one: it is no setting.)"""
+        return vars(self).get("_set_through", {}).get(dotted, dotted)
+
+    def _check_stage2_trains_w_i(self) -> None:
         # Stage 2 trains W_I on a frozen tower: nothing else to choose there.
         _check(self.stage2.finetune == STAGE2_FINETUNE, "stage2.finetune", self.stage2.finetune,
                f"{STAGE2_FINETUNE!r} (stage 2 trains W_I only; stage1.finetune chooses what "
@@ -446,16 +498,15 @@ class RunConfig:
         for key, mode in FINETUNE_SIZES.items():
             _check(getattr(self.stage2, key) is None, f"stage2.{key}", getattr(self.stage2, key),
                    f"null (stage 2 adds no modules; set stage1.{key} for stage1.finetune={mode})")
+
+    def _check_templates(self) -> None:
+        _check(bool(self.model.templates) and all("{}" in t for t in self.model.templates),
+               "model.templates", self.model.templates, "a non-empty list of strings with '{}'")
+
+    def _check_worker_split(self) -> None:
+        """The global batch splits evenly over workers and micro-batches; a fractional GPU
+        holds one worker."""
         rt = self.runtime
-        _check(rt.batch_size >= 1, "runtime.batch_size", rt.batch_size, "an integer >= 1")
-        _check(rt.eval_batch_size >= 1, "runtime.eval_batch_size", rt.eval_batch_size, "an integer >= 1")
-        _check(rt.num_workers >= 0, "runtime.num_workers", rt.num_workers, "an integer >= 0")
-        _check(rt.gpus_per_worker >= 0, "runtime.gpus_per_worker", rt.gpus_per_worker, "a number >= 0")
-        _check(rt.cpus_per_worker > 0, "runtime.cpus_per_worker", rt.cpus_per_worker, "a number > 0")
-        _check(rt.seed >= 0, "runtime.seed", rt.seed, "an integer >= 0")
-        if rt.threads is not None:
-            _check(rt.threads >= 1, "runtime.threads", rt.threads,
-                   "an integer >= 1, or null for cpus_per_worker")
         if rt.num_workers > 1 and 0 < rt.gpus_per_worker < 1:
             raise LfmError(
                 f"runtime.gpus_per_worker={rt.gpus_per_worker} with num_workers={rt.num_workers}: "
@@ -467,71 +518,14 @@ class RunConfig:
                 rt.batch_size % rt.num_workers == 0, "runtime.batch_size", rt.batch_size,
                 f"a multiple of num_workers={rt.num_workers} (it is the global batch)",
             )
-        _check(rt.accumulate >= 1, "runtime.accumulate", rt.accumulate, "an integer >= 1")
         parts = max(1, rt.num_workers) * rt.accumulate
         _check(rt.batch_size % parts == 0, "runtime.batch_size", rt.batch_size,
                f"a multiple of num_workers × accumulate = {parts} (the global batch of one "
                "optimiser step, split into equal micro-batches)")
-        _check(self.eval.tta in TTA_MODES, "eval.tta", self.eval.tta,
-               f"one of {', '.join(TTA_MODES)}")
-        if self.eval.fivecrop_resize is not None:
-            _check(self.eval.fivecrop_resize >= 1, "eval.fivecrop_resize",
-                   self.eval.fivecrop_resize, "an integer number of pixels larger than the "
-                   "model's input size, or null")
-        if rt.max_steps_per_epoch is not None:
-            _check(rt.max_steps_per_epoch >= 1, "runtime.max_steps_per_epoch",
-                   rt.max_steps_per_epoch, "an integer >= 1 or null")
-        _check(self.data.seed >= 0, "data.seed", self.data.seed, "an integer >= 0")
-        if self.data.max_count is not None:
-            _check(self.data.max_count >= 1, "data.max_count", self.data.max_count,
-                   "an integer >= 1, or null for the data set's default")
-        if self.data.imbalance_factor is not None:
-            _check(self.data.imbalance_factor >= 1, "data.imbalance_factor",
-                   self.data.imbalance_factor, "a number >= 1")
-        _check(self.data.selection_split in ("auto", "val", "test"), "data.selection_split",
-               self.data.selection_split, "'auto', 'val' or 'test'")
-        if self.model.logit_scale is not None:
-            _check(self.model.logit_scale > 0, "model.logit_scale", self.model.logit_scale, "a number > 0")
-        if self.model.image_size is not None:
-            _check(self.model.image_size >= 1, "model.image_size", self.model.image_size,
-                   "an integer >= 1, or null for the model's own input size")
-        mix = self.mix
-        if mix.concutmix_omega is not None:
-            _check(mix.concutmix_omega >= 0, "mix.concutmix_omega", mix.concutmix_omega,
-                   "a number >= 0, or null for the data set's")
-        if mix.concutmix_topk is not None:
-            _check(mix.concutmix_topk >= 1, "mix.concutmix_topk", mix.concutmix_topk,
-                   "an integer >= 1, or null for the data set's")
-        _check(0 <= mix.concutmix_prob <= 1, "mix.concutmix_prob", mix.concutmix_prob,
-               "a number in [0, 1]")
-        if mix.concutmix_warmup is not None:
-            _check(0 <= mix.concutmix_warmup <= 1, "mix.concutmix_warmup", mix.concutmix_warmup,
-                   "a number in [0, 1], or null for the data set's")
-        self.mixer_params()  # a concutmix run needs every ConCutMix setting resolved
-        _check(self.mix.remix_kappa >= 1, "mix.remix_kappa", self.mix.remix_kappa, "a number >= 1")
-        _check(0 <= self.mix.remix_tau <= 1, "mix.remix_tau", self.mix.remix_tau, "a number in [0, 1]")
-        _check(bool(self.model.templates) and all("{}" in t for t in self.model.templates),
-               "model.templates", self.model.templates, "a non-empty list of strings with '{}'")
-        _check(self.loss.balce_tau >= 0, "loss.balce_tau", self.loss.balce_tau, "a number >= 0")
-        _check(0 <= self.loss.cb_beta < 1, "loss.cb_beta", self.loss.cb_beta,
-               "a number in [0, 1) (0 weighs every class alike)")
-        _check(self.loss.grw_exponent >= 0, "loss.grw_exponent", self.loss.grw_exponent,
-               "a number >= 0")
-        _check(self.loss.lade_weight >= 0, "loss.lade_weight", self.loss.lade_weight,
-               "a number >= 0")
-        _check(self.loss.lade_remine_lambda >= 0, "loss.lade_remine_lambda",
-               self.loss.lade_remine_lambda, "a number >= 0")
-        _check(self.eval.logit_adjust_tau >= 0, "eval.logit_adjust_tau",
-               self.eval.logit_adjust_tau, "a number >= 0 (0: no adjustment)")
-        self._check_samplers()
-        self._check_classifier_init()
-        self.aux.check(self.loss.name)
-        return self
 
     def _check_samplers(self) -> None:
         for name in ("stage1", "stage2"):
             sampler = getattr(self, name).sampler
-            _check(sampler in SAMPLERS, f"{name}.sampler", sampler, f"one of {', '.join(SAMPLERS)}")
             if sampler != SAMPLERS[0] and self.mix.method == "lfm":
                 raise LfmError(
                     f"{name}.sampler={sampler!r} with mix.method='lfm': LFM draws its first "
@@ -542,8 +536,6 @@ class RunConfig:
 
     def _check_classifier_init(self) -> None:
         init = self.model.classifier_init
-        _check(init in CLASSIFIER_INITS, "model.classifier_init", init,
-               f"one of {', '.join(CLASSIFIER_INITS)}")
         if init in ("auto", "text"):
             return
         if self.runtime.zero_shot:
@@ -557,6 +549,70 @@ class RunConfig:
         if self.stage1.epochs == 0:
             raise LfmError(f"model.classifier_init={init!r} with stage1.epochs=0: the class "
                            "weights train in stage 1 only; give stage 1 epochs or use auto")
+
+
+# ---- each field against what is declared beside it ------------------------------------------
+def field_choices(meta: Mapping[str, Any], section: str) -> tuple[str, ...] | None:
+    """The names a field takes in `section` (its `setting(choices=...)`), or None."""
+    choices = meta.get("choices")
+    return choices.get(section) if isinstance(choices, dict) else choices
+
+
+def bounds_text(meta: Mapping[str, Any]) -> str | None:
+    """A field's bounds as a message and --help say them: ">= 0", "> 0", "in [0, 1)"; None
+    for a field without bounds."""
+    low, high = meta.get("at_least", meta.get("above")), meta.get("at_most", meta.get("below"))
+    if low is not None and high is not None:
+        return (f"in {'[' if 'at_least' in meta else '('}{low:g}, "
+                f"{high:g}{']' if 'at_most' in meta else ')'}")
+    if low is not None:
+        return f"{'>=' if 'at_least' in meta else '>'} {low:g}"
+    if high is not None:
+        return f"{'<=' if 'at_most' in meta else '<'} {high:g}"
+    return None
+
+
+def within_bounds(meta: Mapping[str, Any], value: float) -> bool:
+    return all((("at_least" not in meta or value >= meta["at_least"]),
+                ("above" not in meta or value > meta["above"]),
+                ("at_most" not in meta or value <= meta["at_most"]),
+                ("below" not in meta or value < meta["below"])))
+
+
+def accepted_text(cls: type, f: dataclasses.Field, section: str) -> str | None:
+    """What a field accepts, as its error message says it ("an integer >= 1, or null for
+    LIFT's default"); None where its type alone decides."""
+    meta = f.metadata
+    choices = field_choices(meta, section)
+    if choices is not None:
+        text = repr(choices[0]) if len(choices) == 1 else f"one of {', '.join(choices)}"
+    else:
+        bounds = bounds_text(meta)
+        if bounds is None:
+            return None
+        kind = "an integer" if field_type(cls, f.name)[0] is int else "a number"
+        text = f"{kind} {bounds}"
+    text += meta.get("note", "")
+    if field_type(cls, f.name)[1]:
+        text += f", or null for {meta['null']}" if meta.get("null") else ", or null"
+    return text
+
+
+def check_fields(obj: Any, section: str, given_name: Callable[[str], str] = str) -> None:
+    """One LfmError for the first field of a section (`obj`, a section's dataclass) outside
+    the bounds or choices its `setting` declares, named as `given_name` says it was given.
+    A null is accepted where the field may be null; names a registry checks are left to it."""
+    cls = type(obj)
+    for f in dataclasses.fields(cls):
+        meta, value = f.metadata, getattr(obj, f.name)
+        if value is None or meta.get("registry"):
+            continue
+        choices = field_choices(meta, section)
+        if choices is not None:
+            ok = value in choices
+        else:
+            ok = bounds_text(meta) is None or within_bounds(meta, value)
+        _check(ok, given_name(f"{section}.{f.name}"), value, accepted_text(cls, f, section) or "")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -878,34 +934,25 @@ def with_absolute_paths(cfg: "RunConfig", base: str | os.PathLike | None) -> "Ru
 
 
 # ---- field documentation (for --help) ------------------------------------------------------------
-# Closed sets of names (the registries hold the builders; a test keeps these equal to them, so
-# --help needs no heavy import).
+# Closed sets of names per dotted field, from each field's `setting(choices=...)`.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("fashion-lt", "digits-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018",
-                  "folder"),
-    "mix.method": ("none", "mixup", "remix", "cutmix", "lfm", "concutmix"),
-    "loss.name": ("ce", "balce", "focal", "ldam", "mms", "cb", "grw", "lade"),
-    "model.text": ("auto", "clip", "glove", "none"),
-    "stage1.finetune": FINETUNE_MODES,
-    "stage1.sampler": SAMPLERS,
-    "stage2.sampler": SAMPLERS,
-    "model.classifier_init": CLASSIFIER_INITS,
-    "stage2.finetune": (STAGE2_FINETUNE,),
-    "eval.tta": TTA_MODES,
-    "aux.silence": AUX_SILENCE,
+    f"{section}.{f.name}": field_choices(f.metadata, section)
+    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    if field_choices(f.metadata, section) is not None
 }
 
 
 def field_docs() -> dict[str, dict[str, Any]]:
-    """Per dotted field: type, default, help (its `setting` metadata: meaning and unit) and
-    accepted values, for --help, the docs and the messages."""
+    """Per dotted field: type, default, help, unit, bounds and accepted names (its `setting`
+    metadata), for --help, the docs and the messages."""
     defaults = RunConfig().to_dict()
     out: dict[str, dict[str, Any]] = {}
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             dotted = f"{section}.{f.name}"
             out[dotted] = {"type": type_name(cls, f.name), "default": defaults[section][f.name],
-                           "help": f.metadata.get("help", ""), "choices": CHOICES.get(dotted)}
+                           "help": f.metadata.get("help", ""), "unit": f.metadata.get("unit"),
+                           "bounds": bounds_text(f.metadata), "choices": CHOICES.get(dotted)}
     for key in STAGE_SHORTHANDS:
         doc = out[f"stage1.{key}"]
         out[f"mix.{key}"] = {**doc, "help": f"sets stage1.{key} and stage2.{key}: {doc['help']}"}

@@ -3,12 +3,7 @@ marked `slow` (whole studies, interrupts, full training runs, the README's first
 `cluster` (real multi-node Ray clusters) run only with --slow, which .ci/run gives, so that
 `pytest` alone stays a few minutes long."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_addoption(parser):

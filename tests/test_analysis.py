@@ -23,7 +23,7 @@ from lfm_ray.cli import main
 from lfm_ray.config import DataConfig, RunConfig
 from lfm_ray.errors import LfmError
 
-from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see pyproject.toml)
     COUNTS, E1, E2, GROUPS, NAMES, TAUS, drop_ray_folders, make_study,
 )
 

@@ -145,7 +145,7 @@ def test_a_folder_given_as_weights_file(tmp_path, capsys):
     (["--seed", "-1"], "runtime.seed=-1 is not valid"),
     (["--imbalance-factor", "nan"], "imbalance_factor=nan is not valid"),
     (["--imbalance-factor", "inf"], "imbalance_factor=inf is not valid"),
-    (["--tau", "0"], "stage1.tau=0.0 is not valid"),
+    (["--tau", "0"], "mix.tau=0.0 is not valid"),
 ])
 def test_data_flags(capsys, flags, needle):
     one_line(capsys, main(["data", "digits-lt", *flags]), needle)

@@ -300,9 +300,7 @@ def test_a_run_with_a_probe_head_a_crt_stage_and_adjusted_metrics(tmp_path):
 def test_the_loss_comparison_runs_every_baseline(tmp_path):
     import sys
     from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import loss_comparison
+    from lfm_ray.commands.catalog import loss_comparison
 
     from lfm_ray.commands.run_flags import new_parser
     from lfm_ray.commands.study_flags import add_study_flags, study_from_args

@@ -5,16 +5,12 @@ records its auxiliary classes; the study script's methods and data."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lfm_ray.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "studies"))
 
 
 def test_train_dry_run_resolves_the_embedded_auxiliary_set(tmp_path, capsys):
@@ -44,7 +40,7 @@ def test_bad_auxiliary_input_is_one_line_before_anything_runs(tmp_path, capsys, 
 
 
 def test_every_study_script_takes_the_auxiliary_flags(tmp_path, capsys):
-    import tau_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     code = tau_sweep.main(["--dry-run", "--smoke", "--dataset", "digits-lt", "--aux-root",
                            "digits-aux", "--loss", "balce",
@@ -57,7 +53,7 @@ def test_every_study_script_takes_the_auxiliary_flags(tmp_path, capsys):
 
 
 def plan(tmp_path, capsys, *flags):
-    import category_extrapolation
+    from lfm_ray.commands.catalog import category_extrapolation
 
     code = category_extrapolation.main(["--dry-run", "--storage-path", str(tmp_path / "ray"),
                                         "--results-dir", str(tmp_path / "results"), *flags])
@@ -66,7 +62,7 @@ def plan(tmp_path, capsys, *flags):
 
 
 def test_the_study_runs_its_ablation_on_the_embedded_sets_by_default(tmp_path, capsys):
-    from category_extrapolation import METHODS
+    from lfm_ray.commands.catalog.category_extrapolation import METHODS
 
     code, captured = plan(tmp_path, capsys)
     assert code == 0, captured.err
@@ -82,7 +78,7 @@ def test_the_study_runs_its_ablation_on_the_embedded_sets_by_default(tmp_path, c
 
 
 def test_the_study_methods_are_the_ablation_rows():
-    from category_extrapolation import declare
+    from lfm_ray.commands.catalog.category_extrapolation import declare
 
     class Args:
         smoke, datasets, config, preset = False, ["digits-lt"], None, None

@@ -22,7 +22,7 @@ def test_help_lists_the_commands(capsys):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--stage1.alpha", "-1"], "stage1.alpha=-1.0 is not valid"),
-    (["--tau", "0"], "stage1.tau=0.0 is not valid"),
+    (["--tau", "0"], "mix.tau=0.0 is not valid"),
     (["--stage2.beta", "0"], "stage2.beta=0.0 is not valid"),
     (["--stage1.lr", "0"], "stage1.lr=0.0 is not valid"),
     (["--stage2.epochs", "-1"], "stage2.epochs=-1 is not valid"),

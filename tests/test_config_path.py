@@ -21,7 +21,6 @@ from lfm_ray.config import (
 from lfm_ray.errors import LfmError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "studies"))
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -85,7 +84,7 @@ def test_study_scripts_carry_the_papers_backbone_on_cifar100():
 
 
 def test_a_study_over_several_data_sets_gives_each_its_own_preset(tmp_path):
-    import optuna_search
+    from lfm_ray.commands.catalog import optuna_search
 
     parser = new_parser()
     add_study_flags(parser, default_name="s")
@@ -103,7 +102,7 @@ def test_a_study_over_several_data_sets_gives_each_its_own_preset(tmp_path):
 
 
 def test_smoke_and_fixed_settings_of_a_script(tmp_path):
-    import alpha_sweep
+    from lfm_ray.commands.catalog import alpha_sweep
 
     parser = new_parser()
     add_study_flags(parser, default_name="a")
@@ -180,7 +179,7 @@ def test_train_dry_run_prints_the_resolved_config_alone(tmp_path, capsys):
 
 
 def test_study_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
-    import tau_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     code = tau_sweep.main(["--dry-run", "--smoke",
                            "--storage-path", str(tmp_path / "ray"),
@@ -232,10 +231,10 @@ def test_short_names_are_aliases_of_real_fields():
 
 
 def test_script_plans_are_plain():
-    import imbalance_sweep
-    import loss_comparison
-    import mixup_comparison
-    import tau_sweep
+    from lfm_ray.commands.catalog import imbalance_sweep
+    from lfm_ray.commands.catalog import loss_comparison
+    from lfm_ray.commands.catalog import mixup_comparison
+    from lfm_ray.commands.catalog import tau_sweep
 
     for module in (tau_sweep, loss_comparison, mixup_comparison, imbalance_sweep):
         parser = new_parser()
@@ -248,8 +247,8 @@ def test_script_plans_are_plain():
 
 
 def test_alpha_and_tau_sweeps_branch_stage2_on_the_paper_data_sets(tmp_path):
-    import alpha_sweep
-    import tau_sweep
+    from lfm_ray.commands.catalog import alpha_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     def plan_of(module, *flags):
         parser = new_parser()

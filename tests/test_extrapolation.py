@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -430,7 +429,6 @@ def test_parts_stored_at_other_sizes_come_out_at_the_models_size(tmp_path):
 
 
 # ---- training with auxiliary classes -----------------------------------------------------------
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def small(tmp_path, **values) -> RunConfig:

@@ -355,8 +355,7 @@ def test_the_study_runs_every_mode_without_and_with_lfm(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "studies"))
-    import finetune_modes
+    from lfm_ray.commands.catalog import finetune_modes
 
     from lfm_ray.commands.study_flags import add_study_flags, study_from_args
     from lfm_ray.commands.run_flags import new_parser

@@ -112,3 +112,54 @@ def test_a_bad_shorthand_value_is_named_as_given(capsys):
 
     assert main(["train", "--mix.tau", "nan", "--dry-run"]) == 2
     assert "mix.tau='nan' is not valid" in capsys.readouterr().err
+
+
+def test_a_value_out_of_bounds_is_named_by_the_shorthand_that_set_it(capsys):
+    """`--mix.tau -1` sets both stages' τ; the refusal names mix.tau, not stage1.tau. A stage's
+    own field set after the shorthand is named by its own name again."""
+    from lfm_ray.cli import main
+    from lfm_ray.config import RunConfig
+    from lfm_ray.errors import LfmError
+
+    assert main(["train", "--mix.tau", "-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "mix.tau=-1.0 is not valid; expected a number > 0" in err and "stage1.tau" not in err
+    cfg = RunConfig().override({"mix.tau": 1.0})
+    cfg.set("stage2.tau", -2)
+    with pytest.raises(LfmError, match=r"^stage2.tau=-2.0 is not valid"):
+        cfg.validate()
+    with pytest.raises(LfmError, match=r"^mix.beta=0.0 is not valid; expected a number > 0, or "
+                                       r"null for the method's own law"):
+        RunConfig().override({"mix.beta": 0, "stage1.beta": 0.5}).validate()
+
+
+def test_every_declared_bound_is_checked_and_shown_in_help():
+    """Each field's bounds live in its `setting`; validation refuses a value just outside
+    them and --help shows them, with the field's unit."""
+    import dataclasses
+
+    from lfm_ray.commands.run_flags import add_run_flags, new_parser
+    from lfm_ray.config import SECTIONS, RunConfig, bounds_text, field_type
+    from lfm_ray.errors import LfmError
+
+    bounded = 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if bounds_text(meta) is None:
+                continue
+            bounded += 1
+            low = meta.get("at_least", meta.get("above"))
+            outside = (low - 1 if "at_least" in meta else low) if low is not None \
+                else (meta["at_most"] + 1 if "at_most" in meta else meta["below"])
+            if field_type(cls, f.name)[0] is float:
+                outside = float(outside)
+            with pytest.raises(LfmError, match=rf"^{section}.{f.name}=.* is not valid"):
+                RunConfig().override({f"{section}.{f.name}": outside}).validate()
+    assert bounded >= 30
+    parser = new_parser()
+    add_run_flags(parser)
+    text = " ".join(parser.format_help().split())
+    assert "[float; default 0.05; > 0]" in text                     # stage1.tau
+    assert "[int (epochs); default 20; >= 0]" in text               # stage1.epochs
+    assert "default 0.9999; in [0, 1)]" in text                     # loss.cb_beta

@@ -22,7 +22,7 @@ from lfm_ray.analysis.figures import NO_BEST, ablation_figure, comparison_table,
 from lfm_ray.analysis.report import build_figures, trials_table
 from lfm_ray.errors import LfmError
 
-from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see conftest.py)
+from study_fixtures import (  # noqa: E402  (tests/ is on sys.path, see pyproject.toml)
     COUNTS, GROUPS, TAUS, make_study, separated_accuracy,
 )
 

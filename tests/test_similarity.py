@@ -358,9 +358,7 @@ def test_a_wrong_file_for_the_data_set_fails_naming_it(tmp_path):
 def _plan(argv):
     import sys
     from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import similarity_sources
+    from lfm_ray.commands.catalog import similarity_sources
 
     from lfm_ray.commands.study_flags import add_study_flags, requested_datasets
     from lfm_ray.commands.run_flags import new_parser
@@ -395,7 +393,7 @@ def test_the_study_compares_the_sources_the_model_and_data_can_have(tmp_path):
 
 
 def test_the_study_script_help_imports_nothing_heavy():
-    from test_config_path import script_help  # conftest.py puts tests/ on sys.path
+    from test_config_path import script_help  # tests/ is on sys.path (pyproject.toml)
 
     out = script_help("similarity_sources.py", ("torch", "ray", "pandas", "open_clip", "timm"),
                       timeout=120)

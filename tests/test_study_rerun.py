@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "studies"))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def local_ray():
 
 
 def run_tau(tmp_path, *flags: str) -> int:
-    import tau_sweep
+    from lfm_ray.commands.catalog import tau_sweep
 
     return tau_sweep.main(["--smoke", "--name", "taus", "--no-report", "--dataset", "digits-lt",
                            "--runtime.max_steps_per_epoch", "2",

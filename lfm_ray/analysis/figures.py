@@ -222,6 +222,45 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     of the selection metric is starred only when better_than_rest separates it from every
     other value; otherwise the figure says no value is better. Other swept parameters are
     held at `where`, or else at the best configuration's values."""
+    rows, fixed, agg = _ablation_rows(study, param, band, where)
+    x = agg[param].to_numpy(float)
+    log = use_log_axis(x)
+    seeds_per_point = agg["acc_all_n"].to_numpy(int)
+    fewest, most = int(seeds_per_point.min()), int(seeds_per_point.max())
+    if band == "auto":
+        band = "ci" if fewest >= 3 else "std"
+    spread = {"ci": "95 % t-interval of the mean", "std": "± 1 std over seeds"}[band]
+    fig = go.Figure()
+    clipped_any = False
+    for k, g in enumerate(GROUPS):
+        clipped_any |= _add_ablation_group(fig, agg, rows, param, x, log, k, g, band, spread,
+                                           most)
+    _mark_ablation_best(fig, study, rows, param, agg, x, most)
+    if most == 1:
+        what = "one seed per value (no spread)"
+    else:
+        n = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+        what = f"mean of {n} seeds (line), each seed (points), error bars {spread}"
+        if fewest == 1:
+            what += " (none where one seed)"
+    title = f"{study.name}: test accuracy against {param_label(param)}<br><sup>{what}"
+    if clipped_any:
+        title += "; ▲▼ an interval cut at 0 or 100 %"
+    if fixed:
+        title += f"<br>{html.escape(fixed, quote=False)}"
+    title += "</sup>"
+    fig.update_layout(title=title, yaxis_title=f"test {PERCENT}", template=TEMPLATE,
+                      legend_title="shot group", margin={"t": 110})
+    fig.update_yaxes(range=[-2, 102], ticksuffix="")
+    fig.update_xaxes(title=axis_title(param, log), type="log" if log else "linear",
+                     **value_ticks(x))
+    return fig
+
+
+def _ablation_rows(study: StudyResults, param: str, band: str,
+                   where: Mapping[str, Any] | None) -> tuple[pd.DataFrame, str, pd.DataFrame]:
+    """(the trials at the held values of the other parameters, what they are held at, their
+    aggregate per value of `param` in order); LfmError where there is nothing to plot."""
     if band not in BANDS:
         raise LfmError(f"band {band!r} is not known; expected one of {', '.join(BANDS)}")
     study.require_param(param)
@@ -240,69 +279,75 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
     if len(agg) < 2:
         raise LfmError(f"parameter {param!r} has fewer than two finished values"
                        f"{' (' + fixed + ')' if fixed else ''}; nothing to plot")
-    x = agg[param].to_numpy(float)
-    log = use_log_axis(x)
-    seeds_per_point = agg["acc_all_n"].to_numpy(int)
-    fewest, most = int(seeds_per_point.min()), int(seeds_per_point.max())
-    if band == "auto":
-        band = "ci" if fewest >= 3 else "std"
-    spread = {"ci": "95 % t-interval of the mean", "std": "± 1 std over seeds"}[band]
-    fig = go.Figure()
-    clipped_any = False
-    for k, g in enumerate(GROUPS):
-        m = f"acc_{g}"
-        mean = agg[f"{m}_mean"].to_numpy(float) * 100
-        half = agg[f"{m}_{band}"].to_numpy(float) * 100
-        half = np.where(np.isnan(half), 0.0, half)  # one seed: no spread to draw
-        upper, lower = mean + half, mean - half
-        top, bottom = np.minimum(upper, 100.0), np.maximum(lower, 0.0)
-        low, high = agg[f"{m}_ci_low"] * 100, agg[f"{m}_ci_high"] * 100
-        cut = np.where((low < 0) | (high > 100), " cut at 0 and 100 %", "")
-        custom = np.empty((len(agg), 5), dtype=object)  # numbers, and the cut's note
-        for j, column in enumerate([agg[f"{m}_std"] * 100, low.clip(lower=0),
-                                    high.clip(upper=100), agg[f"{m}_n"], cut]):
-            custom[:, j] = list(column)
-        dodge = _dodge(x, log, k)
+    return rows, fixed, agg
+
+
+def _add_ablation_group(fig: go.Figure, agg: pd.DataFrame, rows: pd.DataFrame, param: str,
+                        x: np.ndarray, log: bool, k: int, g: str, band: str, spread: str,
+                        most: int) -> bool:
+    """Shot group `g`'s traces: its mean line, and with several seeds its error bars and
+    seed points beside it and triangles where a bar is cut at the axis; True when one is."""
+    clipped = False
+    m = f"acc_{g}"
+    mean = agg[f"{m}_mean"].to_numpy(float) * 100
+    half = agg[f"{m}_{band}"].to_numpy(float) * 100
+    half = np.where(np.isnan(half), 0.0, half)  # one seed: no spread to draw
+    upper, lower = mean + half, mean - half
+    top, bottom = np.minimum(upper, 100.0), np.maximum(lower, 0.0)
+    low, high = agg[f"{m}_ci_low"] * 100, agg[f"{m}_ci_high"] * 100
+    cut = np.where((low < 0) | (high > 100), " cut at 0 and 100 %", "")
+    custom = np.empty((len(agg), 5), dtype=object)  # numbers, and the cut's note
+    for j, column in enumerate([agg[f"{m}_std"] * 100, low.clip(lower=0),
+                                high.clip(upper=100), agg[f"{m}_n"], cut]):
+        custom[:, j] = list(column)
+    dodge = _dodge(x, log, k)
+    fig.add_trace(go.Scatter(
+        x=x, y=mean, mode="lines+markers", name=g, legendgroup=g,
+        line={"color": COLORS[g], "width": 2.5}, marker={"size": 8},
+        customdata=custom,
+        hovertemplate=f"{html.escape(param_label(param))} = %{{x}}<br>{g}: mean "
+                      "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
+                      "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]%{customdata[4]}<br>seeds: "
+                      "%{customdata[3]}<extra></extra>"))
+    if most > 1:
+        # The spread beside the line, each group's a little to the side, so four
+        # groups' bars never pile up on one vertical line.
         fig.add_trace(go.Scatter(
-            x=x, y=mean, mode="lines+markers", name=g, legendgroup=g,
-            line={"color": COLORS[g], "width": 2.5}, marker={"size": 8},
-            customdata=custom,
-            hovertemplate=f"{html.escape(param_label(param))} = %{{x}}<br>{g}: mean "
-                          "%{y:.2f} %, std %{customdata[0]:.2f}<br>95 % t-interval "
-                          "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]%{customdata[4]}<br>seeds: "
-                          "%{customdata[3]}<extra></extra>"))
-        if most > 1:
-            # The spread beside the line, each group's a little to the side, so four
-            # groups' bars never pile up on one vertical line.
-            fig.add_trace(go.Scatter(
-                x=dodge, y=mean, mode="markers", name=f"{g}: {spread}", legendgroup=g,
-                showlegend=False, marker={"size": 1, "color": COLORS[g]},
-                error_y={"type": "data", "symmetric": False, "array": top - mean,
-                         "arrayminus": mean - bottom, "thickness": 1.2, "width": 3,
-                         "color": COLORS[g]}, hoverinfo="skip"))
-            seeds_x, seeds_y, seeds_t = _seed_points(rows, param, m, dict(zip(x, dodge)))
-            fig.add_trace(go.Scatter(
-                x=seeds_x, y=seeds_y, mode="markers", name=f"{g}: seeds",
-                legendgroup=g, showlegend=False, text=seeds_t,
-                marker={"color": COLORS[g], "size": 5, "opacity": 0.6, "line": {"width": 0}},
-                hovertemplate=f"{g}, %{{text}}: %{{y:.2f}} %<extra></extra>"))
-        above, below = upper > 100.0 + 1e-9, lower < -1e-9
-        if most > 1 and (above.any() or below.any()):
-            clipped_any = True
-            fx = np.concatenate([dodge[above], dodge[below]])
-            fy = np.concatenate([np.full(above.sum(), 100.0), np.zeros(below.sum())])
-            bounds = np.concatenate([np.stack([lower, upper], axis=1)[above],
-                                     np.stack([lower, upper], axis=1)[below]])
-            fig.add_trace(go.Scatter(
-                x=fx, y=fy, mode="markers", legendgroup=g, showlegend=False,
-                name=f"{g}: interval cut at the axis",
-                marker={"symbol": ["triangle-up"] * int(above.sum())
-                        + ["triangle-down"] * int(below.sum()),
-                        "size": 9, "color": COLORS[g], "line": {"color": "black", "width": 1}},
-                customdata=bounds,
-                hovertemplate=f"{g}: the interval [%{{customdata[0]:.1f}}, "
-                              "%{customdata[1]:.1f}] % reaches past the axis and is cut"
-                              "<extra></extra>"))
+            x=dodge, y=mean, mode="markers", name=f"{g}: {spread}", legendgroup=g,
+            showlegend=False, marker={"size": 1, "color": COLORS[g]},
+            error_y={"type": "data", "symmetric": False, "array": top - mean,
+                     "arrayminus": mean - bottom, "thickness": 1.2, "width": 3,
+                     "color": COLORS[g]}, hoverinfo="skip"))
+        seeds_x, seeds_y, seeds_t = _seed_points(rows, param, m, dict(zip(x, dodge)))
+        fig.add_trace(go.Scatter(
+            x=seeds_x, y=seeds_y, mode="markers", name=f"{g}: seeds",
+            legendgroup=g, showlegend=False, text=seeds_t,
+            marker={"color": COLORS[g], "size": 5, "opacity": 0.6, "line": {"width": 0}},
+            hovertemplate=f"{g}, %{{text}}: %{{y:.2f}} %<extra></extra>"))
+    above, below = upper > 100.0 + 1e-9, lower < -1e-9
+    if most > 1 and (above.any() or below.any()):
+        clipped = True
+        fx = np.concatenate([dodge[above], dodge[below]])
+        fy = np.concatenate([np.full(above.sum(), 100.0), np.zeros(below.sum())])
+        bounds = np.concatenate([np.stack([lower, upper], axis=1)[above],
+                                 np.stack([lower, upper], axis=1)[below]])
+        fig.add_trace(go.Scatter(
+            x=fx, y=fy, mode="markers", legendgroup=g, showlegend=False,
+            name=f"{g}: interval cut at the axis",
+            marker={"symbol": ["triangle-up"] * int(above.sum())
+                    + ["triangle-down"] * int(below.sum()),
+                    "size": 9, "color": COLORS[g], "line": {"color": "black", "width": 1}},
+            customdata=bounds,
+            hovertemplate=f"{g}: the interval [%{{customdata[0]:.1f}}, "
+                          "%{customdata[1]:.1f}] % reaches past the axis and is cut"
+                          "<extra></extra>"))
+    return clipped
+
+
+def _mark_ablation_best(fig: go.Figure, study: StudyResults, rows: pd.DataFrame, param: str,
+                        agg: pd.DataFrame, x: np.ndarray, most: int) -> None:
+    """A star on the best value where better_than_rest separates it, else a note saying why
+    there is none (with the difference these seeds could have detected)."""
     metric = selection_metric(study)
     sep = separation(study, rows, [param], metric)
     group = metric.removeprefix("val_").removeprefix("acc_")
@@ -329,25 +374,6 @@ def ablation_figure(study: StudyResults, param: str, band: str = "auto",
         fig.add_annotation(text=why, xref="paper", yref="paper",
                            x=0.0, y=1.0, xanchor="left", yanchor="bottom", showarrow=False,
                            font={"size": 12, "color": "#7a5b00"})
-    if most == 1:
-        what = "one seed per value (no spread)"
-    else:
-        n = f"{fewest}" if fewest == most else f"{fewest}-{most}"
-        what = f"mean of {n} seeds (line), each seed (points), error bars {spread}"
-        if fewest == 1:
-            what += " (none where one seed)"
-    title = f"{study.name}: test accuracy against {param_label(param)}<br><sup>{what}"
-    if clipped_any:
-        title += "; ▲▼ an interval cut at 0 or 100 %"
-    if fixed:
-        title += f"<br>{html.escape(fixed, quote=False)}"
-    title += "</sup>"
-    fig.update_layout(title=title, yaxis_title=f"test {PERCENT}", template=TEMPLATE,
-                      legend_title="shot group", margin={"t": 110})
-    fig.update_yaxes(range=[-2, 102], ticksuffix="")
-    fig.update_xaxes(title=axis_title(param, log), type="log" if log else "linear",
-                     **value_ticks(x))
-    return fig
 
 
 def _dodge(x: np.ndarray, log: bool, k: int) -> np.ndarray:
@@ -761,14 +787,8 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
     stopped = set(trials.index[trials["stopped_early"].fillna(False).astype(bool)]) \
         if "stopped_early" in trials.columns else set()
     labels = trial_labels(study, digits=None if study.search == "grid" else 3)
-    params = study.params
     present = [t for t in epochs["trial_id"].unique() if t in trials.index]
-    keys = {t: config_key(trials.loc[t], params) for t in present}
-    configs: list[tuple] = []
-    for t in sorted(present, key=lambda t: _sort_key(study, trials.loc[t], params)):
-        if keys[t] not in configs:
-            configs.append(keys[t])
-    seeds = sorted({_seed_of(trials.loc[t]) for t in present}, key=_seed_order)
+    keys, configs, seeds = _curve_groups(study, trials, present)
     dash = {s: SEED_DASHES[i % len(SEED_DASHES)] for i, s in enumerate(seeds)}
     palette = _palette(len(configs))
     colour = {c: palette[i] for i, c in enumerate(configs)}
@@ -806,31 +826,9 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
             for m in metrics:
                 ys[m].append(_curve_y(last, m))
     if len(seeds) > 1:
-        for s in seeds:  # the line style of each seed, once
-            fig.add_trace(go.Scatter(
-                x=[None], y=[None], mode="lines", name=seeds_text([s]),
-                line={"dash": dash[s], "color": "#555", "width": 2},
-                legendgroup=f"seed {s}", showlegend=True, hoverinfo="skip"))
-            for m in metrics:
-                ys[m].append(np.array([np.nan]))
-    bounds = stage_boundaries(epochs)
-    if not bounds:
-        e1 = (study.meta.get("base_config") or {}).get("stage1", {}).get("epochs")
-        bounds = [float(e1) + 0.5] if e1 else []
-    for b in bounds:
-        fig.add_vline(x=b, line_dash="dot", line_color="gray",
-                      annotation_text="stage 1 | stage 2" if len(bounds) == 1
-                      else f"stage 2 from epoch {int(b + 0.5)}",
-                      annotation_position="top")
-    legend_title = curve_legend_title(study) + \
-        (" (colour); seed (line style)" if len(seeds) > 1 else "")
-    legend: dict[str, Any] = {"title": {"text": legend_title}}
-    entries = len(configs) + (len(seeds) if len(seeds) > 1 else 0)
-    if entries > 9 or max((len(labels.get(t, t)) for t in present), default=0) > 28:
-        # Many or long entries go below the plot, in columns, not beside it.
-        legend.update({"orientation": "h", "yanchor": "top", "y": -0.16, "xanchor": "left",
-                       "x": 0})
-        fig.update_layout(height=520 + 24 * math.ceil(entries / 5))
+        _add_seed_styles(fig, seeds, dash, metrics, ys)
+    _mark_stage_boundaries(fig, study, epochs)
+    legend = _curve_legend(fig, study, labels, present, len(configs), seeds)
     buttons = [{"label": _button_label(m), "method": "update",
                 "args": [{"y": ys[m]}, {"yaxis.title.text": _curve_axis_title(m)}]}
                for m in metrics]
@@ -847,6 +845,61 @@ def learning_curves_figure(study: StudyResults, metric: str = "acc_all") -> go.F
                       "active": metrics.index(metric) if metric in metrics else 0}])
     fig.update_xaxes(**epoch_ticks(last_epoch))
     return fig
+
+
+def _curve_groups(study: StudyResults, trials: pd.DataFrame, present: list
+                  ) -> tuple[dict[Any, tuple], list[tuple], list]:
+    """(each trial's configuration key, the configurations in the study's order, the seeds
+    in order): a colour goes to each configuration, a line style to each seed."""
+    params = study.params
+    keys = {t: config_key(trials.loc[t], params) for t in present}
+    configs: list[tuple] = []
+    for t in sorted(present, key=lambda t: _sort_key(study, trials.loc[t], params)):
+        if keys[t] not in configs:
+            configs.append(keys[t])
+    seeds = sorted({_seed_of(trials.loc[t]) for t in present}, key=_seed_order)
+    return keys, configs, seeds
+
+
+def _add_seed_styles(fig: go.Figure, seeds: list, dash: dict, metrics: list[str],
+                     ys: dict[str, list[np.ndarray]]) -> None:
+    """The line style of each seed, once, as a legend entry (no data: a menu's y is NaN)."""
+    for s in seeds:
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="lines", name=seeds_text([s]),
+            line={"dash": dash[s], "color": "#555", "width": 2},
+            legendgroup=f"seed {s}", showlegend=True, hoverinfo="skip"))
+        for m in metrics:
+            ys[m].append(np.array([np.nan]))
+
+
+def _mark_stage_boundaries(fig: go.Figure, study: StudyResults, epochs: pd.DataFrame) -> None:
+    """A dotted line where stage 2 starts (from the epochs, else from the base config)."""
+    bounds = stage_boundaries(epochs)
+    if not bounds:
+        e1 = (study.meta.get("base_config") or {}).get("stage1", {}).get("epochs")
+        bounds = [float(e1) + 0.5] if e1 else []
+    for b in bounds:
+        fig.add_vline(x=b, line_dash="dot", line_color="gray",
+                      annotation_text="stage 1 | stage 2" if len(bounds) == 1
+                      else f"stage 2 from epoch {int(b + 0.5)}",
+                      annotation_position="top")
+
+
+def _curve_legend(fig: go.Figure, study: StudyResults, labels: dict, present: list,
+                  n_configs: int, seeds: list) -> dict[str, Any]:
+    """The legend's layout: beside the plot, or below it in columns (a taller figure) when
+    its entries are many or long."""
+    legend_title = curve_legend_title(study) + \
+        (" (colour); seed (line style)" if len(seeds) > 1 else "")
+    legend: dict[str, Any] = {"title": {"text": legend_title}}
+    entries = n_configs + (len(seeds) if len(seeds) > 1 else 0)
+    if entries > 9 or max((len(labels.get(t, t)) for t in present), default=0) > 28:
+        # Many or long entries go below the plot, in columns, not beside it.
+        legend.update({"orientation": "h", "yanchor": "top", "y": -0.16, "xanchor": "left",
+                       "x": 0})
+        fig.update_layout(height=520 + 24 * math.ceil(entries / 5))
+    return legend
 
 
 def learning_curves_summary(study: StudyResults, metric: str = "acc_all") -> go.Figure:

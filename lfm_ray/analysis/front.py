@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 from lfm_ray.analysis.figures import describe
 from lfm_ray.analysis.load import StudyResults, better_than_rest, seed_values, t_interval
 from lfm_ray.errors import LfmError
+from lfm_ray.study.seed_stats import non_dominated
 
 
 def parse_front(text: str, study: StudyResults) -> tuple[str, str]:
@@ -34,11 +35,6 @@ def parse_front(text: str, study: StudyResults) -> tuple[str, str]:
             raise LfmError(f"--front: study {study.name!r} has no metric {p!r}; it has "
                            f"{', '.join(known) or 'none'}")
     return parts[0], parts[1]
-
-
-def _dominates(a: Sequence[float], b: Sequence[float], sign: float) -> bool:
-    return all(sign * x >= sign * y for x, y in zip(a, b)) and \
-        any(sign * x > sign * y for x, y in zip(a, b))
 
 
 def front_points(study: StudyResults, x: str, y: str, params: Sequence[str]
@@ -56,9 +52,9 @@ def front_points(study: StudyResults, x: str, y: str, params: Sequence[str]
                        "x": ix[0] * 100, "x_low": ix[1] * 100, "x_high": ix[2] * 100,
                        "y": iy[0] * 100, "y_low": iy[1] * 100, "y_high": iy[2] * 100,
                        "n": len(vx[key])})
-    for p in points:
-        p["front"] = not any(_dominates((q["x"], q["y"]), (p["x"], p["y"]), sign)
-                             for q in points if q is not p)
+    front = set(non_dominated({i: (p["x"], p["y"]) for i, p in enumerate(points)}, sign))
+    for i, p in enumerate(points):
+        p["front"] = i in front
         p["named"], p["against"] = False, None
     if study.incomplete:
         return points  # an interrupted study names nothing

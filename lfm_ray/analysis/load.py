@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_ray.errors import LfmError
+from lfm_ray.study.seed_stats import t_interval
 
 GROUPS = ("many", "medium", "few", "all")
 METRICS = tuple(f"acc_{g}" for g in GROUPS)
@@ -116,13 +117,15 @@ class StudyResults:
     @property
     def incomplete(self) -> list[str]:
         """What is missing from a study whose trials have not all ended (study.json's status
-        "interrupted" or "running", or trials the table marks INTERRUPTED); empty for a
+        "interrupted", "running" or "stopped_by_budget", or trials the table marks
+        INTERRUPTED); empty for a
         complete study."""
         missing = [str(m) for m in self.meta.get("missing_trials") or []]
         stopped = [f"trial {t} (interrupted)" for t in
                    self.trials.loc[self.trials["status"] == INTERRUPTED, "trial_id"]] \
             if "status" in self.trials.columns else []
-        if self.meta.get("status") in ("running", "interrupted") and not (missing or stopped):
+        if self.meta.get("status") in ("running", "interrupted", "stopped_by_budget") \
+                and not (missing or stopped):
             missing = [f"unknown: study.json says the study is {self.meta['status']}"]
         return missing or stopped
 
@@ -690,20 +693,6 @@ class Separation:
     reason: str = ""
     against: Any = None    # the configuration the best is not separated from, if any
     sd: float = float("nan")  # std of the paired differences (pooled std when unpaired)
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the two-sided Student-t interval of the mean; NaN bounds below two
-    values."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    n = len(v)
-    mean = float(v.mean()) if n else float("nan")
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return mean, mean - half, mean + half
 
 
 def better_than_rest(values_by_config: Mapping[Any, Sequence[float]],

@@ -109,8 +109,29 @@ def _directions(study: StudyResults) -> tuple[list[str], list[str]]:
     return metrics, [direction] * len(metrics)
 
 
+def _optuna_rows(study: StudyResults, metrics: list[str]) -> list[dict[str, Any]]:
+    """What the searcher was told, one dict per Optuna trial: each ended trial of the table;
+    in a search over seeds each sampled configuration, with its objectives' means over its
+    seeds, failed where a seed failed (as lfm_ray.study.seed_search tells Optuna)."""
+    from lfm_ray.analysis.load import SEED
+
+    ended = study.trials[study.trials["status"].isin((DONE, FAILED))]  # not running ones
+    if SEED not in study.swept or not study.params:
+        return [row.to_dict() for _, row in ended.iterrows()]
+    out = []
+    for _, rows in ended.groupby(study.params, dropna=False, sort=False):
+        row = rows.iloc[0].to_dict()
+        for m in metrics:
+            row[m] = pd.to_numeric(rows[m], errors="coerce").mean()
+        row["status"] = DONE if (rows["status"] == DONE).all() else FAILED
+        row["trial_id"] = ",".join(map(str, rows["trial_id"]))
+        out.append(row)
+    return out
+
+
 def rebuild_optuna_study(study: StudyResults):
-    """An in-memory Optuna study holding every finished and failed trial of the table."""
+    """An in-memory Optuna study holding every finished and failed trial of the table (in a
+    search over seeds, every sampled configuration with its means over seeds)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -126,9 +147,7 @@ def rebuild_optuna_study(study: StudyResults):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ost.set_metric_names(metrics)  # the axis titles of Optuna's plots
     trials = []
-    for _, row in study.trials.iterrows():
-        if row["status"] not in (DONE, FAILED):
-            continue  # still running or pending: Optuna has no value for it yet
+    for row in _optuna_rows(study, metrics):
         params, used = {}, {}
         for name, dist in dists.items():
             value = row.get(name)
@@ -322,10 +341,17 @@ def _relabel(fig: go.Figure, study: StudyResults) -> None:
 
 def importance_caveat(study: StudyResults) -> str:
     """What the importance figure rests on, and a caveat below IMPORTANCE_MIN_TRIALS."""
-    n = int((study.trials["status"] == DONE).sum())
+    from lfm_ray.analysis.load import SEED
+
+    done = study.trials[study.trials["status"] == DONE]
+    if SEED in study.swept and study.params:  # Optuna's trials: configurations, seeds pooled
+        n = int(done.groupby(study.params, dropna=False).ngroups)
+        what = "complete configuration(s), each its mean over its seeds"
+    else:
+        n, what = len(done), "complete trial(s)"
     text = (f"Parameter importance by Optuna's {IMPORTANCE_EVALUATOR} evaluator from {n} "
-            "complete trial(s): the share of the objective's variation each parameter "
-            "explains among these trials.")
+            f"{what}: the share of the objective's variation each parameter explains among "
+            "these.")
     if n < IMPORTANCE_MIN_TRIALS:
         text += (f" Caveat: fewer than about {IMPORTANCE_MIN_TRIALS} trials stand behind it, "
                  "so the ranking can change with more trials or another sampler seed; read "

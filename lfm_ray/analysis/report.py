@@ -220,6 +220,13 @@ def build_figures(study: StudyResults, params: Sequence[str] | None = None,
         out.figs.update({f"optuna_{k}": v for k, v in optuna_figures(study).items()})
         if "optuna_importance" in out.figs:
             out.captions["optuna_importance"] = importance_caveat(study)
+        axes = search_front_axes(study)
+        if axes:
+            from lfm_ray.analysis.front import front_view
+
+            out.figs["front"], out.captions["front"] = front_view(study, *axes,
+                                                                 varying_params(study))
+            out.titles["front"] = f"Trade-off front: {axes[1]} against {axes[0]}"
     elif categorical:
         # Methods, losses, data sets (× imbalance factor): the paper's tables and bars.
         table = comparison_table(study)
@@ -244,6 +251,19 @@ def build_figures(study: StudyResults, params: Sequence[str] | None = None,
     if not study.epochs.empty and study.epochs["trial_id"].isin(done["trial_id"]).any():
         out.figs["learning_curves"] = learning_curves_figure(study)
     return out
+
+
+def search_front_axes(study: StudyResults) -> tuple[str, str] | None:
+    """A search's two objectives, drawn as its trade-off front (lfm_ray.analysis.front) when
+    both are accuracies the trials report; None otherwise (one objective, or more than two:
+    Optuna's own Pareto view stands alone then)."""
+    objectives = study.objectives
+    done = study.finished
+    if study.search == "grid" or len(objectives) != 2:
+        return None
+    if not all(o.startswith(("acc_", "val_acc_")) and o in done.columns for o in objectives):
+        return None
+    return objectives[0], objectives[1]
 
 
 # ---- per-class accuracy of the best configuration -----------------------------------------
@@ -620,14 +640,27 @@ def _space_text(study: StudyResults) -> str:
 def _record_html(study: StudyResults) -> str:
     """The header: what was selected on which split, what was searched, with which seeds,
     how many trials for how long, and where and with what it ran."""
-    meta, t = study.meta, study.trials
-    rows: list[tuple[str, str]] = []
-    selection = meta.get("selection") or (
+    rows = [*_selection_rows(study), *_search_rows(study), *_trial_rows(study),
+            *_provenance_rows(study)]
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table class='record'>{body}</table>"
+
+
+def _selection_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """What was selected on which split, and the objectives of a multi-objective study."""
+    selection = study.meta.get("selection") or (
         f"selected on {study.metric} ({study.selection_split} split)")
-    rows.append(("selection", _esc(f"{selection}; {'higher' if study.mode == 'max' else 'lower'}"
-                                   " is better")))
+    rows = [("selection", _esc(f"{selection}; {'higher' if study.mode == 'max' else 'lower'}"
+                                " is better"))]
     if len(study.objectives) > 1:
         rows.append(("objectives", _esc(", ".join(study.objectives))))
+    return rows
+
+
+def _search_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """The search and its space, the seeds and the protocol."""
+    meta, t = study.meta, study.trials
+    rows: list[tuple[str, str]] = []
     search = study.search
     if search in ("optuna", "random"):
         sampler = f", sampler {meta['sampler']}" if search == "optuna" and meta.get("sampler") \
@@ -648,12 +681,18 @@ def _record_html(study: StudyResults) -> str:
             "branch: one stage 1 per seed, the swept value applied in stage 2 from its "
             "checkpoint" if protocol == "branch" else
             "full: both stages trained for every configuration")))
+    return rows
+
+
+def _trial_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """How many trials ended how, for how long they ran and what they cost."""
+    meta, t = study.meta, study.trials
     counts = t["status"].astype(str).value_counts().to_dict()
     parts = [f"{len(t)} trials", f"{counts.get(DONE, 0)} finished"]
     parts += [f"{n} {s.lower()}" for s, n in counts.items() if s != DONE]
     if "stopped_early" in t.columns and t["stopped_early"].fillna(False).astype(bool).any():
         parts.append(f"{int(t['stopped_early'].fillna(False).astype(bool).sum())} stopped early")
-    rows.append(("trials", _esc(", ".join(parts))))
+    rows = [("trials", _esc(", ".join(parts)))]
     wall = pd.to_numeric(t["wall_time_s"], errors="coerce") if "wall_time_s" in t else None
     if wall is not None and wall.notna().any():
         time_text = f"{_duration(float(wall.sum()))} of trial time in all"
@@ -662,9 +701,21 @@ def _record_html(study: StudyResults) -> str:
         if train is not None and train.notna().any():
             time_text += f" ({_duration(float(train.sum()))} training)"
         gpu = pd.to_numeric(t["gpu_hours"], errors="coerce") if "gpu_hours" in t else None
-        if gpu is not None and gpu.fillna(0).sum() > 0:
-            time_text += f"; {gpu.sum():.3f} GPU-hours"
+        time_text += f"; measured cost {wall.sum() / 60:.1f} trial-minutes"
+        time_text += f", {gpu.fillna(0).sum():.3f} GPU-hours" if gpu is not None else ""
+        budget, unit = meta.get("budget_hours"), meta.get("budget_unit") or "hours"
+        if budget is not None:
+            time_text += (f"; stopped by its budget of {budget:g} {unit}" if
+                          meta.get("status") == "stopped_by_budget" else
+                          f"; budget {budget:g} {unit}")
         rows.append(("time", _esc(time_text)))
+    return rows
+
+
+def _provenance_rows(study: StudyResults) -> list[tuple[str, str]]:
+    """Data and model, the machine, the versions and the command it ran with."""
+    meta, t = study.meta, study.trials
+    rows: list[tuple[str, str]] = []
     base = meta.get("base_config") or {}
     data = (base.get("data") or {}).get("name") or _one(t, "data.name")
     model = (base.get("model") or {}).get("name") or _one(t, "model.name")
@@ -684,8 +735,7 @@ def _record_html(study: StudyResults) -> str:
     rows.append(("command", f"<code>{_esc(command)}</code>"
                  + (f" (called by <code>{_esc(called_text)}</code>)" if called_text else "")
                  + (f"; started {_esc(meta['started'])}" if meta.get("started") else "")))
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    return f"<table class='record'>{body}</table>"
+    return rows
 
 
 def _machine_text(machine: dict[str, Any]) -> str:
@@ -728,6 +778,8 @@ def _best_html(study: StudyResults) -> str:
         return ("<div class='incomplete'>No best configuration: the study is INCOMPLETE "
                 "(see the top of this page), and a best among the trials that happened to "
                 "finish would be a claim about another study.</div>")
+    if search_front_axes(study):
+        return _pareto_html(study)
     done = study.finished
     rows = []
     facet = study_facet(study)
@@ -765,6 +817,38 @@ def _best_html(study: StudyResults) -> str:
             f"{facet_head}<th>highest mean</th><th>its mean (%)</th><th>seeds</th>"
             "<th>its test many / medium / few / all (%)</th><th>better than the others?</th>"
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _pareto_html(study: StudyResults) -> str:
+    """A search with two objectives has no one best: its configurations on the front of
+    the means (best.json's Pareto set), each with its means and 95 % t-intervals over the
+    seeds, and whether the seeds name it non-dominated (lfm_ray.analysis.front)."""
+    from lfm_ray.analysis.front import front_points
+
+    x, y = search_front_axes(study)
+    points = [p for p in front_points(study, x, y, varying_params(study)) if p["front"]]
+    rows = []
+    for p in sorted(points, key=lambda p: -p["x"]):
+        cells = []
+        for axis in ("x", "y"):
+            text = _pct(p[axis])
+            if p["n"] > 1:
+                text += f" ({interval_text(p[axis + '_low'], p[axis + '_high'])})"
+            cells.append(f"<td class='num'>{text}</td>")
+        verdict = ("yes" if p["named"] else
+                   "one seed: no interval" if p["n"] < 2 else
+                   f"not separated from {p['against']}" if p["against"] else "not assessed")
+        rows.append(f"<tr><td>{_esc(p['label'])}</td>{''.join(cells)}"
+                    f"<td class='num'>{p['n']}</td><td>{_esc(verdict)}</td></tr>")
+    return ("<p class='caption'>Several objectives: no single best. The Pareto set "
+            "(best.json): the configurations no other beats in both objectives by their "
+            "means over seeds; in brackets the 95 % t-interval of each mean. The last "
+            "column says whether the seeds show each one non-dominated (better than every "
+            "other configuration in at least one objective at 95 %).</p>"
+            "<div class='scroll'><table><thead><tr><th>configuration</th>"
+            f"<th>{_esc(x)} (%)</th><th>{_esc(y)} (%)</th><th>seeds</th>"
+            "<th>non-dominated at 95 %?</th></tr></thead><tbody>"
+            f"{''.join(rows)}</tbody></table></div>")
 
 
 def _key_label(study: StudyResults, key: Any) -> str:
@@ -811,7 +895,34 @@ def _results_html(study: StudyResults) -> str:
         return (f"<p class='caption'>{_esc(table_caption(table, study.mode))}</p>"
                 "<div class='scroll'>" + comparison_html(table, study.mode) + "</div>"
                 + _class_metrics_html(study, [*numeric, *categorical]))
+    if study.search != "grid" and SEED in study.swept:
+        return _top_configs_html(study)
     return _top_k_html(study)
+
+
+def _top_configs_html(study: StudyResults, k: int = TOP_K) -> str:
+    """A search over seeds: its k best sampled configurations by the mean of the selection
+    metric over their seeds, each with the 95 % t-interval of that mean and its mean test
+    figures (every seed's row is under "All trials")."""
+    metric = selection_metric(study)
+    params = study.params
+    shown = [m for m in dict.fromkeys([metric, *study.objectives, *METRICS])
+             if m in study.finished.columns and not study.finished[m].isna().all()]
+    agg = aggregate(study.finished, params, metrics=shown, sort=False)
+    agg = agg.sort_values(f"{metric}_mean", ascending=study.mode == "min").head(k)
+    frame = pd.DataFrame({param_label(p): [_round_param(v) for v in agg[p]] for p in params})
+    frame["seeds"] = agg[f"{metric}_n"].to_numpy(int)
+    for m in shown:
+        frame[f"{m} (%)"] = agg[f"{m}_mean"].to_numpy(float) * 100
+        if m == metric or m in study.objectives:
+            frame[f"{m}: 95 % interval (%)"] = [
+                interval_text(lo * 100, hi * 100) if n > 1 else MISSING
+                for lo, hi, n in zip(agg[f"{m}_ci_low"], agg[f"{m}_ci_high"], agg[f"{m}_n"])]
+    return (f"<p class='caption'>The {len(agg)} best sampled configurations by "
+            f"{_esc(selection_text(study))}, each the mean over its seeds with the 95 % "
+            "Student-t interval of that mean; accuracies in percent, parameters to 3 "
+            "significant digits; a blank cell is a parameter the configuration did not draw. "
+            "Every seed's trial is listed under All trials.</p>" + _frame_html(frame))
 
 
 def _top_k_html(study: StudyResults, k: int = TOP_K) -> str:
@@ -1084,7 +1195,7 @@ def _incomplete_html(study: StudyResults) -> str:
         return ""
     shown = "".join(f"<li>{_esc(m)}</li>" for m in missing[:50])
     more = f"<li>and {len(missing) - 50} more</li>" if len(missing) > 50 else ""
-    state = study.meta.get("status") or "interrupted"
+    state = (study.meta.get("status") or "interrupted").replace("_", " ")
     return (f"<div class='incomplete'><b>INCOMPLETE</b> — this study is {_esc(state)}: "
             f"{len(missing)} trial(s) have not finished, so the figures and tables below "
             "show only the trials that did and name no best configuration. Missing:"

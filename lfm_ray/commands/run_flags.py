@@ -75,8 +75,10 @@ def _help(doc: dict[str, Any]) -> str:
     kind = doc["type"].replace(" | None", " or null")
     default = doc["default"]
     shown = "null" if default is None else default
+    unit = f" ({doc['unit']})" if doc.get("unit") else ""
+    bounds = f"; {doc['bounds']}" if doc.get("bounds") else ""
     choices = f"; one of {', '.join(doc['choices'])}" if doc["choices"] else ""
-    return f"{text} [{kind}; default {shown}{choices}]".replace("%", "%%")
+    return f"{text} [{kind}{unit}; default {shown}{bounds}{choices}]".replace("%", "%%")
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, seed_alias: bool = True) -> None:

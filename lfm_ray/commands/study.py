@@ -36,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", action="append", default=[], metavar="FIELD=KIND:...",
                    help="a search dimension: loguniform:LOW:HIGH, uniform:LOW:HIGH, "
                         "int:LOW:HIGH or choice:A,B")
-    p.add_argument("--objectives", help="several metrics, e.g. acc_few,acc_many (Optuna, Pareto)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLER_NAMES,
                    help="Optuna sampler (default tpe)")
     add_study_flags(p)
@@ -72,11 +71,13 @@ def build_study(args: argparse.Namespace):
         if args.name and args.name != args.resume:
             raise LfmError(f"--resume {args.resume!r} and --name {args.name!r} disagree; give one")
         study = load_study_spec(args.results_dir, args.resume)
-        if flag_values(args, several_datasets=True) or args.grid or args.space or args.config:
+        if (flag_values(args, several_datasets=True) or args.grid or args.space or args.config
+                or args.warm_start):
             raise LfmError("--resume takes the stored study as it is; drop the other flags "
                            "(or give the full request with --name to extend it)")
         study.address, study.command = args.address, command
         study.max_concurrent, study.verbose = args.max_concurrent, args.verbose
+        study.budget_hours = args.budget_hours
         return study
     if not args.name:
         raise LfmError("give --name NAME (or --resume NAME)")
@@ -90,7 +91,6 @@ def build_study(args: argparse.Namespace):
         raise LfmError(f"--grid is for a grid search; --search {args.search} takes --space")
     plan = ScriptPlan(grid=grid, space=space, search=args.search)
     study = study_from_args(args, plan, command=command)
-    study.objectives = [o for o in (args.objectives or "").split(",") if o]
     study.sampler = args.sampler
     return study
 

@@ -51,6 +51,10 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                                    "the grid)")
     g.add_argument("--seed", type=int, help="one training seed (= --seeds N)")
     g.add_argument("--metric", help="what the study selects on (best.json, ASHA, Optuna)")
+    g.add_argument("--objectives", metavar="M1,M2",
+                   help="several metrics, e.g. acc_many,acc_few: a multi-objective Optuna "
+                        "search, told each one's mean over the seeds; best.json holds the "
+                        "Pareto set")
     g.add_argument("--scheduler", choices=("none", "asha"), help="stop weak trials early "
                    "with ASHA on the global epoch (default none)")
     g.add_argument("--num-samples", type=int, help="trials of an Optuna or random search")
@@ -79,11 +83,22 @@ def add_study_flags(parser: argparse.ArgumentParser, default_name: str | None = 
                         "postgresql://user@host/db (checked before the study starts); default: "
                         "Optuna's journal file <storage>/<name>/optuna.journal, safe for "
                         "several drivers at once")
+    g.add_argument("--warm-start", metavar="STUDY[:K]",
+                   help="an Optuna search's first trials: the K best configurations (default "
+                        "1; of a multi-objective study, its Pareto set) of an earlier study, "
+                        "its name in --results-dir or its folder")
+    g.add_argument("--budget-hours", type=float, metavar="H",
+                   help="stop launching trials once the measured cost would pass H: GPU-hours "
+                        "(trial wall time x GPUs per trial), or trial-hours when trials hold "
+                        "no GPU; the running trials finish and the study is marked stopped by "
+                        "budget (exit status 3), resumable with a larger H")
     g.add_argument("--smoke", action="store_true",
                    help="a quick check that the study runs: fewer values, one epoch per "
                         "stage of a few steps")
     g.add_argument("--dry-run", action="store_true",
-                   help="check everything and print the resolved study as JSON; train nothing")
+                   help="check everything and print the resolved study as JSON, with its "
+                        "number of trials and their estimated cost from earlier timings in "
+                        "the results folder; train nothing")
     g.add_argument("--extend", action="store_true",
                    help="rerun a stored study with added seeds or grid values: only the new "
                         "trials run, the finished ones are kept")
@@ -145,8 +160,10 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
         raise LfmError("--num-samples is for an Optuna or random search; this study is a grid")
     if args.protocol is not None and plan.protocol is None:
         raise LfmError("--protocol is for the α and τ sweeps (alpha_sweep.py, tau_sweep.py)")
+    objectives = [o.strip() for o in (args.objectives or "").split(",") if o.strip()]
     return Study(
         name=args.name, base=layers.resolve(first), layers=layers, search=plan.search,
+        objectives=objectives,
         grid=grid, space=space, variants=plan.variants, seeds=study_seeds(args, plan.seeds),
         num_samples=args.num_samples if args.num_samples is not None else plan.num_samples,
         metric=args.metric or plan.metric, scheduler=args.scheduler or "none",
@@ -155,6 +172,7 @@ def study_from_args(args: argparse.Namespace, plan: ScriptPlan, *, script: str |
         address=args.address, trackers=list(dict.fromkeys(args.tracker)),
         verbose=args.verbose, command=command or list(sys.argv), called_by=called_by,
         share_stage1=plan.share_stage1, protocol=plan.protocol,
+        warm_start=args.warm_start, budget_hours=args.budget_hours,
     )
 
 
@@ -195,7 +213,17 @@ def execute(study, args: argparse.Namespace) -> int:
     run_study(study, extend=args.extend, restart=args.restart, announce=announce)
     if not args.no_report:
         write_study_report(study.result_dir)
-    return 0
+    return STOPPED_BY_BUDGET_EXIT if stopped_by_budget(study) else 0
+
+
+STOPPED_BY_BUDGET_EXIT = 3  # the study stopped launching trials at its --budget-hours
+
+
+def stopped_by_budget(study) -> bool:
+    from lfm_ray.study.record import read_stored
+    from lfm_ray.study.run import STOPPED_BY_BUDGET
+
+    return (read_stored(study) or {}).get("status") == STOPPED_BY_BUDGET
 
 
 def script_command(script_file: str, argv: list[str] | None) -> tuple[list[str], list[str] | None]:

@@ -471,12 +471,41 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     `stop_after_stage1`: train stage 1 only; its final checkpoint is what branches start from.
     """
     from lfm_ray.data import run_data_fingerprint
-    from lfm_ray.progress import ProgressFeed
-    from lfm_ray.worker.checkpoint import load_stage1  # torch: only when a run starts
 
     cfg.validate()
     check_names(cfg)
     check_trains_something(cfg)
+    extra = _stage_options(cfg, stage1_from, stop_after_stage1)
+    out = Path(output).resolve()
+    check_output_parent(out)
+    fingerprint = run_data_fingerprint(cfg)
+    plan = plan_train_rerun(out, cfg, fingerprint, extend=extend, restart=restart)
+    if is_local(address):
+        arrays = prepare_node(cfg)
+        check_selection_split(cfg, arrays)
+        check_batch_size(cfg, len(arrays.train_labels))
+    if not verbose:
+        quiet_ray_logs()
+    init_ray(address, log_to_driver=verbose)
+    check_resources(cfg)
+    # Every input is checked: from here on the output folder is written.
+    _open_output(out, plan, announce)
+    write_json_atomic(out / "config.json", record(cfg, fingerprint, plan.extensions))
+    segments = schedule_segments(cfg, plan.extensions)
+    if segments:
+        extra["schedule_segments"] = {str(k): v for k, v in segments.items()}
+    if cfg.runtime.num_workers == 0:
+        _keep_checkpoints_in(out / CHECKPOINT_DIR, extra)
+    result = _train(cfg, out, extra, progress)
+    return _write_results(out, result.checkpoint, extra)
+
+
+def _stage_options(cfg: RunConfig, stage1_from: str | os.PathLike | None,
+                   stop_after_stage1: bool) -> dict[str, Any]:
+    """The trainer's options for a branch (stage 2 from a shared stage 1, checked here) or a
+    run that stops after stage 1; refused where they would train nothing."""
+    from lfm_ray.worker.checkpoint import load_stage1  # torch: only when a run starts
+
     if stage1_from is not None and stop_after_stage1:
         raise LfmError("stage1_from and stop_after_stage1 together would train nothing; "
                        "give one of them")
@@ -491,19 +520,11 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
             raise LfmError("stop_after_stage1 needs a stage 1 to train (stage1.epochs >= 1, "
                            "not zero-shot)")
         extra["stop_after_stage1"] = True
-    out = Path(output).resolve()
-    check_output_parent(out)
-    fingerprint = run_data_fingerprint(cfg)
-    plan = plan_train_rerun(out, cfg, fingerprint, extend=extend, restart=restart)
-    if is_local(address):
-        arrays = prepare_node(cfg)
-        check_selection_split(cfg, arrays)
-        check_batch_size(cfg, len(arrays.train_labels))
-    if not verbose:
-        quiet_ray_logs()
-    init_ray(address, log_to_driver=verbose)
-    check_resources(cfg)
-    # Every input is checked: from here on the output folder is written.
+    return extra
+
+
+def _open_output(out: Path, plan: Any, announce: Callable[[], None] | None) -> None:
+    """The output folder made (emptied first for a restart), and what the run will do said."""
     if plan.action == "restart":
         discard(out)
     try:
@@ -521,21 +542,25 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
         print(f"epochs {first}-{last} of {segment['stage']} run {segment['rule']} "
               f"({segment['lr']:g} to {segment['min_lr']:g}; config.json records it)",
               file=sys.stderr, flush=True)
-    write_json_atomic(out / "config.json", record(cfg, fingerprint, plan.extensions))
-    segments = schedule_segments(cfg, plan.extensions)
-    if segments:
-        extra["schedule_segments"] = {str(k): v for k, v in segments.items()}
-    # Re-running with the same output resumes from the run's last checkpoint (Ray Train
-    # finds it under the same storage path and name).
-    if cfg.runtime.num_workers == 0:
-        # Ray Train's local mode keeps no checkpoints of its own: they go to a folder of
-        # the run's, and a rerun resumes from the last one there.
-        keep = out / CHECKPOINT_DIR
-        extra["checkpoint_dir"] = str(keep)
-        done = [d for d in sorted(keep.glob("epoch_*")) if complete_checkpoint(d)] \
-            if keep.is_dir() else []
-        if done:
-            extra["resume_from"] = str(done[-1])
+
+
+def _keep_checkpoints_in(keep: Path, extra: dict[str, Any]) -> None:
+    """Ray Train's local mode keeps no checkpoints of its own: they go to a folder of the
+    run's, and a rerun resumes from the last one there. (With workers, re-running with the
+    same output resumes from the run's last checkpoint: Ray Train finds it under the same
+    storage path and name.)"""
+    extra["checkpoint_dir"] = str(keep)
+    done = [d for d in sorted(keep.glob("epoch_*")) if complete_checkpoint(d)] \
+        if keep.is_dir() else []
+    if done:
+        extra["resume_from"] = str(done[-1])
+
+
+def _train(cfg: RunConfig, out: Path, extra: dict[str, Any], progress: bool) -> Any:
+    """The trainer's result, with a progress bar per stage where asked; the worker's own
+    LfmError surfaces as itself, and Ctrl-C's handler is restored after."""
+    from lfm_ray.progress import ProgressFeed
+
     feed = ProgressFeed(cfg) if progress else contextlib.nullcontext()
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
@@ -544,7 +569,7 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
             if progress:
                 extra["progress"] = feed.queue
             trainer = make_trainer(cfg, name="run", storage_path=str(out / RAY_DIR), extra=extra)
-            result = trainer.fit()
+            return trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the worker's own error
         inner = unwrap_training_error(exc)
         if isinstance(inner, LfmError):
@@ -553,7 +578,11 @@ def fit_run(cfg: RunConfig, output: str | os.PathLike, *, address: str | None = 
     finally:
         if main_thread:  # the trainer's Ctrl-C handler ends with its run
             signal.signal(signal.SIGINT, sigint)
-    checkpoint = result.checkpoint
+
+
+def _write_results(out: Path, checkpoint: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """history.csv and metrics.json (and the final checkpoint's files) in `out`, from the
+    final checkpoint; the final metrics."""
     if checkpoint is None and extra.get("resume_from"):
         # A finished run resumed in local mode trains and reports nothing: its last kept
         # checkpoint is the result.

@@ -7,6 +7,9 @@
     record.py  study.json, and what a rerun under the same name may do
     storage.py where a study's files live, whose a folder is, what a restart removes
     run.py     run_study: check, decide new / resume / extend / restart, run, write tables
+    warm.py    an Optuna search started from an earlier study's best points
+    cost.py    a study's cost: the estimate before, the measured cost after
+    budget.py  --budget-hours: no new trial once the measured cost would pass it
 
 The specification imports nothing heavy; the running parts load Ray and pandas on first use,
 so a study script's --help stays fast.

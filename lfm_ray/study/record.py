@@ -29,7 +29,7 @@ STUDY_FILE = "study.json"
 # What decides a study's results; a rerun must match these (or only add trials).
 RESULT_KEYS = ("search", "grid", "space", "seeds", "num_samples", "metric", "mode",
                "objectives", "scheduler", "sampler", "variants", "share_stage1",
-               "base_configs", "optuna_storage_kind")
+               "base_configs", "optuna_storage_kind", "warm_start")
 EXTENDABLE = ("grid", "seeds")
 
 
@@ -48,6 +48,8 @@ def request(study: Study) -> dict[str, Any]:
         "base_configs": {d: c.to_dict() for d, c in study.base_configs().items()},
         # where the sampler's history lives (lfm_ray.study.optuna_storage says why it counts)
         "optuna_storage_kind": storage_kind(study),
+        # an Optuna search's first points (lfm_ray.study.warm): the earlier study as asked for
+        "warm_start": study.warm_start,
     }
     return json.loads(json.dumps(raw, default=str))
 
@@ -271,6 +273,7 @@ def study_meta(study: Study, experiments: list[str],
         "selection_holdouts": selection_holdouts(study),
         "trackers": study.trackers, "share_stage1": study.share_stage1,
         "protocol": study.protocol, "resolved": _resolved(study),
+        "warm_start": study.warm_record, "budget_hours": study.budget_hours,
         "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -396,4 +399,5 @@ def load_study_spec(results_dir: str, name: str) -> Study:
         trackers=meta.get("trackers") or [], layers=layers, command=meta.get("command", []),
         share_stage1=bool(meta.get("share_stage1")), protocol=meta.get("protocol"),
         called_by=meta.get("called_by"),
+        warm_start=(meta.get("request") or {}).get("warm_start"),
     )

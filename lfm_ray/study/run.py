@@ -26,12 +26,14 @@ from lfm_ray.driver.launch import (
     apply_fast_start_env, check_resources, init_ray, is_local, prepare_node, quiet_ray_logs, show_tune_trial_tables, write_json_atomic,
 )
 from lfm_ray.study import storage
+from lfm_ray.study.budget import BUDGETS, Budget, budget_for, gated
+from lfm_ray.study.cost import cost_unit, estimate, estimate_line, planned_configs
 from lfm_ray.study.optuna_storage import check_storage_choice
 from lfm_ray.study.record import (
     STUDY_FILE, Rerun, check_data, data_record, plan_rerun, read_stored, record_run, request,
 )
 from lfm_ray.study.search import (
-    concurrency, param_space, scheduler, search_alg,
+    concurrency, param_space, scheduler, search_alg, trials_per_sample,
 )
 from lfm_ray.study.checks import validate
 from lfm_ray.study.spec import SEED, Study, join_path, resolve_selection, selection_note
@@ -42,6 +44,7 @@ from lfm_ray.study.tables import (
 from lfm_ray.study.trial import (
     PLAN_FILE, TrialNamer, TrialPlan, trial_driver, trial_resources,
 )
+from lfm_ray.study.warm import check_warm_search, resolve_warm_start
 
 
 def banner(text: str) -> None:
@@ -64,11 +67,22 @@ def check_study(study: Study, *, extend: bool = False, restart: bool = False) ->
         raise LfmError(f"{study.result_dir / STUDY_FILE} was written by an older lfm-ray and "
                        "cannot be compared with this request; run with --restart or a new --name")
     storage.check_owner(study, stored, restart)
+    check_warm_search(study)
+    if stored is None or restart:
+        resolve_warm_start(study)  # a resumed study's Optuna search has its points already
     rerun = plan_rerun(study, stored, extend=extend, restart=restart)
     rerun.data = data_record(study)
     if rerun.kind in ("resume", "extend"):
         check_data(study, stored, rerun.data)
+    study_budget(study, rerun)  # refuses a budget already spent
     return rerun
+
+
+def study_budget(study: Study, rerun: Rerun) -> Budget | None:
+    """The study's --budget-hours, less what its stored trials (a resume or extension) spent."""
+    stored = kept_rows(study, rerun.experiments) if rerun.kind in ("resume", "extend") \
+        else None
+    return budget_for(study, stored)
 
 
 def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> dict[str, Any]:
@@ -87,10 +101,17 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
     if study.search == "grid":
         trials = len(rerun.new_points) if rerun.kind == "extend" else len(study.grid_points())
     else:
-        trials = study.num_samples * (len(study.seeds) if study.search == "random" else 1)
+        trials = study.num_samples * trials_per_sample(study)
+    cost = estimate(study, planned_configs(study, rerun.new_points if rerun.kind == "extend"
+                                           else None, trials))
+    banner(estimate_line(cost))
     return {"study": study.name, "action": rerun.kind, "trials": trials,
+            "cost_estimate": cost,
+            "budget": ({"hours": study.budget_hours, "unit": cost_unit(study.base)}
+                       if study.budget_hours is not None else None),
+            "warm_start": study.warm_record,
             "search": study.search, "grid": req["grid"], "space": req["space"],
-            "seeds": study.seeds, "metric": study.metric,
+            "seeds": study.seeds, "metric": study.metric, "objectives": study.objectives,
             "selection_split": study.selection_split, "scheduler": study.scheduler,
             "optuna_storage": req["optuna_storage_kind"],
             "protocol": study.protocol, "share_stage1": study.share_stage1,
@@ -239,6 +260,9 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False,
         storage.claim(study, study_id)
     study.result_dir.mkdir(parents=True, exist_ok=True)
     meta = record_run(study, rerun, stored, study_id, rerun.data, trials=len(to_run(study, rerun)))
+    meta["budget_hours"] = study.budget_hours  # this run's (a resume may raise it)
+    meta["budget_unit"] = cost_unit(study.base)
+    budget = study_budget(study, rerun)
     set_status(study, meta, RUNNING)
     clear_write_up(study)  # best.json and the report return when every trial has ended
 
@@ -284,21 +308,30 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False,
                     break  # the branches wait for their stage 1: resume runs both
             plan = TrialPlan.of(study, stage1_checkpoints=stage1 if study.share_stage1 else None)
             watch = TrialWatch(study, experiment, rows, kept, stopping=interrupted)
-            results = run_experiment(study, experiment, plan, slots, points if is_new else None,
-                                     is_new, watch=watch)
+            if budget is not None:
+                BUDGETS[experiment] = budget
+            try:
+                results = run_experiment(study, experiment, plan, slots,
+                                         points if is_new else None, is_new, watch=watch)
+            finally:
+                BUDGETS.pop(experiment, None)
             study.result_grid = results
             current = rows.rows(watch.trials, experiment, watch.stopped) \
                 if watch.trials is not None else table_from_results(study, results, experiment,
                                                                     rows)
             tables = combine(kept, current)
             write_tables(study, tables)
-            if interrupted.is_set() or not watch.ended():
+            if interrupted.is_set() or not watch.ended() or (budget and budget.stopped):
                 break
     missing = missing_trials(study, tables)
     write_tables(study, tables, complete=not missing)
     failed = tables[tables["status"] == "ERROR"] if len(tables) else tables
     if len(failed):
         banner(f"{len(failed)} trial(s) failed: {', '.join(failed['trial_id'])}")
+    if missing and budget is not None and budget.stopped and not interrupted.is_set():
+        set_status(study, read_stored(study) or meta, STOPPED_BY_BUDGET, missing)
+        banner(budget_note(study, budget, missing))
+        return tables
     if missing:
         set_status(study, read_stored(study) or meta, INTERRUPTED, missing)
         raise StudyInterrupted(interrupted_note(study, tables, missing))
@@ -309,6 +342,16 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False,
 
 # ---- interrupted studies ------------------------------------------------------------------------
 RUNNING, COMPLETE, INTERRUPTED = "running", "complete", "interrupted"
+STOPPED_BY_BUDGET = "stopped_by_budget"  # --budget-hours spent: no best.json, resumable
+
+
+def budget_note(study: Study, budget: Budget, missing: list[str]) -> str:
+    unit = cost_unit(study.base)
+    return (f"study {study.name!r} stopped by its budget: {budget.spent:.4g} of "
+            f"{budget.hours:g} {unit} measured, {', '.join(missing)} not run; "
+            f"{study.result_dir / 'trials.csv'} holds what ran, with no best.json. Go on with "
+            f"a larger budget: {resume_command(study)} --budget-hours <more than "
+            f"{budget.hours:g}>")
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -344,7 +387,7 @@ def to_run(study: Study, rerun: Rerun) -> list[Any]:
         return []
     if study.search == "grid":
         return rerun.new_points if rerun.kind == "extend" else study.grid_points()
-    return list(range(study.num_samples * (len(study.seeds) if study.search == "random" else 1)))
+    return list(range(study.num_samples * trials_per_sample(study)))
 
 
 def all_ended(trials: list[Any] | None) -> bool:
@@ -386,6 +429,8 @@ def set_status(study: Study, meta: dict[str, Any], status: str,
     if missing:
         meta["missing_trials"] = missing
         meta["resume_command"] = resume_command(study)
+        if status == STOPPED_BY_BUDGET:
+            meta["resume_command"] += f" --budget-hours <more than {study.budget_hours:g}>"
     write_json_atomic(study.result_dir / STUDY_FILE, meta)
 
 
@@ -459,7 +504,8 @@ def _run_experiment(study: Study, experiment: str, plan: TrialPlan, slots: int,
         write_plan(path, study, plan)
         tuner = tune.Tuner(trainable, param_space=param_space(study, points),
                            tune_config=_tune_config(study, slots, points,
-                                                    scheduled=plan.stage != "stage1"),
+                                                    scheduled=plan.stage != "stage1",
+                                                    experiment=experiment),
                            run_config=run_config)
     else:
         banner(f"resuming experiment {path}")
@@ -648,13 +694,18 @@ def write_plan(experiment_path: str, study: Study, plan: TrialPlan) -> None:
 
 
 def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None = None,
-                 scheduled: bool = True):
-    """`scheduled=False`: no early stopping (a shared stage 1 must run to its end)."""
-    alg, sched = search_alg(study, points, slots), scheduler(study) if scheduled else None
+                 scheduled: bool = True, experiment: str = ""):
+    """`scheduled=False`: no early stopping (a shared stage 1 must run to its end). The
+    search algorithm sits behind the experiment's budget gate (lfm_ray.study.budget), which
+    also keeps at most `slots` trials at once."""
+    alg = gated(search_alg(study, points, slots), experiment, slots)
+    sched = scheduler(study) if scheduled else None
     if study.search == "grid":
         samples = len(points if points is not None else study.grid_points())
+    elif study.search == "optuna":
+        samples = study.num_samples * trials_per_sample(study)  # each seed is a trial
     else:
-        samples = study.num_samples
+        samples = study.num_samples  # the basic generator crosses each sample with the seeds
     return tune.TuneConfig(
         search_alg=alg, scheduler=sched,
         # No metric here: the searcher and scheduler carry their own, and with one Tune's
@@ -662,7 +713,7 @@ def _tune_config(study: Study, slots: int, points: list[dict[str, Any]] | None =
         # seeds or interval behind it (ties included). The report says which configuration,
         # if any, is better than the rest (lfm_ray.analysis.load.better_than_rest).
         num_samples=samples,
-        max_concurrent_trials=None if study.search == "grid" else slots,
+        max_concurrent_trials=None,  # the gated search algorithm keeps to `slots`
         trial_name_creator=TrialNamer(study.name),
         trial_dirname_creator=TrialNamer(study.name, folder=True),
         # A trial driver is reused by the next trial: its Ray process and imports

@@ -31,9 +31,10 @@ def param_space(study: Study, points: list[dict[str, Any]] | None = None) -> dic
     if study.search == "random":
         params: dict[str, Any] = random_space(study)
         if len(study.seeds) > 1:
+            # Crossed with each sample; search_alg keeps the sample's values over its seeds.
             params[SEED] = tune.grid_search(list(study.seeds))
         return {"params": params}
-    return {}  # Optuna fills config["params"] (define-by-run)
+    return {}  # Optuna fills config["params"] (define-by-run); SeedRepeater adds the seed
 
 
 def random_space(study: Study) -> dict[str, Any]:
@@ -52,18 +53,31 @@ def random_space(study: Study) -> dict[str, Any]:
     return out
 
 
-def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: int = 0):
-    """Optuna for an Optuna study; for a grid, Tune's basic generator running exactly the
-    listed points (every grid point crossed with the seeds, or an extension's new ones), at
-    most `slots` at once (Tune's max_concurrent_trials does not reach this generator)."""
-    if study.search == "grid":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+def trials_per_sample(study: Study) -> int:
+    """Tune trials per configuration an Optuna or random search samples: one per seed."""
+    return len(study.seeds)
 
+
+def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: int = 0):
+    """Tune's searcher, at most `slots` trials at once (Tune's max_concurrent_trials does
+    not reach its basic generator):
+
+    - a grid: Tune's basic generator running exactly the listed points (every grid point
+      crossed with the seeds, or an extension's new ones);
+    - a random search: the basic generator; with several seeds each sample's random values
+      are drawn once and kept over its seeds (`constant_grid_search`);
+    - an Optuna search: Optuna; with several seeds wrapped in a SeedRepeater, which trains
+      each configuration Optuna suggests once per seed and tells Optuna its mean over them.
+    """
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if study.search == "grid":
         points = points if points is not None else study.grid_points()
         return BasicVariantGenerator(points_to_evaluate=[{"params": p} for p in points],
                                      max_concurrent=slots)
-    if study.search != "optuna":
-        return None
+    if study.search == "random":
+        return BasicVariantGenerator(max_concurrent=slots,
+                                     constant_grid_search=len(study.seeds) > 1)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -78,14 +92,22 @@ def search_alg(study: Study, points: list[dict[str, Any]] | None = None, slots: 
 
     storage = open_storage(study)  # a journal file, a database the user gave, or memory
     objectives = study.objectives if len(study.objectives) > 1 else None
-    return OptunaSearch(
+    optuna_search = OptunaSearch(
         space=DefineByRun(study.space, study.base.to_dict()),
         metric=objectives or study.metric,
         mode=[study.mode] * len(objectives) if objectives else study.mode,
         sampler=samplers[study.sampler](),
         study_name=study.name,
         storage=storage,
+        # a warm start's points (lfm_ray.study.warm), enqueued as Optuna's first trials
+        points_to_evaluate=[{"params/" + k: v for k, v in p.items()}
+                            for p in study.warm_points] or None,
     )
+    if len(study.seeds) == 1:
+        return optuna_search
+    from lfm_ray.study.seed_search import SeedRepeater
+
+    return SeedRepeater(optuna_search, study.seeds, objectives or [study.metric])
 
 
 class DefineByRun:

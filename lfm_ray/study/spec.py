@@ -159,10 +159,18 @@ class Study:
     share_stage1: bool = False
     protocol: str | None = None          # "branch" | "full" for the α and τ sweeps: recorded
     verbose: bool = False                # Ray's own start-up and per-report lines
+    # An Optuna search's first points: an earlier study's best ("STUDY" or "STUDY:K"; see
+    # lfm_ray.study.warm), resolved into `warm_points` and `warm_record` when the study starts
+    warm_start: str | None = None
+    # Stop launching trials once the measured cost (GPU-hours, or trial-hours without GPUs;
+    # lfm_ray.study.cost) would pass this; None: no limit
+    budget_hours: float | None = None
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     called_by: list[str] | None = None   # the command that ran this study's script, if another
     # Tune's ResultGrid of the last run_study (not part of the specification).
     result_grid: Any = field(default=None, repr=False, compare=False)
+    warm_points: list[dict[str, Any]] = field(default_factory=list, compare=False)
+    warm_record: dict[str, Any] | None = field(default=None, compare=False)
     # "val" or "test", found by `resolve_selection` from the data sets (not set by hand).
     selection_split: str | None = field(default=None, compare=False)
 

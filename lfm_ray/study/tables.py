@@ -218,14 +218,17 @@ def error_message(trial: Any, failed: bool = False) -> str:
 
 
 def best_configs(study: Study, table: pd.DataFrame) -> dict[str, Any]:
-    """The best configuration by the study's selection metric (and each further objective),
-    the mean over seeds deciding, with that configuration's mean test figures beside it.
-    Nothing is selected on the test split of a study that has a validation split."""
+    """The best configuration by the study's selection metric, the mean over seeds deciding,
+    with that configuration's mean test figures beside it; with several objectives, the
+    Pareto set instead (pareto_set). Nothing is selected on the test split of a study that
+    has a validation split."""
     done = table[table["status"] == "TERMINATED"]
     out: dict[str, Any] = {}
     if done.empty:
         return out
     keys = [c for c in study.swept if c != SEED and c in done.columns]
+    if len(study.objectives) > 1:
+        return pareto_set(study, done, keys)
     for metric in dict.fromkeys([study.metric or "acc_all", *study.objectives]):
         if metric not in done or done[metric].isna().all():
             continue
@@ -247,6 +250,47 @@ def best_configs(study: Study, table: pd.DataFrame) -> dict[str, Any]:
                        "selection_split": study.selection_split or "test",
                        "test": test, "trial_ids": list(match["trial_id"])}
     return out
+
+
+def pareto_set(study: Study, done: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
+    """best.json of a search with several objectives: no single best, but the configurations
+    (the swept values, seeds pooled) that no other dominates by their means over seeds in
+    every objective, each with its means, 95 % t-intervals over the seeds and mean test
+    figures. A configuration lacking an objective's value in a seed is left out."""
+    from lfm_ray.study.seed_stats import non_dominated, t_interval
+
+    objectives = list(study.objectives)
+    groups = done.groupby(keys, dropna=False, sort=False) if keys else [((), done)]
+    configs: dict[int, dict[str, Any]] = {}
+    means: dict[int, list[float]] = {}
+    for key, rows in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        values = {m: pd.to_numeric(rows[m], errors="coerce") if m in rows else None
+                  for m in objectives}
+        if any(v is None or v.isna().any() for v in values.values()):
+            continue
+        figures = {}
+        for m in objectives:
+            mean, low, high = t_interval(values[m].to_numpy(float))
+            figures[m] = {"mean": mean, "ci_low": None if pd.isna(low) else low,
+                          "ci_high": None if pd.isna(high) else high}
+        i = len(configs)
+        means[i] = [figures[m]["mean"] for m in objectives]
+        seeds = rows[SEED].tolist() if SEED in rows else []
+        configs[i] = {
+            "params": {k: (None if pd.isna(v) else _plain(v)) for k, v in zip(keys, key)},
+            "objectives": figures, "seeds": len(rows),
+            "seed_values": [_plain(s) for s in seeds],
+            "test": {k: float(pd.to_numeric(rows[k], errors="coerce").mean())
+                     for k in ACCURACY_KEYS if k in rows},
+            "trial_ids": list(rows["trial_id"])}
+    front = non_dominated(means, -1.0 if study.mode == "min" else 1.0)
+    return {"objectives": objectives, "mode": study.mode,
+            "selection_split": study.selection_split or "test",
+            "rule": "non-dominated by the means over seeds (no other configuration at least "
+                    "as good in every objective and better in one); intervals: 95 % "
+                    "Student-t over the seeds",
+            "configurations": len(configs), "pareto_set": [configs[i] for i in front]}
 
 
 def _plain(v: Any) -> Any:

@@ -59,24 +59,43 @@ class Run:
     def __init__(self, cfg: RunConfig, info: WorkerInfo, launch_dir: str | None = None):
         # launch_dir: the folder the run was started from, which relative file paths in the
         # configuration name (Ray runs workers in folders of their own); None: this one.
-        from lfm_ray.backbones import build_backbone, build_classifier_for, check_family
-        from lfm_ray.data import load_arrays, run_options, shot_groups
-        from lfm_ray.finetune import prepare, trained_params
-        from lfm_ray.similarity import check_similarity, for_run
-        from lfm_ray.text import check_text
+        from lfm_ray.backbones import build_backbone
+        from lfm_ray.similarity import for_run
 
         self.cfg, self.info = cfg, info
-        # What the model family cannot do (a timm model has no text tower), and LFM's
-        # similarity source, refused at once.
-        check_family(cfg)
-        check_text(cfg)
-        check_similarity(cfg, launch_dir=launch_dir)
+        self._refuse_what_cannot_run(launch_dir)
         torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank
         # The model comes first: its input size is the size lazily decoded data sets are
         # cached at, so preprocessing never drifts from the model. An open_clip model, or a
         # timm model (lfm_ray/backbones.py).
         files = with_absolute_paths(cfg, launch_dir)  # relative paths read where it started
         backbone, self.spec = build_backbone(files.model, info.device)
+        arrays, options = self._load_classes(files)
+        self._build_classifier(backbone)
+        del backbone
+        self._place_training_images(arrays)
+        self._place_evaluation_sets(arrays, files.data, options)
+        self._prepare_evaluation_and_batches()
+        # LFM's class similarity S (mix.similarity), once, before stage 1 and any checkpoint
+        # is loaded; None: P comes straight from the text features (lfm_ray/similarity.py).
+        self.class_similarity = for_run(self, launch_dir)
+
+    def _refuse_what_cannot_run(self, launch_dir: str | None) -> None:
+        """What the model family cannot do (a timm model has no text tower), and LFM's
+        similarity source, refused at once."""
+        from lfm_ray.backbones import check_family
+        from lfm_ray.similarity import check_similarity
+        from lfm_ray.text import check_text
+
+        check_family(self.cfg)
+        check_text(self.cfg)
+        check_similarity(self.cfg, launch_dir=launch_dir)
+
+    def _load_classes(self, files: RunConfig) -> tuple[Any, dict[str, Any]]:
+        """(the data set's arrays at the model's input size, the data options): the target
+        classes and the auxiliary ones that train beside them."""
+        from lfm_ray.data import load_arrays, run_options
+
         data = files.data
         options = run_options(data)
         arrays = load_arrays(data.name, root=data.root, image=self.spec,
@@ -88,14 +107,21 @@ class Run:
         # Category extrapolation (lfm_ray.extrapolation): auxiliary classes, None without
         # aux.root, train beside the targets (head rows, loss, mixer) and are never predicted.
         self.aux = auxiliary_training(files, self.class_names, self.spec, data.cache_dir)
-        trained = self.class_names + (self.aux.class_names if self.aux else [])
         self.train_counts = self.class_counts + (self.aux.counts if self.aux else [])
+        return arrays, options
+
+    def _build_classifier(self, backbone: torch.nn.Module) -> None:
+        """The model over every trained class, with what stage 1 trains, on the device."""
+        from lfm_ray.backbones import build_classifier_for
+        from lfm_ray.finetune import prepare, trained_params
+
+        cfg, info = self.cfg, self.info
+        trained = self.class_names + (self.aux.class_names if self.aux else [])
         # The class text features of every trained class (model.text: CLIP's own tower or a
         # pretrained text encoder, once per run) are the classifier; a timm model without a
         # text encoder has a linear head over its pooled features.
         self.model, self.text_features = build_classifier_for(backbone, cfg, trained,
                                                               info.device, self.spec.size)
-        del backbone
         # What stage 1 trains: adapters, prompts or class weights join the model here, before
         # checkpoints load and the tower is compiled.
         self.finetune_sizes = prepare(self.model, cfg.stage1, self.num_classes, cfg.model.name)
@@ -109,12 +135,20 @@ class Run:
             # In place, so state dict keys and checkpoints are those of the plain module.
             self.model.visual.compile()
 
-        self.train_images = DeviceImages(arrays.train_images, info.device)
+    def _place_training_images(self, arrays: Any) -> None:
+        device = self.info.device
+        self.train_images = DeviceImages(arrays.train_images, device)
         self.train_labels = torch.as_tensor(np.asarray(arrays.train_labels), dtype=torch.long)
         if self.aux is not None:  # each epoch's auxiliary subsets after the target images
             self.train_images, self.train_labels = self.aux.join(
                 self.train_images, self.train_labels, int(arrays.train_images.shape[1]),
-                self.spec, info.device)
+                self.spec, device)
+
+    def _place_evaluation_sets(self, arrays: Any, data: Any, options: dict[str, Any]) -> None:
+        """The split selection reads and the test split, at the size evaluation sees them."""
+        from lfm_ray.data import load_arrays
+
+        cfg, info = self.cfg, self.info
         self.selection_split = resolve_selection_split(
             data.selection_split, arrays.val_images is not None, data.name)
         # Test is always there (the reported split); val only where selection reads it.
@@ -137,6 +171,11 @@ class Run:
             images, labels = eval_arrays.split(split)
             self.eval_sets[split] = (DeviceImages(images, info.device),
                                      torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+    def _prepare_evaluation_and_batches(self) -> None:
+        from lfm_ray.data import shot_groups
+
+        cfg, info = self.cfg, self.info
         self.groups = shot_groups(self.class_counts)
         # Post-hoc logit adjustment (eval.logit_adjust_tau): τ·log(n_k / Σn) over the trained
         # classes comes off every evaluation logit; None leaves them as the model gives them.
@@ -150,9 +189,6 @@ class Run:
             torch.autocast("cuda", dtype=torch.bfloat16)
             if info.device.type == "cuda" else contextlib.nullcontext()
         )
-        # LFM's class similarity S (mix.similarity), once, before stage 1 and any checkpoint
-        # is loaded; None: P comes straight from the text features (lfm_ray/similarity.py).
-        self.class_similarity = for_run(self, launch_dir)
 
     def loss_fn(self) -> torch.nn.Module:
         """The configured loss over this run's class counts and text features."""
@@ -420,12 +456,12 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
     # a lightweight mode) runs as in evaluation: no dropout, no statistics updates.
     model.train(stage.number == 1 and model.finetune == "full")
     log_every = max(1, steps // 10) if steps >= 50 and info.rank == 0 else 0
+    min_batch = 2 if batchnorm_trains(model) else 1
     for step in range(steps):
-        start = (step * per_worker) % len(mine)  # wraps only when more steps than one pass
-        batch = mine[start:start + per_worker]
+        batch = step_positions(mine, step, per_worker, min_batch)
         # runtime.accumulate micro-batches, each with its own mixing draw; weighting each
         # micro-batch's mean loss by its share of the batch gives the batch's mean loss.
-        parts = batch.chunk(cfg.runtime.accumulate)
+        parts = micro_batches(batch, cfg.runtime.accumulate, min_batch)
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=info.device)
         for k, pos_i in enumerate(parts):
@@ -451,6 +487,39 @@ def train_epoch(run: Run, stage: Stage, epoch: int, mixer, loss_fn, opt, sched,
             "or check the data"
         )
     return mean
+
+
+def batchnorm_trains(model: torch.nn.Module) -> bool:
+    """Whether a batch-norm layer is in training mode (timm's CNNs: it normalises by the
+    batch's own statistics, which one image does not have)."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
+    return any(isinstance(m, norms) and m.training for m in model.modules())
+
+
+def step_positions(mine: torch.Tensor, step: int, per_worker: int,
+                   min_batch: int = 1) -> torch.Tensor:
+    """This rank's positions for one step: the next `per_worker` of its order (wrapping only
+    when there are more steps than one pass). A last batch shorter than `min_batch` is topped
+    up from the start of the order, so a training batch-norm layer never sees one image (a
+    training set of 64k + 1 images at batch 64 would otherwise end every epoch on a batch of
+    one; PyTorch refuses it)."""
+    start = (step * per_worker) % len(mine)
+    batch = mine[start:start + per_worker]
+    short = min(min_batch, len(mine)) - len(batch)
+    if short > 0:
+        batch = torch.cat([batch, mine[:short]])
+    return batch
+
+
+def micro_batches(batch: torch.Tensor, accumulate: int, min_batch: int = 1
+                  ) -> tuple[torch.Tensor, ...]:
+    """A step's positions in `accumulate` micro-batches (torch's chunk), or, where a training
+    batch-norm layer needs `min_batch` images in each, in as many near-equal ones as keep to
+    that (a last short batch: 3 images and accumulate 2 give one micro-batch of 3)."""
+    if min_batch <= 1:
+        return batch.chunk(accumulate)
+    return batch.tensor_split(max(1, min(accumulate, len(batch) // min_batch)))
 
 
 def _sync_gradients(trainable: torch.nn.Module, sync: bool):
@@ -692,6 +761,56 @@ def _report(metrics: dict[str, Any], make_checkpoint: Callable[[Path], None] | N
 
 
 # ---- entry point --------------------------------------------------------------------------
+def _report_zero_shot(run: Run, info: WorkerInfo, keep_dir: str | None, to_tune: bool) -> None:
+    """A zero-shot run: one evaluation of the text classifier, reported as epoch 0."""
+    selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
+    metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,
+                            train_time_s=0.0, train_time_total_s=0.0, node_id=_node_id())
+
+    def write_zero_shot(path: Path) -> None:
+        record = result_record(run, metrics, selection, last_test, None)
+        (path / RESULT_FILE).write_text(json.dumps(record))
+        (path / HISTORY_FILE).write_text(json.dumps([metrics]))
+        write_confusion(path, run, last_test)
+
+    _report(metrics, write_zero_shot, info, keep_dir, to_tune)
+
+
+def _progress_so_far(run: Run, state: dict[str, Any] | None
+                     ) -> tuple[int, float, list[dict[str, Any]], Any]:
+    """(epochs done, training seconds so far, history, the last test) of a run starting
+    afresh, or of the checkpoint `state` it resumes (whose weights it loads)."""
+    done, train_time_total = 0, 0.0
+    history: list[dict[str, Any]] = []
+    last_test = no_test(run.num_classes)
+    if state is not None:
+        run.model.load_weights(state)
+        done = int(state["epoch"])
+        train_time_total = float(state.get("train_time_total_s", 0.0))
+        history = list(state.get("history", []))
+        last_test = state.get("last_test") or last_test
+    return done, train_time_total, history, last_test
+
+
+def _start_stage(run: Run, stage: Stage, config: dict[str, Any], state: dict[str, Any] | None,
+                 done: int, steps: int) -> tuple[Any, Any, Any, Any, list[int]]:
+    """(trainable parameters, mixer, optimiser, schedule, the epochs its cosine segments
+    start at) of a stage about to train: its classifier start or fresh head where it begins,
+    the optimiser's and schedule's state where it resumes."""
+    if done < stage.first_epoch and stage.number == 1:
+        initialise_classifier(run)  # model.classifier_init: where class weights start
+    if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
+        run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
+    trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
+    starts = segment_starts(stage, config)
+    if len(starts) > 1:  # an extended stage: its first cosine ends where it first ended
+        sched = cosine_segment(opt, scfg_of(run, stage), (starts[1] - starts[0]) * steps)
+    if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    return trainable, mixer, opt, sched, starts
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """TorchTrainer entry. `config["run"]` is a RunConfig dict; optional keys:
     `resume_from` (a checkpoint directory), `stage1_from` (the checkpoint of a completed
@@ -713,30 +832,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = Run(cfg, info, launch_dir=config.get("launch_dir"))
     check_batch_size(cfg, len(run.train_images))  # where the driver did not (a cluster)
     if cfg.runtime.zero_shot:
-        selection, last_test = evaluate_epoch(run, 0, True, no_test(run.num_classes))
-        metrics = epoch_metrics(run, 0, 0, float("nan"), selection, last_test,
-                                train_time_s=0.0, train_time_total_s=0.0, node_id=_node_id())
-
-        def write_zero_shot(path: Path) -> None:
-            record = result_record(run, metrics, selection, last_test, None)
-            (path / RESULT_FILE).write_text(json.dumps(record))
-            (path / HISTORY_FILE).write_text(json.dumps([metrics]))
-            write_confusion(path, run, last_test)
-
-        _report(metrics, write_zero_shot, info, keep_dir, to_tune)
+        _report_zero_shot(run, info, keep_dir, to_tune)
         return
 
     loss_fn = run.loss_fn()
     state, stage1_from = _start_state(config, cfg, info.device)
-    done, train_time_total = 0, 0.0
-    history: list[dict[str, Any]] = []
-    last_test = no_test(run.num_classes)
-    if state is not None:
-        run.model.load_weights(state)
-        done = int(state["epoch"])
-        train_time_total = float(state.get("train_time_total_s", 0.0))
-        history = list(state.get("history", []))
-        last_test = state.get("last_test") or last_test
+    done, train_time_total, history, last_test = _progress_so_far(run, state)
     stop_after = config.get("stop_after_epoch")
     plan = stage_plan(cfg)[:1] if config.get("stop_after_stage1") else stage_plan(cfg)
     steps, per_worker = steps_per_epoch(len(run.train_images), cfg, info.world_size)
@@ -745,17 +846,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = stage.first_epoch + stage.epochs - 1
         if stage.epochs == 0 or done >= last:
             continue
-        if done < stage.first_epoch and stage.number == 1:
-            initialise_classifier(run)  # model.classifier_init: where class weights start
-        if done < stage.first_epoch and hasattr(run.model, "begin_stage"):
-            run.model.begin_stage(stage.number)  # a timm model's stage 2: a fresh head
-        trainable, mixer, opt, sched = prepare_stage(run, stage, steps)
-        starts = segment_starts(stage, config)
-        if len(starts) > 1:  # an extended stage: its first cosine ends where it first ended
-            sched = cosine_segment(opt, scfg_of(run, stage), (starts[1] - starts[0]) * steps)
-        if state is not None and state["stage"] == stage.number and done >= stage.first_epoch:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+        trainable, mixer, opt, sched, starts = _start_stage(run, stage, config, state, done,
+                                                            steps)
         for epoch in range(max(done + 1, stage.first_epoch), last + 1):
             if epoch in starts[1:]:
                 # An extension's epochs: a cosine segment of their own (lfm_ray.driver.rerun).

@@ -23,6 +23,8 @@ def test_bench_smoke_writes_every_cpu_key(tmp_path, capsys):
     for key in CPU_KEYS:
         assert key in result and result[key] > 0, key
     assert result["machine"]["cpus"] >= 1 and "torch" in result["machine"]
+    # the shared stage 1 is compared with a full sweep of the same grid and seeds
+    assert result["full_sweep_trials"] == result["shared_stage1_trials"] > 0
     from lfm_ray.commands.benchmarks import INFO
 
     assert set(result["targets_met"]) >= set(CPU_KEYS) - set(INFO)

@@ -490,6 +490,12 @@ class RunConfig:
         given. (Kept beside the fields, not as one: it is no setting.)"""
         return vars(self).get("_set_through", {}).get(dotted, dotted)
 
+    def keep_given_names(self, other: "RunConfig") -> "RunConfig":
+        """Take `other`'s record of the fields set through a shorthand (this config was
+        built from `other`'s dict, which holds values, not how they were given)."""
+        vars(self)["_set_through"] = dict(vars(other).get("_set_through", {}))
+        return self
+
     def _check_stage2_trains_w_i(self) -> None:
         # Stage 2 trains W_I on a frozen tower: nothing else to choose there.
         _check(self.stage2.finetune == STAGE2_FINETUNE, "stage2.finetune", self.stage2.finetune,

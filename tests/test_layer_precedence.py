@@ -133,6 +133,18 @@ def test_a_value_out_of_bounds_is_named_by_the_shorthand_that_set_it(capsys):
         RunConfig().override({"mix.beta": 0, "stage1.beta": 0.5}).validate()
 
 
+def test_a_study_script_names_a_bad_shorthand_as_given(tmp_path, capsys):
+    """The study scripts build each trial's config from the base's values; a bad --mix.tau is
+    still refused as mix.tau (the τ script in its branch protocol, with nothing written)."""
+    from lfm_ray.commands.catalog import tau_sweep
+
+    where = ["--results-dir", str(tmp_path / "r"), "--storage-path", str(tmp_path / "ray")]
+    assert tau_sweep.main(["--mix.tau", "-1", *where]) == 2
+    err = capsys.readouterr().err
+    assert "mix.tau=-1.0 is not valid; expected a number > 0" in err and "stage1.tau" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ray").exists()
+
+
 def test_every_declared_bound_is_checked_and_shown_in_help():
     """Each field's bounds live in its `setting`; validation refuses a value just outside
     them and --help shows them, with the field's unit."""

@@ -201,7 +201,7 @@ class Study:
             base = self.layers.resolve(dataset=str(params["data.name"]))
         else:
             base = self.base
-        return config_for(base.to_dict(), self.variants, params)
+        return config_for(base.to_dict(), self.variants, params, names_from=base)
 
     def datasets(self) -> list[str]:
         """Every data set the study trains on."""
@@ -226,8 +226,13 @@ class Study:
 
 
 def config_for(base: dict[str, Any], variants: dict[str, dict[str, Any]],
-               params: dict[str, Any]) -> RunConfig:
+               params: dict[str, Any], names_from: RunConfig | None = None) -> RunConfig:
+    """One trial's config from the base's dict, its method bundle and its swept values;
+    `names_from` (the base as a RunConfig) keeps the names its values were given by, so a
+    bad `mix.tau` is named as given."""
     cfg = RunConfig.from_dict(base)
+    if names_from is not None:
+        cfg.keep_given_names(names_from)
     if METHOD in params:
         cfg.override(variants[params[METHOD]])
     return cfg.override({k: v for k, v in params.items() if k != METHOD})

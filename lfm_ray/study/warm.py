@@ -17,6 +17,7 @@ from typing import Any
 
 from lfm_ray.config import same_value
 from lfm_ray.errors import LfmError
+from lfm_ray.study.seed_stats import non_dominated
 from lfm_ray.study.spec import SEED, Dim, Study
 
 DEFAULT_K = 1  # a single-objective study's best; a multi-objective one gives its Pareto set
@@ -76,7 +77,8 @@ def best_points(meta: dict[str, Any], table: Any, k: int | None) -> tuple[list[d
         chosen = rows[:k or DEFAULT_K]
         rule = f"the {len(chosen)} best by mean {metrics[0]} over seeds ({mode})"
     else:
-        front = [r for r in rows if not any(_dominates(o, r, metrics, sign) for o in rows)]
+        keep = non_dominated({i: [r[m] for m in metrics] for i, r in enumerate(rows)}, sign)
+        front = [rows[i] for i in keep]
         front.sort(key=lambda r: -sign * r[metrics[0]])
         chosen = front[:k] if k else front
         rule = (f"the Pareto set of mean {', '.join(metrics)} over seeds ({mode})"
@@ -84,11 +86,6 @@ def best_points(meta: dict[str, Any], table: Any, k: int | None) -> tuple[list[d
     points = [{"params": {n: _plain(r[n]) for n in names if not _missing(r[n])},
                "values": {m: float(r[m]) for m in metrics}} for r in chosen]
     return points, rule
-
-
-def _dominates(a: dict, b: dict, metrics: list[str], sign: float) -> bool:
-    at_least = all(sign * a[m] >= sign * b[m] for m in metrics)
-    return at_least and any(sign * a[m] > sign * b[m] for m in metrics)
 
 
 def _missing(value: Any) -> bool:

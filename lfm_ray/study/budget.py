@@ -148,11 +148,9 @@ class BudgetedSearch(_BudgetGate, SearchGenerator):
 
 def gated(alg: Any, key: str, slots: int) -> Any:
     """Tune's search algorithm of an experiment (lfm_ray.study.search's) behind its budget
-    gate: a grid's variant generator as it is, a random search's (`alg` None) with at most
-    `slots` trials at once, or the Optuna searcher `alg` under a ConcurrencyLimiter of
-    `slots`, as Tune's max_concurrent_trials would wrap each."""
-    if alg is None:
-        return BudgetedVariants(key, max_concurrent=slots)
+    gate: a grid's or a random search's variant generator as it is (it keeps to `slots`
+    itself), or the Optuna searcher `alg` under a ConcurrencyLimiter of `slots`, as Tune's
+    max_concurrent_trials would wrap it."""
     if isinstance(alg, BasicVariantGenerator):
         alg.__class__ = BudgetedVariants  # the same object, its two methods gated
         alg.budget_key = key

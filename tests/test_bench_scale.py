@@ -62,6 +62,12 @@ def test_per_trial_windows():
     assert (first, last) == (1.0, 2.0)
 
 
+def test_memory_per_trial_from_the_window_to_the_end():
+    rss = [100.0, 101.0, 102.0, 110.0, 120.0]  # MiB after each trial's end
+    # From the end of trial 3 (102 MiB) to that of trial 5 (120 MiB): 18 MiB over 2 trials.
+    assert bench_scale._rss_per_trial_kib(rss, window=3) == pytest.approx(18 * 1024 / 2)
+
+
 def test_aggregate_in_one_pass_matches_a_direct_computation():
     from scipy import stats
 
@@ -140,7 +146,12 @@ def test_simulated_cluster_places_four_quarter_gpu_trials_per_gpu(tmp_path):
 @pytest.mark.slow
 def test_study_scale_part_runs_both_sides(tmp_path):
     out = bench_scale.bench_study_scale(tmp_path, str(tmp_path / "cache"), trials=6, window=2)
-    assert out["scale_trials"] == out["scale_plain_trials"] == 6
-    assert out["scale_trials_csv_rows"] == 6
+    assert out["scale_trials"] == out["scale_plain_trials"] == out["scale_keys_trials"] == 6
+    assert out["scale_trials_csv_rows"] == 6 and out["scale_data"] == "digits-lt"
     assert out["scale_rss_end_mib"] > 0 and out["scale_growth"] > 0
     assert out["scale_overhead_ratio"] > 0
+    # A smoke trial reports twice (one epoch per stage), its accuracies among the numbers
+    # plain Tune then reports as often.
+    assert out["scale_keys_reports"] == 2 and out["scale_keys_reported"] >= 10
+    # Trials run 2 at a time here: the wall per trial is at least half a trial's own time.
+    assert 0 < out["scale_trial_s"] / 2 < out["scale_wall_s"] / 6

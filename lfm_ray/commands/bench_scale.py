@@ -8,12 +8,18 @@ Figures (JSON keys) and the claim each supports:
   CPU stand-in step. Per N: trials placed per declared GPU at the peak (ideal 4), time from
   the run's start to the first trial's start, trials per second over the middle half of the
   completions (steady state), and the driver's and the nodes' resident memory.
-- scale_*: a random search of smoke trials (one step per stage, batch 8) through the study
-  engine (trial records, per-trial copies, trials.csv, best.json): wall time per trial over
-  the last `window` completions over the first `window` (scale_growth), the driver's resident
-  memory at the end over that after `window` trials (scale_rss_growth); then plain Tune with
-  a trivial function trainable, the same number of trials in the same process
-  (scale_overhead_ratio: our wall time per trial over plain Tune's).
+- scale_*: a random search of smoke trials (one step per stage, batch 8, on digits-lt, the
+  smallest embedded set, so the step stays short) through the study engine (trial records,
+  per-trial copies, trials.csv, best.json): wall time per trial over the last `window`
+  completions over the first `window` (scale_growth), the driver's resident memory at the
+  end over that after `window` trials (scale_rss_growth); the wall time per trial that no
+  trial accounts for (scale_between_s_per_trial: wall per trial less the trials' own time
+  over the slots). Then plain Tune on the same Ray instance, each run driven from a fresh
+  process: with a trivial function trainable, the same number of trials (scale_plain_*:
+  Tune's own figure; scale_overhead_ratio: our wall time per trial over plain Tune's;
+  scale_between_ratio: our time between trials over plain Tune's), and with a trainable
+  that reports the numbers our trials report, as often (scale_keys_*: how much of the
+  driver's memory per trial is Tune's record of each trial's results).
 - report_*: `lfm-ray report` on a fabricated study of many trials in the files a study
   writes (trials.csv, study.json, best.json, per-trial copies): its wall time and HTML size;
   report_load_s the loaders (`lfm_ray.analysis.load_study`) reading it.
@@ -26,11 +32,13 @@ Figures (JSON keys) and the claim each supports:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -381,15 +389,27 @@ def _per_trial(start: float, ends: list[float], window: int) -> tuple[float, flo
     return (ends[window] - ends[0]) / window, (ends[-1] - ends[-1 - window]) / window
 
 
+def _rss_per_trial_kib(rss: list[float], window: int) -> float:
+    """The driver's memory growth per trial (KiB) from the `window`-th trial's end to the
+    last's."""
+    at = min(window, len(rss)) - 1
+    return (rss[-1] - rss[at]) * 1024 / max(1, len(rss) - 1 - at)
+
+
+# The smoke study: one step per stage at batch 8 on the smallest embedded set, so the step
+# is short and what the study engine and Tune add around it shows.
+SMOKE_STUDY = {"data.name": "digits-lt", "stage1.epochs": 1, "stage2.epochs": 1,
+               "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
+               "runtime.batch_size": 8}
+
+
 def smoke_search(name: str, root: Path, cache_dir: str, trials: int, callback: Any):
-    """A random search over τ of `trials` smoke trials (one step per stage, batch 8, in the
-    trial's own process) with `callback` on Tune, its files under `root`."""
+    """A random search over τ of `trials` smoke trials (SMOKE_STUDY, in the trial's own
+    process) with `callback` on Tune, its files under `root`."""
     from lfm_ray.config import RunConfig
     from lfm_ray.study import Dim, Study
 
-    base = RunConfig().override({"stage1.epochs": 1, "stage2.epochs": 1,
-                                 "runtime.max_steps_per_epoch": 1, "runtime.num_workers": 0,
-                                 "runtime.batch_size": 8, "data.cache_dir": cache_dir})
+    base = RunConfig().override({**SMOKE_STUDY, "data.cache_dir": cache_dir})
     return Study(name=name, base=base, search="random",
                  space={"mix.tau": Dim.loguniform(0.002, 31.25)}, num_samples=trials,
                  storage_path=str(root / "ray"), results_dir=str(root / "results"),
@@ -403,13 +423,55 @@ def trivial_trial(config: dict[str, Any]) -> None:
     tune.report({"value": float(config["mix.tau"])})
 
 
+def keys_trial(config: dict[str, Any]) -> None:
+    """Plain Tune reporting what a study trial reports: `config["report"]` (its numbers and
+    lists), `config["reports"]` times."""
+    from ray import tune
+
+    for _ in range(int(config["reports"])):
+        tune.report(dict(config["report"]))
+
+
+# Keys Tune adds to every report itself; a trainable standing in for ours leaves them to Tune.
+TUNE_KEYS = ("time_this_iter_s", "time_total_s", "timestamp", "training_iteration",
+             "iterations_since_restore", "time_since_restore", "pid", "hostname", "node_ip",
+             "date", "done", "trial_id", "config", "checkpoint_dir_name", "should_checkpoint",
+             "experiment_tag")
+
+
+def _plain_tune(address: str, name: str, trainable: Any, space: dict[str, Any], trials: int,
+                slots: int, cpus: float, root: Path, window: int) -> dict[str, float]:
+    """Plain Tune, as the driver of a process of its own on the Ray instance at `address`:
+    `trials` trials of `trainable` at `slots` at once; wall time, its growth, and the
+    driver's memory growth per trial (a fresh process, so no heap freed by an earlier run
+    absorbs it)."""
+    import ray
+    from ray import tune
+
+    ray.init(address=address, log_to_driver=False)
+    ends = _Ends()
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cpus}), param_space=space,
+        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=slots,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(root / name), name=name, verbose=0,
+                                  callbacks=[ends]))
+    start = time.perf_counter()
+    tuner.fit()
+    wall = time.perf_counter() - start
+    first, last = _per_trial(start, ends.times, window)
+    return {"trials": len(ends.times), "wall_s": wall, "first_s_per_trial": first,
+            "last_s_per_trial": last, "growth": last / first,
+            "rss_kib_per_trial": _rss_per_trial_kib(ends.rss, window)}
+
+
 def bench_study_scale(root: Path, cache_dir: str, trials: int = 10_000,
                       window: int = 1_000) -> dict[str, Any]:
-    """A random search of `trials` smoke trials (one step per stage, batch 8) through the
-    study engine, then plain Tune with a trivial function trainable, the same number of
-    trials at the same concurrency, in the same process and Ray instance."""
+    """A random search of `trials` smoke trials through the study engine, then plain Tune
+    with a trivial function trainable and with one reporting what our trials report, the
+    same number of trials at the same concurrency on the same Ray instance, each plain run
+    driven from a fresh process (see _plain_tune)."""
     import pandas as pd
-    from ray import tune
 
     from lfm_ray.study import run_study
     from lfm_ray.study.search import concurrency
@@ -423,35 +485,51 @@ def bench_study_scale(root: Path, cache_dir: str, trials: int = 10_000,
     first, last = _per_trial(start, ours.times, window)
     at = min(window, len(ours.rss)) - 1
     slots = concurrency(study)
+    done = len(ours.times)
+    # What trials account for: each trial's own time (Tune's time_total_s, from its start in
+    # its process to its last report), `slots` at a time.
+    in_trial = float(pd.to_numeric(table["wall_time_s"]).sum())
+    between = our_wall / max(1, done) - in_trial / slots / max(1, done)
+    # One trial's last report, for plain Tune to report the same numbers as often.
+    last_result = {k: v for k, v in (study.result_grid[0].metrics or {}).items()
+                   if k not in TUNE_KEYS and isinstance(v, (int, float, str, list))}
+    reports = int(study.result_grid[0].metrics.get("training_iteration") or 1)
 
-    plain = _Ends()
-    tuner = tune.Tuner(
-        tune.with_resources(trivial_trial, {"cpu": base.runtime.cpus_per_worker}),
-        param_space={"mix.tau": tune.loguniform(0.002, 31.25)},
-        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=slots,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(root / "plain"), name="plain",
-                                  verbose=0, callbacks=[plain]))
-    start = time.perf_counter()
-    tuner.fit()
-    plain_wall = time.perf_counter() - start
-    plain_first, plain_last = _per_trial(start, plain.times, window)
+    import ray
+    from ray import tune
+
+    space = {"mix.tau": tune.loguniform(0.002, 31.25)}
+    cpus = base.runtime.cpus_per_worker
+    address = ray.get_runtime_context().gcs_address
+    runs = {"plain": (trivial_trial, space),
+            "plain_keys": (keys_trial, {**space, "report": last_result, "reports": reports})}
+    found = {}
+    for name, (trainable, param_space) in runs.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            found[name] = pool.submit(_plain_tune, address, name, trainable, param_space,
+                                      trials, slots, cpus, root, window).result()
+    plain, keys = found["plain"], found["plain_keys"]
     read_start = time.perf_counter()
     csv = pd.read_csv(study.result_dir / "trials.csv")
     read_s = time.perf_counter() - read_start
+    plain_per_trial = plain["wall_s"] / max(1, plain["trials"])
     return {
-        "scale_trials": len(ours.times), "scale_window": window, "scale_slots": slots,
+        "scale_trials": done, "scale_window": window, "scale_slots": slots,
+        "scale_data": base.data.name,
         "scale_wall_s": our_wall, "scale_first_s_per_trial": first,
         "scale_last_s_per_trial": last, "scale_growth": last / first,
         "scale_rss_at_window_mib": ours.rss[at], "scale_rss_end_mib": ours.rss[-1],
         "scale_rss_growth": ours.rss[-1] / ours.rss[at],
+        "scale_rss_kib_per_trial": _rss_per_trial_kib(ours.rss, window),
+        "scale_trial_s": in_trial / max(1, done),
         "scale_train_s_per_trial": float(pd.to_numeric(table["train_time_s"]).mean()),
-        "scale_plain_trials": len(plain.times), "scale_plain_wall_s": plain_wall,
-        "scale_plain_first_s_per_trial": plain_first,
-        "scale_plain_last_s_per_trial": plain_last,
-        "scale_plain_growth": plain_last / plain_first,
-        "scale_overhead_ratio": (our_wall / max(1, len(ours.times)))
-                                / (plain_wall / max(1, len(plain.times))),
+        "scale_between_s_per_trial": between,
+        **{f"scale_plain_{k}": v for k, v in plain.items()},
+        "scale_overhead_ratio": (our_wall / max(1, done)) / plain_per_trial,
+        "scale_between_ratio": between / plain_per_trial,
+        "scale_keys_reported": sum(isinstance(v, (int, float)) for v in last_result.values()),
+        "scale_keys_reports": reports,
+        **{f"scale_keys_{k}": v for k, v in keys.items()},
         "scale_trials_csv_rows": len(csv), "scale_trials_csv_read_s": read_s,
     }
 

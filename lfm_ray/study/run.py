@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -585,9 +586,18 @@ def run_stage1(study: Study, experiment: str, points: list[dict[str, Any]] | Non
     return found, complete
 
 
+# trials.csv is rewritten while a study runs at most this share of the driver's time: a
+# rewrite waits until WRITE_SPACING times the last rewrite's duration has passed. A small
+# table (milliseconds) is still rewritten after every trial; one of 10,000 rows (a few
+# tenths of a second) every few seconds, where rewriting it after each trial would grow the
+# time per trial with the study. The study's end always writes it (run_study).
+WRITE_SPACING = 20.0
+
+
 class TrialWatch:
     """Follows one Tune experiment of the study in this process: rewrites trials.csv
-    whenever a trial finishes or fails (with `rows`; none for a shared stage 1), and keeps
+    as trials finish or fail (with `rows`; none for a shared stage 1; spaced by
+    WRITE_SPACING), and keeps
     Tune's trials as the experiment ends (`trials`) with those that were on their way when
     the study was interrupted (`stopped`; `stopping` is the event set then): Tune ends
     those TERMINATED. Tune reaches it through a `WatchCallback` (see there)."""
@@ -600,15 +610,22 @@ class TrialWatch:
         self.trials: list[Any] | None = None
         self.in_flight: set[str] = set()  # trials not ended at the last step before a stop
         self.stopped: set[str] = set()
+        self.next_write = 0.0  # time.monotonic() before which trials.csv is not rewritten
+        self.writes = 0
 
     def _stopped(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()
 
     def write(self, trials: list[Any]) -> None:
-        if self.rows is not None:
-            cut = self.in_flight if self._stopped() else ()
-            write_tables(self.study, combine(self.kept, self.rows.rows(trials, self.experiment,
-                                                                        cut)))
+        if self.rows is None or time.monotonic() < self.next_write:
+            return
+        start = time.monotonic()
+        cut = self.in_flight if self._stopped() else ()
+        write_tables(self.study, combine(self.kept, self.rows.rows(trials, self.experiment,
+                                                                    cut)))
+        self.writes += 1
+        end = time.monotonic()
+        self.next_write = end + WRITE_SPACING * (end - start)
 
     def failed(self, trial: Any, retrying: bool) -> None:
         """One line per failed trial: its error's own message and where the full log is

@@ -128,6 +128,41 @@ def test_grid_smoke_study_writes_tables(tmp_path, local_ray):
     assert meta["swept"] == ["mix.tau", "runtime.seed"]
 
 
+class SavePeriodSeen:
+    """A Tune callback noting the experiment-state save period its controller was started
+    with (Tune reads TUNE_GLOBAL_CHECKPOINT_S as the controller starts)."""
+
+    def __new__(cls):
+        from ray import tune
+
+        class Seen(tune.Callback):
+            seen: list = []
+
+            def on_step_begin(self, iteration, trials, **info):
+                import os
+
+                Seen.seen.append(os.environ.get("TUNE_GLOBAL_CHECKPOINT_S"))
+
+        return Seen()
+
+
+@pytest.mark.slow
+def test_tunes_state_is_saved_every_second_in_a_small_study_and_the_setting_goes(tmp_path,
+                                                                                local_ray):
+    import os
+
+    from lfm_ray.config import SMOKE, RunConfig
+    from lfm_ray.study import Study, run_study
+
+    seen = SavePeriodSeen()
+    study = Study(name="period", base=RunConfig().override({**SMOKE, "data.name": "digits-lt"}),
+                  grid={"mix.tau": [0.01, 0.1]}, storage_path=str(tmp_path / "ray"),
+                  results_dir=str(tmp_path / "results"), callbacks=[seen])
+    run_study(study)
+    assert seen.seen and set(seen.seen) == {"1"}
+    assert "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ
+
+
 @pytest.mark.slow
 def test_optuna_smoke_study_with_conditional_parameters(tmp_path, local_ray):
     study = study_in(

@@ -239,8 +239,6 @@ def run_study(study: Study, *, extend: bool = False, restart: bool = False,
     if announce is not None:
         announce()
     apply_fast_start_env()
-    # Save Tune's experiment state often, so a killed driver loses no finished trial.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if not study.verbose:
         quiet_ray_logs()
     show_tune_trial_tables(study.verbose)
@@ -512,8 +510,43 @@ def _run_experiment(study: Study, experiment: str, plan: TrialPlan, slots: int,
         banner(f"resuming experiment {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
-    with trial_tracebacks(study.verbose):
+    trials = len(points if points is not None else study.grid_points()) \
+        if study.search == "grid" else study.num_samples * trials_per_sample(study)
+    with trial_tracebacks(study.verbose), experiment_state_period(trials):
         return tuner.fit()
+
+
+# Tune saves its experiment state (every trial's record: about 26 KB per smoke trial of
+# ours, most of it Tune's running statistics of each reported number) as one JSON file,
+# rewritten whole. Saved every second, a killed driver loses no finished trial of a small
+# study; but the file grows with the study, and at 4,000 trials (105 MB, about 2.5 s to
+# write) the driver did little else and trials waited on it. So the period grows with the
+# study: 1 s up to 100 trials, then STATE_SAVE_S_PER_TRIAL per trial (10 s at 1,000, 100 s
+# at 10,000), which keeps the save near a twentieth of the driver's time at any size. A
+# driver killed outright loses at most one period's finished trials (resuming runs them
+# again). A user's own TUNE_GLOBAL_CHECKPOINT_S wins.
+STATE_SAVE_MIN_S = 1.0
+STATE_SAVE_S_PER_TRIAL = 0.01
+
+
+def state_save_period(trials: int) -> float:
+    """Seconds between saves of Tune's experiment state for an experiment of `trials`."""
+    return max(STATE_SAVE_MIN_S, STATE_SAVE_S_PER_TRIAL * trials)
+
+
+@contextlib.contextmanager
+def experiment_state_period(trials: int):
+    """Tune reads TUNE_GLOBAL_CHECKPOINT_S as its controller starts (in `fit`): set for the
+    experiment's size while it runs, then removed, so no later experiment inherits it."""
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = f"{state_save_period(trials):g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -609,6 +642,8 @@ class TrialWatch:
         self.stopping = stopping
         self.trials: list[Any] | None = None
         self.in_flight: set[str] = set()  # trials not ended at the last step before a stop
+        self.open: dict[str, Any] = {}  # those trials by id (see step_end)
+        self.seen = 0  # how many of Tune's trials step_end has looked at
         self.stopped: set[str] = set()
         self.next_write = 0.0  # time.monotonic() before which trials.csv is not rewritten
         self.writes = 0
@@ -640,8 +675,20 @@ class TrialWatch:
                + (f" (full log: {log})" if log else ""))
 
     def step_end(self, trials: list[Any]) -> None:
-        if not self._stopped():
-            self.in_flight = {t.trial_id for t in trials if str(t.status) not in FINAL_STATUSES}
+        """Keeps the trials not ended at this step (`in_flight`). Tune calls this at every
+        step of its loop with the experiment's whole list, which only grows and whose ended
+        trials stay ended (a trial Tune retries is set ERROR and requeued PENDING within one
+        step): only the trials added since the last step and those still open are looked
+        at (a scan of 10,000 trials at every step had taken a share of the driver's time)."""
+        if self._stopped():
+            return
+        if len(trials) < self.seen:  # not the list seen before: look at all of it again
+            self.open, self.seen = {}, 0
+        for t in trials[self.seen:]:
+            self.open[t.trial_id] = t
+        self.seen = len(trials)
+        self.open = {k: t for k, t in self.open.items() if str(t.status) not in FINAL_STATUSES}
+        self.in_flight = set(self.open)
 
     def experiment_end(self, trials: list[Any]) -> None:
         self.trials = list(trials)

@@ -472,6 +472,8 @@ def bench_study_scale(root: Path, cache_dir: str, trials: int = 10_000,
     same number of trials at the same concurrency on the same Ray instance, each plain run
     driven from a fresh process (see _plain_tune)."""
     import pandas as pd
+    import ray
+    from ray import tune
 
     from lfm_ray.study import run_study
     from lfm_ray.study.search import concurrency
@@ -494,9 +496,6 @@ def bench_study_scale(root: Path, cache_dir: str, trials: int = 10_000,
     last_result = {k: v for k, v in (study.result_grid[0].metrics or {}).items()
                    if k not in TUNE_KEYS and isinstance(v, (int, float, str, list))}
     reports = int(study.result_grid[0].metrics.get("training_iteration") or 1)
-
-    import ray
-    from ray import tune
 
     space = {"mix.tau": tune.loguniform(0.002, 31.25)}
     cpus = base.runtime.cpus_per_worker

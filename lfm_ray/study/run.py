@@ -99,12 +99,9 @@ def plan_study(study: Study, *, extend: bool = False, restart: bool = False) -> 
             check_local_resources(cfg)
     check_trial_similarities(study, classes)
     req = request(study)
-    if study.search == "grid":
-        trials = len(rerun.new_points) if rerun.kind == "extend" else len(study.grid_points())
-    else:
-        trials = study.num_samples * trials_per_sample(study)
-    cost = estimate(study, planned_configs(study, rerun.new_points if rerun.kind == "extend"
-                                           else None, trials))
+    points = rerun.new_points if rerun.kind == "extend" else None
+    trials = experiment_trials(study, points)
+    cost = estimate(study, planned_configs(study, points, trials))
     banner(estimate_line(cost))
     return {"study": study.name, "action": rerun.kind, "trials": trials,
             "cost_estimate": cost,
@@ -510,10 +507,17 @@ def _run_experiment(study: Study, experiment: str, plan: TrialPlan, slots: int,
         banner(f"resuming experiment {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
-    trials = len(points if points is not None else study.grid_points()) \
-        if study.search == "grid" else study.num_samples * trials_per_sample(study)
-    with trial_tracebacks(study.verbose), experiment_state_period(trials):
+    with trial_tracebacks(study.verbose), \
+            experiment_state_period(experiment_trials(study, points)):
         return tuner.fit()
+
+
+def experiment_trials(study: Study, points: list[dict[str, Any]] | None) -> int:
+    """The Tune trials of an experiment over `points` (None: the whole grid), or of a
+    search: each sampled configuration once per seed."""
+    if study.search == "grid":
+        return len(points if points is not None else study.grid_points())
+    return study.num_samples * trials_per_sample(study)
 
 
 # Tune saves its experiment state (every trial's record: about 26 KB per smoke trial of
@@ -641,12 +645,10 @@ class TrialWatch:
         self.kept = kept if kept is not None else pd.DataFrame()
         self.stopping = stopping
         self.trials: list[Any] | None = None
-        self.in_flight: set[str] = set()  # trials not ended at the last step before a stop
-        self.open: dict[str, Any] = {}  # those trials by id (see step_end)
+        self.open: dict[str, Any] = {}  # trials not ended at the last step before a stop
         self.seen = 0  # how many of Tune's trials step_end has looked at
         self.stopped: set[str] = set()
         self.next_write = 0.0  # time.monotonic() before which trials.csv is not rewritten
-        self.writes = 0
 
     def _stopped(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()
@@ -658,7 +660,6 @@ class TrialWatch:
         cut = self.in_flight if self._stopped() else ()
         write_tables(self.study, combine(self.kept, self.rows.rows(trials, self.experiment,
                                                                     cut)))
-        self.writes += 1
         end = time.monotonic()
         self.next_write = end + WRITE_SPACING * (end - start)
 
@@ -674,8 +675,13 @@ class TrialWatch:
         banner(f"trial {trial} {what}: {error_message(trial, failed=True) or 'see its log'}"
                + (f" (full log: {log})" if log else ""))
 
+    @property
+    def in_flight(self) -> set[str]:
+        """The ids of the trials not ended at the last step before a stop."""
+        return set(self.open)
+
     def step_end(self, trials: list[Any]) -> None:
-        """Keeps the trials not ended at this step (`in_flight`). Tune calls this at every
+        """Keeps the trials not ended at this step (`open`). Tune calls this at every
         step of its loop with the experiment's whole list, which only grows and whose ended
         trials stay ended (a trial Tune retries is set ERROR and requeued PENDING within one
         step): only the trials added since the last step and those still open are looked
@@ -688,7 +694,6 @@ class TrialWatch:
             self.open[t.trial_id] = t
         self.seen = len(trials)
         self.open = {k: t for k, t in self.open.items() if str(t.status) not in FINAL_STATUSES}
-        self.in_flight = set(self.open)
 
     def experiment_end(self, trials: list[Any]) -> None:
         self.trials = list(trials)
